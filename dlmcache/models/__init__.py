@@ -1,0 +1,17 @@
+"""Native diffusion LMs. `MODEL_CLASSES` maps a checkpoint's `config.json` `model_type` to its class."""
+
+from .dream import DreamConfig, DreamModel
+from .layers import DLMModelMixin, DLMModelOutput
+from .llada import LLaDAConfig, LLaDAModelLM
+
+MODEL_CLASSES = {"llada": LLaDAModelLM, "Dream": DreamModel}
+
+__all__ = [
+    "MODEL_CLASSES",
+    "DLMModelMixin",
+    "DLMModelOutput",
+    "DreamConfig",
+    "DreamModel",
+    "LLaDAConfig",
+    "LLaDAModelLM",
+]

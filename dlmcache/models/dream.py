@@ -1,0 +1,179 @@
+"""Dream (Ye et al., "Dream 7B: Diffusion Large Language Models", arXiv 2508.15487) in plain PyTorch.
+
+A Qwen2.5-style stack (GQA, QKV bias, RoPE theta 1e6, RMSNorm eps 1e-6) with bidirectional attention.
+Loads Dream-org/Dream-v0-{Base,Instruct}-7B without `trust_remote_code` (same config fields and
+parameter names). Dream is initialised from an autoregressive model and keeps its habit of predicting
+the *next* token: the logits of token i come from the hidden state at i-1 ("shifted by one", as in
+the reference `diffusion_generate`); this model applies that shift itself.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .layers import (
+    DLMModelMixin,
+    KVStore,
+    RMSNorm,
+    apply_rope,
+    attend,
+    merge_heads,
+    split_heads,
+    swiglu,
+)
+
+
+class DreamConfig(PretrainedConfig):
+    """Dream's `config.json` fields. Defaults are Dream-v0-7B's: hidden 3584, 28 layers,
+    28 heads / 4 KV heads, MLP 18944, vocab 152064, RoPE theta 1e6, mask token 151666."""
+
+    model_type = "Dream"
+
+    def __init__(
+        self,
+        vocab_size: int = 152064,
+        hidden_size: int = 3584,
+        intermediate_size: int = 18944,
+        num_hidden_layers: int = 28,
+        num_attention_heads: int = 28,
+        num_key_value_heads: int | None = 4,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 131072,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 1000000.0,
+        rope_scaling: dict | None = None,
+        tie_word_embeddings: bool = False,
+        mask_token_id: int = 151666,
+        pad_token_id: int = 151643,
+        bos_token_id: int = 151643,
+        eos_token_id: int = 151643,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.mask_token_id = mask_token_id
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+        if hidden_act != "silu":
+            raise ValueError(f"DreamConfig: hidden_act={hidden_act!r} is not supported (expected 'silu')")
+        if rope_scaling not in (None, {}):
+            raise ValueError(f"DreamConfig: rope_scaling={rope_scaling!r} is not supported")
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"DreamConfig: hidden_size={hidden_size} is not divisible by num_attention_heads={num_attention_heads}"
+            )
+        if num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"DreamConfig: num_attention_heads={num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+
+class DreamAttention(nn.Module):
+    def __init__(self, config: DreamConfig, layer_idx: int):
+        super().__init__()
+        d, self.n_heads, self.n_kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        head_dim = d // self.n_heads
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(d, self.n_heads * head_dim, bias=True)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * head_dim, bias=True)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, d, bias=False)
+
+    def forward(self, h, cos, sin, key_mask, cache: KVStore | None):
+        q = apply_rope(split_heads(self.q_proj(h), self.n_heads), cos, sin)
+        k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), cos, sin)
+        v = split_heads(self.v_proj(h), self.n_kv_heads)
+        return self.o_proj(merge_heads(attend(q, k, v, self.layer_idx, key_mask, cache)))
+
+
+class DreamMLP(nn.Module):
+    def __init__(self, config: DreamConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+class DreamDecoderLayer(nn.Module):
+    def __init__(self, config: DreamConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DreamAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DreamMLP(config)
+
+    def forward(self, x, cos, sin, key_mask, cache: KVStore | None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DreamBaseModel(nn.Module):
+    def __init__(self, config: DreamConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DreamDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DreamModel(DLMModelMixin, PreTrainedModel):
+    """Dream masked diffusion LM; `forward` returns logits already shifted (token i from state i-1)."""
+
+    config_class = DreamConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DreamDecoderLayer"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _supports_sdpa = True
+    logit_shift = 1
+
+    def __init__(self, config: DreamConfig):
+        super().__init__(config)
+        self.model = DreamBaseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def rope_theta(self) -> float:
+        return self.config.rope_theta
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def _stack(self):
+        return self.model.embed_tokens, self.model.layers, self.model.norm, self.lm_head

@@ -1,0 +1,167 @@
+"""Building blocks shared by the native LLaDA and Dream models.
+
+Both architectures are pre-norm decoder stacks with RMSNorm, rotary position embeddings, SwiGLU MLPs
+and *bidirectional* attention; they differ only in weight names, GQA and QKV bias. The pieces here are
+functional so each model keeps the module names (and therefore the checkpoint keys) of its hub release.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 (at least), scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        h = x.to(acc)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for absolute `positions` [B, n] -> two [B, 1, n, head_dim] tensors.
+
+    Angles are computed in float32 (float64 for float64 models) whatever the model dtype, so a key's
+    rotation depends only on its absolute position: a cached key stays valid when other positions
+    are recomputed around it.
+    """
+    acc = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=acc) / head_dim))
+    angles = positions.to(acc)[..., None] * inv_freq  # [B, n, D/2]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, n, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [B, H, n, D] by the half-split (GPT-NeoX / Llama) convention, in the tables' precision."""
+    h = x.to(cos.dtype)
+    x1, x2 = h.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (h * cos + rotated * sin).to(x.dtype)
+
+
+class KVStore(Protocol):
+    """What attention needs from a KV cache (implemented in `dlmcache.cache`).
+
+    `update` stores the freshly computed keys/values of the fed tokens (already rotated) for layer
+    `layer_idx` and returns the keys/values every fed query must attend to, plus a boolean mask
+    broadcastable to [B, H, n_q, L_k] (True = attend).
+    """
+
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_idx: int,
+    key_mask: torch.Tensor | None,
+    cache: KVStore | None,
+) -> torch.Tensor:
+    """Bidirectional attention of q [B, Hq, n, D] over k/v [B, Hkv, n, D] (or the cache's view).
+
+    Without a cache the fed tokens attend to each other under `key_mask` [B, n] (False = padding).
+    GQA: Hq must be a multiple of Hkv; keys are shared by consecutive query heads.
+    """
+    if cache is not None:
+        k, v, mask = cache.update(layer_idx, k, v)
+    else:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    return down(F.silu(gate(x)) * up(x))
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, n, H*D] -> [B, H, n, D]."""
+    b, n, _ = x.shape
+    return x.view(b, n, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, n, D] -> [B, n, H*D]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def default_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Positions that ignore left padding: the first real token of every row is position 0."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class DLMModelOutput(ModelOutput):
+    """logits [B, n_out, V]: position j predicts the token at the j-th requested position."""
+
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class DLMModelMixin:
+    """The forward pass and interface shared by every native diffusion LM (pipeline and caches use it).
+
+    Subclasses set `logit_shift` (0: hidden state i predicts token i, as LLaDA; 1: hidden state i-1
+    predicts token i, as Dream), implement `_stack()` -> (embedding, layers, final norm, lm head) and
+    expose `num_layers`, `num_kv_heads`, `head_dim`, `mask_token_id` and `rope_theta`.
+    """
+
+    logit_shift: int = 0
+
+    def _stack(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module, nn.Linear]:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVStore | None = None,
+        logits_index: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> DLMModelOutput:
+        """input_ids [B, n] -> logits [B, n_out, V], where logits[:, j] predicts the token at fed index
+        `logits_index[j]` (every fed index when None).
+
+        positions: absolute positions [B, n] (default: counted from the first non-padding token).
+        attention_mask: [B, n], 1 for real tokens, 0 for padding; used without a `cache` (a cache
+        carries its own key mask over the whole sequence).
+        With `logit_shift == 1` the prediction for fed token j comes from hidden state j-1, so the
+        caller feeds each target's predecessor right before it; fed token 0 then predicts from itself,
+        as Dream's reference does for the very first position.
+        """
+        embed, layers, norm, lm_head = self._stack()
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        if positions is None:
+            positions = default_positions(input_ids, attention_mask)
+        x = embed(input_ids)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+        for layer in layers:
+            x = layer(x, cos, sin, key_mask, cache)
+        x = norm(x)
+        if logits_index is None:
+            logits = lm_head(x)
+            if self.logit_shift:
+                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        else:
+            logits = lm_head(x[:, (logits_index - self.logit_shift).clamp(min=0)])
+        return DLMModelOutput(logits=logits, hidden_states=x if output_hidden_states else None)

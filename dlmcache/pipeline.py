@@ -1,0 +1,311 @@
+"""`DLMPipeline`: block-wise masked-diffusion decoding for LLaDA and Dream, in diffusers' conventions."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .cache import DenoisingCache, Layout, make_cache
+from .models import MODEL_CLASSES
+from .schedulers import DLMScheduler, DreamScheduler, LowConfidenceScheduler
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED = {"dlmcache/tiny": ASSETS / "tiny", "dlmcache/tiny-guide": ASSETS / "tiny-guide"}
+DEFAULT_SCHEDULERS = {"llada": LowConfidenceScheduler, "Dream": DreamScheduler}
+
+
+@dataclass
+class DLMPipelineOutput(BaseOutput):
+    """texts: decoded answers (cut at the first EOS); sequences: generated ids [B, max_new_tokens];
+    nfe: model forwards; commit_step: the step (0-based, counted over the whole call) at which each
+    generated token was committed [B, max_new_tokens]; stats: steps, tokens per forward, cache counts,
+    timings."""
+
+    texts: list[str]
+    sequences: torch.LongTensor
+    nfe: int
+    commit_step: torch.LongTensor
+    stats: dict = field(default_factory=dict)
+
+
+def resolve_path(name_or_path: str | Path) -> str:
+    """Bundled names ("dlmcache/tiny") map to the package's assets; anything else is returned as is."""
+    return str(BUNDLED.get(str(name_or_path), name_or_path))
+
+
+def _read_json(path_or_id: str, filename: str) -> dict | None:
+    """`filename` from a local directory or (online only) a hub repo; None when it does not exist."""
+    local = Path(path_or_id)
+    if local.is_dir():
+        f = local / filename
+        return json.loads(f.read_text()) if f.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(path_or_id, filename)).read_text())
+    except EntryNotFoundError:
+        return None
+
+
+class DLMPipeline(DiffusionPipeline):
+    """Masked-diffusion generation: a canvas of `max_new_tokens` masks after the prompt is filled in
+    block by block (semi-autoregressively), `steps // num_blocks` denoising steps per block; the
+    scheduler picks the positions to commit at each step, the cache strategy decides what the model
+    recomputes.
+
+    Components: `model` (a native `LLaDAModelLM` / `DreamModel`), `tokenizer`, `scheduler` (a
+    `DLMScheduler`). `cache` ("none" | ... or a `DenoisingCache`) is a runtime setting, not saved.
+    """
+
+    model_cpu_offload_seq = "model"
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, scheduler: DLMScheduler):
+        super().__init__()
+        self.register_modules(model=model, tokenizer=tokenizer, scheduler=scheduler)
+        self.cache: DenoisingCache = make_cache("none")
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        cache: str | DenoisingCache = "none",
+        cache_options: dict | None = None,
+        scheduler: DLMScheduler | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **kwargs,
+    ) -> DLMPipeline:
+        """Load a pipeline from a saved pipeline directory (`model_index.json`), a model checkpoint
+        directory in the hub layout of LLaDA / Dream (`config.json` + safetensors + tokenizer), a hub
+        id of either (needs network), or a bundled name ("dlmcache/tiny").
+
+        The model class comes from `config.json`'s `model_type` ("llada" / "Dream"); no remote code
+        runs. `torch_dtype` defaults to float32; `cache` / `cache_options` pick the KV-reuse strategy.
+        """
+        path = resolve_path(pretrained_model_name_or_path)
+        dtype = kwargs.pop("dtype", None) or torch_dtype or torch.float32
+        if _read_json(path, "model_index.json") is not None:
+            extra = {"scheduler": scheduler} if scheduler is not None else {}
+            pipe = super().from_pretrained(path, dtype=dtype, **extra, **kwargs)
+        else:
+            config = _read_json(path, "config.json")
+            if config is None:
+                raise ValueError(f"{pretrained_model_name_or_path!r} has neither model_index.json nor config.json")
+            model_type = config.get("model_type")
+            if model_type not in MODEL_CLASSES:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path!r}: model_type={model_type!r} is not a supported "
+                    f"diffusion LM (expected one of {sorted(MODEL_CLASSES)})"
+                )
+            model = MODEL_CLASSES[model_type].from_pretrained(path, dtype=dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            pipe = cls(model=model, tokenizer=tokenizer, scheduler=scheduler or DEFAULT_SCHEDULERS[model_type]())
+        pipe.model.eval()
+        if device is not None:
+            pipe.to(device)
+        pipe.set_cache(cache, **(cache_options or {}))
+        return pipe
+
+    def set_cache(self, cache: str | DenoisingCache = "none", **options) -> None:
+        """Choose the KV-reuse strategy for the following calls."""
+        self.cache = make_cache(cache, **options)
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.model.mask_token_id
+
+    def encode_prompts(self, prompt, chat_template: bool | None = None) -> list[list[int]]:
+        """Token ids of each prompt. `prompt`: a string, a chat (list of {"role", "content"} dicts),
+        token ids (list of ints or a 1-D tensor), or a list / 2-D tensor of any of these.
+        Strings go through the tokenizer's chat template as one user turn when it has one (or when
+        `chat_template=True`)."""
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dtype not in (torch.int32, torch.int64) or prompt.dim() not in (1, 2):
+                raise TypeError(
+                    f"prompt tensor must be 1-D or 2-D integer ids, got {prompt.dtype} {tuple(prompt.shape)}"
+                )
+            prompt = prompt.tolist() if prompt.dim() == 2 else [prompt.tolist()]
+        elif isinstance(prompt, str) or _is_chat(prompt) or _is_ids(prompt):
+            prompt = [prompt]
+        if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+            raise ValueError(f"prompt must be a non-empty string, chat, id list or a batch of them, got {prompt!r}")
+        use_template = chat_template if chat_template is not None else bool(self.tokenizer.chat_template)
+        encoded = []
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                if not p:
+                    raise ValueError(f"prompt[{i}] is an empty string")
+                chat = [{"role": "user", "content": p}]
+                ids = self._apply_template(chat) if use_template else self.tokenizer(p)["input_ids"]
+            elif _is_chat(p):
+                ids = self._apply_template(p)
+            elif _is_ids(p):
+                ids = list(p)
+            else:
+                raise TypeError(f"prompt[{i}] must be a string, a chat or a list of token ids, got {type(p).__name__}")
+            if len(ids) == 0:
+                raise ValueError(f"prompt[{i}] encodes to no tokens")
+            if self.mask_token_id in ids:
+                raise ValueError(f"prompt[{i}] contains the mask token id {self.mask_token_id}")
+            encoded.append(ids)
+        return encoded
+
+    def _apply_template(self, chat: list[dict]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise ValueError("a chat prompt needs a tokenizer with a chat template")
+        out = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if not isinstance(out, list) else out)
+
+    def check_inputs(self, max_new_tokens: int, block_length: int, steps: int) -> int:
+        """Validate the schedule; returns the number of blocks."""
+        for name, value in (("max_new_tokens", max_new_tokens), ("block_length", block_length), ("steps", steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if max_new_tokens % block_length:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is not divisible by block_length={block_length}")
+        num_blocks = max_new_tokens // block_length
+        if steps % num_blocks:
+            raise ValueError(f"steps={steps} is not divisible by the number of blocks ({num_blocks})")
+        if self.tokenizer.pad_token_id == self.mask_token_id:
+            raise ValueError(f"the tokenizer's pad token id equals the mask token id {self.mask_token_id}")
+        return num_blocks
+
+    def prepare_canvas(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.LongTensor, Layout]:
+        """Left-pad the prompts and append `max_new_tokens` masks: x [B, P + G] and its layout."""
+        device = self.model.device
+        p_len = max(len(p) for p in prompts)
+        total = p_len + max_new_tokens
+        limit = getattr(self.model.config, "max_sequence_length", None) or getattr(
+            self.model.config, "max_position_embeddings", None
+        )
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"prompt ({p_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's {limit}"
+            )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        x = torch.full((len(prompts), total), self.mask_token_id, dtype=torch.long)
+        key_mask = torch.ones_like(x, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            x[i, : p_len - len(p)] = pad
+            key_mask[i, : p_len - len(p)] = False
+            x[i, p_len - len(p) : p_len] = torch.tensor(p)
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+        x, key_mask, positions = x.to(device), key_mask.to(device), positions.to(device)
+        return x, Layout(key_mask=key_mask, positions=positions, prompt_len=p_len, block_length=0)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt,
+        max_new_tokens: int = 128,
+        block_length: int = 32,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        chat_template: bool | None = None,
+        return_dict: bool = True,
+    ) -> DLMPipelineOutput | tuple:
+        """Generate `max_new_tokens` tokens after each prompt.
+
+        steps: total denoising steps (default `max_new_tokens`, one token per step), split evenly
+        over the `max_new_tokens // block_length` blocks. Returns a `DLMPipelineOutput`.
+        """
+        # 1. Check inputs and encode the prompts.
+        steps = max_new_tokens if steps is None else steps
+        num_blocks = self.check_inputs(max_new_tokens, block_length, steps)
+        steps_per_block = steps // num_blocks
+        prompts = self.encode_prompts(prompt, chat_template)
+
+        # 2. The canvas: left-padded prompts followed by masks.
+        x, layout = self.prepare_canvas(prompts, max_new_tokens)
+        layout.block_length = block_length
+        mask_id, p_len = self.mask_token_id, layout.prompt_len
+        cfg = getattr(self.scheduler.config, "cfg_scale", 0.0) > 0
+        if cfg:  # unconditional rows: the same canvas with the prompt masked
+            x_un = x.clone()
+            x_un[:, :p_len] = torch.where(layout.key_mask[:, :p_len], mask_id, x[:, :p_len])
+            layout = Layout(
+                key_mask=layout.key_mask.repeat(2, 1),
+                positions=layout.positions.repeat(2, 1),
+                prompt_len=p_len,
+                block_length=block_length,
+            )
+
+        # 3. The cache strategy.
+        self.cache.prepare(self.model, layout)
+
+        # 4. Denoise block by block.
+        batch = x.shape[0]
+        commit_step = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=x.device)
+        nfe = 0
+        start_time = time.perf_counter()
+        with self.progress_bar(total=steps) as bar:
+            for b in range(num_blocks):
+                start, end = p_len + b * block_length, p_len + (b + 1) * block_length
+                for i in range(steps_per_block):
+                    block = x[:, start:end]
+                    masked = block == mask_id
+                    if not masked.any():
+                        bar.update(steps_per_block - i)
+                        break
+                    if cfg:
+                        x_un[:, p_len:] = x[:, p_len:]
+                        cond, uncond = self.cache.block_logits(torch.cat([x, x_un]), start, end, i).chunk(2)
+                        logits = self.scheduler.guide(cond, uncond)
+                    else:
+                        logits = self.cache.block_logits(x, start, end, i)
+                    out = self.scheduler.step(logits, block, masked, i, steps_per_block, generator=generator)
+                    x[:, start:end] = out.prev_sample
+                    region = commit_step[:, start - p_len : end - p_len]
+                    region.masked_fill_(out.transfer_index, nfe)
+                    nfe += 1
+                    bar.update()
+        elapsed = time.perf_counter() - start_time
+
+        # 5. Decode.
+        sequences = x[:, p_len:]
+        texts = self.decode(sequences)
+        generated = batch * max_new_tokens
+        stats = {
+            "steps": nfe,
+            "tokens_per_step": generated / batch / max(nfe, 1),
+            "seconds": elapsed,
+            "tokens_per_second": generated / elapsed if elapsed > 0 else float("inf"),
+            "cache": self.cache.name,
+            **self.cache.stats.as_dict(),
+        }
+        if not return_dict:
+            return texts, sequences, nfe, commit_step, stats
+        return DLMPipelineOutput(texts=texts, sequences=sequences, nfe=nfe, commit_step=commit_step, stats=stats)
+
+    def decode(self, sequences: torch.LongTensor) -> list[str]:
+        """Text of each row up to its first EOS (masks left over, if any, are dropped)."""
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for row in sequences.tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode([t for t in row if t != self.mask_token_id], skip_special_tokens=True))
+        return texts
+
+
+def _is_chat(p) -> bool:
+    return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
+
+
+def _is_ids(p) -> bool:
+    return isinstance(p, (list, tuple)) and len(p) > 0 and all(type(t) is int for t in p)

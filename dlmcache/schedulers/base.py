@@ -1,0 +1,104 @@
+"""What every unmasking scheduler shares: the step contract, the transfer quota and top-k by row.
+
+A scheduler decides *which* masked positions of the active block to commit at a denoising step and
+*what* to write there; it never runs the model. All rules are vectorised over the batch: rows may
+commit different numbers of tokens in the same step without a host sync per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+
+@dataclass
+class DLMSchedulerOutput(BaseOutput):
+    """prev_sample: the block after this step [B, n]; transfer_index: positions committed now [B, n];
+    x0: the predicted token at every position [B, n]; confidence: the score used to rank them."""
+
+    prev_sample: torch.LongTensor
+    transfer_index: torch.BoolTensor
+    x0: torch.LongTensor
+    confidence: torch.Tensor
+
+
+class DLMScheduler(SchedulerMixin, ConfigMixin):
+    """Base class: subclasses implement `_select(logits, mask_index, step_index, num_steps, generator)`
+    returning (x0, confidence, transfer_index)."""
+
+    config_name = "scheduler_config.json"
+    order = 1
+    #: True when the rule may finish a block before its last step (the pipeline then stops early).
+    may_finish_early = False
+
+    def step(
+        self,
+        logits: torch.Tensor,
+        sample: torch.LongTensor,
+        mask_index: torch.BoolTensor,
+        step_index: int,
+        num_steps: int,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> DLMSchedulerOutput | tuple:
+        """One denoising step on the active block.
+
+        logits: [B, n, V], logits[:, j] predicts position j of the block (already shifted for Dream);
+        sample: the block's tokens [B, n]; mask_index: which of them are still masked [B, n];
+        step_index / num_steps: position in this block's step budget (the last step commits every
+        remaining mask). Returns the new block and the committed positions.
+        """
+        if logits.shape[:2] != sample.shape or sample.shape != mask_index.shape:
+            raise ValueError(
+                f"logits {tuple(logits.shape)}, sample {tuple(sample.shape)} and mask_index "
+                f"{tuple(mask_index.shape)} must agree on [batch, block]"
+            )
+        if not 0 <= step_index < num_steps:
+            raise ValueError(f"step_index={step_index} is outside 0..{num_steps - 1}")
+        x0, confidence, transfer = self._select(logits, mask_index, step_index, num_steps, generator)
+        transfer = transfer & mask_index
+        prev = torch.where(transfer, x0, sample)
+        if not return_dict:
+            return prev, transfer, x0, confidence
+        return DLMSchedulerOutput(prev_sample=prev, transfer_index=transfer, x0=x0, confidence=confidence)
+
+    def _select(self, logits, mask_index, step_index, num_steps, generator):
+        raise NotImplementedError
+
+
+def transfer_quota(mask_index: torch.BoolTensor, step_index: int, num_steps: int) -> torch.LongTensor:
+    """Tokens to commit per row now so the block's masks are spread evenly over its steps [B].
+
+    ceil(remaining / steps_left) reproduces LLaDA's `get_num_transfer_tokens` (masks // steps per
+    step, the remainder going to the earliest steps) without keeping state: whenever each step commits
+    exactly its quota, the remaining count after s steps is base*(S-s) + max(rem-s, 0).
+    """
+    remaining = mask_index.sum(-1)
+    steps_left = num_steps - step_index
+    return torch.div(remaining + steps_left - 1, steps_left, rounding_mode="floor")
+
+
+def select_topk(score: torch.Tensor, k: torch.LongTensor) -> torch.BoolTensor:
+    """Mark the k[b] highest scores of each row b [B, n] (rows may ask for different k; ties go to
+    the lower index). Positions scored -inf are never chosen."""
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+    return (ranks < k[:, None]) & (score > float("-inf"))
+
+
+def gumbel_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard Gumbel noise in float64 with the shape of `x`."""
+    u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+    return -torch.log(-torch.log(u.clamp_min(1e-300)))
+
+
+def argmax_confidence(logits: torch.Tensor) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Greedy tokens and their softmax probability (in at least float32)."""
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    conf, x0 = probs.max(dim=-1)
+    return x0, conf

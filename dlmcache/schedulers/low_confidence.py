@@ -1,0 +1,52 @@
+"""LLaDA's sampler (Nie et al., arXiv 2502.09992, Alg. 5 / `generate.py`)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import register_to_config
+
+from .base import (
+    DLMScheduler,
+    SchedulerMixin,  # noqa: F401  (diffusers finds the loadable base class by name in this module)
+    select_topk,
+    transfer_quota,
+)
+
+
+class LowConfidenceScheduler(DLMScheduler):
+    """Commit, per row, the `ceil(remaining / steps_left)` masked positions of the block whose
+    predicted token is most confident ("low-confidence remasking") or a random subset ("random").
+
+    Tokens are the argmax of Gumbel-perturbed logits, written as in LLaDA in float64:
+    exp(logits) / (-log u)^temperature (plain argmax at temperature 0). Confidence is the softmax
+    probability of the chosen token. `cfg_scale > 0` asks the pipeline for classifier-free guidance:
+    an extra forward with the prompt masked, combined as uncond + (cfg_scale + 1) * (cond - uncond).
+    """
+
+    @register_to_config
+    def __init__(self, remasking: str = "low_confidence", temperature: float = 0.0, cfg_scale: float = 0.0):
+        if remasking not in ("low_confidence", "random"):
+            raise ValueError(f"remasking={remasking!r}: expected 'low_confidence' or 'random'")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        if cfg_scale < 0:
+            raise ValueError(f"cfg_scale={cfg_scale} must be >= 0")
+
+    def _select(self, logits, mask_index, step_index, num_steps, generator):
+        cfg = self.config
+        if cfg.temperature > 0:
+            u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+            x0 = (logits.to(torch.float64).exp() / (-torch.log(u)) ** cfg.temperature).argmax(-1)
+        else:
+            x0 = logits.argmax(-1)
+        if cfg.remasking == "low_confidence":
+            probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
+        else:
+            confidence = torch.rand(mask_index.shape, device=logits.device, generator=generator)
+        confidence = confidence.masked_fill(~mask_index, float("-inf"))
+        return x0, confidence, select_topk(confidence, transfer_quota(mask_index, step_index, num_steps))
+
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance as LLaDA writes it."""
+        return uncond + (self.config.cfg_scale + 1) * (cond - uncond)

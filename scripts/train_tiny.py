@@ -1,0 +1,224 @@
+"""Train the bundled tiny models on the arithmetic word problems of `dlmcache.tinytask`.
+
+    python scripts/train_tiny.py tokenizer --out dlmcache/assets/tiny
+    python scripts/train_tiny.py dlm --out dlmcache/assets/tiny --steps 1200
+    python scripts/train_tiny.py ar --tokenizer dlmcache/assets/tiny --out dlmcache/assets/tiny-guide --steps 1200
+
+`dlm` trains a masked diffusion LM with the LLaDA architecture by LLaDA's SFT objective (Nie et al.,
+arXiv 2502.09992, Eq. 5): the prompt stays clean, every answer token (the worked solution followed by
+EOS fill) is masked with probability t ~ U(eps, 1), and the loss is the cross-entropy on masked tokens
+weighted by 1/t. `ar` trains a small Llama-architecture causal LM (a `transformers` model) on the same
+problems and tokenizer: the guide for guided unmasking. Everything is seeded; problems of the
+held-out test set (`tinytask.test_problems`) never appear in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dlmcache import tinytask
+from dlmcache.models import LLaDAConfig, LLaDAModelLM
+
+SPECIALS = ["<|endoftext|>", "<|pad|>", "<|mdm_mask|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+N_TEST = 500  # questions reserved for evaluation, excluded from training
+
+
+def build_tokenizer(out: Path, seed: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (digits always split one per token) trained on 20k problems."""
+    corpus = [f"{p.question} {p.solution}" for p in tinytask.make_problems(20_000, seed)]
+    corpus += ["user\nassistant\n"] * 1000  # merge the chat-template role names
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        mask_token="<|mdm_mask|>",
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+class ProblemStream:
+    """Endless seeded stream of (prompt ids, solution ids) pairs, never a test question."""
+
+    def __init__(self, tokenizer, seed: int):
+        self.tok = tokenizer
+        self.rng = random.Random(seed)
+        self.exclude = {p.question for p in tinytask.test_problems(N_TEST)}
+
+    def next(self) -> tuple[list[int], list[int]]:
+        while True:
+            p = tinytask.make_problem(self.rng)
+            if p.question not in self.exclude:
+                break
+        prompt = self.tok.apply_chat_template(tinytask.messages(p), add_generation_prompt=True, tokenize=True)
+        if not isinstance(prompt, list):  # transformers 5 returns a BatchEncoding
+            prompt = prompt["input_ids"]
+        return prompt, self.tok(p.solution, add_special_tokens=False)["input_ids"]
+
+
+def dlm_batch(stream: ProblemStream, batch_size: int, gen: torch.Generator, pad_id: int, eos_id: int, mask_id: int):
+    """Left-padded prompts + an answer region of R in [64, 96] tokens (solution, then EOS fill);
+    answer tokens masked with probability t per row."""
+    pairs = [stream.next() for _ in range(batch_size)]
+    region = int(torch.randint(64, 97, (1,), generator=gen))
+    p_len = max(len(p) for p, _ in pairs)
+    ids = torch.full((batch_size, p_len + region), pad_id)
+    attn = torch.zeros_like(ids)
+    for i, (p, a) in enumerate(pairs):
+        ids[i, p_len - len(p) : p_len] = torch.tensor(p)
+        ids[i, p_len:] = torch.tensor(a + [eos_id] * (region - len(a)))
+        attn[i, p_len - len(p) :] = 1
+    t = (1 - 1e-3) * torch.rand(batch_size, 1, generator=gen) + 1e-3
+    masked = torch.zeros_like(ids, dtype=torch.bool)
+    masked[:, p_len:] = torch.rand(batch_size, region, generator=gen) < t
+    noisy = ids.masked_fill(masked, mask_id)
+    return noisy, attn, ids, masked, t, batch_size * region
+
+
+def ar_batch(stream: ProblemStream, batch_size: int, pad_id: int, eos_id: int):
+    """Right-padded prompt + solution + EOS; labels only on the solution and its EOS."""
+    pairs = [stream.next() for _ in range(batch_size)]
+    length = max(len(p) + len(a) + 1 for p, a in pairs)
+    ids = torch.full((batch_size, length), pad_id)
+    labels = torch.full((batch_size, length), -100)
+    attn = torch.zeros_like(ids)
+    for i, (p, a) in enumerate(pairs):
+        seq = p + a + [eos_id]
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(p) : len(seq)] = torch.tensor(a + [eos_id])
+        attn[i, : len(seq)] = 1
+    return ids, attn, labels
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or out)
+    pad_id, eos_id, mask_id = tok.pad_token_id, tok.eos_token_id, tok.mask_token_id
+    vocab = len(tok)
+    if args.what == "dlm":
+        config = LLaDAConfig(
+            d_model=args.d_model,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            mlp_hidden_size=args.mlp,
+            vocab_size=vocab,
+            embedding_size=vocab,
+            max_sequence_length=512,
+            rope_theta=10000.0,
+            mask_token_id=mask_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        )
+        model = LLaDAModelLM(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=args.d_model,
+            intermediate_size=args.mlp,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads,
+            max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        )
+        model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.what}: {n_params / 1e6:.2f}M parameters, vocab {vocab}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    stream = ProblemStream(tok, args.seed + 1)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    model.train()
+    start, log = time.time(), []
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        if args.what == "dlm":
+            noisy, attn, target, masked, t, n_answer = dlm_batch(stream, args.batch_size, gen, pad_id, eos_id, mask_id)
+            logits = model(noisy, attention_mask=attn).logits
+            ce = F.cross_entropy(logits[masked].float(), target[masked], reduction="none")
+            loss = (ce / t.expand_as(masked)[masked]).sum() / n_answer
+        else:
+            ids, attn, labels = ar_batch(stream, args.batch_size, pad_id, eos_id)
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            elapsed = time.time() - start
+            log.append({"step": step, "loss": round(loss.item(), 4), "minutes": round(elapsed / 60, 2)})
+            print(json.dumps(log[-1]), flush=True)
+        if args.save_every and step and step % args.save_every == 0:
+            model.save_pretrained(out / f"checkpoint-{step}")
+    model.eval()
+    model.half().save_pretrained(out)  # float16 on disk keeps the bundled assets small
+    tok.save_pretrained(out)
+    (out / "training_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["tokenizer", "dlm", "ar"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tokenizer", help="directory of the tokenizer (default: --out)")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--mlp", type=int, default=768)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=0, help="also save checkpoint-STEP/ every N steps")
+    args = ap.parse_args()
+    if args.what == "tokenizer":
+        build_tokenizer(Path(args.out), args.seed)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()

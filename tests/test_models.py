@@ -1,0 +1,154 @@
+import json
+
+import pytest
+import torch
+
+from dlmcache import DLMPipeline, DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
+from tests.helpers import reference_forward, tiny_dream, tiny_llada, write_hub_checkpoint
+
+BUILDERS = {"llada": tiny_llada, "dream": tiny_dream}
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_forward_matches_independent_reference(arch, tiny_tokenizer):
+    model = BUILDERS[arch](tiny_tokenizer).double()
+    ids = torch.randint(5, len(tiny_tokenizer), (2, 11))
+    with torch.no_grad():
+        ours = model(ids).logits
+    ref = reference_forward(model.state_dict(), model.config, ids)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_left_padding_matches_unpadded(arch, tiny_tokenizer):
+    """The attention mask is honoured: a left-padded row gives the logits of the row alone."""
+    model = BUILDERS[arch](tiny_tokenizer)
+    short, long_ = torch.randint(5, 300, (1, 6)), torch.randint(5, 300, (1, 10))
+    batch = torch.cat([torch.cat([torch.full((1, 4), tiny_tokenizer.pad_token_id), short], 1), long_])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask).logits
+        alone = model(short).logits
+    skip = model.logit_shift  # Dream predicts the first real token from the padding before it
+    torch.testing.assert_close(padded[0, 4 + skip :], alone[0, skip:], rtol=1e-5, atol=1e-5)
+    ref = reference_forward(model.state_dict(), model.config, batch, mask.bool())
+    torch.testing.assert_close(padded[1], ref[1].float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_positions_are_relative_under_rope(arch, tiny_tokenizer):
+    """Shifting every position by a constant leaves bidirectional RoPE attention unchanged."""
+    model = BUILDERS[arch](tiny_tokenizer).double()
+    ids = torch.randint(5, 300, (1, 9))
+    pos = torch.arange(9)[None]
+    with torch.no_grad():
+        a = model(ids, positions=pos).logits
+        b = model(ids, positions=pos + 37).logits
+        c = model(ids, positions=pos.flip(-1)).logits
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(a, c)
+
+
+def test_dream_logits_are_shifted(tiny_tokenizer):
+    model = tiny_dream(tiny_tokenizer)
+    ids = torch.randint(5, 300, (2, 8))
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+        shifted = model(ids).logits
+        picked = model(ids, logits_index=torch.tensor([0, 3, 7])).logits
+    raw = model.lm_head(hidden)
+    torch.testing.assert_close(shifted[:, 1:], raw[:, :-1])
+    torch.testing.assert_close(shifted[:, 0], raw[:, 0])
+    torch.testing.assert_close(picked, shifted[:, [0, 3, 7]])
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_bf16_close_to_fp32(arch, tiny_tokenizer):
+    model = BUILDERS[arch](tiny_tokenizer)
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        low = model.to(torch.bfloat16)(ids).logits
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_loads_sharded_hub_layout(arch, tiny_tokenizer, tmp_path):
+    model = BUILDERS[arch](tiny_tokenizer)
+    path = write_hub_checkpoint(model, tmp_path / arch, tiny_tokenizer)
+    assert len(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]) == len(model.state_dict())
+    pipe = DLMPipeline.from_pretrained(path)
+    assert type(pipe.model) is type(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(pipe.model.state_dict()[k], v), k
+    bf16 = DLMPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
+    assert bf16.model.dtype == torch.bfloat16
+
+
+def test_hub_weight_names(tiny_tokenizer):
+    llada = set(tiny_llada(tiny_tokenizer, n_layers=1).state_dict())
+    assert llada == {
+        "model.transformer.wte.weight",
+        "model.transformer.ln_f.weight",
+        "model.transformer.ff_out.weight",
+        *(
+            f"model.transformer.blocks.0.{n}.weight"
+            for n in ["attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out"]
+        ),
+    }
+    dream = set(tiny_dream(tiny_tokenizer, num_hidden_layers=1).state_dict())
+    layer = "model.layers.0."
+    assert dream == {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        layer + "input_layernorm.weight",
+        layer + "post_attention_layernorm.weight",
+        *(f"{layer}self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")),
+        layer + "self_attn.o_proj.weight",
+        *(f"{layer}mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+    }
+
+
+def test_release_defaults():
+    llada, dream = LLaDAConfig(), DreamConfig()
+    assert (llada.d_model, llada.n_layers, llada.n_heads, llada.mlp_hidden_size, llada.mask_token_id) == (
+        4096,
+        32,
+        32,
+        12288,
+        126336,
+    )
+    assert llada.rope_theta == 500000.0 and llada.vocab_size == 126464
+    assert (dream.hidden_size, dream.num_hidden_layers, dream.num_key_value_heads, dream.mask_token_id) == (
+        3584,
+        28,
+        4,
+        151666,
+    )
+    assert dream.rope_theta == 1e6 and dream.rms_norm_eps == 1e-6
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (LLaDAConfig, {"d_model": 65, "n_heads": 4}, "d_model=65"),
+        (LLaDAConfig, {"d_model": 48, "n_heads": 6, "n_kv_heads": 4}, "n_kv_heads=4"),
+        (LLaDAConfig, {"block_type": "sequential"}, "block_type='sequential'"),
+        (LLaDAConfig, {"weight_tying": True}, "weight_tying=True"),
+        (DreamConfig, {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        (DreamConfig, {"num_attention_heads": 6, "num_key_value_heads": 4, "hidden_size": 48}, "num_key_value_heads=4"),
+        (DreamConfig, {"rope_scaling": {"type": "yarn"}}, "rope_scaling"),
+    ],
+)
+def test_bad_configs_raise(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_model_classes_are_registered():
+    from dlmcache.models import MODEL_CLASSES
+
+    assert MODEL_CLASSES == {"llada": LLaDAModelLM, "Dream": DreamModel}

@@ -1,0 +1,169 @@
+import pytest
+import torch
+
+from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler, ThresholdScheduler
+from tests.helpers import tiny_dream, tiny_llada, write_hub_checkpoint
+
+PROMPTS = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many eggs does Tom have now?", "Hi"]
+
+
+def make_pipe(tokenizer, arch="llada", scheduler=None, **model_kw):
+    model = (tiny_llada if arch == "llada" else tiny_dream)(tokenizer, **model_kw)
+    sched = scheduler or (LowConfidenceScheduler() if arch == "llada" else DreamScheduler(alg="maskgit_plus"))
+    pipe = DLMPipeline(model=model, tokenizer=tokenizer, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "arch, scheduler",
+    [
+        ("llada", LowConfidenceScheduler()),
+        ("dream", DreamScheduler(alg="entropy")),
+        ("llada", ThresholdScheduler(threshold=0.05)),
+    ],
+)
+def test_batch_equals_one_by_one(arch, scheduler, tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer, arch, scheduler)
+    kw = dict(max_new_tokens=16, block_length=8, steps=8)
+    batch = pipe(PROMPTS, **kw)
+    for i, p in enumerate(PROMPTS):
+        alone = pipe(p, **kw)
+        assert torch.equal(alone.sequences[0], batch.sequences[i]), i
+        assert alone.texts[0] == batch.texts[i]
+
+
+def test_greedy_decoding_is_llada_reference(tiny_tokenizer):
+    """The pipeline on one prompt equals LLaDA's generate() written out (no cache, greedy)."""
+    pipe = make_pipe(tiny_tokenizer)
+    prompt = pipe.encode_prompts(PROMPTS[1])[0]
+    gen, block, steps, mask_id = 12, 4, 6, tiny_tokenizer.mask_token_id
+    x = torch.tensor([prompt + [mask_id] * gen])
+    per_block = steps // (gen // block)
+    with torch.no_grad():
+        for b in range(gen // block):
+            s, e = len(prompt) + b * block, len(prompt) + (b + 1) * block
+            count = (x[:, s:e] == mask_id).sum().item()
+            plan = [count // per_block + (i < count % per_block) for i in range(per_block)]
+            for k in plan:
+                logits = pipe.model(x).logits
+                x0 = logits.argmax(-1)
+                conf = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+                conf[:, e:] = float("-inf")
+                conf = torch.where(x == mask_id, conf, torch.tensor(float("-inf")))
+                idx = torch.topk(conf[0], k).indices
+                x[0, idx] = x0[0, idx]
+    out = pipe(PROMPTS[1], max_new_tokens=gen, block_length=block, steps=steps)
+    assert torch.equal(out.sequences[0], x[0, len(prompt) :])
+    assert out.nfe == steps
+
+
+def test_cfg_matches_formula(tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer, scheduler=LowConfidenceScheduler(cfg_scale=2.0))
+    prompt = pipe.encode_prompts(PROMPTS[0])[0]
+    mask_id = tiny_tokenizer.mask_token_id
+    x = torch.tensor([prompt + [mask_id] * 4])
+    un = torch.full_like(x, mask_id)
+    with torch.no_grad():
+        cond, uncond = pipe.model(x).logits, pipe.model(un).logits
+    guided = uncond + 3.0 * (cond - uncond)
+    block = guided[0, len(prompt) :]
+    first = block.softmax(-1).max(-1).values.argmax()
+    out = pipe(PROMPTS[0], max_new_tokens=4, block_length=4, steps=4)
+    assert out.commit_step[0, first] == 0
+    assert out.sequences[0, first] == block[first].argmax()
+
+
+def test_output_fields(tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer)
+    out = pipe(PROMPTS[:2], max_new_tokens=8, block_length=4, steps=4)
+    assert out.sequences.shape == (2, 8) and out.commit_step.shape == (2, 8)
+    assert out.nfe == 4 and out.stats["steps"] == 4 and out.stats["tokens_per_step"] == 2.0
+    assert (out.commit_step >= 0).all() and out.commit_step.max() == 3
+    assert out.stats["cache"] == "none" and out.stats["forwards"] == 4
+    texts, seqs, nfe, _, _ = pipe(PROMPTS[:2], max_new_tokens=8, block_length=4, steps=4, return_dict=False)
+    assert texts == out.texts and nfe == 4
+
+
+def test_prompt_forms_agree(tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer)
+    kw = dict(max_new_tokens=8, block_length=8)
+    text = pipe(PROMPTS[0], **kw).sequences
+    chat = pipe([[{"role": "user", "content": PROMPTS[0]}]], **kw).sequences
+    ids = pipe.encode_prompts(PROMPTS[0])[0]
+    from_ids = pipe(ids, **kw).sequences
+    from_tensor = pipe(torch.tensor([ids]), **kw).sequences
+    assert torch.equal(text, chat) and torch.equal(text, from_ids) and torch.equal(text, from_tensor)
+    raw = pipe.encode_prompts(PROMPTS[0], chat_template=False)[0]
+    assert raw == tiny_tokenizer(PROMPTS[0])["input_ids"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=10, block_length=4), "max_new_tokens=10 is not divisible by block_length=4"),
+        (dict(max_new_tokens=8, block_length=4, steps=3), "steps=3 is not divisible by the number of blocks"),
+        (dict(max_new_tokens=0), "max_new_tokens=0"),
+        (dict(max_new_tokens=8, block_length=0), "block_length=0"),
+        (dict(max_new_tokens=8, block_length=4, steps=2.5), "steps=2.5"),
+        (dict(max_new_tokens=600, block_length=600), "exceeds the model's 512"),
+    ],
+)
+def test_invalid_schedule(kwargs, match, tiny_tokenizer):
+    with pytest.raises(ValueError, match=match):
+        make_pipe(tiny_tokenizer)(PROMPTS[0], **kwargs)
+
+
+def test_invalid_prompts(tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer)
+    mask_id = tiny_tokenizer.mask_token_id
+    with pytest.raises(ValueError, match="mask token id"):
+        pipe([5, mask_id, 6], max_new_tokens=4, block_length=4)
+    with pytest.raises(ValueError, match="empty string"):
+        pipe(["ok", ""], max_new_tokens=4, block_length=4)
+    with pytest.raises(ValueError, match="non-empty"):
+        pipe([], max_new_tokens=4, block_length=4)
+    with pytest.raises(TypeError, match="prompt\\[0\\]"):
+        pipe([3.5], max_new_tokens=4, block_length=4)
+    with pytest.raises(TypeError, match="integer ids"):
+        pipe(torch.ones(2, 3), max_new_tokens=4, block_length=4)
+
+
+def test_unknown_cache(tiny_tokenizer, tmp_path):
+    pipe = make_pipe(tiny_tokenizer)
+    with pytest.raises(ValueError, match="cache='fastest'"):
+        pipe.set_cache("fastest")
+    write_hub_checkpoint(pipe.model, tmp_path, tiny_tokenizer)
+    with pytest.raises(ValueError, match="cache='fastest'"):
+        DLMPipeline.from_pretrained(tmp_path, cache="fastest")
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(ValueError, match="neither model_index.json nor config.json"):
+        DLMPipeline.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        DLMPipeline.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_save_and_load_round_trip(arch, tiny_tokenizer, tmp_path):
+    pipe = make_pipe(tiny_tokenizer, arch)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = DLMPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
+    kw = dict(max_new_tokens=8, block_length=4)
+    assert torch.equal(loaded(PROMPTS[:2], **kw).sequences, pipe(PROMPTS[:2], **kw).sequences)
+    hub = DLMPipeline.from_pretrained(write_hub_checkpoint(pipe.model, tmp_path / "hub", tiny_tokenizer))
+    hub.set_progress_bar_config(disable=True)
+    assert type(hub.scheduler) is (LowConfidenceScheduler if arch == "llada" else DreamScheduler)
+
+
+def test_bf16_pipeline_runs(tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer)
+    pipe.to(torch.bfloat16)
+    out = pipe(PROMPTS, max_new_tokens=8, block_length=4)
+    assert out.sequences.shape == (3, 8) and not (out.sequences == tiny_tokenizer.mask_token_id).any()
