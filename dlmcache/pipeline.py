@@ -257,21 +257,25 @@ class DLMPipeline(DiffusionPipeline):
             for b in range(num_blocks):
                 start, end = p_len + b * block_length, p_len + (b + 1) * block_length
                 for i in range(steps_per_block):
-                    block = x[:, start:end]
-                    masked = block == mask_id
-                    if not masked.any():
+                    masked = x[:, start:end] == mask_id
+                    # Only columns still masked in some row need logits (one host sync per step).
+                    cols = masked.any(0).nonzero().flatten()
+                    if cols.numel() == 0:
                         bar.update(steps_per_block - i)
                         break
+                    targets = start + cols
                     if cfg:
                         x_un[:, p_len:] = x[:, p_len:]
-                        cond, uncond = self.cache.block_logits(torch.cat([x, x_un]), start, end, i).chunk(2)
-                        logits = self.scheduler.guide(cond, uncond)
+                        both = self.cache.step_logits(torch.cat([x, x_un]), targets, start, end)
+                        logits = self.scheduler.guide(*both.chunk(2))
                     else:
-                        logits = self.cache.block_logits(x, start, end, i)
-                    out = self.scheduler.step(logits, block, masked, i, steps_per_block, generator=generator)
-                    x[:, start:end] = out.prev_sample
-                    region = commit_step[:, start - p_len : end - p_len]
-                    region.masked_fill_(out.transfer_index, nfe)
+                        logits = self.cache.step_logits(x, targets, start, end)
+                    out = self.scheduler.step(
+                        logits, x[:, targets], masked[:, cols], i, steps_per_block, generator=generator
+                    )
+                    x[:, targets] = out.prev_sample
+                    commit = commit_step[:, targets - p_len]
+                    commit_step[:, targets - p_len] = commit.masked_fill(out.transfer_index, nfe)
                     nfe += 1
                     bar.update()
         elapsed = time.perf_counter() - start_time

@@ -1,10 +1,18 @@
-"""KV reuse across denoising steps. `make_cache("none" | ...)` builds a strategy by name."""
+"""KV reuse across denoising steps: `make_cache("none" | "prefix" | "dual" | "freecache", **options)`."""
 
 from __future__ import annotations
 
 from .base import CacheStats, DenoisingCache, Layout, NoCache
+from .buffer import KVBuffer
+from .freecache import FreeCache
+from .reuse import DualCache, KVReuseCache, PrefixCache
 
-CACHES: dict[str, type[DenoisingCache]] = {"none": NoCache}
+CACHES: dict[str, type[DenoisingCache]] = {
+    "none": NoCache,
+    "prefix": PrefixCache,
+    "dual": DualCache,
+    "freecache": FreeCache,
+}
 
 
 def make_cache(cache: str | DenoisingCache = "none", **options) -> DenoisingCache:
@@ -15,7 +23,22 @@ def make_cache(cache: str | DenoisingCache = "none", **options) -> DenoisingCach
         return cache
     if not isinstance(cache, str) or cache not in CACHES:
         raise ValueError(f"cache={cache!r}: expected one of {sorted(CACHES)} or a DenoisingCache")
-    return CACHES[cache](**options)
+    try:
+        return CACHES[cache](**options)
+    except TypeError as e:
+        raise ValueError(f"cache={cache!r} does not take options {sorted(options)}: {e}") from None
 
 
-__all__ = ["CACHES", "CacheStats", "DenoisingCache", "Layout", "NoCache", "make_cache"]
+__all__ = [
+    "CACHES",
+    "CacheStats",
+    "DenoisingCache",
+    "DualCache",
+    "FreeCache",
+    "KVBuffer",
+    "KVReuseCache",
+    "Layout",
+    "NoCache",
+    "PrefixCache",
+    "make_cache",
+]

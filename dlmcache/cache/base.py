@@ -1,8 +1,8 @@
-"""How the pipeline gets the active block's logits at each denoising step.
+"""How the pipeline gets the logits it needs at each denoising step.
 
 A `DenoisingCache` owns the model calls of one generation: `prepare` is called once with the canvas
-layout, `block_logits` at every step. The strategies differ only in what they recompute per step;
-`NoCache` recomputes the whole sequence (the reference every other mode is tested against).
+layout, `step_logits` at every denoising step. Strategies differ only in what they recompute;
+`NoCache` recomputes the whole sequence every step (the reference the other modes are tested against).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ class Layout:
     """The canvas of one generation call.
 
     key_mask: [B, L] True for real tokens (False = left padding); positions: [B, L] absolute
-    positions (padding-independent); prompt_len: P, the padded prompt length (generation region is
-    [P, L)); block_length: tokens per block.
+    positions (padding-independent); prompt_len: P, the padded prompt length (the generation region
+    is [P, L)); block_length: tokens per block.
     """
 
     key_mask: torch.Tensor
@@ -30,10 +30,16 @@ class Layout:
     def length(self) -> int:
         return self.key_mask.shape[1]
 
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        """The key mask, or None when no row is padded (attention then takes its unmasked fast path)."""
+        return None if bool(self.key_mask.all()) else self.key_mask
+
 
 @dataclass
 class CacheStats:
-    """Counts per generation: forwards, tokens fed to the model, and KV positions read from the cache."""
+    """Per generation: model forwards, how many of them fed the whole canvas, tokens fed to the model,
+    and cached KV positions read instead of recomputed (summed over forwards)."""
 
     forwards: int = 0
     full_forwards: int = 0
@@ -48,40 +54,50 @@ class CacheStats:
 
 
 class DenoisingCache:
-    """Strategy interface. Subclasses implement `block_logits`."""
+    """Strategy interface: `prepare` once per generation, then `step_logits` every step."""
 
     name = "base"
 
     def __init__(self):
         self.layout: Layout | None = None
         self.stats = CacheStats()
+        self.step = 0
 
     def prepare(self, model, layout: Layout) -> None:
         """Start a generation on `layout` (called once per pipeline call, before the first step)."""
         self.model = model
         self.layout = layout
+        self.attention_mask = layout.attention_mask
         self.stats = CacheStats()
+        self.step = 0
 
-    def block_logits(self, x: torch.LongTensor, start: int, end: int, step_in_block: int) -> torch.Tensor:
-        """Logits [B, end - start, V] predicting canvas positions start..end-1 given the canvas x [B, L]."""
+    def step_logits(self, x: torch.LongTensor, targets: torch.LongTensor, start: int, end: int) -> torch.Tensor:
+        """Logits [B, len(targets), V] predicting canvas positions `targets` (sorted, inside the active
+        block [start, end)) given the canvas x [B, L]."""
+        logits = self._logits(x, targets, start, end)
+        self.step += 1
+        return logits
+
+    def _logits(self, x, targets, start, end):
         raise NotImplementedError
 
-    def full_forward_logits(self, x: torch.LongTensor, start: int, end: int, cache=None) -> torch.Tensor:
-        """The reference computation: feed the whole canvas, keep the logits of [start, end)."""
-        lay = self.layout
+    def full_forward(self, x: torch.LongTensor, targets: torch.LongTensor, kv=None) -> torch.Tensor:
+        """The reference computation: feed the whole canvas (writing every position's KV into `kv`
+        when given) and keep the logits of `targets`."""
         self.stats.forwards += 1
         self.stats.full_forwards += 1
-        self.stats.fed_tokens += x.numel()
-        index = torch.arange(start, end, device=x.device)
+        self.stats.fed_tokens += x.shape[1]
+        lay = self.layout
         return self.model(
-            x, positions=lay.positions, attention_mask=lay.key_mask, cache=cache, logits_index=index
+            x, positions=lay.positions, attention_mask=self.attention_mask, cache=kv, logits_index=targets
         ).logits
 
 
 class NoCache(DenoisingCache):
-    """`cache="none"`: the whole sequence every step, exactly like the reference samplers."""
+    """`cache="none"`: the whole sequence every step, exactly like the reference samplers (only the
+    logits of still-masked positions are projected through the LM head)."""
 
     name = "none"
 
-    def block_logits(self, x, start, end, step_in_block):
-        return self.full_forward_logits(x, start, end)
+    def _logits(self, x, targets, start, end):
+        return self.full_forward(x, targets)

@@ -1,0 +1,51 @@
+"""A static, preallocated per-layer KV buffer written in place (no per-step concatenation)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVBuffer:
+    """Keys and values of every canvas position, per layer: [B, H_kv, L, D], allocated once.
+
+    Before each forward the owner says which positions are fed (`plan`): either the whole canvas
+    (a refresh, which rewrites every entry) or a window [start, end). During the forward each layer
+    calls `update` (the `KVStore` protocol of the models): the fresh keys/values of the fed tokens,
+    already rotated by RoPE at their absolute positions, are written at those positions, and the layer
+    attends over positions [0, attend_end) read from the buffer. Keys therefore stay valid wherever
+    they were computed; entries outside the fed window are whatever was last written there.
+    """
+
+    def __init__(self, model, key_mask: torch.Tensor | None, batch: int, length: int):
+        dtype = next(model.parameters()).dtype
+        shape = (batch, model.num_kv_heads, length, model.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in range(model.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in range(model.num_layers)]
+        self.key_mask = key_mask  # [B, L] or None (no padding)
+        self.length = length
+        self.full = True
+        self.start, self.end, self.attend_end = 0, length, length
+        self._mask = None
+
+    def plan(self, start: int = 0, end: int | None = None, attend_end: int | None = None) -> None:
+        """The next forward feeds positions [start, end) and attends to [0, attend_end)."""
+        end = self.length if end is None else end
+        attend_end = self.length if attend_end is None else attend_end
+        if not 0 <= start < end <= attend_end <= self.length:
+            raise ValueError(f"bad window: start={start}, end={end}, attend_end={attend_end}, length={self.length}")
+        self.full = start == 0 and end == self.length
+        self.start, self.end, self.attend_end = start, end, attend_end
+        self._mask = None if self.key_mask is None else self.key_mask[:, None, None, :attend_end]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer_idx][:, :, self.start : self.end] = k
+        self.v[layer_idx][:, :, self.start : self.end] = v
+        if self.full:
+            # A refresh attends exactly like a cache-free forward (same tensors, same kernel path), so
+            # a cache that refreshes every step is bit-identical to no cache.
+            return k, v, self._mask
+        return self.k[layer_idx][:, :, : self.attend_end], self.v[layer_idx][:, :, : self.attend_end], self._mask
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -1,0 +1,64 @@
+"""FreeCache (Hu et al., "FlashDLM", arXiv 2505.21467): freeze what is finished, recompute the rest."""
+
+from __future__ import annotations
+
+from .reuse import KVReuseCache, Plan
+
+
+class FreeCache(KVReuseCache):
+    """`cache="freecache"`: the prompt's KV is computed once and frozen; a block's KV is frozen once the
+    block is finished; each step feeds only the active window: the current block plus `suffix_window`
+    later positions (all of them by default).
+
+    Options:
+      suffix_window: later (masked) positions recomputed with the block each step; None = all.
+      beyond_window: what the model sees of positions after the window: "cache" (their last computed
+        KV, as DualCache reuses the suffix) or "drop" (not attended, as the FlashDLM code does).
+      refresh_every: a full forward every k steps (None = only the first step). k=1 is the no-cache
+        reference, bit for bit.
+
+    Freezing is delayed by one step: a block's last step commits tokens whose KV was computed while
+    they were still masked, so the next step feeds the finished block once more (FlashDLM freezes the
+    KV of that last forward, keeping those stale entries for the rest of the generation).
+    """
+
+    name = "freecache"
+
+    def __init__(
+        self, suffix_window: int | None = None, beyond_window: str = "cache", refresh_every: int | None = None
+    ):
+        super().__init__()
+        if suffix_window is not None and (not isinstance(suffix_window, int) or suffix_window < 0):
+            raise ValueError(f"suffix_window={suffix_window!r} must be None (all) or an integer >= 0")
+        if beyond_window not in ("cache", "drop"):
+            raise ValueError(f"beyond_window={beyond_window!r}: expected 'cache' or 'drop'")
+        if refresh_every is not None and (not isinstance(refresh_every, int) or refresh_every < 1):
+            raise ValueError(f"refresh_every={refresh_every!r} must be None or an integer >= 1")
+        self.suffix_window = suffix_window
+        self.beyond_window = beyond_window
+        self.refresh_every = refresh_every
+
+    def __repr__(self) -> str:
+        return (
+            f"FreeCache(suffix_window={self.suffix_window}, beyond_window={self.beyond_window!r}, "
+            f"refresh_every={self.refresh_every})"
+        )
+
+    def prepare(self, model, layout) -> None:
+        super().prepare(model, layout)
+        self.frozen_end = 0  # positions before it hold final KV
+
+    def _plan(self, targets, start, end):
+        length = self.layout.length
+        if self.step == 0 or (self.refresh_every and self.step % self.refresh_every == 0):
+            plan = Plan(full=True)
+        else:
+            window_end = length if self.suffix_window is None else min(length, end + self.suffix_window)
+            attend_end = length if self.beyond_window == "cache" else window_end
+            plan = Plan(
+                full=False, start=min(self.frozen_end, start - self.shift), end=window_end, attend_end=attend_end
+            )
+        # Every token before the active block is final, and this forward computes all of them that
+        # are not frozen yet: after it they are.
+        self.frozen_end = start
+        return plan

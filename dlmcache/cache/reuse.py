@@ -1,0 +1,96 @@
+"""KV reuse across denoising steps: the shared loop and Fast-dLLM's prefix and dual caches.
+
+Every strategy here keeps one `KVBuffer` and, per step, either refreshes it with a full forward or
+feeds a window of positions that attends to cached KV for the rest. They differ only in `_plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import DenoisingCache
+from .buffer import KVBuffer
+
+
+@dataclass
+class Plan:
+    """What the next forward computes: everything (`full`), or positions [start, end) attending to
+    [0, attend_end) with cached KV outside the window."""
+
+    full: bool
+    start: int = 0
+    end: int = 0
+    attend_end: int = 0
+
+
+class KVReuseCache(DenoisingCache):
+    """Base of the KV-reusing strategies: allocation, the refresh/window dispatch and statistics."""
+
+    def prepare(self, model, layout) -> None:
+        super().prepare(model, layout)
+        self.kv = KVBuffer(model, self.attention_mask, batch=layout.key_mask.shape[0], length=layout.length)
+        self.shift = model.logit_shift
+        self.stats.extra["kv_bytes"] = self.kv.nbytes
+
+    def _plan(self, targets: torch.LongTensor, start: int, end: int) -> Plan:
+        raise NotImplementedError
+
+    def _logits(self, x, targets, start, end):
+        plan = self._plan(targets, start, end)
+        if plan.full:
+            self.kv.plan()
+            return self.full_forward(x, targets, kv=self.kv)
+        # Targets lie in [start, end) of the block; every plan's window starts at or before
+        # start - shift, since Dream predicts token i from hidden state i-1.
+        self.kv.plan(plan.start, plan.end, plan.attend_end)
+        self.stats.forwards += 1
+        self.stats.fed_tokens += plan.end - plan.start
+        self.stats.reused_tokens += plan.attend_end - (plan.end - plan.start)
+        lay = self.layout
+        return self.model(
+            x[:, plan.start : plan.end],
+            positions=lay.positions[:, plan.start : plan.end],
+            cache=self.kv,
+            logits_index=targets - plan.start,
+        ).logits
+
+
+class PrefixCache(KVReuseCache):
+    """`cache="prefix"` (Fast-dLLM prefix cache, Wu et al., arXiv 2505.22618): a full forward at the
+    first step of every block refreshes all KV; the block's other steps feed the block and everything
+    after it, reusing the KV of the prompt and the finished blocks."""
+
+    name = "prefix"
+
+    def __init__(self):
+        super().__init__()
+        self._block = None
+
+    def prepare(self, model, layout) -> None:
+        super().prepare(model, layout)
+        self._block = None
+
+    def _new_block(self, start: int) -> bool:
+        new = self._block != start
+        self._block = start
+        return new
+
+    def _plan(self, targets, start, end):
+        if self._new_block(start):
+            return Plan(full=True)
+        length = self.layout.length
+        return Plan(full=False, start=start - self.shift, end=length, attend_end=length)
+
+
+class DualCache(PrefixCache):
+    """`cache="dual"` (Fast-dLLM DualCache): like `prefix`, but the masked suffix after the block is
+    reused too, so only the current block is fed between refreshes."""
+
+    name = "dual"
+
+    def _plan(self, targets, start, end):
+        if self._new_block(start):
+            return Plan(full=True)
+        return Plan(full=False, start=start - self.shift, end=end, attend_end=self.layout.length)

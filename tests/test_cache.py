@@ -1,0 +1,212 @@
+"""KV reuse across denoising steps, against recomputing everything."""
+
+import pytest
+import torch
+
+from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler, ThresholdScheduler
+from dlmcache.cache import CACHES, DualCache, FreeCache, KVBuffer, NoCache, PrefixCache, make_cache
+from tests.helpers import tiny_dream, tiny_llada
+
+PROMPTS = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many eggs does Tom have now?", "Hi"]
+SCHEDULERS = {
+    "low_confidence": lambda: LowConfidenceScheduler(),
+    "low_confidence_t": lambda: LowConfidenceScheduler(temperature=0.8),
+    "random": lambda: LowConfidenceScheduler(remasking="random"),
+    "cfg": lambda: LowConfidenceScheduler(cfg_scale=1.0),
+    "maskgit_plus": lambda: DreamScheduler(alg="maskgit_plus"),
+    "entropy_t": lambda: DreamScheduler(alg="entropy", temperature=0.5, top_p=0.9),
+    "topk_margin": lambda: DreamScheduler(alg="topk_margin"),
+    "origin": lambda: DreamScheduler(alg="origin"),
+    "threshold": lambda: ThresholdScheduler(threshold=0.1),
+}
+
+
+def make_pipe(tokenizer, arch, scheduler):
+    model = (tiny_llada if arch == "llada" else tiny_dream)(tokenizer)
+    pipe = DLMPipeline(model=model, tokenizer=tokenizer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, cache, prompts=PROMPTS, seed=0, **kw):
+    pipe.set_cache(cache)
+    kw = {"max_new_tokens": 24, "block_length": 8, "steps": 12, **kw}
+    return pipe(prompts, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("sched", list(SCHEDULERS))
+def test_freecache_refresh_every_step_is_bit_identical_to_none(arch, sched, tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer, arch, SCHEDULERS[sched]())
+    ref = run(pipe, "none")
+    got = run(pipe, FreeCache(refresh_every=1))
+    assert torch.equal(got.sequences, ref.sequences)
+    assert got.nfe == ref.nfe and torch.equal(got.commit_step, ref.commit_step)
+    assert got.stats["full_forwards"] == got.nfe
+
+
+class Recorder:
+    """Wraps a cache and records (canvas, targets, logits, refreshed?) at every step."""
+
+    def __init__(self, inner):
+        self.inner, self.log = inner, []
+        self.name = inner.name
+
+    def prepare(self, model, layout):
+        self.inner.prepare(model, layout)
+
+    def step_logits(self, x, targets, start, end):
+        full_before = self.inner.stats.full_forwards
+        logits = self.inner.step_logits(x, targets, start, end)
+        self.log.append((x.clone(), targets.clone(), start, end, logits, self.inner.stats.full_forwards > full_before))
+        return logits
+
+    @property
+    def stats(self):
+        return self.inner.stats
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("cls", [PrefixCache, DualCache])
+def test_prefix_and_dual_refresh_steps_reproduce_none(arch, cls, tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer, arch, LowConfidenceScheduler())
+    rec = Recorder(cls())
+    pipe.set_cache("none")
+    pipe.cache = rec
+    pipe(PROMPTS, max_new_tokens=24, block_length=8, steps=12)
+    refreshes = [entry for entry in rec.log if entry[5]]
+    assert len(refreshes) == 3  # one per block
+    reference = NoCache()
+    for x, targets, start, end, logits, _ in refreshes:
+        reference.prepare(pipe.model, rec.inner.layout)
+        with torch.no_grad():
+            want = reference.step_logits(x, targets, start, end)
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    assert rec.stats.fed_tokens < 12 * x.shape[1]
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_window_over_fresh_cache_equals_full_forward(arch, tiny_tokenizer):
+    """A windowed forward whose cached KV is current reproduces the full forward: checks the buffer
+    writes, absolute RoPE positions, padding and Dream's shifted predecessor."""
+    pipe = make_pipe(tiny_tokenizer, arch, LowConfidenceScheduler())
+    model = pipe.model.double()
+    x, layout = pipe.prepare_canvas(pipe.encode_prompts(PROMPTS), 24)
+    layout.block_length = 8
+    torch.manual_seed(0)
+    gen = x[:, layout.prompt_len :]
+    gen[torch.rand(gen.shape) < 0.5] = 7  # some committed tokens
+    start, end, length = layout.prompt_len + 8, layout.prompt_len + 16, layout.length
+    targets = torch.arange(start, end)
+    shift = model.logit_shift
+    with torch.no_grad():
+        kv = KVBuffer(model, layout.key_mask, x.shape[0], length)
+        kv.plan()
+        full = model(x, positions=layout.positions, cache=kv, logits_index=targets).logits
+        for w_start, w_end in [(start - shift, end), (start - shift, length), (3, end + 4)]:
+            kv.plan(w_start, w_end, length)
+            got = model(
+                x[:, w_start:w_end],
+                positions=layout.positions[:, w_start:w_end],
+                cache=kv,
+                logits_index=targets - w_start,
+            ).logits
+            torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-10)
+        # Dropping what lies beyond the window = a full forward of the truncated canvas.
+        cut = end + 4
+        kv.plan()
+        model(x[:, :cut], positions=layout.positions[:, :cut], attention_mask=layout.key_mask[:, :cut])
+        trunc = model(
+            x[:, :cut],
+            positions=layout.positions[:, :cut],
+            attention_mask=layout.key_mask[:, :cut],
+            logits_index=targets,
+        ).logits
+        kv = KVBuffer(model, layout.key_mask, x.shape[0], length)
+        kv.plan(0, cut, cut)
+        model(x[:, :cut], positions=layout.positions[:, :cut], cache=kv)
+        kv.plan(start - shift, cut, cut)
+        got = model(
+            x[:, start - shift : cut],
+            positions=layout.positions[:, start - shift : cut],
+            cache=kv,
+            logits_index=targets - (start - shift),
+        ).logits
+        torch.testing.assert_close(got, trunc, rtol=1e-10, atol=1e-10)
+
+
+CACHE_MODES = {
+    "prefix": lambda: PrefixCache(),
+    "dual": lambda: DualCache(),
+    "freecache": lambda: FreeCache(),
+    "freecache_w4": lambda: FreeCache(suffix_window=4),
+    "freecache_drop": lambda: FreeCache(suffix_window=0, beyond_window="drop"),
+    "freecache_r3": lambda: FreeCache(refresh_every=3),
+}
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("mode", list(CACHE_MODES))
+@pytest.mark.parametrize("sched", ["low_confidence", "threshold", "maskgit_plus"])
+def test_batch_equals_one_by_one(arch, mode, sched, tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer, arch, SCHEDULERS[sched]())
+    batch = run(pipe, CACHE_MODES[mode]())
+    for i, prompt in enumerate(PROMPTS):
+        alone = run(pipe, CACHE_MODES[mode](), prompts=[prompt])
+        assert torch.equal(alone.sequences[0], batch.sequences[i]), (mode, i)
+
+
+@pytest.mark.parametrize("mode", list(CACHE_MODES))
+def test_cached_modes_feed_fewer_tokens(mode, tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer, "llada", LowConfidenceScheduler())
+    ref = run(pipe, "none")
+    got = run(pipe, CACHE_MODES[mode]())
+    assert got.nfe == ref.nfe == 12
+    assert got.stats["fed_tokens"] < ref.stats["fed_tokens"]
+    assert got.stats["reused_tokens"] > 0 and got.stats["kv_bytes"] > 0
+    assert not (got.sequences == tiny_tokenizer.mask_token_id).any()
+
+
+def test_freecache_window_schedule(tiny_tokenizer):
+    """What FreeCache feeds: a refresh first, then the active window from the frozen boundary, and the
+    finished block once more on the first step of the next block (the delayed freeze)."""
+    pipe = make_pipe(tiny_tokenizer, "llada", LowConfidenceScheduler())
+    cache = FreeCache(suffix_window=4)
+    plans = []
+    original = cache._plan
+    cache._plan = lambda t, s, e: plans.append(original(t, s, e)) or plans[-1]
+    run(pipe, cache, prompts=[PROMPTS[0]], max_new_tokens=16, block_length=8, steps=4)
+    p = len(pipe.encode_prompts(PROMPTS[0])[0])
+    assert [pl.full for pl in plans] == [True, False, False, False]
+    assert (plans[1].start, plans[1].end, plans[1].attend_end) == (p, p + 12, p + 16)  # block 0, frozen prompt
+    assert (plans[2].start, plans[2].end) == (p, p + 16)  # block 1 + the finished block 0 once more
+    assert (plans[3].start, plans[3].end) == (p + 8, p + 16)
+
+
+def test_cache_options_are_validated():
+    with pytest.raises(ValueError, match="suffix_window=-1"):
+        FreeCache(suffix_window=-1)
+    with pytest.raises(ValueError, match="beyond_window='keep'"):
+        FreeCache(beyond_window="keep")
+    with pytest.raises(ValueError, match="refresh_every=0"):
+        FreeCache(refresh_every=0)
+    with pytest.raises(ValueError, match="does not take options"):
+        make_cache("dual", refresh_every=2)
+    with pytest.raises(ValueError, match="ready cache object"):
+        make_cache(FreeCache(), refresh_every=2)
+    assert sorted(CACHES) == ["dual", "freecache", "none", "prefix"]
+
+
+def test_buffer_rejects_bad_window(tiny_tokenizer):
+    kv = KVBuffer(tiny_llada(tiny_tokenizer), None, 1, 10)
+    with pytest.raises(ValueError, match="bad window"):
+        kv.plan(4, 3, 10)
+    with pytest.raises(ValueError, match="bad window"):
+        kv.plan(0, 11, 11)
+
+
+def test_from_pretrained_with_cache_options(tiny_tokenizer, tmp_path):
+    pipe = make_pipe(tiny_tokenizer, "llada", LowConfidenceScheduler())
+    pipe.save_pretrained(tmp_path)
+    loaded = DLMPipeline.from_pretrained(tmp_path, cache="freecache", cache_options={"suffix_window": 8})
+    assert isinstance(loaded.cache, FreeCache) and loaded.cache.suffix_window == 8
