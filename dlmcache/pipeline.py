@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .cache import DenoisingCache, Layout, make_cache
 from .models import MODEL_CLASSES
-from .schedulers import DLMScheduler, DreamScheduler, LowConfidenceScheduler
+from .schedulers import DLMScheduler, DreamScheduler, GuidedScheduler, LowConfidenceScheduler, StepContext
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED = {"dlmcache/tiny": ASSETS / "tiny", "dlmcache/tiny-guide": ASSETS / "tiny-guide"}
@@ -81,6 +81,8 @@ class DLMPipeline(DiffusionPipeline):
         *,
         cache: str | DenoisingCache = "none",
         cache_options: dict | None = None,
+        guide=None,
+        guide_options: dict | None = None,
         scheduler: DLMScheduler | None = None,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -91,7 +93,9 @@ class DLMPipeline(DiffusionPipeline):
         id of either (needs network), or a bundled name ("dlmcache/tiny").
 
         The model class comes from `config.json`'s `model_type` ("llada" / "Dream"); no remote code
-        runs. `torch_dtype` defaults to float32; `cache` / `cache_options` pick the KV-reuse strategy.
+        runs. `torch_dtype` defaults to float32; `cache` / `cache_options` pick the KV-reuse strategy;
+        `guide` (a causal-LM path / hub id, "dlmcache/tiny-guide", or an `ARGuide`) switches to
+        guided unmasking, with `guide_options` passed to `ARGuide` (rule, top_k, chunk_size, ...).
         """
         path = resolve_path(pretrained_model_name_or_path)
         dtype = kwargs.pop("dtype", None) or torch_dtype or torch.float32
@@ -109,17 +113,33 @@ class DLMPipeline(DiffusionPipeline):
                     f"diffusion LM (expected one of {sorted(MODEL_CLASSES)})"
                 )
             model = MODEL_CLASSES[model_type].from_pretrained(path, dtype=dtype, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)
             pipe = cls(model=model, tokenizer=tokenizer, scheduler=scheduler or DEFAULT_SCHEDULERS[model_type]())
         pipe.model.eval()
         if device is not None:
             pipe.to(device)
         pipe.set_cache(cache, **(cache_options or {}))
+        if guide is not None:
+            pipe.set_guide(guide, torch_dtype=dtype, **(guide_options or {}))
         return pipe
 
     def set_cache(self, cache: str | DenoisingCache = "none", **options) -> None:
         """Choose the KV-reuse strategy for the following calls."""
         self.cache = make_cache(cache, **options)
+
+    def set_guide(self, guide, torch_dtype: torch.dtype | None = None, **options) -> None:
+        """Decode with guided unmasking: `guide` is an `ARGuide`, or a causal-LM path / hub id /
+        bundled name from which one is built with `options` (rule, top_k, relative, chunk_size)."""
+        from .guidance import ARGuide
+
+        if not isinstance(guide, ARGuide):
+            guide = ARGuide(guide, dtype=torch_dtype, **options)
+        elif options:
+            raise ValueError(f"guide options {sorted(options)} given with a ready ARGuide {guide!r}")
+        guide.model.to(self.model.device)
+        scheduler = GuidedScheduler()
+        scheduler.set_guide(guide, self.tokenizer, self.model.get_input_embeddings().num_embeddings)
+        self.scheduler = scheduler
 
     # ------------------------------------------------------------------ inputs
 
@@ -132,6 +152,11 @@ class DLMPipeline(DiffusionPipeline):
         token ids (list of ints or a 1-D tensor), or a list / 2-D tensor of any of these.
         Strings go through the tokenizer's chat template as one user turn when it has one (or when
         `chat_template=True`)."""
+        return [ids for ids, _ in self._prompt_requests(prompt, chat_template)]
+
+    def _prompt_requests(self, prompt, chat_template: bool | None) -> list[tuple[list[int], list[dict] | str]]:
+        """(DLM ids, the request as a chat or a plain text) per prompt; a guide with another
+        vocabulary re-reads the request with its own tokenizer."""
         if isinstance(prompt, torch.Tensor):
             if prompt.dtype not in (torch.int32, torch.int64) or prompt.dim() not in (1, 2):
                 raise TypeError(
@@ -143,25 +168,29 @@ class DLMPipeline(DiffusionPipeline):
         if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
             raise ValueError(f"prompt must be a non-empty string, chat, id list or a batch of them, got {prompt!r}")
         use_template = chat_template if chat_template is not None else bool(self.tokenizer.chat_template)
-        encoded = []
+        requests = []
         for i, p in enumerate(prompt):
             if isinstance(p, str):
                 if not p:
                     raise ValueError(f"prompt[{i}] is an empty string")
-                chat = [{"role": "user", "content": p}]
-                ids = self._apply_template(chat) if use_template else self.tokenizer(p)["input_ids"]
+                if use_template:
+                    request = [{"role": "user", "content": p}]
+                    ids = self._apply_template(request)
+                else:
+                    request, ids = p, self.tokenizer(p)["input_ids"]
             elif _is_chat(p):
-                ids = self._apply_template(p)
+                request, ids = list(p), self._apply_template(p)
             elif _is_ids(p):
                 ids = list(p)
+                request = self.tokenizer.decode(ids, skip_special_tokens=True)
             else:
                 raise TypeError(f"prompt[{i}] must be a string, a chat or a list of token ids, got {type(p).__name__}")
             if len(ids) == 0:
                 raise ValueError(f"prompt[{i}] encodes to no tokens")
             if self.mask_token_id in ids:
                 raise ValueError(f"prompt[{i}] contains the mask token id {self.mask_token_id}")
-            encoded.append(ids)
-        return encoded
+            requests.append((ids, request))
+        return requests
 
     def _apply_template(self, chat: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:
@@ -217,18 +246,24 @@ class DLMPipeline(DiffusionPipeline):
         steps: int | None = None,
         generator: torch.Generator | None = None,
         chat_template: bool | None = None,
+        stop_at_eos: bool | None = None,
         return_dict: bool = True,
     ) -> DLMPipelineOutput | tuple:
         """Generate `max_new_tokens` tokens after each prompt.
 
         steps: total denoising steps (default `max_new_tokens`, one token per step), split evenly
-        over the `max_new_tokens // block_length` blocks. Returns a `DLMPipelineOutput`.
+        over the `max_new_tokens // block_length` blocks. stop_at_eos: once a row's text up to an
+        EOS is fully committed, fill the rest of the row with EOS instead of denoising it (default:
+        on for the guided scheduler, off otherwise, as in the reference samplers).
         """
         # 1. Check inputs and encode the prompts.
         steps = max_new_tokens if steps is None else steps
         num_blocks = self.check_inputs(max_new_tokens, block_length, steps)
         steps_per_block = steps // num_blocks
-        prompts = self.encode_prompts(prompt, chat_template)
+        requests = self._prompt_requests(prompt, chat_template)
+        prompts = [ids for ids, _ in requests]
+        if stop_at_eos is None:
+            stop_at_eos = getattr(self.scheduler, "stops_at_eos", False)
 
         # 2. The canvas: left-padded prompts followed by masks.
         x, layout = self.prepare_canvas(prompts, max_new_tokens)
@@ -245,8 +280,9 @@ class DLMPipeline(DiffusionPipeline):
                 block_length=block_length,
             )
 
-        # 3. The cache strategy.
+        # 3. The cache strategy and the scheduler's per-generation state.
         self.cache.prepare(self.model, layout)
+        self.scheduler.begin(prompts, [r for _, r in requests], x, p_len)
 
         # 4. Denoise block by block.
         batch = x.shape[0]
@@ -270,12 +306,24 @@ class DLMPipeline(DiffusionPipeline):
                         logits = self.scheduler.guide(*both.chunk(2))
                     else:
                         logits = self.cache.step_logits(x, targets, start, end)
+                    context = StepContext(
+                        x=x, targets=targets, start=start, end=end, prompt_len=p_len, mask_token_id=mask_id
+                    )
                     out = self.scheduler.step(
-                        logits, x[:, targets], masked[:, cols], i, steps_per_block, generator=generator
+                        logits,
+                        x[:, targets],
+                        masked[:, cols],
+                        i,
+                        steps_per_block,
+                        generator=generator,
+                        context=context,
                     )
                     x[:, targets] = out.prev_sample
                     commit = commit_step[:, targets - p_len]
                     commit_step[:, targets - p_len] = commit.masked_fill(out.transfer_index, nfe)
+                    if stop_at_eos:
+                        filled = self._fill_after_eos(x[:, p_len:])
+                        commit_step.masked_fill_(filled, nfe)
                     nfe += 1
                     bar.update()
         elapsed = time.perf_counter() - start_time
@@ -283,18 +331,32 @@ class DLMPipeline(DiffusionPipeline):
         # 5. Decode.
         sequences = x[:, p_len:]
         texts = self.decode(sequences)
-        generated = batch * max_new_tokens
+        eos = self.tokenizer.eos_token_id
+        is_eos = sequences == eos
+        answer_tokens = int(torch.where(is_eos.any(-1), is_eos.float().argmax(-1), max_new_tokens).sum())
         stats = {
             "steps": nfe,
-            "tokens_per_step": generated / batch / max(nfe, 1),
+            "tokens_per_step": max_new_tokens / max(nfe, 1),
+            "answer_tokens": answer_tokens,
             "seconds": elapsed,
-            "tokens_per_second": generated / elapsed if elapsed > 0 else float("inf"),
+            "tokens_per_second": batch * max_new_tokens / elapsed if elapsed > 0 else float("inf"),
+            "answer_tokens_per_second": answer_tokens / elapsed if elapsed > 0 else float("inf"),
             "cache": self.cache.name,
             **self.cache.stats.as_dict(),
+            **getattr(self.scheduler, "stats", {}),
         }
         if not return_dict:
             return texts, sequences, nfe, commit_step, stats
         return DLMPipelineOutput(texts=texts, sequences=sequences, nfe=nfe, commit_step=commit_step, stats=stats)
+
+    def _fill_after_eos(self, gen: torch.LongTensor) -> torch.BoolTensor:
+        """Rows whose text up to an EOS is fully committed get EOS in every masked position after it
+        (in place on `gen` [B, G]); returns the filled positions."""
+        masked = gen == self.mask_token_id
+        clean_eos = (gen == self.tokenizer.eos_token_id) & (masked.long().cumsum(-1) == 0)
+        fill = (clean_eos.long().cumsum(-1) > 0) & masked
+        gen.masked_fill_(fill, self.tokenizer.eos_token_id)
+        return fill
 
     def decode(self, sequences: torch.LongTensor) -> list[str]:
         """Text of each row up to its first EOS (masks left over, if any, are dropped)."""

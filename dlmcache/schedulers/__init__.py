@@ -1,7 +1,8 @@
 """Unmasking schedulers: which masked positions to commit at each denoising step."""
 
-from .base import DLMScheduler, DLMSchedulerOutput, select_topk, transfer_quota
+from .base import DLMScheduler, DLMSchedulerOutput, StepContext, select_topk, transfer_quota
 from .dream import DreamScheduler
+from .guided import GuidedScheduler
 from .low_confidence import LowConfidenceScheduler
 from .threshold import ThresholdScheduler
 
@@ -9,7 +10,9 @@ __all__ = [
     "DLMScheduler",
     "DLMSchedulerOutput",
     "DreamScheduler",
+    "GuidedScheduler",
     "LowConfidenceScheduler",
+    "StepContext",
     "ThresholdScheduler",
     "select_topk",
     "transfer_quota",

@@ -16,6 +16,22 @@ from diffusers.utils import BaseOutput
 
 
 @dataclass
+class StepContext:
+    """Where a step happens, for rules that look beyond the logits (the guided scheduler).
+
+    x: the whole canvas [B, L] before this step; targets: canvas positions of the logit rows [m];
+    start, end: the active block; prompt_len: P, where generation starts; mask_token_id.
+    """
+
+    x: torch.LongTensor
+    targets: torch.LongTensor
+    start: int
+    end: int
+    prompt_len: int
+    mask_token_id: int
+
+
+@dataclass
 class DLMSchedulerOutput(BaseOutput):
     """prev_sample: the block after this step [B, n]; transfer_index: positions committed now [B, n];
     x0: the predicted token at every position [B, n]; confidence: the score used to rank them."""
@@ -27,8 +43,9 @@ class DLMSchedulerOutput(BaseOutput):
 
 
 class DLMScheduler(SchedulerMixin, ConfigMixin):
-    """Base class: subclasses implement `_select(logits, mask_index, step_index, num_steps, generator)`
-    returning (x0, confidence, transfer_index)."""
+    """Base class: subclasses implement `_select(logits, mask_index, step_index, num_steps, generator,
+    context)` returning (x0, confidence, transfer_index), and may override `begin` (called once per
+    generation before the first step)."""
 
     config_name = "scheduler_config.json"
     order = 1
@@ -43,14 +60,16 @@ class DLMScheduler(SchedulerMixin, ConfigMixin):
         step_index: int,
         num_steps: int,
         generator: torch.Generator | None = None,
+        context: StepContext | None = None,
         return_dict: bool = True,
     ) -> DLMSchedulerOutput | tuple:
-        """One denoising step on the active block.
+        """One denoising step on (a subset of) the active block.
 
-        logits: [B, n, V], logits[:, j] predicts position j of the block (already shifted for Dream);
-        sample: the block's tokens [B, n]; mask_index: which of them are still masked [B, n];
-        step_index / num_steps: position in this block's step budget (the last step commits every
-        remaining mask). Returns the new block and the committed positions.
+        logits: [B, n, V], logits[:, j] predicts the j-th position handed in (already shifted for
+        Dream); sample: those positions' tokens [B, n]; mask_index: which of them are still masked
+        [B, n] (every masked position of the block must be among them); step_index / num_steps:
+        position in this block's step budget (the last step commits every remaining mask).
+        Returns the new tokens and the committed positions.
         """
         if logits.shape[:2] != sample.shape or sample.shape != mask_index.shape:
             raise ValueError(
@@ -59,15 +78,19 @@ class DLMScheduler(SchedulerMixin, ConfigMixin):
             )
         if not 0 <= step_index < num_steps:
             raise ValueError(f"step_index={step_index} is outside 0..{num_steps - 1}")
-        x0, confidence, transfer = self._select(logits, mask_index, step_index, num_steps, generator)
+        x0, confidence, transfer = self._select(logits, mask_index, step_index, num_steps, generator, context)
         transfer = transfer & mask_index
         prev = torch.where(transfer, x0, sample)
         if not return_dict:
             return prev, transfer, x0, confidence
         return DLMSchedulerOutput(prev_sample=prev, transfer_index=transfer, x0=x0, confidence=confidence)
 
-    def _select(self, logits, mask_index, step_index, num_steps, generator):
+    def _select(self, logits, mask_index, step_index, num_steps, generator, context):
         raise NotImplementedError
+
+    def begin(self, prompts: list[list[int]], chats: list, x: torch.LongTensor, prompt_len: int) -> None:
+        """Start of a generation: the prompts (DLM ids and the chats / texts they came from) and the
+        canvas. Stateless rules need nothing."""
 
 
 def transfer_quota(mask_index: torch.BoolTensor, step_index: int, num_steps: int) -> torch.LongTensor:

@@ -32,7 +32,7 @@ class LowConfidenceScheduler(DLMScheduler):
         if cfg_scale < 0:
             raise ValueError(f"cfg_scale={cfg_scale} must be >= 0")
 
-    def _select(self, logits, mask_index, step_index, num_steps, generator):
+    def _select(self, logits, mask_index, step_index, num_steps, generator, context):
         cfg = self.config
         if cfg.temperature > 0:
             u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)

@@ -8,6 +8,7 @@ from diffusers.configuration_utils import register_to_config
 from .base import (
     DLMScheduler,
     SchedulerMixin,  # noqa: F401  (diffusers finds the loadable base class by name in this module)
+    argmax_confidence,
     select_topk,
     transfer_quota,
 )
@@ -27,9 +28,8 @@ class ThresholdScheduler(DLMScheduler):
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold={threshold} must be in [0, 1]")
 
-    def _select(self, logits, mask_index, step_index, num_steps, generator):
-        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        confidence, x0 = probs.max(-1)
+    def _select(self, logits, mask_index, step_index, num_steps, generator, context):
+        x0, confidence = argmax_confidence(logits)
         confidence = confidence.masked_fill(~mask_index, float("-inf"))
         quota = transfer_quota(mask_index, step_index, num_steps).clamp(min=1)
         k = torch.maximum((confidence > self.config.threshold).sum(-1), quota)

@@ -1,0 +1,197 @@
+"""Guided unmasking (Hu et al., FlashDLM, arXiv 2505.21467, Sec. 4): a small autoregressive model
+verifies the diffusion model's drafts, so many tokens can be committed per denoising step.
+
+`ARGuide` wraps any `transformers` causal LM with its own incremental KV cache over the text committed
+so far; `VocabMap` translates DLM token ids into the guide's vocabulary (identity when both use the
+same vocabulary, as Dream and Qwen2.5 do).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+RULES = ("topk_relative", "greedy")
+_SPACE_MARKS = ("Ġ", "▁")  # byte-level BPE and SentencePiece spellings of a leading space
+
+
+def _canonical(token: str) -> str:
+    """A token's text with the tokenizer-specific leading-space mark replaced by a plain space."""
+    for mark in _SPACE_MARKS:
+        if token.startswith(mark):
+            return " " + token[len(mark) :]
+    return token
+
+
+class VocabMap:
+    """DLM token id -> guide token id, or -1 when the guide has no token with the same text.
+
+    Tokens are matched through their strings (with the leading-space marks of byte-level BPE and
+    SentencePiece normalised), so unrelated tokenizers map wherever their vocabularies share a token;
+    special tokens map through their role (EOS to EOS, PAD to PAD). A draft whose token has no match
+    is rejected by the guide, never replaced by a look-alike.
+    """
+
+    def __init__(
+        self,
+        dlm_tokenizer: PreTrainedTokenizerBase,
+        guide_tokenizer: PreTrainedTokenizerBase,
+        dlm_vocab_size: int | None = None,
+    ):
+        size = dlm_vocab_size or len(dlm_tokenizer)
+        self.identity = dlm_tokenizer.get_vocab() == guide_tokenizer.get_vocab()
+        table = torch.full((size,), -1, dtype=torch.long)
+        if self.identity:
+            n = min(size, len(guide_tokenizer))
+            table[:n] = torch.arange(n)
+        else:
+            guide_vocab = {_canonical(tok): i for tok, i in guide_tokenizer.get_vocab().items()}
+            specials = set(dlm_tokenizer.all_special_ids)
+            for tok, i in dlm_tokenizer.get_vocab().items():
+                if i < size and i not in specials and _canonical(tok) in guide_vocab:
+                    table[i] = guide_vocab[_canonical(tok)]
+            for role in ("eos_token_id", "pad_token_id", "bos_token_id"):
+                d, g = getattr(dlm_tokenizer, role), getattr(guide_tokenizer, role)
+                if d is not None and g is not None and d < size:
+                    table[d] = g
+        self.table = table
+        self.fallback_id = guide_tokenizer.eos_token_id if guide_tokenizer.eos_token_id is not None else 0
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of DLM ids with a guide token."""
+        return (self.table >= 0).float().mean().item()
+
+    def __call__(self, ids: torch.LongTensor) -> torch.LongTensor:
+        """Guide ids for DLM ids (any shape); -1 where there is none."""
+        return self.table.to(ids.device)[ids]
+
+
+class ARGuide:
+    """A causal LM that scores DLM drafts left to right, keeping a KV cache of the committed text.
+
+    guide: a model path / hub id, or a loaded `transformers` causal LM (then pass its tokenizer).
+    rule: "topk_relative" (accept a draft in the guide's top-`top_k` with p >= `relative` * p_top1,
+    the FlashDLM default) or "greedy" (accept only the guide's argmax). chunk_size: drafts scored per
+    guide forward (32).
+
+    Per generation: `begin(prompt_ids)` prefills the prompts (in guide ids; rows left-padded), then
+    `verify(tokens, committed)` scores the next tokens of every row and returns how many it accepts.
+    Rows advance independently: rejected entries stay in the KV cache but are masked out, and each
+    row's positions count only its accepted tokens, so no per-row host sync is needed.
+    """
+
+    def __init__(
+        self,
+        guide,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        rule: str = "topk_relative",
+        top_k: int = 2,
+        relative: float = 0.5,
+        chunk_size: int = 32,
+        dtype: torch.dtype | None = None,
+    ):
+        if rule not in RULES:
+            raise ValueError(f"rule={rule!r}: expected one of {RULES}")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be a positive integer")
+        if not 0 <= relative <= 1:
+            raise ValueError(f"relative={relative} must be in [0, 1]")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+        if isinstance(guide, str):
+            from .pipeline import resolve_path
+
+            path = resolve_path(guide)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        else:
+            if tokenizer is None:
+                raise ValueError("a guide given as a model object needs its tokenizer")
+            self.model, self.tokenizer = guide, tokenizer
+        self.model.eval()
+        self.rule, self.top_k, self.relative, self.chunk_size = rule, top_k, relative, chunk_size
+        self.vocab_map: VocabMap | None = None
+
+    def __repr__(self) -> str:
+        name = getattr(self.model.config, "_name_or_path", type(self.model).__name__)
+        return f"ARGuide({name!r}, rule={self.rule!r}, chunk_size={self.chunk_size})"
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def attach(self, dlm_tokenizer: PreTrainedTokenizerBase, dlm_vocab_size: int) -> None:
+        """Build the vocabulary map to the DLM's tokenizer."""
+        self.vocab_map = VocabMap(dlm_tokenizer, self.tokenizer, dlm_vocab_size)
+
+    # ------------------------------------------------------------------ state
+
+    @torch.no_grad()
+    def begin(self, prompt_ids: torch.LongTensor, prompt_mask: torch.BoolTensor) -> None:
+        """Prefill the prompts: guide ids [B, P] (left-padded) and their mask [B, P]."""
+        self.cache = DynamicCache()
+        self.forwards = 1
+        self.mask = prompt_mask.long().to(self.device)
+        self.length = self.mask.sum(-1)  # [B] tokens each row has seen
+        out = self.model(
+            input_ids=prompt_ids.to(self.device),
+            attention_mask=self.mask,
+            position_ids=(self.mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.next_logits = out.logits[:, -1].float()  # [B, V] prediction for the first generated token
+
+    def _accept(self, logits: torch.Tensor, tokens: torch.LongTensor) -> torch.BoolTensor:
+        """The acceptance rule for drafts `tokens` [B, n] under guide logits [B, n, V]."""
+        valid = tokens >= 0
+        safe = tokens.clamp(min=0)
+        if self.rule == "greedy":
+            return valid & (logits.argmax(-1) == safe)
+        probs = logits.softmax(-1)
+        top = probs.topk(self.top_k, dim=-1)
+        in_top = (top.indices == safe[..., None]).any(-1)
+        p = probs.gather(-1, safe[..., None]).squeeze(-1)
+        return valid & in_top & (p >= self.relative * top.values[..., 0])
+
+    @torch.no_grad()
+    def verify(self, tokens: torch.LongTensor, forced: torch.BoolTensor, live: torch.BoolTensor) -> torch.LongTensor:
+        """Score the next `n` tokens of every row and ingest the accepted ones.
+
+        tokens: [B, n] DLM ids following each row's accepted text; forced: [B, n] tokens already
+        committed (accepted without a test); live: [B, n] positions that exist (False past the block).
+        Returns k [B], the length of the accepted prefix; those tokens are now in the guide's cache.
+        """
+        b, n = tokens.shape
+        self.forwards += 1
+        guide_ids = self.vocab_map(tokens)
+        feed = torch.where(guide_ids >= 0, guide_ids, self.vocab_map.fallback_id)
+        positions = self.length[:, None] + torch.arange(n, device=tokens.device)
+        mask = torch.cat([self.mask, live.long()], dim=1)
+        out = self.model(
+            input_ids=feed.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        logits = out.logits.float()
+        # The prediction for token j comes from the output after token j-1 (the pending one for j = 0).
+        before = torch.cat([self.next_logits[:, None], logits[:, :-1]], dim=1)
+        ok = (forced | self._accept(before, guide_ids)) & live
+        k = ok.long().cumprod(-1).sum(-1)  # [B] leading accepted run
+        keep = torch.arange(n, device=tokens.device)[None] < k[:, None]
+        self.mask = torch.cat([self.mask, keep.long()], dim=1)
+        self.length = self.length + k
+        self.next_logits = torch.where(
+            (k > 0)[:, None],
+            logits.gather(1, (k - 1).clamp(min=0)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0],
+            self.next_logits,
+        )
+        # Entries past every row's accepted run are dead for all rows: drop them from the cache.
+        dead = int(n - k.max())
+        if dead:
+            self.cache.crop(-dead)  # a negative count removes that many entries (every transformers version)
+            self.mask = self.mask[:, :-dead]
+        return k

@@ -1,0 +1,99 @@
+"""Guided unmasking (FlashDLM, arXiv 2505.21467): commit the longest prefix of drafts a guide accepts."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import register_to_config
+
+from .base import (
+    DLMScheduler,
+    SchedulerMixin,  # noqa: F401  (diffusers finds the loadable base class by name in this module)
+    StepContext,
+    argmax_confidence,
+    select_topk,
+)
+
+
+class GuidedScheduler(DLMScheduler):
+    """Each step the DLM drafts every masked position of the block (argmax); an `ARGuide` reads the
+    canvas left to right from where it stopped (committed tokens are taken as they are, drafts must
+    pass its acceptance rule) in chunks of `guide.chunk_size`, and every draft of the accepted prefix
+    is committed. A row whose prefix holds no draft commits the DLM's most confident one instead, so
+    each step commits at least one token per row. Decoding therefore runs left to right, many tokens
+    per forward when the guide agrees with the drafts.
+
+    The guide is a runtime object (`set_guide`), not part of the saved configuration.
+    """
+
+    may_finish_early = True
+    stops_at_eos = True
+
+    @register_to_config
+    def __init__(self, max_chunks_per_step: int | None = None):
+        if max_chunks_per_step is not None and max_chunks_per_step < 1:
+            raise ValueError(f"max_chunks_per_step={max_chunks_per_step} must be None or >= 1")
+        self.guide = None
+
+    def set_guide(self, guide, dlm_tokenizer, dlm_vocab_size: int) -> None:
+        self.guide = guide
+        guide.attach(dlm_tokenizer, dlm_vocab_size)
+
+    def begin(self, prompts, chats, x, prompt_len):
+        if self.guide is None:
+            raise ValueError("GuidedScheduler has no guide: pass guide= to DLMPipeline.from_pretrained or set_guide()")
+        guide = self.guide
+        if guide.vocab_map.identity:
+            rows = prompts
+        else:  # the guide reads the same request in its own vocabulary (and chat template)
+            rows = []
+            for chat in chats:
+                if isinstance(chat, str) or not guide.tokenizer.chat_template:
+                    text = chat if isinstance(chat, str) else "\n".join(m["content"] for m in chat)
+                    rows.append(guide.tokenizer(text)["input_ids"])
+                else:
+                    out = guide.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+                    rows.append(list(out["input_ids"] if not isinstance(out, list) else out))
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = True
+        pad = guide.tokenizer.pad_token_id if guide.tokenizer.pad_token_id is not None else guide.vocab_map.fallback_id
+        guide.begin(ids.masked_fill(~mask, pad), mask)
+        self.cursor = torch.full((x.shape[0],), prompt_len, dtype=torch.long, device=x.device)
+        self.accepted_drafts = 0
+
+    @property
+    def stats(self) -> dict:
+        """Per generation: drafts accepted by the guide and guide forwards (prefill included)."""
+        if self.guide is None or not hasattr(self.guide, "forwards"):
+            return {}
+        return {"accepted_drafts": self.accepted_drafts, "guide_forwards": self.guide.forwards}
+
+    def _select(self, logits, mask_index, step_index, num_steps, generator, context: StepContext | None):
+        if context is None:
+            raise ValueError("GuidedScheduler.step needs the step context (it reads the whole canvas)")
+        x0, confidence = argmax_confidence(logits)
+        confidence = confidence.masked_fill(~mask_index, float("-inf"))
+        targets = context.targets
+        drafted = context.x.clone()
+        drafted[:, targets] = torch.where(mask_index, x0, drafted[:, targets])
+        committed = context.x != context.mask_token_id
+        start = self.cursor.clone()
+        chunk = self.guide.chunk_size
+        offsets = torch.arange(chunk, device=drafted.device)
+        for _ in range(self.config.max_chunks_per_step or 1 << 30):
+            pos = self.cursor[:, None] + offsets  # [B, chunk] canvas positions to verify
+            live = pos < context.end
+            pos = pos.clamp(max=drafted.shape[1] - 1)
+            k = self.guide.verify(drafted.gather(1, pos), committed.gather(1, pos), live)
+            self.cursor = self.cursor + k
+            # Rows that accepted a whole chunk with more of the block left go on (one sync per chunk).
+            if not ((k == chunk) & (self.cursor < context.end)).any():
+                break
+        in_prefix = (targets[None] >= start[:, None]) & (targets[None] < self.cursor[:, None]) & mask_index
+        self.accepted_drafts += int(in_prefix.sum())
+        stuck = ~in_prefix.any(-1)
+        fallback = select_topk(confidence, stuck.long())
+        return x0, confidence, in_prefix | fallback

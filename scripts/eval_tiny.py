@@ -1,0 +1,67 @@
+"""Accuracy and speed of the bundled tiny model on held-out problems, for several decoding configs.
+
+    python scripts/eval_tiny.py --n 500 --configs none,prefix,dual,freecache,dual+threshold=0.9
+
+Every config decodes the same problems (the first N of `tinytask.test_problems`) with the same
+schedule; the table gives accuracy, tokens/s, model forwards per answer token and the speedup over
+`none`. Writes JSON (with every completion) when --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from dlmcache import DLMPipeline, tinytask
+from dlmcache.run_config import RunConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dlmcache/tiny")
+    ap.add_argument("--configs", default="none,prefix,dual,freecache")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=None, help="default: max-new-tokens (one token per step)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    pipe = DLMPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    default_scheduler = pipe.scheduler
+    problems = tinytask.test_problems(args.n)
+    gen = dict(max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps)
+    results = {}
+    for text in args.configs.split(","):
+        cfg = RunConfig.parse(text)
+        cfg.apply(pipe, default_scheduler)
+        results[text] = tinytask.evaluate(pipe, problems, batch_size=args.batch_size, **gen)
+        r = results[text]
+        print(
+            f"{text:40s} acc {r['accuracy']:.3f}  tok/s {r['tokens_per_second']:8.1f}  "
+            f"fwd/token {r['forwards_per_token']:.3f}",
+            flush=True,
+        )
+    base = results.get("none")
+    print("\n| config | accuracy | tokens/s | forwards / answer token | speedup vs none |")
+    print("|---|---|---|---|---|")
+    for text, r in results.items():
+        speedup = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
+        print(
+            f"| {text} | {100 * r['accuracy']:.1f}% | {r['tokens_per_second']:.0f} | "
+            f"{r['forwards_per_token']:.3f} | {speedup} |"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
