@@ -23,6 +23,16 @@ def _value(text: str):
     return {"none": None, "true": True, "false": False}.get(text.lower(), text)
 
 
+def _options(text: str, opts: str) -> dict:
+    out = {}
+    for item in filter(None, opts.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ValueError(f"config {text!r}: option {item!r} is not k=v")
+        out[k] = _value(v)
+    return out
+
+
 @dataclass
 class RunConfig:
     """One decoding configuration: a cache with options and optionally a scheduler override."""
@@ -31,6 +41,8 @@ class RunConfig:
     cache: str = "none"
     cache_options: dict = field(default_factory=dict)
     threshold: float | None = None
+    guide: str | None = None
+    guide_options: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> RunConfig:
@@ -40,24 +52,33 @@ class RunConfig:
             key, _, val = head.partition("=")
             if key in CACHES and not val:
                 cfg.cache = key
-                for item in filter(None, opts.split(",")):
-                    k, eq, v = item.partition("=")
-                    if not eq:
-                        raise ValueError(f"config {text!r}: cache option {item!r} is not k=v")
-                    cfg.cache_options[k] = _value(v)
+                cfg.cache_options = _options(text, opts)
             elif key == "threshold" and val:
                 cfg.threshold = float(val)
+            elif key == "guide" and val and not opts:
+                cfg.guide = val
+            elif key == "guide" and not val and opts:
+                cfg.guide_options = _options(text, opts)
+                cfg.guide = cfg.guide_options.pop("path", None)
+                if cfg.guide is None:
+                    raise ValueError(f"config {text!r}: guide options need path=...")
             else:
                 raise ValueError(
                     f"config {text!r}: unknown part {part!r} (expected a cache {sorted(CACHES)}, "
-                    "'CACHE:k=v,...' or 'threshold=T')"
+                    "'CACHE:k=v,...', 'threshold=T', 'guide=PATH' or 'guide:path=PATH,k=v,...')"
                 )
         return cfg
 
     def scheduler(self, default: DLMScheduler) -> DLMScheduler:
         return default if self.threshold is None else ThresholdScheduler(threshold=self.threshold)
 
-    def apply(self, pipe, default_scheduler: DLMScheduler) -> None:
-        """Set the pipeline's cache and scheduler for this configuration."""
+    def apply(self, pipe, default_scheduler: DLMScheduler, load_guide=None) -> None:
+        """Set the pipeline's cache and scheduler (or guide) for this configuration. `load_guide(name,
+        options)` may turn special guide names into `ARGuide`s (scripts use it for cached loading)."""
         pipe.set_cache(self.cache, **self.cache_options)
-        pipe.scheduler = self.scheduler(default_scheduler)
+        if self.guide is None:
+            pipe.scheduler = self.scheduler(default_scheduler)
+        elif load_guide is not None:
+            pipe.set_guide(load_guide(self.guide, self.guide_options))
+        else:
+            pipe.set_guide(self.guide, **self.guide_options)

@@ -190,7 +190,8 @@ def messages(problem: Problem | str) -> list[dict]:
 def evaluate(pipe, problems: list[Problem], batch_size: int = 50, **generate_kwargs) -> dict:
     """Accuracy and speed of `pipe` on `problems` (greedy unless the kwargs say otherwise).
 
-    Returns accuracy, tokens_per_second (generated tokens, EOS fill included, over decoding time),
+    Returns accuracy, tokens_per_second (answer tokens, i.e. before the first EOS, per second of
+    decoding; the EOS fill a diffusion LM also denoises is not counted),
     forwards_per_token (model forwards each row went through, per token of its answer before EOS)
     and the per-problem completions.
     """
@@ -215,7 +216,8 @@ def evaluate(pipe, problems: list[Problem], batch_size: int = 50, **generate_kwa
     return {
         "accuracy": correct / len(problems),
         "n": len(problems),
-        "tokens_per_second": generated / seconds,
+        "tokens_per_second": answer_tokens / seconds,
+        "canvas_tokens_per_second": generated / seconds,
         "seconds": seconds,
         "forwards": forwards,
         "forwards_per_token": row_forwards / max(answer_tokens, 1),

@@ -1,10 +1,11 @@
 """Accuracy and speed of the bundled tiny model on held-out problems, for several decoding configs.
 
     python scripts/eval_tiny.py --n 500 --configs none,prefix,dual,freecache,dual+threshold=0.9
+    python scripts/eval_tiny.py --configs none,freecache,freecache+guide=dlmcache/tiny-guide
 
 Every config decodes the same problems (the first N of `tinytask.test_problems`) with the same
-schedule; the table gives accuracy, tokens/s, model forwards per answer token and the speedup over
-`none`. Writes JSON (with every completion) when --out is given.
+schedule; the table gives accuracy, answer tokens/s (tokens before EOS, per second of decoding), DLM forwards
+per answer token and the speedup over `none`. Writes JSON (with every completion) when --out is given.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from offline_models import load_guide
 
 from dlmcache import DLMPipeline, tinytask
 from dlmcache.run_config import RunConfig
@@ -38,10 +40,17 @@ def main() -> None:
     default_scheduler = pipe.scheduler
     problems = tinytask.test_problems(args.n)
     gen = dict(max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps)
-    results = {}
+    results, guides = {}, {}
+
+    def cached_guide(name, options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in guides:
+            guides[key] = load_guide(name, options)
+        return guides[key]
+
     for text in args.configs.split(","):
         cfg = RunConfig.parse(text)
-        cfg.apply(pipe, default_scheduler)
+        cfg.apply(pipe, default_scheduler, load_guide=cached_guide)
         results[text] = tinytask.evaluate(pipe, problems, batch_size=args.batch_size, **gen)
         r = results[text]
         print(

@@ -1,0 +1,109 @@
+"""Group-wise asymmetric KV quantization with packed storage, in plain torch (the kernels' reference).
+
+KIVI (Liu et al., arXiv 2402.02750): keys are quantized per channel (each channel over groups of G
+consecutive tokens, since key outliers live in fixed channels) and values per token (each token over
+groups of G channels). Min-max quantization: scale = (max - min) / (2^bits - 1), zero = min,
+q = clamp(floor((x - zero) / scale + 1/2), 0, 2^bits - 1), x' = q * scale + zero; so |x - x'| <= scale / 2
+(plus the rounding of scale and zero to `scale_dtype`). Codes are packed along the head dimension:
+8 // bits codes per byte, code j of a byte in bits [j*bits, (j+1)*bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+AXES = ("channel", "token")
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes [B, H, L, D * bits / 8] (uint8) with scale and zero per group:
+    [B, H, L / G, D] for axis="channel", [B, H, L, D / G] for axis="token"."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    axis: str
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        b, h, length, packed = self.data.shape
+        return b, h, length, packed * 8 // self.bits
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
+
+
+def check_quantize_args(x: torch.Tensor, bits: int, group_size: int, axis: str) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits={bits}: expected one of {BITS}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size}: expected one of {GROUP_SIZES}")
+    if axis not in AXES:
+        raise ValueError(f"axis={axis!r}: expected one of {AXES}")
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating [B, H, L, D] tensor, got {x.dtype} {tuple(x.shape)}")
+    length, d = x.shape[2], x.shape[3]
+    if d % (8 // bits):
+        raise ValueError(f"head dim {d} is not a multiple of {8 // bits} codes per byte")
+    grouped = length if axis == "channel" else d
+    if grouped % group_size:
+        what = "sequence length" if axis == "channel" else "head dim"
+        raise ValueError(f"{what} {grouped} is not a multiple of group_size={group_size} (axis={axis!r})")
+
+
+def quantize_kv(
+    x: torch.Tensor, bits: int = 4, group_size: int = 32, axis: str = "token", scale_dtype: torch.dtype = torch.float16
+) -> QuantizedTensor:
+    """Quantize x [B, H, L, D]; axis="channel" for keys (KIVI), "token" for values."""
+    check_quantize_args(x, bits, group_size, axis)
+    b, h, length, d = x.shape
+    levels = 2**bits - 1
+    xf = x.float()
+    if axis == "token":
+        grouped = xf.view(b, h, length, d // group_size, group_size)
+        lo, hi = grouped.amin(-1), grouped.amax(-1)
+    else:
+        grouped = xf.view(b, h, length // group_size, group_size, d)
+        lo, hi = grouped.amin(3), grouped.amax(3)
+    scale = ((hi - lo) / levels).to(scale_dtype)
+    zero = lo.to(scale_dtype)
+    s, z = _expand(scale.float(), zero.float(), axis, group_size)
+    codes = torch.floor((xf - z) / torch.where(s > 0, s, 1.0) + 0.5).clamp(0, levels).to(torch.uint8)
+    return QuantizedTensor(pack(codes, bits), scale, zero, bits, group_size, axis, x.dtype)
+
+
+def dequantize_kv(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dequantized tensor [B, H, L, D] (in the original dtype unless `dtype` is given)."""
+    codes = unpack(qt.data, qt.bits).float()
+    s, z = _expand(qt.scale.float(), qt.zero.float(), qt.axis, qt.group_size)
+    return (codes * s + z).to(dtype or qt.dtype)
+
+
+def _expand(scale, zero, axis, group_size):
+    dim = 2 if axis == "channel" else 3
+    return scale.repeat_interleave(group_size, dim), zero.repeat_interleave(group_size, dim)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., D] -> bytes [..., D * bits / 8]."""
+    per = 8 // bits
+    c = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per).to(torch.int32)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
+    """bytes [..., P] -> uint8 codes [..., P * 8 / bits]."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=data.device, dtype=torch.int32) * bits
+    codes = (data.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)
+    return codes.reshape(*data.shape[:-1], data.shape[-1] * per).to(torch.uint8)

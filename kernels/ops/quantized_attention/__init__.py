@@ -1,0 +1,32 @@
+"""quantized_attention: attention reading packed int2/int4/int8 K/V, plus a full-precision recent window."""
+
+from __future__ import annotations
+
+from ..backend import use_triton
+from ..quantize.reference import QuantizedTensor
+from .reference import quantized_attention as quantized_attention_reference
+
+
+def quantized_attention(
+    q,
+    k_q: QuantizedTensor,
+    v_q: QuantizedTensor,
+    k_res=None,
+    v_res=None,
+    *,
+    kv_len=None,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+):
+    """Attention of q [B, Hq, Lq, D] over [dequant(k_q); k_res] / [dequant(v_q); v_res]: quantized
+    K/V [B, Hkv, Lz, D] (any axis, bits, group) and the most recent R tokens unquantized [B, Hkv, R, D].
+    On CUDA the codes are dequantized in registers inside the attention loop (no dequantized copy)."""
+    if use_triton(backend, q):
+        from .triton import quantized_attention as quantized_attention_triton
+
+        return quantized_attention_triton(q, k_q, v_q, k_res, v_res, kv_len=kv_len, causal=causal, scale=scale)
+    return quantized_attention_reference(q, k_q, v_q, k_res, v_res, kv_len=kv_len, causal=causal, scale=scale)
+
+
+__all__ = ["quantized_attention", "quantized_attention_reference"]
