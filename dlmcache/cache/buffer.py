@@ -35,7 +35,7 @@ class KVBuffer:
             raise ValueError(f"bad window: start={start}, end={end}, attend_end={attend_end}, length={self.length}")
         self.full = start == 0 and end == self.length
         self.start, self.end, self.attend_end = start, end, attend_end
-        self._mask = None if self.key_mask is None else self.key_mask[:, None, None, :attend_end]
+        self._mask = None if self.key_mask is None else self.key_mask[:, :attend_end]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         self.k[layer_idx][:, :, self.start : self.end] = k

@@ -13,8 +13,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .layers import (
+    AttentionInputs,
     DLMModelMixin,
-    KVStore,
     RMSNorm,
     apply_rope,
     attend,
@@ -94,11 +94,11 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * head_dim, d, bias=False)
 
-    def forward(self, h, cos, sin, key_mask, cache: KVStore | None):
-        q = apply_rope(split_heads(self.q_proj(h), self.n_heads), cos, sin)
-        k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), cos, sin)
+    def forward(self, h, inputs: AttentionInputs):
+        q = apply_rope(split_heads(self.q_proj(h), self.n_heads), inputs.cos, inputs.sin)
+        k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), inputs.cos, inputs.sin)
         v = split_heads(self.v_proj(h), self.n_kv_heads)
-        return self.o_proj(merge_heads(attend(q, k, v, self.layer_idx, key_mask, cache)))
+        return self.o_proj(merge_heads(attend(q, k, v, self.layer_idx, inputs)))
 
 
 class DreamMLP(nn.Module):
@@ -120,8 +120,8 @@ class DreamDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DreamMLP(config)
 
-    def forward(self, x, cos, sin, key_mask, cache: KVStore | None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache)
+    def forward(self, x, inputs: AttentionInputs):
+        x = x + self.self_attn(self.input_layernorm(x), inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

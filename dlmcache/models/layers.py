@@ -57,8 +57,8 @@ class KVStore(Protocol):
     """What attention needs from a KV cache (implemented in `dlmcache.cache`).
 
     `update` stores the freshly computed keys/values of the fed tokens (already rotated) for layer
-    `layer_idx` and returns the keys/values every fed query must attend to, plus a boolean mask
-    broadcastable to [B, H, n_q, L_k] (True = attend).
+    `layer_idx` and returns the keys/values every fed query must attend to, plus their key mask
+    [B, L_k] (True = attend; None = all).
     """
 
     def update(
@@ -66,23 +66,37 @@ class KVStore(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layer_idx: int,
-    key_mask: torch.Tensor | None,
-    cache: KVStore | None,
-) -> torch.Tensor:
+ATTENTION_BACKENDS = ("auto", "sdpa", "kernels")
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs besides its own projections: RoPE tables [B, 1, n, D],
+    the key mask of the fed tokens [B, n] (used without a cache), the cache, and the backend:
+    "sdpa" (torch), "kernels" (`kernels.ops.attention`: Triton on CUDA) or "auto" (kernels on CUDA,
+    SDPA elsewhere)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_mask: torch.Tensor | None
+    cache: KVStore | None
+    backend: str = "auto"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, inputs: AttentionInputs):
     """Bidirectional attention of q [B, Hq, n, D] over k/v [B, Hkv, n, D] (or the cache's view).
 
-    Without a cache the fed tokens attend to each other under `key_mask` [B, n] (False = padding).
     GQA: Hq must be a multiple of Hkv; keys are shared by consecutive query heads.
     """
-    if cache is not None:
-        k, v, mask = cache.update(layer_idx, k, v)
+    if inputs.cache is not None:
+        k, v, key_mask = inputs.cache.update(layer_idx, k, v)
     else:
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        key_mask = inputs.key_mask
+    if inputs.backend == "kernels" or (inputs.backend == "auto" and q.is_cuda):
+        from kernels.ops import attention
+
+        return attention(q, k, v, key_mask=key_mask, backend="triton")
+    mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -126,6 +140,13 @@ class DLMModelMixin:
     """
 
     logit_shift: int = 0
+    attention_backend: str = "auto"
+
+    def set_attention_backend(self, backend: str) -> None:
+        """ "auto" (Triton kernels on CUDA, torch SDPA elsewhere), "sdpa" or "kernels"."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: expected one of {ATTENTION_BACKENDS}")
+        self.attention_backend = backend
 
     def _stack(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module, nn.Linear]:
         raise NotImplementedError
@@ -155,8 +176,9 @@ class DLMModelMixin:
             positions = default_positions(input_ids, attention_mask)
         x = embed(input_ids)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+        inputs = AttentionInputs(cos, sin, key_mask, cache, self.attention_backend)
         for layer in layers:
-            x = layer(x, cos, sin, key_mask, cache)
+            x = layer(x, inputs)
         x = norm(x)
         if logits_index is None:
             logits = lm_head(x)

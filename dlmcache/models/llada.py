@@ -13,8 +13,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .layers import (
+    AttentionInputs,
     DLMModelMixin,
-    KVStore,
     RMSNorm,
     apply_rope,
     attend,
@@ -115,12 +115,12 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x, cos, sin, key_mask, cache: KVStore | None):
+    def forward(self, x, inputs: AttentionInputs):
         h = self.attn_norm(x)
-        q = apply_rope(split_heads(self.q_proj(h), self.n_heads), cos, sin)
-        k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), cos, sin)
+        q = apply_rope(split_heads(self.q_proj(h), self.n_heads), inputs.cos, inputs.sin)
+        k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), inputs.cos, inputs.sin)
         v = split_heads(self.v_proj(h), self.n_kv_heads)
-        x = x + self.attn_out(merge_heads(attend(q, k, v, self.layer_idx, key_mask, cache)))
+        x = x + self.attn_out(merge_heads(attend(q, k, v, self.layer_idx, inputs)))
         return x + swiglu(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
 
 
