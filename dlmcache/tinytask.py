@@ -1,15 +1,19 @@
-"""The task the bundled tiny models solve: arithmetic word problems with worked solutions.
+"""The task the bundled tiny models solve: arithmetic chains with worked solutions.
 
-A problem is a short story of 2-4 operations (add, remove, buy groups of items, multiply) on one
-quantity; the solution writes every intermediate computation and ends with "The answer is N.":
+A problem is a chain of 2-4 operations on one running value (add, subtract, add a product, multiply
+everything so far), written as an expression; the solution writes every intermediate computation in
+order and ends with "The answer is N.":
 
-    Q: Mia has 23 pens. She buys 4 packs of 7 pens. She gives 15 pens to Sam. How many pens does
-       Mia have now?
-    A: 4*7=28. 23+28=51. 51-15=36. The answer is 36.
+    Q: Compute (45-34)*3+5*17.
+    A: 45-34=11. 11*3=33. 5*17=85. 33+85=118. The answer is 118.
 
 Solutions are 19-63 tokens with the bundled tokenizer (one token per digit), so decoding takes many
 denoising steps, and the final number makes accuracy checkable. Chains of carries and products keep
 a few-MB model well below a perfect score, so acceleration that costs accuracy shows up.
+
+(A story-problem wording of the same chains was tried first: a 5M-parameter masked-diffusion model had
+not learned to locate the operands in the story after 48k training problems, so the expression form
+is used; the arithmetic is the same.)
 """
 
 from __future__ import annotations
@@ -17,61 +21,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-
-NAMES = [
-    "Mia",
-    "Sam",
-    "Ana",
-    "Leo",
-    "Ivy",
-    "Tom",
-    "Zoe",
-    "Max",
-    "Eva",
-    "Ben",
-    "Lily",
-    "Omar",
-    "Nina",
-    "Raj",
-    "Kim",
-    "Paul",
-    "Sara",
-    "Yuki",
-    "Liam",
-    "Noah",
-    "Emma",
-    "Finn",
-    "Rosa",
-    "Hugo",
-]
-PRONOUN = {
-    "Mia": "She",
-    "Ana": "She",
-    "Ivy": "She",
-    "Zoe": "She",
-    "Eva": "She",
-    "Lily": "She",
-    "Nina": "She",
-    "Kim": "She",
-    "Sara": "She",
-    "Yuki": "She",
-    "Emma": "She",
-    "Rosa": "She",
-}
-ITEMS = [
-    ("apple", "bags"),
-    ("pen", "packs"),
-    ("coin", "jars"),
-    ("card", "decks"),
-    ("egg", "cartons"),
-    ("book", "boxes"),
-    ("shell", "buckets"),
-    ("stamp", "albums"),
-    ("marble", "bags"),
-    ("cookie", "tins"),
-    ("sticker", "sheets"),
-    ("candle", "crates"),
-]
 
 
 @dataclass(frozen=True)
@@ -81,34 +30,29 @@ class Problem:
     answer: int
 
 
-def _op_add(rng, value, name, pron, item, group):
+def _op_add(rng, value, expr):
     b = rng.randint(2, 99)
-    verb = rng.choice(["buys", "finds", "gets", "wins"])
-    return value + b, f"{pron} {verb} {b} more {item}s.", [f"{value}+{b}={value + b}"]
+    return value + b, f"{expr}+{b}", [f"{value}+{b}={value + b}"]
 
 
-def _op_sub(rng, value, name, pron, item, group):
+def _op_sub(rng, value, expr):
     if value < 3:
         return None
     b = rng.randint(2, min(value, 99))
-    friend = rng.choice([n for n in NAMES if n != name])
-    verb = rng.choice([f"gives {b} {item}s to {friend}", f"loses {b} {item}s", f"sells {b} {item}s"])
-    return value - b, f"{pron} {verb}.", [f"{value}-{b}={value - b}"]
+    return value - b, f"{expr}-{b}", [f"{value}-{b}={value - b}"]
 
 
-def _op_groups(rng, value, name, pron, item, group):
+def _op_groups(rng, value, expr):
     k, m = rng.randint(2, 9), rng.randint(2, 19)
-    verb = rng.choice(["buys", "gets", "receives"])
-    sentence = f"{pron} {verb} {k} {group} with {m} {item}s each."
-    return value + k * m, sentence, [f"{k}*{m}={k * m}", f"{value}+{k * m}={value + k * m}"]
+    return value + k * m, f"{expr}+{k}*{m}", [f"{k}*{m}={k * m}", f"{value}+{k * m}={value + k * m}"]
 
 
-def _op_times(rng, value, name, pron, item, group):
+def _op_times(rng, value, expr):
     if value > 250:
         return None
     k = rng.randint(2, 4)
-    word = {2: "doubles", 3: "triples", 4: "quadruples"}[k]
-    return value * k, f"{pron} {word} the {item}s.", [f"{value}*{k}={value * k}"]
+    wrapped = expr if expr.isdigit() else f"({expr})"
+    return value * k, f"{wrapped}*{k}", [f"{value}*{k}={value * k}"]
 
 
 OPERATIONS = [_op_add, _op_sub, _op_groups, _op_times]
@@ -128,23 +72,20 @@ def make_problem(rng: random.Random) -> Problem:
 
 
 def _draw_problem(rng: random.Random) -> Problem:
-    name = rng.choice(NAMES)
-    pron = PRONOUN.get(name, "He")
-    item, group = rng.choice(ITEMS)
     value = rng.randint(5, 99)
-    sentences = [f"{name} has {value} {item}s."]
+    expr = str(value)
     steps: list[str] = []
     n_ops = rng.randint(2, 4)
-    while len(sentences) - 1 < n_ops and len(steps) < MAX_COMPUTATIONS:
-        result = rng.choice(OPERATIONS)(rng, value, name, pron, item, group)
+    done = 0
+    while done < n_ops and len(steps) < MAX_COMPUTATIONS:
+        result = rng.choice(OPERATIONS)(rng, value, expr)
         if result is None or not 0 <= result[0] <= 999 or len(steps) + len(result[2]) > MAX_COMPUTATIONS:
             continue
-        value, sentence, computations = result
-        sentences.append(sentence)
+        value, expr, computations = result
         steps.extend(computations)
-    question = " ".join(sentences) + f" How many {item}s does {name} have now?"
+        done += 1
     solution = " ".join(f"{s}." for s in steps) + f" The answer is {value}."
-    return Problem(question=question, solution=solution, answer=value)
+    return Problem(question=f"Compute {expr}.", solution=solution, answer=value)
 
 
 def make_problems(n: int, seed: int, exclude: set[str] | None = None) -> list[Problem]:

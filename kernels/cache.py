@@ -1,0 +1,328 @@
+"""CompressedCache: a transformers `Cache` (v5 layers API) that evicts and/or quantizes KV.
+
+    cache = CompressedCache(policy=KNorm(), budget=0.25)                  # key-only policies
+    cache = CompressedCache(policy=SnapKV(), budget=0.25, model=model)    # policies that read queries
+    model.generate(**inputs, past_key_values=cache)
+
+At prefill every layer stores its full K/V and attends over them; then the layer is compressed: the
+policy scores the tokens and only `budget` of them are kept (compact, so memory really shrinks), and /
+or a quantizer stores them in packed low-bit form. Decoding appends to the compressed cache; with
+`compress_every=N` the layer is re-compressed to its budget every N tokens. Positions keep counting
+from the original length (RoPE is applied before caching), and the attention mask is sized to what is
+stored.
+
+Policies that read the queries or hidden states need the model attached (`model=` or `attach`): the
+cache then registers an attention implementation ("dlmcache_sdpa" / "dlmcache_eager") that runs the
+model's own attention, hands the queries to the cache after the prefill, and builds each layer's mask
+from what that layer stores (so layers may keep different numbers of tokens). Nothing is patched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+import weakref
+from collections.abc import Callable
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
+
+from .policies.base import EvictionPolicy, ScoreInputs
+from .policies.budget import BudgetAllocator, Uniform
+from .policies.quant import QuantizationPolicy
+
+_ACTIVE: contextvars.ContextVar[CompressedCache | None] = contextvars.ContextVar("dlmcache_active_cache", default=None)
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's storage: kept keys/values [B, H, S, D] (or a quantized store), the number of
+    positions seen, and which stored entries are real tokens."""
+
+    is_sliding = False
+
+    def __init__(self, owner: CompressedCache, layer_idx: int):
+        super().__init__()
+        self.owner = weakref.proxy(owner)
+        self.layer_idx = layer_idx
+        self.seen = 0
+        self.valid: torch.Tensor | None = None  # [B, S] stored entry is a real token
+        self.pending = False  # prefill stored in full, waiting for the queries
+        self.returned_stored = False  # the last update returned what is stored (not the full prefill)
+        self.since_compress = 0
+        self.store = None  # a QuantizedStore when a quantizer is set
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    # -- what transformers asks -------------------------------------------------------------------
+    @property
+    def stored(self) -> int:
+        if self.store is not None:
+            return self.store.length
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored + query_length, self.seen - self.stored
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        _ACTIVE.set(self.owner)
+        b, _, n, _ = key_states.shape
+        new_valid = torch.ones(b, n, dtype=torch.bool, device=key_states.device)
+        if self.seen == 0:
+            self.returned_stored = False
+            self.keys, self.values = key_states, value_states
+            self.valid = self.owner.prompt_mask(b, n, key_states.device)
+            self.seen = n
+            if self.owner.needs_model:
+                if self.owner._detach is None:
+                    raise ValueError(
+                        f"{type(self.owner.policy).__name__} reads the queries / hidden states: build the cache with "
+                        "CompressedCache(..., model=model) or call cache.attach(model)"
+                    )
+                self.pending = True  # compressed after this layer's attention, with its queries
+            else:
+                self.owner.compress(self)
+            return key_states, value_states
+        self.seen += n
+        self.returned_stored = True
+        self.valid = torch.cat([self.valid, new_valid], 1)
+        if self.store is not None:
+            self.store.append(key_states, value_states)
+            keys, values = self.store.read()
+        else:
+            self.keys = torch.cat([self.keys, key_states], 2)
+            self.values = torch.cat([self.values, value_states], 2)
+            keys, values = self.keys, self.values
+        self.since_compress += n
+        every = self.owner.compress_every
+        if every and self.since_compress >= every and not self.owner.needs_model:
+            self.owner.compress(self)
+        return keys, values
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = self.store = None
+        self.seen, self.pending, self.since_compress = 0, False, 0
+        self.is_initialized = False
+
+    @property
+    def nbytes(self) -> int:
+        if self.store is not None:
+            return self.store.nbytes
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+
+class CompressedCache(Cache):
+    """A transformers cache that keeps `budget` of each layer's prefill tokens, chosen by `policy`,
+    and / or stores them with `quantizer`.
+
+    policy: an `EvictionPolicy` (None: keep everything, e.g. quantization only). budget: fraction
+    *kept* in (0, 1] or a token count, split over layers by `allocator` (uniform by default).
+    quantizer: a `QuantizationPolicy` (KIVI, ...) applied to what is kept. compress_every: re-compress
+    during decoding every N tokens (to the same budget of everything seen). model: needed by
+    policies that read queries / hidden states, by per-layer budgets and by padded batches.
+    """
+
+    def __init__(
+        self,
+        policy: EvictionPolicy | None = None,
+        budget: float | int = 1.0,
+        allocator: BudgetAllocator | None = None,
+        quantizer: QuantizationPolicy | None = None,
+        compress_every: int | None = None,
+        model=None,
+        attention_mask: torch.Tensor | None = None,
+    ):
+        if policy is not None and not isinstance(policy, EvictionPolicy):
+            raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
+        if compress_every is not None and (not isinstance(compress_every, int) or compress_every < 1):
+            raise ValueError(f"compress_every={compress_every!r} must be None or a positive integer")
+        super().__init__(layers=[])
+        self.policy, self.budget, self.quantizer = policy, budget, quantizer
+        self.allocator = allocator or Uniform()
+        self.compress_every = compress_every
+        self.attention_mask = attention_mask
+        self.num_layers: int | None = None
+        self.hidden: dict[int, torch.Tensor] = {}
+        self._detach: Callable[[], None] | None = None
+        self.allocator.validate(budget)
+        self.needs_model = bool(policy and policy.needs & {"queries", "all_queries", "hidden"})
+        if model is not None:
+            self.attach(model)
+
+    # -- transformers Cache interface ---------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(CompressedLayer(self, len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0):
+        if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
+            query_length = query_length.shape[0]
+        if layer_idx >= len(self.layers):
+            return query_length, 0
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's K/V (codes, scales and residual included for quantized layers)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def stored_tokens(self) -> list[int]:
+        return [layer.stored for layer in self.layers]
+
+    # -- compression --------------------------------------------------------------------------------
+    def prompt_mask(self, batch: int, length: int, device) -> torch.Tensor:
+        if self.attention_mask is not None:
+            mask = self.attention_mask.to(device=device, dtype=torch.bool)
+            if mask.shape == (batch, length):
+                return mask
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+
+    def layer_budget(self, layer: CompressedLayer) -> int:
+        num_layers = self.num_layers or max(len(self.layers), layer.layer_idx + 1)
+        return self.allocator.layer_budget(self.budget, layer.seen, layer.layer_idx, num_layers)
+
+    def compress(self, layer: CompressedLayer, queries: torch.Tensor | None = None, scale: float | None = None) -> None:
+        """Evict (and quantize) `layer` down to its budget."""
+        layer.pending, layer.since_compress = False, 0
+        if self.policy is not None:
+            keys, values = layer.store.read() if layer.store is not None else (layer.keys, layer.values)
+            keep = self.layer_budget(layer)
+            if keep < keys.shape[2]:
+                inputs = ScoreInputs(
+                    keys=keys,
+                    values=values,
+                    layer_idx=layer.layer_idx,
+                    num_layers=self.num_layers or 1,
+                    queries=queries,
+                    hidden=self.hidden.pop(layer.layer_idx, None),
+                    key_mask=layer.valid,
+                    scale=scale,
+                )
+                if not bool(layer.valid.all()) and not self.needs_model and self._detach is None:
+                    raise ValueError("a padded batch needs the model attached: CompressedCache(..., model=model)")
+                index = self.policy.select(inputs, keep)  # [B, H, keep]
+                from .ops import gather_kv
+
+                keys, values = gather_kv(keys, values, index)
+                layer.valid = _gather_valid(layer.valid, index)
+                layer.keys, layer.values = keys.contiguous(), values.contiguous()
+                layer.store = None
+        if self.quantizer is not None:
+            keys, values = layer.store.read() if layer.store is not None else (layer.keys, layer.values)
+            layer.store = self.quantizer.store(keys, values)
+            layer.keys = layer.values = None
+
+    # -- attaching a model ----------------------------------------------------------------------------
+    def attach(self, model) -> CompressedCache:
+        """Route the model's attention through this cache's hooks (queries for scoring, per-layer
+        masks); returns self, usable as a context manager that detaches on exit."""
+        if self._detach is not None:
+            return self
+        base = model.config._attn_implementation or "sdpa"
+        if base.startswith("dlmcache_"):
+            base = base[len("dlmcache_") :]
+        name = _register_attention(base)
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+        handles = []
+        if self.policy is not None and "hidden" in self.policy.needs:
+            owner = weakref.ref(self)
+            for module in model.modules():
+                if hasattr(module, "layer_idx") and hasattr(module, "q_proj"):
+                    handles.append(module.register_forward_pre_hook(_capture_hidden(owner), with_kwargs=True))
+        model.set_attn_implementation(name)
+
+        def detach():
+            model.set_attn_implementation(base)
+            for h in handles:
+                h.remove()
+            self._detach = None
+
+        self._detach = detach
+        return self
+
+    def detach(self) -> None:
+        if self._detach is not None:
+            self._detach()
+
+    def __enter__(self) -> CompressedCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def _gather_valid(valid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Which kept entries are real tokens: [B, keep] (the mask of head 0: all heads keep padding last)."""
+    return valid.gather(1, index[:, 0])
+
+
+def _capture_hidden(owner_ref):
+    def hook(module, args, kwargs):
+        cache = owner_ref()
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if cache is not None and hidden is not None and hidden.shape[1] > 1:
+            cache.hidden[module.layer_idx] = hidden.detach()
+
+    return hook
+
+
+def _layer_mask(layer: CompressedLayer, q_len: int, device) -> torch.Tensor:
+    """[B, 1, q, S] for a compressed layer: stored entries by validity, new tokens causal."""
+    stored = layer.valid.shape[1]  # includes the q_len new tokens already appended
+    past = layer.valid[:, None, None, : stored - q_len].expand(-1, 1, q_len, -1)
+    new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+    new = new[None, None].expand(layer.valid.shape[0], 1, -1, -1) & layer.valid[:, None, None, stored - q_len :]
+    return torch.cat([past, new], dim=-1)
+
+
+def _register_attention(base: str) -> str:
+    """Register "dlmcache_<base>" (attention + mask interfaces) once; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base not in ("sdpa", "eager"):
+        raise ValueError(f"CompressedCache supports models running 'sdpa' or 'eager' attention, not {base!r}")
+    name = f"dlmcache_{base}"
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        cache = _ACTIVE.get()
+        layer = None
+        if cache is not None and module.layer_idx < len(cache.layers):
+            layer = cache.layers[module.layer_idx]
+        if layer is not None and layer.returned_stored:
+            attention_mask = _layer_mask(layer, query.shape[2], query.device)
+            if base == "eager":
+                attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                    ~attention_mask, torch.finfo(query.dtype).min
+                )
+        if base == "sdpa":
+            fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            fn = sys.modules[type(module).__module__].eager_attention_forward
+        out = fn(module, query, key, value, attention_mask, **kwargs)
+        if layer is not None and layer.pending:
+            window = None if "all_queries" in cache.policy.needs else getattr(cache.policy, "window", 64) or 64
+            q = query if window is None else query[:, :, -window:]
+            cache.compress(layer, queries=q.detach(), scale=kwargs.get("scaling"))
+        return out
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name

@@ -1,0 +1,35 @@
+"""KV compression policies: eviction scorers, budget allocators, quantizers, and a registry of all."""
+
+from .base import EvictionPolicy, ScoreInputs, resolve_budget
+from .budget import BudgetAllocator, Pyramid, Uniform
+from .eviction import H2O, TOVA, KNorm, RandomEviction, SnapKV, StreamingLLM
+from .quant import KIVI, QuantizationPolicy
+
+REGISTRY = {cls.name: cls for cls in (StreamingLLM, KNorm, RandomEviction, SnapKV, H2O, TOVA, Uniform, Pyramid, KIVI)}
+
+
+def get_policy(name: str, **kwargs):
+    """A policy from the registry by name."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown policy {name!r}: expected one of {sorted(REGISTRY)}")
+    return REGISTRY[name](**kwargs)
+
+
+__all__ = [
+    "H2O",
+    "KIVI",
+    "REGISTRY",
+    "TOVA",
+    "BudgetAllocator",
+    "EvictionPolicy",
+    "KNorm",
+    "Pyramid",
+    "QuantizationPolicy",
+    "RandomEviction",
+    "ScoreInputs",
+    "SnapKV",
+    "StreamingLLM",
+    "Uniform",
+    "get_policy",
+    "resolve_budget",
+]

@@ -1,0 +1,136 @@
+"""The policy API shared by autoregressive LMs, the DLM caches and the VLM module.
+
+An eviction policy scores every cached token of one layer ([B, H_kv, L], higher = keep) from whatever
+it needs; the base class turns scores into kept indices once (top-k per row and head, padding never
+kept, the observation window always kept). Budget allocators split a total budget over layers;
+quantization policies decide how the kept tokens are stored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class ScoreInputs:
+    """What a layer offers a policy at compression time.
+
+    keys / values: [B, H_kv, L, D] (keys after RoPE); queries: [B, H_q, W, D] the last W queries of the
+    prefill (after RoPE), when the model is attached; hidden: [B, L, d] the attention input (after the
+    layer norm), when a policy needs it; key_mask: [B, L] True for real tokens; token_ids: [B, L];
+    layer_idx / num_layers; scale: the attention scale (1/sqrt(D) by default); extra: anything a
+    caller adds for a specific policy (e.g. the screenshot spans of GUI-KV).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    layer_idx: int = 0
+    num_layers: int = 1
+    queries: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    scale: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+    def window_attention(self, window: int | None = None) -> torch.Tensor:
+        """Softmax attention of the last `window` queries over all keys, [B, H_kv, G, W, L] in float32
+        (G query heads per KV head), causal inside the window and without padded keys."""
+        if self.queries is None:
+            raise ValueError("this policy needs the queries: attach the model (CompressedCache(..., model=model))")
+        q = self.queries if window is None else self.queries[:, :, -window:]
+        b, hq, w, d = q.shape
+        g = hq // self.heads
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
+        qf = q.float().view(b, self.heads, g, w, d)
+        scores = torch.einsum("bhgwd,bhld->bhgwl", qf, self.keys.float()) * scale
+        pos = torch.arange(self.length, device=q.device)
+        qpos = self.length - w + torch.arange(w, device=q.device)
+        valid = pos[None, :] <= qpos[:, None]  # [W, L]
+        if self.key_mask is not None:
+            valid = valid & self.key_mask[:, None, None, None, :]
+        scores = scores.masked_fill(~valid, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+class EvictionPolicy:
+    """Base of the eviction scorers (each a small dataclass). Subclasses implement `score` and set
+    `needs` to the inputs they read: "queries" (the last `window` queries), "all_queries" (every
+    prefill query), "hidden", "token_ids"."""
+
+    name: ClassVar[str] = "base"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: The last `window` tokens are always kept (SnapKV's observation window); 0 = none.
+    window: int = 0
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        """[B, H_kv, L] importance of every cached token (higher = keep)."""
+        raise NotImplementedError
+
+    def select(self, inputs: ScoreInputs, keep: int) -> torch.LongTensor:
+        """Sorted indices [B, H_kv, keep] of the tokens to keep: the `window` most recent ones, then
+        the best scores; padding (key_mask False) goes last."""
+        length = inputs.length
+        if keep >= length:
+            return torch.arange(length, device=inputs.keys.device).expand(inputs.batch, inputs.heads, length)
+        scores = self.score(inputs).to(torch.float32, copy=True)
+        window = min(self.window, keep)
+        if window:
+            scores[..., length - window :] = float("inf")
+        if inputs.key_mask is not None:
+            scores = scores.masked_fill(~inputs.key_mask[:, None, :], float("-inf"))
+        return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+def pool1d(x: torch.Tensor, kernel: int, mode: str = "avg", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Same-length 1-D pooling over the last dim (odd kernel), as SnapKV smooths its scores. Positions
+    where `mask` (broadcastable to x) is False take no part, so padding does not dilute real tokens."""
+    if kernel <= 1:
+        return x
+    shape = x.shape
+    m = torch.ones_like(x) if mask is None else mask.to(x.dtype).expand_as(x)
+    flat, mflat = (x * m).reshape(-1, 1, shape[-1]), m.reshape(-1, 1, shape[-1])
+    if mode == "max":
+        filled = flat.masked_fill(mflat == 0, float("-inf"))
+        out = torch.nn.functional.max_pool1d(filled, kernel, stride=1, padding=kernel // 2)
+        out = out.masked_fill(out == float("-inf"), 0.0)
+    else:
+        total = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+        count = torch.nn.functional.avg_pool1d(mflat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+        out = total / count.clamp_min(1e-9)
+    return out.reshape(shape)
+
+
+def check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def resolve_budget(budget: float | int, length: int) -> int:
+    """Tokens kept out of `length`: a float in (0, 1] is the fraction *kept*; an int is a count."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget={budget!r} must be a fraction kept in (0, 1] or a token count >= 1")
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget={budget} as a fraction kept must be in (0, 1]")
+        return max(1, math.floor(length * budget))
+    if budget < 1:
+        raise ValueError(f"budget={budget} as a token count must be >= 1")
+    return min(budget, length)

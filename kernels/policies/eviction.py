@@ -1,0 +1,112 @@
+"""Eviction scorers: `score(inputs) -> [B, H_kv, L]`, higher = keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import EvictionPolicy, ScoreInputs, check_positive, pool1d
+
+
+@dataclass
+class StreamingLLM(EvictionPolicy):
+    """Attention sinks + a recent window (Xiao et al., "Efficient Streaming Language Models with
+    Attention Sinks", arXiv 2309.17453): keep the first `n_sink` tokens and the most recent ones."""
+
+    n_sink: int = 4
+    name = "streaming_llm"
+
+    def __post_init__(self):
+        check_positive("n_sink", self.n_sink, allow_zero=True)
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        pos = torch.arange(inputs.length, device=inputs.keys.device, dtype=torch.float32)
+        if inputs.key_mask is not None:  # count sinks from each row's first real token
+            first = (~inputs.key_mask).sum(-1, keepdim=True)
+            rel = pos[None] - first
+        else:
+            rel = pos[None].expand(inputs.batch, -1)
+        score = torch.where(rel < self.n_sink, float(inputs.length) + 1, rel)
+        return score[:, None].expand(-1, inputs.heads, -1)
+
+
+@dataclass
+class KNorm(EvictionPolicy):
+    """Keep the keys with the *lowest* L2 norm (Devoto et al., "A Simple and Effective L2 Norm-Based
+    Strategy for KV Cache Compression", arXiv 2406.11430)."""
+
+    name = "knorm"
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        return -inputs.keys.float().norm(dim=-1)
+
+
+@dataclass
+class RandomEviction(EvictionPolicy):
+    """Uniformly random scores: the baseline every scorer must beat."""
+
+    seed: int = 0
+    name = "random"
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        g = torch.Generator(device="cpu").manual_seed(self.seed + inputs.layer_idx)
+        return torch.rand(inputs.keys.shape[:3], generator=g).to(inputs.keys.device)
+
+
+@dataclass
+class SnapKV(EvictionPolicy):
+    """Attention of an observation window (Li et al., "SnapKV: LLM Knows What You are Looking for
+    Before Generation", arXiv 2404.14469): the last `window` queries' attention summed over them,
+    averaged over each KV head's query group, smoothed by `pooling` with `kernel`; the window is kept."""
+
+    window: int = 64
+    kernel: int = 5
+    pooling: str = "avg"
+    name = "snapkv"
+    needs = frozenset({"queries"})
+
+    def __post_init__(self):
+        check_positive("window", self.window)
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel={self.kernel} must be an odd integer >= 1")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling={self.pooling!r}: expected 'avg' or 'max'")
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        attn = inputs.window_attention(self.window)  # [B, H, G, W, L]
+        mask = None if inputs.key_mask is None else inputs.key_mask[:, None, :]
+        return pool1d(attn.sum(3).mean(2), self.kernel, self.pooling, mask)
+
+
+@dataclass
+class H2O(EvictionPolicy):
+    """Heavy hitters (Zhang et al., "H2O: Heavy-Hitter Oracle", arXiv 2306.14048): attention accumulated
+    over every prefill query, averaged over each KV head's query group, plus the `window` most recent
+    tokens (0 by default, as NVIDIA kvpress's observed-attention press)."""
+
+    window: int = 0
+    name = "h2o"
+    needs = frozenset({"all_queries"})
+
+    def __post_init__(self):
+        check_positive("window", self.window, allow_zero=True)
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        attn = inputs.window_attention(None)  # [B, H, G, L, L]
+        return attn.mean(3).mean(2)
+
+
+@dataclass
+class TOVA(EvictionPolicy):
+    """Token omission via attention (Oren et al., "Transformers are Multi-State RNNs", arXiv
+    2401.06104): the last query's attention averaged over all heads of the layer; one ranking shared
+    by every head. The last token itself is kept."""
+
+    window: int = 1
+    name = "tova"
+    needs = frozenset({"queries"})
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        attn = inputs.window_attention(1)[..., -1, :]  # [B, H, G, L]
+        return attn.mean((1, 2))[:, None].expand(-1, inputs.heads, -1)

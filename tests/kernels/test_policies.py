@@ -1,0 +1,226 @@
+"""KV policies against their rules written out by hand, and CompressedCache inside `generate`."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kernels.cache import CompressedCache
+from kernels.policies import (
+    H2O,
+    KIVI,
+    REGISTRY,
+    TOVA,
+    EvictionPolicy,
+    KNorm,
+    Pyramid,
+    RandomEviction,
+    ScoreInputs,
+    SnapKV,
+    StreamingLLM,
+    Uniform,
+    get_policy,
+    resolve_budget,
+)
+
+
+def inputs(b=2, h=2, g=2, length=12, d=8, w=4, seed=0, key_mask=None):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, h, length, d, generator=gen)
+    values = torch.randn(b, h, length, d, generator=gen)
+    queries = torch.randn(b, h * g, w, d, generator=gen)
+    return ScoreInputs(keys=keys, values=values, queries=queries, key_mask=key_mask)
+
+
+def reference_window_attention(inp, w):
+    """softmax(q k^T / sqrt(d)) of the last w queries, causal (query i at position L - w + i)."""
+    b, hq, _, d = inp.queries.shape
+    h, length = inp.heads, inp.length
+    q = inp.queries[:, :, -w:]
+    k = inp.keys.repeat_interleave(hq // h, dim=1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(d)
+    for i in range(w):
+        s[:, :, i, length - w + i + 1 :] = float("-inf")
+    return s.softmax(-1)  # [B, Hq, w, L]
+
+
+def test_streaming_llm_keeps_sinks_and_recent():
+    inp = inputs()
+    kept = StreamingLLM(n_sink=2).select(inp, 6)
+    assert kept[0, 0].tolist() == [0, 1, 8, 9, 10, 11]
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :3] = False  # row 1 is left-padded: its sinks are positions 3 and 4
+    kept = StreamingLLM(n_sink=2).select(inputs(key_mask=mask), 6)
+    assert kept[1, 1].tolist() == [3, 4, 8, 9, 10, 11]
+
+
+def test_knorm_keeps_lowest_norms():
+    inp = inputs()
+    kept = KNorm().select(inp, 5)
+    want = inp.keys.norm(dim=-1).topk(5, largest=False).indices.sort().values
+    assert torch.equal(kept, want)
+
+
+def test_snapkv_rule():
+    inp = inputs(w=4)
+    pol = SnapKV(window=4, kernel=3)
+    attn = reference_window_attention(inp, 4).sum(2)  # [B, Hq, L]
+    attn = attn.view(2, 2, 2, 12).mean(2)
+    pooled = F.avg_pool1d(attn.reshape(-1, 1, 12), 3, 1, 1, count_include_pad=False).reshape(2, 2, 12)
+    torch.testing.assert_close(pol.score(inp), pooled, rtol=1e-5, atol=1e-6)
+    kept = pol.select(inp, 7)
+    assert (kept[..., -4:] == torch.arange(8, 12)).all()  # the observation window
+    rest = pooled[..., :8].topk(3).indices.sort().values
+    assert torch.equal(kept[..., :3], rest)
+
+
+def test_h2o_rule():
+    inp = inputs(w=12)  # every prefill query
+    want = reference_window_attention(inp, 12).mean(2).view(2, 2, 2, 12).mean(2)
+    torch.testing.assert_close(H2O().score(inp), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tova_rule():
+    inp = inputs()
+    last = reference_window_attention(inp, 1)[:, :, 0].mean(1)  # [B, L], averaged over all query heads
+    score = TOVA().score(inp)
+    torch.testing.assert_close(score[:, 0], last, rtol=1e-5, atol=1e-6)
+    assert torch.equal(score[:, 0], score[:, 1])  # one ranking for all heads
+    assert (TOVA().select(inp, 3)[..., -1] == 11).all()
+
+
+def test_padding_is_evicted_first():
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :5] = False
+    kept = KNorm().select(inputs(key_mask=mask), 7)
+    assert (kept[0] >= 5).all()
+
+
+def test_pyramid_budgets():
+    pyr = Pyramid(beta=20, window=8)
+    budgets = [pyr.layer_budget(64, 1000, layer, 4) for layer in range(4)]
+    lo, hi = (64 - 8) / 20, 2 * (64 - 8) - (64 - 8) / 20
+    assert budgets == [round(hi - i * (hi - lo) / 3 + 8) for i in range(4)]
+    assert abs(sum(budgets) / 4 - 64) <= 1 and budgets == sorted(budgets, reverse=True)
+    assert Uniform().layer_budget(0.25, 100, 3, 4) == 25
+
+
+def test_budget_validation():
+    assert resolve_budget(0.5, 11) == 5 and resolve_budget(3, 11) == 3 and resolve_budget(30, 11) == 11
+    for bad in (0.0, 1.5, 0, -2, "half", True):
+        with pytest.raises(ValueError, match="budget"):
+            resolve_budget(bad, 10)
+    with pytest.raises(ValueError, match="budget"):
+        CompressedCache(KNorm(), budget=0.0)
+    with pytest.raises(TypeError, match="EvictionPolicy"):
+        CompressedCache(policy="knorm")
+    with pytest.raises(ValueError, match="unknown policy 'foo'"):
+        get_policy("foo")
+    with pytest.raises(ValueError, match="kernel=4"):
+        SnapKV(kernel=4)
+
+
+def test_kivi_store_round_trip():
+    keys, values = torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64)
+    store = KIVI(bits=4, group_size=32, residual=16).store(keys, values)
+    # 100 tokens: 64 quantized in two groups of 32, the newest 36 kept in full precision.
+    assert store.length == 100 and store.k_res.shape[2] == 36
+    k, v = store.read()
+    assert torch.equal(k[:, :, 64:], keys[:, :, 64:]) and torch.equal(v[:, :, 64:], values[:, :, 64:])
+    assert (k[:, :, :64] - keys[:, :, :64]).abs().max() < 0.5 and (v - values).abs().max() < 0.5
+    assert store.nbytes < 0.6 * 2 * keys.numel() * keys.element_size()
+    store.append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+    assert store.length == 101
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=200,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+EVICTION = {name: cls for name, cls in REGISTRY.items() if isinstance(cls, type) and issubclass(cls, EvictionPolicy)}
+
+
+@pytest.mark.parametrize("name", sorted(EVICTION))
+def test_every_policy_keeps_its_budget_in_generate(name):
+    model = tiny_llama()
+    ids = torch.randint(1, 200, (2, 64))
+    policy = get_policy(name)
+    cache = CompressedCache(policy=policy, budget=0.25, model=model)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    cache.detach()
+    assert out.shape == (2, 68)
+    # 16 kept per layer after prefill, then 3 generated tokens written (the 4th is never fed back).
+    assert cache.stored_tokens() == [16 + 3] * 3
+    full_bytes = 3 * 2 * (2 * 2 * 67 * 32 * 4)
+    assert cache.nbytes < 0.35 * full_bytes
+
+
+def test_full_budget_is_exact_and_compression_changes_little():
+    model = tiny_llama()
+    ids = torch.randint(1, 200, (2, 64))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)
+        full = CompressedCache(policy=SnapKV(window=8), budget=1.0, model=model)
+        got = model.generate(ids, past_key_values=full, max_new_tokens=6, do_sample=False)
+        full.detach()
+    assert torch.equal(got, want)
+
+
+def test_padded_batch_equals_rows_alone():
+    model = tiny_llama()
+    short, long_ = torch.randint(1, 200, (1, 40)), torch.randint(1, 200, (1, 64))
+    batch = torch.cat([torch.cat([torch.zeros(1, 24, dtype=torch.long), short], 1), long_])
+    mask = torch.ones_like(batch)
+    mask[0, :24] = 0
+    kw = dict(max_new_tokens=5, do_sample=False)
+    cache = CompressedCache(policy=SnapKV(window=8), budget=20, model=model, attention_mask=mask)
+    out = model.generate(batch, attention_mask=mask, past_key_values=cache, **kw)
+    cache.detach()
+    for row, ids in ((0, short), (1, long_)):
+        alone = CompressedCache(policy=SnapKV(window=8), budget=20, model=model)
+        want = model.generate(ids, past_key_values=alone, **kw)
+        alone.detach()
+        assert torch.equal(out[row, -5:], want[0, -5:]), row
+
+
+def test_query_policies_need_the_model():
+    model = tiny_llama()
+    ids = torch.randint(1, 200, (1, 32))
+    with pytest.raises(ValueError, match="queries"):
+        model.generate(ids, past_key_values=CompressedCache(policy=SnapKV(), budget=0.5), max_new_tokens=2)
+
+
+def test_quantized_cache_generates_close_to_full():
+    model = tiny_llama()
+    ids = torch.randint(1, 200, (1, 96))
+    cache = CompressedCache(quantizer=KIVI(bits=8, group_size=32, residual=32))
+    with torch.no_grad():
+        logits_q = model(ids, past_key_values=cache).logits
+        step_q = model(torch.tensor([[5]]), past_key_values=cache).logits
+        plain = model(torch.cat([ids, torch.tensor([[5]])], 1)).logits
+    torch.testing.assert_close(logits_q, plain[:, :96], rtol=1e-5, atol=1e-5)  # prefill attends in full
+    assert (step_q[0, -1] - plain[0, -1]).abs().max() < 0.05  # int8 KV after prefill
+    # 3 layers x (K, V) x 2 heads x 97 tokens x 32 dims in float32, against 64 tokens int8 (+ fp16 scales)
+    # and a 33-token float32 residual: 0.66 * 0.28 + 0.34 = 0.53 of it.
+    full = 3 * 2 * 2 * 97 * 32 * 4
+    assert 0.5 * full < cache.nbytes < 0.55 * full
+
+
+def test_random_policy_is_seeded():
+    inp = inputs()
+    assert torch.equal(RandomEviction(seed=3).select(inp, 5), RandomEviction(seed=3).select(inp, 5))
