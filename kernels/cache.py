@@ -116,9 +116,15 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
+        return self.nbytes_as(None)
+
+    def nbytes_as(self, element_bytes: int | None) -> int:
+        """Bytes held, counting full-precision entries at `element_bytes` each (None: their dtype's)."""
         if self.store is not None:
-            return self.store.nbytes
-        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+            return self.store.nbytes_as(element_bytes)
+        if self.keys is None:
+            return 0
+        return 2 * self.keys.numel() * (element_bytes or self.keys.element_size())
 
 
 class CompressedCache(Cache):
@@ -130,6 +136,8 @@ class CompressedCache(Cache):
     quantizer: a `QuantizationPolicy` (KIVI, ...) applied to what is kept. compress_every: re-compress
     during decoding every N tokens (to the same budget of everything seen). model: needed by
     policies that read queries / hidden states, by per-layer budgets and by padded batches.
+    capture_queries: keep every layer's prefill queries in `queries` (to compress the same prefill
+    with other policies through `load_prefill`).
     """
 
     def __init__(
@@ -141,6 +149,7 @@ class CompressedCache(Cache):
         compress_every: int | None = None,
         model=None,
         attention_mask: torch.Tensor | None = None,
+        capture_queries: bool = False,
     ):
         if policy is not None and not isinstance(policy, EvictionPolicy):
             raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
@@ -153,9 +162,11 @@ class CompressedCache(Cache):
         self.attention_mask = attention_mask
         self.num_layers: int | None = None
         self.hidden: dict[int, torch.Tensor] = {}
+        self.capture_queries = capture_queries
+        self.queries: dict[int, torch.Tensor] = {}  # prefill queries per layer, when capture_queries
         self._detach: Callable[[], None] | None = None
         self.allocator.validate(budget)
-        self.needs_model = bool(policy and policy.needs & {"queries", "all_queries", "hidden"})
+        self.needs_model = capture_queries or bool(policy and policy.needs & {"queries", "all_queries", "hidden"})
         if model is not None:
             self.attach(model)
 
@@ -180,6 +191,10 @@ class CompressedCache(Cache):
         """Bytes held by the cache's K/V (codes, scales and residual included for quantized layers)."""
         return sum(layer.nbytes for layer in self.layers)
 
+    def nbytes_as(self, element_bytes: int) -> int:
+        """`nbytes` with full-precision entries counted at `element_bytes` (2: as a 16-bit cache would)."""
+        return sum(layer.nbytes_as(element_bytes) for layer in self.layers)
+
     def stored_tokens(self) -> list[int]:
         return [layer.stored for layer in self.layers]
 
@@ -195,9 +210,40 @@ class CompressedCache(Cache):
         num_layers = self.num_layers or max(len(self.layers), layer.layer_idx + 1)
         return self.allocator.layer_budget(self.budget, layer.seen, layer.layer_idx, num_layers)
 
+    def load_prefill(
+        self,
+        layer_idx: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries=None,
+        hidden=None,
+        key_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> None:
+        """Fill layer `layer_idx` as a prefill of keys / values [B, H, L, D] would, then compress it;
+        `queries` [B, Hq, L, D] (and `hidden` [B, L, d]) for policies that read them. Lets one prefill
+        be compressed by many policies, or a frozen prompt (DLM, VLM) be compressed after the fact."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(CompressedLayer(self, len(self.layers)))
+        layer = self.layers[layer_idx]
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values, layer.seen = keys, values, keys.shape[2]
+        layer.valid = (
+            key_mask.bool() if key_mask is not None else self.prompt_mask(keys.shape[0], keys.shape[2], keys.device)
+        )
+        if hidden is not None:
+            self.hidden[layer_idx] = hidden
+        self.compress(layer, queries=queries, scale=scale)
+        layer.returned_stored = True
+
     def compress(self, layer: CompressedLayer, queries: torch.Tensor | None = None, scale: float | None = None) -> None:
-        """Evict (and quantize) `layer` down to its budget."""
+        """Evict (and quantize) `layer` down to its budget; `queries`: the prefill's queries (the
+        policy reads the last `query_window` of them)."""
         layer.pending, layer.since_compress = False, 0
+        if self.capture_queries and queries is not None:
+            self.queries[layer.layer_idx] = queries
+        if self.policy is not None and queries is not None and self.policy.query_window is not None:
+            queries = queries[:, :, -self.policy.query_window :]
         if self.policy is not None:
             keys, values = layer.store.read() if layer.store is not None else (layer.keys, layer.values)
             keep = self.layer_budget(layer)
@@ -318,9 +364,7 @@ def _register_attention(base: str) -> str:
             fn = sys.modules[type(module).__module__].eager_attention_forward
         out = fn(module, query, key, value, attention_mask, **kwargs)
         if layer is not None and layer.pending:
-            window = None if "all_queries" in cache.policy.needs else getattr(cache.policy, "window", 64) or 64
-            q = query if window is None else query[:, :, -window:]
-            cache.compress(layer, queries=q.detach(), scale=kwargs.get("scaling"))
+            cache.compress(layer, queries=query.detach(), scale=kwargs.get("scaling"))
         return out
 
     AttentionInterface.register(name, attention)

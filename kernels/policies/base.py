@@ -83,6 +83,11 @@ class EvictionPolicy:
         """[B, H_kv, L] importance of every cached token (higher = keep)."""
         raise NotImplementedError
 
+    @property
+    def query_window(self) -> int | None:
+        """How many of the last prefill queries `score` reads (None: all of them)."""
+        return None if "all_queries" in self.needs else max(self.window, 1)
+
     def select(self, inputs: ScoreInputs, keep: int) -> torch.LongTensor:
         """Sorted indices [B, H_kv, keep] of the tokens to keep: the `window` most recent ones, then
         the best scores; padding (key_mask False) goes last."""

@@ -36,8 +36,12 @@ class KIVIStore:
 
     @property
     def nbytes(self) -> int:
+        return self.nbytes_as(None)
+
+    def nbytes_as(self, element_bytes: int | None) -> int:
+        """Codes and scales as stored; the residual at `element_bytes` per entry (None: its dtype's)."""
         parts = sum(p.nbytes for p in self.k_parts + self.v_parts)
-        return parts + 2 * self.k_res.numel() * self.k_res.element_size()
+        return parts + 2 * self.k_res.numel() * (element_bytes or self.k_res.element_size())
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         p = self.policy
