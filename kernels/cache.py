@@ -46,7 +46,7 @@ class CompressedLayer(CacheLayerMixin):
         self.owner = weakref.proxy(owner)
         self.layer_idx = layer_idx
         self.seen = 0
-        self.valid: torch.Tensor | None = None  # [B, S] stored entry is a real token
+        self.valid: torch.Tensor | None = None  # [B, H, S] stored entry is a real token (per KV head)
         self.pending = False  # prefill stored in full, waiting for the queries
         self.returned_stored = False  # the last update returned what is stored (not the full prefill)
         self.since_compress = 0
@@ -76,12 +76,12 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         _ACTIVE.set(self.owner)
-        b, _, n, _ = key_states.shape
-        new_valid = torch.ones(b, n, dtype=torch.bool, device=key_states.device)
+        b, h, n, _ = key_states.shape
+        new_valid = torch.ones(b, h, n, dtype=torch.bool, device=key_states.device)
         if self.seen == 0:
             self.returned_stored = False
             self.keys, self.values = key_states, value_states
-            self.valid = self.owner.prompt_mask(b, n, key_states.device)
+            self.valid = self.owner.prompt_mask(b, n, key_states.device)[:, None].expand(-1, h, -1)
             self.seen = n
             if self.owner.needs_model:
                 if self.owner._detach is None:
@@ -95,7 +95,7 @@ class CompressedLayer(CacheLayerMixin):
             return key_states, value_states
         self.seen += n
         self.returned_stored = True
-        self.valid = torch.cat([self.valid, new_valid], 1)
+        self.valid = torch.cat([self.valid, new_valid], 2)
         if self.store is not None:
             self.store.append(key_states, value_states)
             keys, values = self.store.read()
@@ -228,9 +228,8 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values, layer.seen = keys, values, keys.shape[2]
-        layer.valid = (
-            key_mask.bool() if key_mask is not None else self.prompt_mask(keys.shape[0], keys.shape[2], keys.device)
-        )
+        mask = key_mask.bool() if key_mask is not None else self.prompt_mask(keys.shape[0], keys.shape[2], keys.device)
+        layer.valid = mask if mask.dim() == 3 else mask[:, None].expand(-1, keys.shape[1], -1)
         if hidden is not None:
             self.hidden[layer_idx] = hidden
         self.compress(layer, queries=queries, scale=scale)
@@ -260,11 +259,11 @@ class CompressedCache(Cache):
                 )
                 if not bool(layer.valid.all()) and not self.needs_model and self._detach is None:
                     raise ValueError("a padded batch needs the model attached: CompressedCache(..., model=model)")
-                index = self.policy.select(inputs, keep)  # [B, H, keep]
+                index, kept = self.policy.select_ragged(inputs, keep)  # [B, H, K]: per-head selections
                 from .ops import gather_kv
 
                 keys, values = gather_kv(keys, values, index)
-                layer.valid = _gather_valid(layer.valid, index)
+                layer.valid = layer.valid.gather(2, index) & kept
                 layer.keys, layer.values = keys.contiguous(), values.contiguous()
                 layer.store = None
         if self.quantizer is not None:
@@ -311,11 +310,6 @@ class CompressedCache(Cache):
         self.detach()
 
 
-def _gather_valid(valid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Which kept entries are real tokens: [B, keep] (the mask of head 0: all heads keep padding last)."""
-    return valid.gather(1, index[:, 0])
-
-
 def _capture_hidden(owner_ref):
     def hook(module, args, kwargs):
         cache = owner_ref()
@@ -326,13 +320,14 @@ def _capture_hidden(owner_ref):
     return hook
 
 
-def _layer_mask(layer: CompressedLayer, q_len: int, device) -> torch.Tensor:
-    """[B, 1, q, S] for a compressed layer: stored entries by validity, new tokens causal."""
-    stored = layer.valid.shape[1]  # includes the q_len new tokens already appended
-    past = layer.valid[:, None, None, : stored - q_len].expand(-1, 1, q_len, -1)
-    new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
-    new = new[None, None].expand(layer.valid.shape[0], 1, -1, -1) & layer.valid[:, None, None, stored - q_len :]
-    return torch.cat([past, new], dim=-1)
+def _layer_mask(layer: CompressedLayer, q_len: int, query_heads: int) -> torch.Tensor:
+    """[B, Hq, q, S] for a compressed layer: stored entries by their per-head validity, the q new
+    tokens causally; each KV head's mask is shared by its query heads."""
+    valid = layer.valid  # [B, H, S], the q new tokens already appended
+    stored = valid.shape[2]
+    causal = torch.ones(q_len, stored, dtype=torch.bool, device=valid.device).tril(stored - q_len)
+    mask = valid[:, :, None, :] & causal
+    return mask.repeat_interleave(query_heads // valid.shape[1], dim=1)
 
 
 def _register_attention(base: str) -> str:
@@ -353,7 +348,7 @@ def _register_attention(base: str) -> str:
         if cache is not None and module.layer_idx < len(cache.layers):
             layer = cache.layers[module.layer_idx]
         if layer is not None and layer.returned_stored:
-            attention_mask = _layer_mask(layer, query.shape[2], query.device)
+            attention_mask = _layer_mask(layer, query.shape[2], query.shape[1])
             if base == "eager":
                 attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                     ~attention_mask, torch.finfo(query.dtype).min

@@ -3,6 +3,7 @@
 from .base import EvictionPolicy, ScoreInputs, resolve_budget
 from .budget import BudgetAllocator, Pyramid, Uniform
 from .eviction import H2O, TOVA, KNorm, RandomEviction, SnapKV, StreamingLLM
+from .heads import AdaKV, DuoAttention, HeadKV, ragged_topk
 from .quant import KIVI, QuantizationPolicy
 
 REGISTRY = {cls.name: cls for cls in (StreamingLLM, KNorm, RandomEviction, SnapKV, H2O, TOVA, Uniform, Pyramid, KIVI)}
@@ -16,6 +17,10 @@ def get_policy(name: str, **kwargs):
 
 
 __all__ = [
+    "AdaKV",
+    "DuoAttention",
+    "HeadKV",
+    "ragged_topk",
     "H2O",
     "KIVI",
     "REGISTRY",

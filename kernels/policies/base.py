@@ -21,7 +21,8 @@ class ScoreInputs:
 
     keys / values: [B, H_kv, L, D] (keys after RoPE); queries: [B, H_q, W, D] the last W queries of the
     prefill (after RoPE), when the model is attached; hidden: [B, L, d] the attention input (after the
-    layer norm), when a policy needs it; key_mask: [B, L] True for real tokens; token_ids: [B, L];
+    layer norm), when a policy needs it; key_mask: [B, L] or [B, H_kv, L], True for real tokens;
+    token_ids: [B, L];
     layer_idx / num_layers; scale: the attention scale (1/sqrt(D) by default); extra: anything a
     caller adds for a specific policy (e.g. the screenshot spans of GUI-KV).
     """
@@ -49,6 +50,13 @@ class ScoreInputs:
     def length(self) -> int:
         return self.keys.shape[2]
 
+    @property
+    def head_mask(self) -> torch.Tensor | None:
+        """key_mask as [B, H_kv, L] (None when every entry is real)."""
+        if self.key_mask is None:
+            return None
+        return self.key_mask if self.key_mask.dim() == 3 else self.key_mask[:, None].expand(-1, self.heads, -1)
+
     def window_attention(self, window: int | None = None) -> torch.Tensor:
         """Softmax attention of the last `window` queries over all keys, [B, H_kv, G, W, L] in float32
         (G query heads per KV head), causal inside the window and without padded keys."""
@@ -64,7 +72,7 @@ class ScoreInputs:
         qpos = self.length - w + torch.arange(w, device=q.device)
         valid = pos[None, :] <= qpos[:, None]  # [W, L]
         if self.key_mask is not None:
-            valid = valid & self.key_mask[:, None, None, None, :]
+            valid = valid & self.head_mask[:, :, None, None, :]
         scores = scores.masked_fill(~valid, float("-inf"))
         return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
@@ -99,8 +107,15 @@ class EvictionPolicy:
         if window:
             scores[..., length - window :] = float("inf")
         if inputs.key_mask is not None:
-            scores = scores.masked_fill(~inputs.key_mask[:, None, :], float("-inf"))
+            scores = scores.masked_fill(~inputs.head_mask, float("-inf"))
         return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+    def select_ragged(self, inputs: ScoreInputs, keep: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Per-head selections of different sizes: (indices [B, H, K_max], which of them are kept
+        [B, H, K_max]); K_max may exceed `keep` while the heads' total stays H * keep. Uniform
+        policies keep `keep` per head."""
+        index = self.select(inputs, keep)
+        return index, torch.ones_like(index, dtype=torch.bool)
 
 
 def pool1d(x: torch.Tensor, kernel: int, mode: str = "avg", mask: torch.Tensor | None = None) -> torch.Tensor:

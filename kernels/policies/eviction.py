@@ -22,13 +22,10 @@ class StreamingLLM(EvictionPolicy):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         pos = torch.arange(inputs.length, device=inputs.keys.device, dtype=torch.float32)
-        if inputs.key_mask is not None:  # count sinks from each row's first real token
-            first = (~inputs.key_mask).sum(-1, keepdim=True)
-            rel = pos[None] - first
-        else:
-            rel = pos[None].expand(inputs.batch, -1)
-        score = torch.where(rel < self.n_sink, float(inputs.length) + 1, rel)
-        return score[:, None].expand(-1, inputs.heads, -1)
+        rel = pos.expand(inputs.batch, inputs.heads, -1)
+        if inputs.key_mask is not None:  # count sinks from each row's first real token (left padding)
+            rel = rel - (~inputs.head_mask).sum(-1, keepdim=True)
+        return torch.where(rel < self.n_sink, float(inputs.length) + 1, rel)
 
 
 @dataclass
@@ -75,7 +72,7 @@ class SnapKV(EvictionPolicy):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         attn = inputs.window_attention(self.window)  # [B, H, G, W, L]
-        mask = None if inputs.key_mask is None else inputs.key_mask[:, None, :]
+        mask = inputs.head_mask
         return pool1d(attn.sum(3).mean(2), self.kernel, self.pooling, mask)
 
 

@@ -13,7 +13,10 @@ from kernels.policies import (
     KIVI,
     REGISTRY,
     TOVA,
+    AdaKV,
+    DuoAttention,
     EvictionPolicy,
+    HeadKV,
     KNorm,
     Pyramid,
     RandomEviction,
@@ -22,6 +25,7 @@ from kernels.policies import (
     StreamingLLM,
     Uniform,
     get_policy,
+    ragged_topk,
     resolve_budget,
 )
 
@@ -224,3 +228,97 @@ def test_quantized_cache_generates_close_to_full():
 def test_random_policy_is_seeded():
     inp = inputs()
     assert torch.equal(RandomEviction(seed=3).select(inp, 5), RandomEviction(seed=3).select(inp, 5))
+
+
+def test_ragged_topk():
+    scores = torch.tensor([[[0.1, 0.9, 0.5, 0.7], [0.4, 0.3, 0.2, 0.1]]])
+    index, kept = ragged_topk(scores, torch.tensor([[3, 1]]))
+    assert index.tolist() == [[[1, 2, 3], [0, 0, 0]]]
+    assert kept.tolist() == [[[True, True, True], [True, False, False]]]
+
+
+def test_adakv_spends_the_layer_budget_across_heads():
+    inp = inputs(h=4, g=1, length=40, w=8, seed=3)
+    ada = AdaKV(scorer=SnapKV(window=4), safeguard=0.25)
+    index, kept = ada.select_ragged(inp, 10)
+    counts = kept.sum(-1)
+    assert (counts.sum(-1) == 4 * 10).all()  # the layer keeps H * keep in total
+    assert (counts >= 2).all()  # each head at least safeguard * keep
+    for b in range(2):
+        for h in range(4):  # the window (last 4 tokens) is kept in every head
+            assert set(range(36, 40)) <= set(index[b, h][kept[b, h]].tolist())
+
+
+def test_headkv_budgets_follow_head_scores():
+    inp = inputs(h=2, g=1, length=60, w=8)
+    pol = HeadKV(head_scores=torch.tensor([[3.0, 1.0]]), beta=2.0, scorer=SnapKV(window=4))
+    _, kept = pol.select_ragged(inp, 20)
+    # (20 - 10) + s_h * 10 * 2 with s = (0.75, 0.25): 25 and 15.
+    assert kept.sum(-1)[0].tolist() == [25, 15]
+
+
+def test_duo_attention_heads():
+    inp = inputs(h=2, g=1, length=50)
+    pol = DuoAttention(head_map=torch.tensor([[True, False]]), n_sink=2, min_recent=4)
+    index, kept = pol.select_ragged(inp, 30)
+    assert kept.sum(-1)[0].tolist() == [50, 10]  # (2*30 - 50) / 1 = 10 for the streaming head
+    assert index[0, 1][kept[0, 1]].tolist() == [0, 1] + list(range(42, 50))
+
+
+RAGGED = {
+    "adakv": lambda: AdaKV(scorer=SnapKV(window=8)),
+    "headkv": lambda: HeadKV(head_scores=torch.rand(3, 2) + 0.1, scorer=SnapKV(window=8)),
+    "duo": lambda: DuoAttention(head_map=torch.tensor([[True, False], [False, False], [False, True]]), min_recent=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED))
+def test_ragged_policies_in_generate(name):
+    model = tiny_llama()
+    ids = torch.randint(1, 200, (2, 64))
+    cache = CompressedCache(policy=RAGGED[name](), budget=16, model=model)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    cache.detach()
+    assert out.shape == (2, 68)
+    for layer in cache.layers:
+        kept = layer.valid[..., :-3].sum(-1)  # per-head entries kept from the prompt
+        if name == "adakv":
+            assert (kept.sum(-1) == 2 * 16).all()
+        assert (kept <= 64).all() and (kept >= 1).all()
+
+
+def test_ragged_attention_equals_per_head_reference():
+    """A ragged layer attends exactly like full attention where each head sees only its kept tokens."""
+    model = tiny_llama()
+    ids = torch.randint(1, 200, (1, 40))
+    pol = DuoAttention(head_map=torch.tensor([[True, False]] * 3), n_sink=2, min_recent=4)
+    cache = CompressedCache(policy=pol, budget=20, model=model)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        got = model(torch.tensor([[7]]), past_key_values=cache).logits[0, -1]
+    cache.detach()
+    # Reference: full cache, but streaming heads (KV head 1) masked to sinks + recent via eager attention.
+    keep = torch.zeros(2, 41, dtype=torch.bool)
+    keep[0] = True
+    stream = (2 * 20 - 40) // 1
+    stream = max(stream, 2 + 4)
+    keep[1, :2] = True
+    keep[1, 40 - (stream - 2) : 40] = True
+    keep[1, 40] = True
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mask = torch.ones(41, 41, dtype=torch.bool).tril()[None, None].repeat(1, 4, 1, 1)
+    mask[0, :, 40] = keep.repeat_interleave(2, 0)  # only the new token sees the compressed cache
+
+    def headwise(module, q, k, v, attention_mask, **kw):
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, mask, **kw)
+
+    AttentionInterface.register("test_headwise", headwise)
+    AttentionMaskInterface.register("test_headwise", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation("test_headwise")
+    with torch.no_grad():
+        want = model(torch.cat([ids, torch.tensor([[7]])], 1)).logits[0, -1]
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
