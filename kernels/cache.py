@@ -51,6 +51,7 @@ class CompressedLayer(CacheLayerMixin):
         self.returned_stored = False  # the last update returned what is stored (not the full prefill)
         self.since_compress = 0
         self.store = None  # a QuantizedStore when a quantizer is set
+        self.scores: torch.Tensor | None = None  # [B, H, S] ranking of the kept tokens (cascading budgets)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -110,7 +111,7 @@ class CompressedLayer(CacheLayerMixin):
         return keys, values
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.store = None
+        self.keys = self.values = self.valid = self.store = self.scores = None
         self.seen, self.pending, self.since_compress = 0, False, 0
         self.is_initialized = False
 
@@ -236,40 +237,64 @@ class CompressedCache(Cache):
         layer.returned_stored = True
 
     def compress(self, layer: CompressedLayer, queries: torch.Tensor | None = None, scale: float | None = None) -> None:
-        """Evict (and quantize) `layer` down to its budget; `queries`: the prefill's queries (the
-        policy reads the last `query_window` of them)."""
+        """Evict (and quantize) `layer` down to its budget; `queries`: the prefill's queries."""
         layer.pending, layer.since_compress = False, 0
         if self.capture_queries and queries is not None:
             self.queries[layer.layer_idx] = queries
-        if self.policy is not None and queries is not None and self.policy.query_window is not None:
-            queries = queries[:, :, -self.policy.query_window :]
         if self.policy is not None:
-            keys, values = layer.store.read() if layer.store is not None else (layer.keys, layer.values)
-            keep = self.layer_budget(layer)
-            if keep < keys.shape[2]:
-                inputs = ScoreInputs(
-                    keys=keys,
-                    values=values,
-                    layer_idx=layer.layer_idx,
-                    num_layers=self.num_layers or 1,
-                    queries=queries,
-                    hidden=self.hidden.pop(layer.layer_idx, None),
-                    key_mask=layer.valid,
-                    scale=scale,
-                )
-                if not bool(layer.valid.all()) and not self.needs_model and self._detach is None:
-                    raise ValueError("a padded batch needs the model attached: CompressedCache(..., model=model)")
-                index, kept = self.policy.select_ragged(inputs, keep)  # [B, H, K]: per-head selections
-                from .ops import gather_kv
-
-                keys, values = gather_kv(keys, values, index)
-                layer.valid = layer.valid.gather(2, index) & kept
-                layer.keys, layer.values = keys.contiguous(), values.contiguous()
-                layer.store = None
+            self._evict(layer, queries, scale)
         if self.quantizer is not None:
             keys, values = layer.store.read() if layer.store is not None else (layer.keys, layer.values)
             layer.store = self.quantizer.store(keys, values)
             layer.keys = layer.values = None
+
+    def _evict(self, layer: CompressedLayer, queries, scale) -> None:
+        keys, values = layer.store.read() if layer.store is not None else (layer.keys, layer.values)
+        inputs = ScoreInputs(
+            keys=keys,
+            values=values,
+            layer_idx=layer.layer_idx,
+            num_layers=self.num_layers or 1,
+            queries=queries,
+            hidden=self.hidden.pop(layer.layer_idx, None),
+            key_mask=layer.valid,
+            scale=scale,
+        )
+        if not bool(layer.valid.all()) and not self.needs_model and self._detach is None:
+            raise ValueError("a padded batch needs the model attached: CompressedCache(..., model=model)")
+        keep = self.layer_budget(layer)
+        if getattr(self.allocator, "cascading", False):
+            # Cascading budgets (CAKE): share the budget of the layers seen so far by preference and
+            # re-trim the earlier ones, which kept their token scores for this.
+            self.allocator.observe(inputs)
+            done = [other.layer_idx for other in self.layers if other.scores is not None] + [layer.layer_idx]
+            budgets = self.allocator.cascade_budgets(self.budget, layer.seen, done)
+            for i in done[:-1]:
+                self._keep_best(self.layers[i], budgets[i])
+            ranking = self.policy.ranking(inputs)
+            index = ranking.topk(min(budgets[layer.layer_idx], inputs.length), dim=-1).indices.sort(-1).values
+            layer.scores = ranking.gather(2, index)
+            self._gather(layer, keys, values, index, torch.ones_like(index, dtype=torch.bool))
+        elif keep < keys.shape[2]:
+            index, kept = self.policy.select_ragged(inputs, keep)  # [B, H, K]: per-head selections
+            self._gather(layer, keys, values, index, kept)
+
+    @staticmethod
+    def _gather(layer: CompressedLayer, keys, values, index, kept) -> None:
+        from .ops import gather_kv
+
+        keys, values = gather_kv(keys, values, index)
+        layer.valid = layer.valid.gather(2, index) & kept
+        layer.keys, layer.values = keys.contiguous(), values.contiguous()
+        layer.store = None
+
+    def _keep_best(self, layer: CompressedLayer, keep: int) -> None:
+        """Re-trim an already compressed layer to its `keep` best stored tokens (cascading budgets)."""
+        if keep >= layer.scores.shape[2]:
+            return
+        index = layer.scores.topk(keep, dim=-1).indices.sort(-1).values
+        layer.scores = layer.scores.gather(2, index)
+        self._gather(layer, layer.keys, layer.values, index, torch.ones_like(index, dtype=torch.bool))
 
     # -- attaching a model ----------------------------------------------------------------------------
     def attach(self, model) -> CompressedCache:

@@ -2,6 +2,7 @@
 
 from .base import EvictionPolicy, ScoreInputs, resolve_budget
 from .budget import BudgetAllocator, Pyramid, Uniform
+from .cake import CAKEBudget, CAKEScore
 from .eviction import H2O, TOVA, KNorm, RandomEviction, SnapKV, StreamingLLM
 from .heads import AdaKV, DuoAttention, HeadKV, ragged_topk
 from .quant import KIVI, QuantizationPolicy
@@ -26,6 +27,8 @@ __all__ = [
     "REGISTRY",
     "TOVA",
     "BudgetAllocator",
+    "CAKEBudget",
+    "CAKEScore",
     "EvictionPolicy",
     "KNorm",
     "Pyramid",

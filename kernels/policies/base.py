@@ -96,19 +96,22 @@ class EvictionPolicy:
         """How many of the last prefill queries `score` reads (None: all of them)."""
         return None if "all_queries" in self.needs else max(self.window, 1)
 
+    def ranking(self, inputs: ScoreInputs) -> torch.Tensor:
+        """`score` made ready for top-k: the observation window at +inf, padding at -inf. [B, H_kv, L]"""
+        scores = self.score(inputs).to(torch.float32, copy=True)
+        if self.window:
+            scores[..., max(0, inputs.length - self.window) :] = float("inf")
+        if inputs.key_mask is not None:
+            scores = scores.masked_fill(~inputs.head_mask, float("-inf"))
+        return scores
+
     def select(self, inputs: ScoreInputs, keep: int) -> torch.LongTensor:
         """Sorted indices [B, H_kv, keep] of the tokens to keep: the `window` most recent ones, then
         the best scores; padding (key_mask False) goes last."""
         length = inputs.length
         if keep >= length:
             return torch.arange(length, device=inputs.keys.device).expand(inputs.batch, inputs.heads, length)
-        scores = self.score(inputs).to(torch.float32, copy=True)
-        window = min(self.window, keep)
-        if window:
-            scores[..., length - window :] = float("inf")
-        if inputs.key_mask is not None:
-            scores = scores.masked_fill(~inputs.head_mask, float("-inf"))
-        return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+        return self.ranking(inputs).topk(keep, dim=-1).indices.sort(dim=-1).values
 
     def select_ragged(self, inputs: ScoreInputs, keep: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """Per-head selections of different sizes: (indices [B, H, K_max], which of them are kept

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import EvictionPolicy, ScoreInputs
+from .base import EvictionPolicy
 from .eviction import SnapKV, StreamingLLM
 
 
@@ -28,15 +28,6 @@ def ragged_topk(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.LongT
     kept = kept.gather(-1, order)
     last = index.gather(-1, (counts - 1).clamp(min=0)[..., None])
     return torch.where(kept, index, last), kept
-
-
-def _masked_scores(policy: EvictionPolicy, inputs: ScoreInputs) -> torch.Tensor:
-    scores = policy.score(inputs).to(torch.float32, copy=True)
-    if policy.window:
-        scores[..., inputs.length - policy.window :] = float("inf")
-    if inputs.key_mask is not None:
-        scores = scores.masked_fill(~inputs.head_mask, float("-inf"))
-    return scores
 
 
 @dataclass
@@ -63,7 +54,7 @@ class AdaKV(EvictionPolicy):
         return self.scorer.score(inputs)
 
     def select_ragged(self, inputs, keep):
-        scores = _masked_scores(self.scorer, inputs)
+        scores = self.scorer.ranking(inputs)
         b, h, length = scores.shape
         if keep >= length:
             return super().select_ragged(inputs, keep)
@@ -107,7 +98,7 @@ class HeadKV(EvictionPolicy):
         return self.scorer.score(inputs)
 
     def select_ragged(self, inputs, keep):
-        scores = _masked_scores(self.scorer, inputs)
+        scores = self.scorer.ranking(inputs)
         b, h, length = scores.shape
         if self.head_scores is None:
             weights = torch.full((h,), 1.0 / h)
@@ -144,7 +135,4 @@ class DuoAttention(EvictionPolicy):
         stream = (h * keep - n_ret * length) // max(h - n_ret, 1)
         stream = min(length, max(stream, self.n_sink + self.min_recent))
         counts = torch.where(retrieval, length, stream).to(inputs.keys.device).expand(b, h)
-        scores = StreamingLLM(self.n_sink).score(inputs).float()
-        if inputs.key_mask is not None:
-            scores = scores.masked_fill(~inputs.head_mask, float("-inf"))
-        return ragged_topk(scores, counts)
+        return ragged_topk(StreamingLLM(self.n_sink).ranking(inputs), counts)

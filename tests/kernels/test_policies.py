@@ -14,6 +14,8 @@ from kernels.policies import (
     REGISTRY,
     TOVA,
     AdaKV,
+    CAKEBudget,
+    CAKEScore,
     DuoAttention,
     EvictionPolicy,
     HeadKV,
@@ -322,3 +324,26 @@ def test_ragged_attention_equals_per_head_reference():
         want = model(torch.cat([ids, torch.tensor([[7]])], 1)).logits[0, -1]
     model.set_attn_implementation("sdpa")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cake_score_rule():
+    inp = inputs(w=4)
+    attn = reference_window_attention(inp, 4)  # [B, Hq, w, L]
+    indicator = attn.mean(2) + 200.0 * attn.var(2, unbiased=False)
+    indicator = indicator.view(2, 2, 2, 12).mean(2)
+    pooled = F.avg_pool1d(indicator.reshape(-1, 1, 12), 5, 1, 2, count_include_pad=False).reshape(2, 2, 12)
+    torch.testing.assert_close(CAKEScore(window=4).score(inp), pooled, rtol=1e-4, atol=1e-6)
+
+
+def test_cake_budgets_cascade_to_preferences():
+    model = tiny_llama()
+    ids = torch.randint(1, 200, (1, 64))
+    alloc = CAKEBudget(window=8)
+    cache = CompressedCache(policy=CAKEScore(window=8), budget=16, allocator=alloc, model=model)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    cache.detach()
+    kept = cache.stored_tokens()
+    prefs = torch.tensor([alloc.preferences[i] for i in range(3)], dtype=torch.float64)
+    want = [round(float(v)) for v in prefs / prefs.sum() * 16 * 3]
+    assert kept == want and abs(sum(kept) - 48) <= 1
