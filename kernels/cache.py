@@ -167,7 +167,8 @@ class CompressedCache(Cache):
         self.queries: dict[int, torch.Tensor] = {}  # prefill queries per layer, when capture_queries
         self._detach: Callable[[], None] | None = None
         self.allocator.validate(budget)
-        self.needs_model = capture_queries or bool(policy and policy.needs & {"queries", "all_queries", "hidden"})
+        reads = (policy.needs if policy else frozenset()) | (quantizer.needs if quantizer else frozenset())
+        self.needs_model = capture_queries or bool(reads & {"queries", "all_queries", "hidden"})
         if model is not None:
             self.attach(model)
 
@@ -245,7 +246,16 @@ class CompressedCache(Cache):
             self._evict(layer, queries, scale)
         if self.quantizer is not None:
             keys, values = layer.store.read() if layer.store is not None else (layer.keys, layer.values)
-            layer.store = self.quantizer.store(keys, values)
+            inputs = ScoreInputs(
+                keys=keys,
+                values=values,
+                layer_idx=layer.layer_idx,
+                queries=queries,
+                key_mask=layer.valid,
+                scale=scale,
+                num_layers=self.num_layers or 1,
+            )
+            layer.store = self.quantizer.store(keys, values, inputs)
             layer.keys = layer.values = None
 
     def _evict(self, layer: CompressedLayer, queries, scale) -> None:
@@ -277,7 +287,13 @@ class CompressedCache(Cache):
             self._gather(layer, keys, values, index, torch.ones_like(index, dtype=torch.bool))
         elif keep < keys.shape[2]:
             index, kept = self.policy.select_ragged(inputs, keep)  # [B, H, K]: per-head selections
-            self._gather(layer, keys, values, index, kept)
+            merged = self.policy.merge(inputs, index)
+            if merged is None:
+                self._gather(layer, keys, values, index, kept)
+            else:
+                layer.valid = layer.valid.gather(2, index) & kept
+                layer.keys, layer.values = merged[0].contiguous(), merged[1].contiguous()
+                layer.store = None
 
     @staticmethod
     def _gather(layer: CompressedLayer, keys, values, index, kept) -> None:

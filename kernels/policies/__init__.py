@@ -5,9 +5,16 @@ from .budget import BudgetAllocator, Pyramid, Uniform
 from .cake import CAKEBudget, CAKEScore
 from .eviction import H2O, TOVA, KNorm, RandomEviction, SnapKV, StreamingLLM
 from .heads import AdaKV, DuoAttention, HeadKV, ragged_topk
+from .merge import D2O, EMS, KVCrush, merge_into_nearest
 from .quant import KIVI, QuantizationPolicy
+from .storage import GEAR, MiKV, ThinK
 
-REGISTRY = {cls.name: cls for cls in (StreamingLLM, KNorm, RandomEviction, SnapKV, H2O, TOVA, Uniform, Pyramid, KIVI)}
+EVICTION = (
+    StreamingLLM, KNorm, RandomEviction, SnapKV, H2O, TOVA, CAKEScore, D2O, EMS, KVCrush, AdaKV, HeadKV, DuoAttention,
+)  # fmt: skip
+BUDGETS = (Uniform, Pyramid, CAKEBudget)
+STORAGE = (KIVI, MiKV, GEAR, ThinK)
+REGISTRY = {cls.name: cls for cls in EVICTION + BUDGETS + STORAGE}
 
 
 def get_policy(name: str, **kwargs):
@@ -18,8 +25,18 @@ def get_policy(name: str, **kwargs):
 
 
 __all__ = [
+    "BUDGETS",
+    "EVICTION",
+    "STORAGE",
     "AdaKV",
+    "D2O",
+    "GEAR",
+    "MiKV",
+    "ThinK",
     "DuoAttention",
+    "EMS",
+    "KVCrush",
+    "merge_into_nearest",
     "HeadKV",
     "ragged_topk",
     "H2O",

@@ -113,6 +113,11 @@ class EvictionPolicy:
             return torch.arange(length, device=inputs.keys.device).expand(inputs.batch, inputs.heads, length)
         return self.ranking(inputs).topk(keep, dim=-1).indices.sort(dim=-1).values
 
+    def merge(self, inputs: ScoreInputs, index: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values [B, H, K, D] to store for the kept `index`, when the policy folds evicted
+        tokens into them (D2O, EMS); None (the default) stores the kept tokens as they are."""
+        return None
+
     def select_ragged(self, inputs: ScoreInputs, keep: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """Per-head selections of different sizes: (indices [B, H, K_max], which of them are kept
         [B, H, K_max]); K_max may exceed `keep` while the heads' total stays H * keep. Uniform

@@ -119,7 +119,7 @@ class DuoAttention(EvictionPolicy):
 
     head_map: torch.Tensor | None = None
     n_sink: int = 4
-    min_recent: int = 16
+    min_recent: int = 0
     name = "duo_attention"
 
     def score(self, inputs):

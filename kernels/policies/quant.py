@@ -11,11 +11,16 @@ from ..ops.quantize import BITS, GROUP_SIZES, QuantizedTensor, dequantize_kv, qu
 
 
 class QuantizationPolicy:
-    """Builds the per-layer store that holds K/V in compressed form."""
+    """Builds the per-layer store that holds K/V in compressed form (KIVI, MiKV, GEAR, ThinK). A store
+    has `append(keys, values)`, `read() -> (keys, values)`, `length` and `nbytes_as(element_bytes)`.
+    `needs` lists what the policy reads besides K/V ("queries", "all_queries")."""
 
     name: ClassVar[str] = "base"
+    needs: ClassVar[frozenset[str]] = frozenset()
 
-    def store(self, keys: torch.Tensor, values: torch.Tensor):
+    def store(self, keys: torch.Tensor, values: torch.Tensor, inputs=None):
+        """The store for one layer's keys / values [B, H, L, D]; `inputs`: a `ScoreInputs` with the
+        queries when the cache has them."""
         raise NotImplementedError
 
 
@@ -51,7 +56,8 @@ class KIVIStore:
         spill -= spill % p.group_size
         if spill:
             self.k_parts.append(quantize_kv(self.k_res[:, :, :spill], p.bits, p.group_size, "channel"))
-            self.v_parts.append(quantize_kv(self.v_res[:, :, :spill], p.bits, p.group_size, "token"))
+            value_group = min(p.group_size, self.v_res.shape[3])  # per-token groups cannot exceed the head dim
+            self.v_parts.append(quantize_kv(self.v_res[:, :, :spill], p.bits, value_group, "token"))
             self.k_res, self.v_res = self.k_res[:, :, spill:], self.v_res[:, :, spill:]
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,5 +89,5 @@ class KIVI(QuantizationPolicy):
         if self.residual < 0:
             raise ValueError(f"residual={self.residual} must be >= 0")
 
-    def store(self, keys, values):
+    def store(self, keys, values, inputs=None):
         return KIVIStore(self, keys, values)

