@@ -52,6 +52,10 @@ class CompressedLayer(CacheLayerMixin):
         self.since_compress = 0
         self.store = None  # a QuantizedStore when a quantizer is set
         self.scores: torch.Tensor | None = None  # [B, H, S] ranking of the kept tokens (cascading budgets)
+        self.recall_state: dict | None = None  # recall policies: what `recall` needs at each step
+        self.recall_keep = 0
+        self.prompt_length = 0
+        self.attended: torch.Tensor | None = None  # [B, H] prompt tokens attended at the last step
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -111,7 +115,7 @@ class CompressedLayer(CacheLayerMixin):
         return keys, values
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.store = self.scores = None
+        self.keys = self.values = self.valid = self.store = self.scores = self.recall_state = None
         self.seen, self.pending, self.since_compress = 0, False, 0
         self.is_initialized = False
 
@@ -138,7 +142,8 @@ class CompressedCache(Cache):
     during decoding every N tokens (to the same budget of everything seen). model: needed by
     policies that read queries / hidden states, by per-layer budgets and by padded batches.
     capture_queries: keep every layer's prefill queries in `queries` (to compress the same prefill
-    with other policies through `load_prefill`).
+    with other policies through `load_prefill`). token_ids: the prompt ids [B, L], for policies that
+    read them (SentenceKV, FastGen).
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class CompressedCache(Cache):
         model=None,
         attention_mask: torch.Tensor | None = None,
         capture_queries: bool = False,
+        token_ids: torch.Tensor | None = None,
     ):
         if policy is not None and not isinstance(policy, EvictionPolicy):
             raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
@@ -161,6 +167,7 @@ class CompressedCache(Cache):
         self.allocator = allocator or Uniform()
         self.compress_every = compress_every
         self.attention_mask = attention_mask
+        self.token_ids = token_ids
         self.num_layers: int | None = None
         self.hidden: dict[int, torch.Tensor] = {}
         self.capture_queries = capture_queries
@@ -168,7 +175,8 @@ class CompressedCache(Cache):
         self._detach: Callable[[], None] | None = None
         self.allocator.validate(budget)
         reads = (policy.needs if policy else frozenset()) | (quantizer.needs if quantizer else frozenset())
-        self.needs_model = capture_queries or bool(reads & {"queries", "all_queries", "hidden"})
+        recall = bool(getattr(policy, "is_recall", False))  # recall policies select inside attention
+        self.needs_model = capture_queries or recall or bool(reads & {"queries", "all_queries", "hidden"})
         if model is not None:
             self.attach(model)
 
@@ -268,8 +276,13 @@ class CompressedCache(Cache):
             queries=queries,
             hidden=self.hidden.pop(layer.layer_idx, None),
             key_mask=layer.valid,
+            token_ids=self.token_ids,
             scale=scale,
         )
+        if getattr(self.policy, "is_recall", False):
+            layer.recall_state = self.policy.build(inputs)
+            layer.recall_keep, layer.prompt_length = self.layer_budget(layer), keys.shape[2]
+            return
         if not bool(layer.valid.all()) and not self.needs_model and self._detach is None:
             raise ValueError("a padded batch needs the model attached: CompressedCache(..., model=model)")
         keep = self.layer_budget(layer)
@@ -371,6 +384,17 @@ def _layer_mask(layer: CompressedLayer, q_len: int, query_heads: int) -> torch.T
     return mask.repeat_interleave(query_heads // valid.shape[1], dim=1)
 
 
+def _recall_mask(policy, layer: CompressedLayer, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Restrict the prompt part of `mask` [B, Hq, q, S] to what the recall policy selects this step."""
+    chosen = policy.recall(layer.recall_state, query, layer.recall_keep)  # [B, H, P]
+    layer.attended = chosen.sum(-1)
+    groups = query.shape[1] // chosen.shape[1]
+    prompt = chosen.repeat_interleave(groups, dim=1)[:, :, None, :]
+    mask = mask.clone()
+    mask[..., : layer.prompt_length] &= prompt
+    return mask
+
+
 def _register_attention(base: str) -> str:
     """Register "dlmcache_<base>" (attention + mask interfaces) once; returns its name."""
     from transformers import AttentionInterface
@@ -390,6 +414,8 @@ def _register_attention(base: str) -> str:
             layer = cache.layers[module.layer_idx]
         if layer is not None and layer.returned_stored:
             attention_mask = _layer_mask(layer, query.shape[2], query.shape[1])
+            if layer.recall_state is not None:
+                attention_mask = _recall_mask(cache.policy, layer, query, attention_mask)
             if base == "eager":
                 attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                     ~attention_mask, torch.finfo(query.dtype).min

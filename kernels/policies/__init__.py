@@ -7,6 +7,7 @@ from .eviction import H2O, TOVA, KNorm, RandomEviction, SnapKV, StreamingLLM
 from .heads import AdaKV, DuoAttention, HeadKV, ragged_topk
 from .merge import D2O, EMS, KVCrush, merge_into_nearest
 from .quant import KIVI, QuantizationPolicy
+from .recall import RECALL, ClusterKV, EpiCache, RecallPolicy, RetrievalAttention, SentenceKV
 from .storage import GEAR, MiKV, ThinK
 
 EVICTION = (
@@ -14,7 +15,7 @@ EVICTION = (
 )  # fmt: skip
 BUDGETS = (Uniform, Pyramid, CAKEBudget)
 STORAGE = (KIVI, MiKV, GEAR, ThinK)
-REGISTRY = {cls.name: cls for cls in EVICTION + BUDGETS + STORAGE}
+REGISTRY = {cls.name: cls for cls in EVICTION + RECALL + BUDGETS + STORAGE}
 
 
 def get_policy(name: str, **kwargs):
@@ -25,6 +26,12 @@ def get_policy(name: str, **kwargs):
 
 
 __all__ = [
+    "RECALL",
+    "ClusterKV",
+    "EpiCache",
+    "RecallPolicy",
+    "RetrievalAttention",
+    "SentenceKV",
     "BUDGETS",
     "EVICTION",
     "STORAGE",

@@ -18,14 +18,18 @@ from kernels.policies import (
     AdaKV,
     CAKEBudget,
     CAKEScore,
+    ClusterKV,
     DuoAttention,
+    EpiCache,
     HeadKV,
     KNorm,
     KVCrush,
     MiKV,
     Pyramid,
     RandomEviction,
+    RetrievalAttention,
     ScoreInputs,
+    SentenceKV,
     SnapKV,
     StreamingLLM,
     ThinK,
@@ -422,3 +426,45 @@ def test_kvcrush_keeps_representatives_of_evicted_groups():
     crush = KVCrush(base=base, fraction=0.3).select(inp, 10)
     assert crush.shape == (2, 2, 10)
     assert len(set(crush[0, 0].tolist()) - plain) >= 1  # representatives replaced some of the plain picks
+
+
+RECALLERS = {
+    "retrieval_attention": lambda: RetrievalAttention(n_sink=2, recent=4),
+    "sentencekv": lambda: SentenceKV(boundaries=(7, 9), n_sink=2, recent=4),
+    "clusterkv": lambda: ClusterKV(tokens_per_cluster=8, n_sink=2, recent=4),
+    "epicache": lambda: EpiCache(segment=16, episodes=3, n_sink=2, recent=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECALLERS))
+def test_recall_policies_attend_to_their_budget(name):
+    model = tiny_llama()
+    ids = torch.randint(1, 200, (2, 64))
+    cache = CompressedCache(policy=RECALLERS[name](), budget=16, model=model, token_ids=ids)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    cache.detach()
+    assert out.shape == (2, 68)
+    for layer in cache.layers:
+        assert (layer.attended == 16).all()  # prompt tokens attended at the last step, per head
+        assert layer.stored == 64 + 3  # nothing evicted: recall policies keep the prompt
+
+
+def test_retrieval_attention_picks_top_keys():
+    keys = torch.zeros(1, 1, 10, 4)
+    keys[0, 0, :, 0] = torch.arange(10.0)  # q . k grows with the position index along dim 0
+    keys[0, 0, 5, 0] = 100.0
+    pol = RetrievalAttention(n_sink=1, recent=2)
+    state = pol.build(ScoreInputs(keys=keys, values=keys))
+    chosen = pol.recall(state, torch.tensor([[[[1.0, 0, 0, 0]]]]), 5)
+    assert chosen[0, 0].nonzero().flatten().tolist() == [0, 5, 7, 8, 9]
+
+
+def test_sentencekv_recalls_whole_sentences():
+    keys = torch.randn(1, 1, 12, 4)
+    token_ids = torch.tensor([[1, 2, 99, 3, 4, 5, 99, 6, 7, 99, 8, 9]])  # sentences end at id 99
+    pol = SentenceKV(boundaries=(99,), n_sink=0, recent=0)
+    state = pol.build(ScoreInputs(keys=keys, values=keys, token_ids=token_ids))
+    assert state["group"][0, 0].tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3]
+    q = state["centroids"][0, 0, 1][None, None, None]  # a query aligned with sentence 1's mean key
+    chosen = pol.recall(state, q, 4)
+    assert set(range(3, 7)) <= set(chosen[0, 0].nonzero().flatten().tolist())
