@@ -265,6 +265,16 @@ class CompressedCache(Cache):
             )
             layer.store = self.quantizer.store(keys, values, inputs)
             layer.keys = layer.values = None
+            if getattr(self.quantizer, "cross_layer", False):
+                self._merge_with_previous(layer)
+
+    def _merge_with_previous(self, layer: CompressedLayer) -> None:
+        """MiniCache: from the middle layer up, every second layer shares storage with the one below."""
+        half = (self.num_layers or len(self.layers)) // 2
+        i = layer.layer_idx
+        if i > half and (i - half) % 2 == 1:
+            lower = self.layers[i - 1]
+            lower.store, layer.store = self.quantizer.merge_pair(lower.store, layer.store)
 
     def _evict(self, layer: CompressedLayer, queries, scale) -> None:
         keys, values = layer.store.read() if layer.store is not None else (layer.keys, layer.values)

@@ -9,12 +9,14 @@ from .merge import D2O, EMS, KVCrush, merge_into_nearest
 from .quant import KIVI, QuantizationPolicy
 from .recall import RECALL, ClusterKV, EpiCache, RecallPolicy, RetrievalAttention, SentenceKV
 from .storage import GEAR, MiKV, ThinK
+from .structured import D2OBudget, FastGen, LaCache, MiniCache
 
 EVICTION = (
-    StreamingLLM, KNorm, RandomEviction, SnapKV, H2O, TOVA, CAKEScore, D2O, EMS, KVCrush, AdaKV, HeadKV, DuoAttention,
+    StreamingLLM, KNorm, RandomEviction, SnapKV, H2O, TOVA, CAKEScore, D2O, EMS, KVCrush, LaCache, AdaKV, HeadKV,
+    DuoAttention, FastGen,
 )  # fmt: skip
-BUDGETS = (Uniform, Pyramid, CAKEBudget)
-STORAGE = (KIVI, MiKV, GEAR, ThinK)
+BUDGETS = (Uniform, Pyramid, CAKEBudget, D2OBudget)
+STORAGE = (KIVI, MiKV, GEAR, ThinK, MiniCache)
 REGISTRY = {cls.name: cls for cls in EVICTION + RECALL + BUDGETS + STORAGE}
 
 
@@ -26,6 +28,10 @@ def get_policy(name: str, **kwargs):
 
 
 __all__ = [
+    "D2OBudget",
+    "FastGen",
+    "LaCache",
+    "MiniCache",
     "RECALL",
     "ClusterKV",
     "EpiCache",

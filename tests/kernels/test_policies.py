@@ -21,10 +21,13 @@ from kernels.policies import (
     ClusterKV,
     DuoAttention,
     EpiCache,
+    FastGen,
     HeadKV,
     KNorm,
     KVCrush,
+    LaCache,
     MiKV,
+    MiniCache,
     Pyramid,
     RandomEviction,
     RetrievalAttention,
@@ -39,6 +42,7 @@ from kernels.policies import (
     ragged_topk,
     resolve_budget,
 )
+from kernels.policies.structured import PlainStore
 
 
 def inputs(b=2, h=2, g=2, length=12, d=8, w=4, seed=0, key_mask=None):
@@ -364,7 +368,10 @@ def test_cake_budgets_cascade_to_preferences():
 def test_every_storage_policy_in_generate(cls):
     model = tiny_llama()
     ids = torch.randint(1, 200, (2, 96))
-    cache = CompressedCache(quantizer=cls(residual=32) if cls is KIVI else cls(), model=model)
+    # KIVI's residual shortened to see quantization at 96 tokens; MiniCache merging every token pair
+    # (random layers are far apart; real adjacent deep layers are not).
+    special = {KIVI: {"residual": 32}, MiniCache: {"retain_angle": 4.0}}
+    cache = CompressedCache(quantizer=cls(**special.get(cls, {})), model=model)
     with torch.no_grad():
         out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
     cache.detach()
@@ -468,3 +475,48 @@ def test_sentencekv_recalls_whole_sentences():
     q = state["centroids"][0, 0, 1][None, None, None]  # a query aligned with sentence 1's mean key
     chosen = pol.recall(state, q, 4)
     assert set(range(3, 7)) <= set(chosen[0, 0].nonzero().flatten().tolist())
+
+
+def test_minicache_merges_adjacent_layers():
+    torch.manual_seed(0)
+    k0, v0 = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    # Layer 1 = layer 0 rescaled, with tokens 0-4 pointing elsewhere: those stay unmerged.
+    k1, v1 = 2.0 * k0.clone(), 3.0 * v0.clone()
+    k1[:, :, :5] = torch.randn(1, 2, 5, 16)
+    policy = MiniCache(retain_angle=0.1)
+    low, up = policy.merge_pair(PlainStore(k0, v0), PlainStore(k1, v1))
+    for view, (k, v) in ((low, (k0, v0)), (up, (k1, v1))):
+        rk, rv = view.read()
+        torch.testing.assert_close(rk, k, rtol=1e-5, atol=1e-5)  # same direction: exact from norms
+        torch.testing.assert_close(rv, v, rtol=1e-5, atol=1e-5)
+    plain = 2 * 2 * k0.numel() * 4
+    assert low.nbytes_as(None) == 0 and up.nbytes_as(None) < 0.7 * plain
+
+
+def test_lacache_ladder():
+    inp = inputs(b=1, h=1, length=20)
+    inp.num_layers = 4
+    # span 2 over 4 layers: units of 2 positions, each layer keeps one of them, alternating.
+    even = LaCache(n_sink=1, window=2, span=2).select(ScoreInputs(**{**inp.__dict__, "layer_idx": 0}), 7)
+    odd = LaCache(n_sink=1, window=2, span=2).select(ScoreInputs(**{**inp.__dict__, "layer_idx": 1}), 7)
+    assert even[0, 0].tolist() == [0, 10, 12, 14, 16, 18, 19]
+    assert odd[0, 0].tolist() == [0, 11, 13, 15, 17, 18, 19]
+
+
+def test_fastgen_profiles_and_budget():
+    inp = inputs(h=2, g=1, length=30, w=30)
+    inp.token_ids = torch.arange(30).expand(2, -1)
+    cheap = FastGen(recovery=0.0, special_ids=(5, 6))  # every head satisfied by the special tokens
+    index, kept = cheap.select_ragged(inp, 8)
+    assert (kept.sum(-1) == 8).all()
+    for b in range(2):
+        assert {0, 5, 6} <= set(index[b, 0][kept[b, 0]].tolist())
+    _, kept = FastGen(recovery=0.9).select_ragged(inp, 8)
+    assert (kept.sum(-1).sum(-1) == 16).all()  # H * budget in total, however the profiles differ
+
+
+def test_largest_remainder():
+    from kernels.policies.structured import largest_remainder
+
+    assert largest_remainder(torch.tensor([[2.5, 2.5, 3.0]])).tolist() in ([[3, 2, 3]], [[2, 3, 3]])
+    assert largest_remainder(torch.tensor([[1.2, 1.3, 1.5]])).sum().item() == 4
