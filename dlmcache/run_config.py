@@ -14,6 +14,12 @@ from .cache import CACHES
 from .schedulers import DLMScheduler, ThresholdScheduler
 
 
+def split_configs(text: str) -> list[str]:
+    """A list of configs written as one string: separated by ';', or by ',' when there is no ';'
+    (options inside a config are comma separated, so lists with options need ';')."""
+    return [c.strip() for c in text.split(";" if ";" in text else ",") if c.strip()]
+
+
 def _value(text: str):
     for cast in (int, float):
         try:

@@ -3,6 +3,8 @@
     python scripts/bench_dlm.py --out results/bench_dlm.json            # random 135M LLaDA, CPU
     python scripts/bench_dlm.py --model dlmcache/tiny --prompt-len 48 --max-new-tokens 64
     python scripts/bench_dlm.py --device cuda --dtype bfloat16 --model GSAI-ML/LLaDA-8B-Instruct
+    python scripts/bench_dlm.py --modes \\
+        "none;freecache:suffix_window=0;freecache:suffix_window=0+guide:path=random,top_k=32768,relative=0"
 
 The default model is a random-weight LLaDA-architecture model built from a config (d_model 768,
 12 layers, 12 heads, SwiGLU 2048, vocab 32768: 135M parameters) fed random prompt ids. Every mode
@@ -10,8 +12,14 @@ decodes the same prompt with the same schedule (default: 256-token prompt, 256 n
 32, one token per step, greedy). For each mode: median seconds over --repeats (modes interleaved, so
 load drift hits them alike), tokens/s, ms per step, forwards, tokens fed, KV-buffer bytes, token
 agreement with `none`, speedup over `none`; plus the time of a plain full forward (all logits) per
-step, the floor `none` must not exceed. --memory also runs each mode in a fresh process and reports
-its peak RSS (CPU) or peak allocated memory (CUDA).
+step, the floor `none` must not exceed. --memory also runs each mode in a fresh process (one step per
+block: the same shapes, so the same peak) and reports its peak RSS (CPU) or peak allocated memory (CUDA).
+
+Guided modes name a guide as in `dlmcache.run_config`; `path=random` is a random-weight Llama causal LM
+over the same synthetic vocabulary (4 layers, hidden 256: 10M parameters, about 1/13 of the DLM, the
+ratio of a 0.5B guide to a 7B DLM). A random guide agrees with nothing, so measure the mechanism's upper
+bound with `top_k=VOCAB,relative=0`: every draft passes the rule, the guide still runs every forward.
+`path=smollm2` loads SmolLM2-135M-Instruct (see `offline_models.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from dlmcache import DLMPipeline, LLaDAConfig, LLaDAModelLM, LowConfidenceScheduler
-from dlmcache.run_config import RunConfig
+from dlmcache.guidance import ARGuide
+from dlmcache.run_config import RunConfig, split_configs
 
 DEFAULT_MODES = [
     "none",
@@ -42,6 +51,7 @@ DEFAULT_MODES = [
     "freecache:suffix_window=0",
     "dual+threshold=0.9",
     "freecache:suffix_window=0+threshold=0.9",
+    "freecache:suffix_window=0+guide:path=random,top_k=32768,relative=0",
 ]
 
 
@@ -76,6 +86,49 @@ def random_llada(vocab_size: int, dtype: torch.dtype, device: str) -> DLMPipelin
     return DLMPipeline(model=model, tokenizer=synthetic_tokenizer(vocab_size), scheduler=LowConfidenceScheduler())
 
 
+def random_guide(tokenizer, dtype: torch.dtype, device: str):
+    """A random-weight Llama causal LM over the synthetic vocabulary (see the module docstring)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
+
+
+class GuideLoader:
+    """`load_guide` for `RunConfig.apply`: builds each named guide once."""
+
+    def __init__(self, pipe, args):
+        self.pipe, self.args, self.models = pipe, args, {}
+
+    def __call__(self, name: str, options: dict) -> ARGuide:
+        dtype = getattr(torch, self.args.dtype)
+        if name not in self.models:
+            if name == "random":
+                self.models[name] = (random_guide(self.pipe.tokenizer, dtype, self.args.device), self.pipe.tokenizer)
+            elif name == "smollm2":
+                from offline_models import load_smollm2
+
+                model, tok = load_smollm2(dtype)
+                self.models[name] = (model.to(self.args.device), tok)
+        if name in self.models:
+            model, tok = self.models[name]
+            return ARGuide(model, tok, **options)
+        return ARGuide(name, dtype=dtype, **options)
+
+
 def build(args) -> tuple[DLMPipeline, torch.Tensor]:
     dtype = getattr(torch, args.dtype)
     if args.model == "random-135m":
@@ -95,8 +148,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_mode(pipe, ids, mode: str, args, default_scheduler):
-    RunConfig.parse(mode).apply(pipe, default_scheduler)
+def run_mode(pipe, ids, mode: str, args, default_scheduler, load_guide):
+    RunConfig.parse(mode).apply(pipe, default_scheduler, load_guide=load_guide)
     sync(args.device)
     t0 = time.perf_counter()
     out = pipe(ids, max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps)
@@ -118,17 +171,16 @@ def plain_forward_seconds(pipe, ids, args) -> float:
     return statistics.median(times)
 
 
-def peak_memory(mode: str, args) -> float:
-    """Peak memory of one generation in a fresh process (MiB): RSS on CPU, allocated on CUDA."""
-    cmd = [sys.executable, __file__, "--child", mode] + [
-        f"--{k.replace('_', '-')}={v}"
-        for k, v in vars(args).items()
-        if k
-        in ("model", "dtype", "device", "batch", "prompt_len", "max_new_tokens", "block_length", "steps", "threads")
-        and v is not None
-    ]
+def peak_memory(mode: str, args) -> dict:
+    """Peak memory of one generation in a fresh process (MiB): RSS on CPU, allocated on CUDA; and what
+    the process held with the model loaded, before decoding."""
+    # Peak memory depends on the shapes, not on how many steps run: the child decodes with one step per
+    # block (the same canvas, cache buffers and first full forward) to save the time of a full run.
+    keep = ("model", "dtype", "device", "batch", "prompt_len", "max_new_tokens", "block_length", "threads")
+    cmd = [sys.executable, __file__, "--child", mode, f"--steps={args.max_new_tokens // args.block_length}"]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in keep and v is not None]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def child(args) -> None:
@@ -136,18 +188,28 @@ def child(args) -> None:
     pipe, ids = build(args)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    run_mode(pipe, ids, args.child, args, pipe.scheduler)
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = current_rss_mib()
+    run_mode(pipe, ids, args.child, args, pipe.scheduler, GuideLoader(pipe, args))
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": peak}))
+    print(json.dumps({"peak_mib": peak, "model_loaded_mib": before}))
+
+
+def current_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random-135m")
-    ap.add_argument("--modes", default=",".join(DEFAULT_MODES))
+    ap.add_argument("--modes", default=";".join(DEFAULT_MODES), help="configs separated by ';' (or ',' if no ';')")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=1)
@@ -164,9 +226,10 @@ def main() -> None:
     if args.child:
         return child(args)
     torch.set_num_threads(args.threads)
-    modes = args.modes.split(",")
+    modes = split_configs(args.modes)
     pipe, ids = build(args)
     default_scheduler = pipe.scheduler
+    load_guide = GuideLoader(pipe, args)
 
     # Correctness first: FreeCache refreshing every step must be the no-cache reference, bit for bit.
     short = dict(max_new_tokens=2 * args.block_length, block_length=args.block_length)
@@ -182,7 +245,7 @@ def main() -> None:
     outputs = {}
     for r in range(args.repeats):
         for mode in modes:
-            seconds, out = run_mode(pipe, ids, mode, args, default_scheduler)
+            seconds, out = run_mode(pipe, ids, mode, args, default_scheduler, load_guide)
             times[mode].append(seconds)
             outputs[mode] = out
             print(f"repeat {r} {mode:45s} {seconds:8.2f} s  nfe {out.nfe}", flush=True)
@@ -204,7 +267,9 @@ def main() -> None:
             "agreement_with_first_mode": (out.sequences == ref_seq).float().mean().item(),
         }
         if args.memory:
-            rows[mode]["peak_mib"] = peak_memory(mode, args)
+            mem = peak_memory(mode, args)
+            rows[mode]["peak_mib"] = mem["peak_mib"]
+            rows[mode]["decode_extra_mib"] = mem["peak_mib"] - mem["model_loaded_mib"]
     base = rows[modes[0]]["seconds_median"]
     for mode in modes:
         rows[mode]["speedup"] = base / rows[mode]["seconds_median"]
@@ -212,11 +277,11 @@ def main() -> None:
         f"\nplain full forward (all logits): {1000 * plain:.1f} ms; x {rows[modes[0]]['nfe']} steps = "
         f"{plain * rows[modes[0]]['nfe']:.1f} s\n"
     )
-    mem = " peak MiB |" if args.memory else ""
+    mem = " peak MiB (above loaded model) |" if args.memory else ""
     print(f"| mode | seconds | speedup | ms/step | forwards | tokens fed | agreement |{mem}")
     print("|---|---|---|---|---|---|---|" + ("---|" if args.memory else ""))
     for mode, r in rows.items():
-        extra = f" {r['peak_mib']:.0f} |" if args.memory else ""
+        extra = f" {r['peak_mib']:.0f} ({r['decode_extra_mib']:+.0f}) |" if args.memory else ""
         print(
             f"| {mode} | {r['seconds_median']:.1f} | {r['speedup']:.2f}x | {r['ms_per_step']:.1f} | {r['nfe']} | "
             f"{r['fed_tokens']} | {100 * r['agreement_with_first_mode']:.0f}% |{extra}"

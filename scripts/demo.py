@@ -1,4 +1,4 @@
-"""The main demo: the bundled tiny diffusion LM solves arithmetic word problems, offline, on CPU.
+"""The main demo: the bundled tiny diffusion LM solves two-step arithmetic problems, offline, on CPU.
 
     python scripts/demo.py [--n 8] [--cache freecache]
 

@@ -18,13 +18,13 @@ import torch
 from offline_models import load_guide
 
 from dlmcache import DLMPipeline, tinytask
-from dlmcache.run_config import RunConfig
+from dlmcache.run_config import RunConfig, split_configs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dlmcache/tiny")
-    ap.add_argument("--configs", default="none,prefix,dual,freecache")
+    ap.add_argument("--configs", default="none;prefix;dual;freecache", help="separated by ';' (or ',' if no ';')")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -48,7 +48,7 @@ def main() -> None:
             guides[key] = load_guide(name, options)
         return guides[key]
 
-    for text in args.configs.split(","):
+    for text in split_configs(args.configs):
         cfg = RunConfig.parse(text)
         cfg.apply(pipe, default_scheduler, load_guide=cached_guide)
         results[text] = tinytask.evaluate(pipe, problems, batch_size=args.batch_size, **gen)

@@ -42,7 +42,7 @@ N_TEST = 500  # questions reserved for evaluation, excluded from training
 
 def build_tokenizer(out: Path, seed: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE (digits always split one per token) trained on 20k problems."""
-    corpus = [f"{p.question} {p.solution} Repeat" for p in tinytask.make_problems(20_000, seed)]
+    corpus = [f"{p.question} {p.solution}" for p in tinytask.make_problems(20_000, seed)]
     corpus += ["user\nassistant\n"] * 1000  # merge the chat-template role names
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -78,23 +78,30 @@ class ProblemStream:
     arithmetic task alone (measured), so the copies bootstrap it.
     """
 
-    def __init__(self, tokenizer, seed: int, copy_frac: float = 0.0):
+    def __init__(self, tokenizer, seed: int, copy_frac: float = 0.0, few_shot_frac: float = 0.0):
         self.tok = tokenizer
         self.rng = random.Random(seed)
-        self.copy_frac = copy_frac
+        self.copy_frac, self.few_shot_frac = copy_frac, few_shot_frac
         self.exclude = {p.question for p in tinytask.test_problems(N_TEST)}
 
-    def next(self) -> tuple[list[int], list[int]]:
+    def problem(self) -> tinytask.Problem:
         while True:
             p = tinytask.make_problem(self.rng)
             if p.question not in self.exclude:
-                break
+                return p
+
+    def next(self) -> tuple[list[int], list[int]]:
+        p = self.problem()
+        shots = []
+        if self.rng.random() < self.few_shot_frac:  # 1-6 solved problems as earlier chat turns
+            shots = [self.problem() for _ in range(self.rng.randint(1, 6))]
         if self.rng.random() < self.copy_frac:
             expr = p.question.removeprefix("Compute ").removesuffix(".")
             question, answer = f"Repeat {expr}.", expr
         else:
             question, answer = p.question, p.solution
-        prompt = self.tok.apply_chat_template(tinytask.messages(question), add_generation_prompt=True, tokenize=True)
+        chat = tinytask.messages(question, shots)
+        prompt = self.tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
         if not isinstance(prompt, list):  # transformers 5 returns a BatchEncoding
             prompt = prompt["input_ids"]
         return prompt, self.tok(answer, add_special_tokens=False)["input_ids"]
@@ -186,7 +193,8 @@ def train(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.what}: {n_params / 1e6:.2f}M parameters, vocab {vocab}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    stream = ProblemStream(tok, args.seed + 1, copy_frac=args.copy_frac)
+    few_shot = args.few_shot_frac if args.what == "ar" else 0.0
+    stream = ProblemStream(tok, args.seed + 1, copy_frac=args.copy_frac, few_shot_frac=few_shot)
     gen = torch.Generator().manual_seed(args.seed + 2)
     model.train()
     start, log = time.time(), []
@@ -234,7 +242,13 @@ def main() -> None:
     ap.add_argument("--mlp", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--copy-frac", type=float, default=0.25, help="share of auxiliary copy examples")
+    ap.add_argument("--copy-frac", type=float, default=0.0, help="share of auxiliary copy examples")
+    ap.add_argument(
+        "--few-shot-frac",
+        type=float,
+        default=0.3,
+        help="ar only: share of examples with 1-6 solved problems as earlier turns (few-shot KV-compression checks)",
+    )
     ap.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,

@@ -2,7 +2,7 @@ import pytest
 
 from dlmcache import LowConfidenceScheduler, ThresholdScheduler
 from dlmcache.cache import FreeCache, NoCache
-from dlmcache.run_config import RunConfig
+from dlmcache.run_config import RunConfig, split_configs
 from tests.test_pipeline import make_pipe
 
 
@@ -37,3 +37,11 @@ def test_apply(tiny_tokenizer):
     assert isinstance(pipe.scheduler, ThresholdScheduler) and pipe.scheduler.config.threshold == 0.8
     RunConfig.parse("none").apply(pipe, default)
     assert isinstance(pipe.cache, NoCache) and isinstance(pipe.scheduler, LowConfidenceScheduler)
+
+
+def test_split_configs():
+    assert split_configs("none,prefix, dual") == ["none", "prefix", "dual"]
+    with_options = "none;freecache:suffix_window=0,refresh_every=4;guide:path=g,top_k=3"
+    assert split_configs(with_options) == ["none", "freecache:suffix_window=0,refresh_every=4", "guide:path=g,top_k=3"]
+    cfg = RunConfig.parse(split_configs(with_options)[2])
+    assert cfg.guide == "g" and cfg.guide_options == {"top_k": 3}
