@@ -76,6 +76,31 @@ class ScoreInputs:
         scores = scores.masked_fill(~valid, float("-inf"))
         return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
+    def attention_received(self, window: int | None = None, chunk: int = 256) -> torch.Tensor:
+        """Attention each key receives, summed over the last `window` queries (all when None), as
+        [B, H_kv, G, L] float32: `window_attention(window).sum(3)` computed `chunk` queries at a time,
+        so an all-queries score (H2O, EMS, FastGen, D2O) never materialises the L x L matrix."""
+        if self.queries is None:
+            raise ValueError("this policy needs the queries: attach the model (CompressedCache(..., model=model))")
+        q = self.queries if window is None else self.queries[:, :, -window:]
+        b, hq, w, d = q.shape
+        g = hq // self.heads
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
+        qf = q.float().view(b, self.heads, g, w, d)
+        kf = self.keys.float()
+        pos = torch.arange(self.length, device=q.device)
+        out = torch.zeros(b, self.heads, g, self.length, device=q.device)
+        for start in range(0, w, chunk):
+            qc = qf[:, :, :, start : start + chunk]
+            scores = torch.einsum("bhgwd,bhld->bhgwl", qc, kf).mul_(scale)
+            qpos = self.length - w + start + torch.arange(qc.shape[3], device=q.device)
+            valid = pos[None, :] <= qpos[:, None]
+            if self.key_mask is not None:
+                valid = valid & self.head_mask[:, :, None, None, :]
+            scores.masked_fill_(~valid, float("-inf"))
+            out += torch.softmax(scores, dim=-1).nan_to_num_(0.0).sum(3)
+        return out
+
 
 class EvictionPolicy:
     """Base of the eviction scorers (each a small dataclass). Subclasses implement `score` and set

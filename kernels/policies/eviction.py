@@ -90,8 +90,7 @@ class H2O(EvictionPolicy):
         check_positive("window", self.window, allow_zero=True)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        attn = inputs.window_attention(None)  # [B, H, G, L, L]
-        return attn.mean(3).mean(2)
+        return inputs.attention_received(None).mean(2) / inputs.length  # mean over queries and the group
 
 
 @dataclass

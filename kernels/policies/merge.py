@@ -79,9 +79,8 @@ class EMS(EvictionPolicy):
     needs = frozenset({"all_queries"})
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        attn = inputs.window_attention(None)  # [B, H, G, L, L]
-        global_ = attn.mean(3).mean(2)
-        local = attn[..., -self.window :, :].mean(3).mean(2)
+        global_ = inputs.attention_received(None).mean(2)
+        local = inputs.attention_received(self.window).mean(2)
         norm = lambda x: x / x.sum(-1, keepdim=True).clamp_min(1e-9)  # noqa: E731
         return norm(global_) + norm(local)
 

@@ -91,7 +91,7 @@ class FastGen(EvictionPolicy):
         return [special, punct, frequent, local, torch.ones_like(local)]
 
     def select_ragged(self, inputs, keep):
-        attn = inputs.window_attention(None).sum(3).mean(2)  # [B, H, L] attention each token receives
+        attn = inputs.attention_received(None).mean(2)  # [B, H, L] attention each token receives
         heavy = attn.clone()
         if inputs.key_mask is not None:
             heavy = heavy.masked_fill(~inputs.head_mask, float("-inf"))
@@ -114,7 +114,8 @@ class D2OBudget(BudgetAllocator):
     """D2O's layer budgets (Wan et al., arXiv 2406.13035): layers whose attention varies less across the
     sequence keep fewer tokens: ratio_l = clamp(softmax(-v)_l * L * budget, 0.01, 1) with v_l the
     min-max normalised variance of the column sums of the prefill attention; layers 0, 1 and the last
-    keep everything. Cascades like CAKE: budgets are shared over the layers seen so far."""
+    keep everything, paid for out of the same total (and only when that costs at most half of it), so
+    the cache keeps its byte budget. Cascades like CAKE: budgets are shared over the layers seen so far."""
 
     name = "d2o_budget"
     cascading = True
@@ -124,7 +125,7 @@ class D2OBudget(BudgetAllocator):
         self.num_layers = 0
 
     def observe(self, inputs: ScoreInputs) -> None:
-        cols = inputs.window_attention(None).sum(3)  # [B, H, G, L]
+        cols = inputs.attention_received(None)  # [B, H, G, L]
         var = cols.var(-1)
         var = (var - var.amin()) / (var.amax() - var.amin()).clamp_min(1e-9)
         self.variances[inputs.layer_idx] = var.mean().item()
@@ -132,12 +133,18 @@ class D2OBudget(BudgetAllocator):
 
     def cascade_budgets(self, budget, length, layers):
         avg = resolve_budget(budget, length)
-        v = torch.tensor([self.variances[i] for i in layers], dtype=torch.float64)
-        share = torch.softmax(-v, 0) * len(layers) * avg / length
-        out = {}
-        for i, r in zip(layers, share.clamp(0.01, 1.0).tolist(), strict=True):
-            full = i in (0, 1) or i == self.num_layers - 1
-            out[i] = length if full else max(1, round(r * length))
+        n = self.num_layers
+        # The full layers are paid for out of the same total, and only when they take at most half
+        # of it (at 10% of 30 layers they would take all of it).
+        protected = {0, 1, n - 1} if 3 * length <= 0.5 * n * avg else set()
+        avg_rest = (n * avg - len(protected) * length) / max(1, n - len(protected))
+        rest = [i for i in layers if i not in protected]
+        out = {i: length for i in layers if i in protected}
+        if rest:
+            v = torch.tensor([self.variances[i] for i in rest], dtype=torch.float64)
+            share = torch.softmax(-v, 0) * len(rest) * avg_rest / length
+            for i, r in zip(rest, share.clamp(0.01, 1.0).tolist(), strict=True):
+                out[i] = max(1, round(r * length))
         return out
 
     def layer_budget(self, budget, length, layer_idx, num_layers):

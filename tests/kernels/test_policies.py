@@ -520,3 +520,13 @@ def test_largest_remainder():
 
     assert largest_remainder(torch.tensor([[2.5, 2.5, 3.0]])).tolist() in ([[3, 2, 3]], [[2, 3, 3]])
     assert largest_remainder(torch.tensor([[1.2, 1.3, 1.5]])).sum().item() == 4
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_received_in_chunks_equals_the_full_matrix(window):
+    torch.manual_seed(0)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :4] = False  # left padding in row 1
+    inp = inputs(b=2, length=13, w=13, key_mask=mask)
+    full = inp.window_attention(window).sum(3)
+    torch.testing.assert_close(inp.attention_received(window, chunk=3), full, rtol=1e-6, atol=1e-6)
