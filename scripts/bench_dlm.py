@@ -49,6 +49,7 @@ DEFAULT_MODES = [
     "freecache",
     "freecache:suffix_window=32",
     "freecache:suffix_window=0",
+    "freecache:refresh_every=4",
     "dual+threshold=0.9",
     "freecache:suffix_window=0+threshold=0.9",
     "freecache:suffix_window=0+guide:path=random,top_k=32768,relative=0",

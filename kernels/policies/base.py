@@ -57,48 +57,42 @@ class ScoreInputs:
             return None
         return self.key_mask if self.key_mask.dim() == 3 else self.key_mask[:, None].expand(-1, self.heads, -1)
 
-    def window_attention(self, window: int | None = None) -> torch.Tensor:
-        """Softmax attention of the last `window` queries over all keys, [B, H_kv, G, W, L] in float32
-        (G query heads per KV head), causal inside the window and without padded keys."""
+    def _grouped_queries(self, window: int | None) -> torch.Tensor:
+        """The last `window` queries (all when None) as float32 [B, H_kv, G, W, D], pre-scaled."""
         if self.queries is None:
             raise ValueError("this policy needs the queries: attach the model (CompressedCache(..., model=model))")
         q = self.queries if window is None else self.queries[:, :, -window:]
         b, hq, w, d = q.shape
-        g = hq // self.heads
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
-        qf = q.float().view(b, self.heads, g, w, d)
-        scores = torch.einsum("bhgwd,bhld->bhgwl", qf, self.keys.float()) * scale
-        pos = torch.arange(self.length, device=q.device)
-        qpos = self.length - w + torch.arange(w, device=q.device)
+        return q.float().view(b, self.heads, hq // self.heads, w, d) * scale
+
+    def _attention_rows(self, qf: torch.Tensor, start: int, w: int) -> torch.Tensor:
+        """Softmax rows of queries `qf` (window offsets start.. of a window of w) over all keys, causal
+        inside the window and without padded keys; fully masked rows are 0."""
+        scores = torch.einsum("bhgwd,bhld->bhgwl", qf, self.keys.float())
+        pos = torch.arange(self.length, device=qf.device)
+        qpos = self.length - w + start + torch.arange(qf.shape[3], device=qf.device)
         valid = pos[None, :] <= qpos[:, None]  # [W, L]
         if self.key_mask is not None:
             valid = valid & self.head_mask[:, :, None, None, :]
-        scores = scores.masked_fill(~valid, float("-inf"))
-        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        scores.masked_fill_(~valid, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+
+    def window_attention(self, window: int | None = None) -> torch.Tensor:
+        """Softmax attention of the last `window` queries over all keys, [B, H_kv, G, W, L] in float32
+        (G query heads per KV head), causal inside the window and without padded keys."""
+        qf = self._grouped_queries(window)
+        return self._attention_rows(qf, 0, qf.shape[3])
 
     def attention_received(self, window: int | None = None, chunk: int = 256) -> torch.Tensor:
         """Attention each key receives, summed over the last `window` queries (all when None), as
         [B, H_kv, G, L] float32: `window_attention(window).sum(3)` computed `chunk` queries at a time,
         so an all-queries score (H2O, EMS, FastGen, D2O) never materialises the L x L matrix."""
-        if self.queries is None:
-            raise ValueError("this policy needs the queries: attach the model (CompressedCache(..., model=model))")
-        q = self.queries if window is None else self.queries[:, :, -window:]
-        b, hq, w, d = q.shape
-        g = hq // self.heads
-        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
-        qf = q.float().view(b, self.heads, g, w, d)
-        kf = self.keys.float()
-        pos = torch.arange(self.length, device=q.device)
-        out = torch.zeros(b, self.heads, g, self.length, device=q.device)
+        qf = self._grouped_queries(window)
+        w = qf.shape[3]
+        out = qf.new_zeros(*qf.shape[:3], self.length)
         for start in range(0, w, chunk):
-            qc = qf[:, :, :, start : start + chunk]
-            scores = torch.einsum("bhgwd,bhld->bhgwl", qc, kf).mul_(scale)
-            qpos = self.length - w + start + torch.arange(qc.shape[3], device=q.device)
-            valid = pos[None, :] <= qpos[:, None]
-            if self.key_mask is not None:
-                valid = valid & self.head_mask[:, :, None, None, :]
-            scores.masked_fill_(~valid, float("-inf"))
-            out += torch.softmax(scores, dim=-1).nan_to_num_(0.0).sum(3)
+            out += self._attention_rows(qf[:, :, :, start : start + chunk], start, w).sum(3)
         return out
 
 
