@@ -23,7 +23,7 @@ def test_forward_matches_independent_reference(arch, tiny_tokenizer):
 def test_left_padding_matches_unpadded(arch, tiny_tokenizer):
     """The attention mask is honoured: a left-padded row gives the logits of the row alone."""
     model = BUILDERS[arch](tiny_tokenizer)
-    short, long_ = torch.randint(5, 300, (1, 6)), torch.randint(5, 300, (1, 10))
+    short, long_ = torch.randint(5, 280, (1, 6)), torch.randint(5, 280, (1, 10))
     batch = torch.cat([torch.cat([torch.full((1, 4), tiny_tokenizer.pad_token_id), short], 1), long_])
     mask = torch.ones_like(batch)
     mask[0, :4] = 0
@@ -40,7 +40,7 @@ def test_left_padding_matches_unpadded(arch, tiny_tokenizer):
 def test_positions_are_relative_under_rope(arch, tiny_tokenizer):
     """Shifting every position by a constant leaves bidirectional RoPE attention unchanged."""
     model = BUILDERS[arch](tiny_tokenizer).double()
-    ids = torch.randint(5, 300, (1, 9))
+    ids = torch.randint(5, 280, (1, 9))
     pos = torch.arange(9)[None]
     with torch.no_grad():
         a = model(ids, positions=pos).logits
@@ -52,7 +52,7 @@ def test_positions_are_relative_under_rope(arch, tiny_tokenizer):
 
 def test_dream_logits_are_shifted(tiny_tokenizer):
     model = tiny_dream(tiny_tokenizer)
-    ids = torch.randint(5, 300, (2, 8))
+    ids = torch.randint(5, 280, (2, 8))
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states
         shifted = model(ids).logits
@@ -66,7 +66,7 @@ def test_dream_logits_are_shifted(tiny_tokenizer):
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_bf16_close_to_fp32(arch, tiny_tokenizer):
     model = BUILDERS[arch](tiny_tokenizer)
-    ids = torch.randint(5, 300, (2, 12))
+    ids = torch.randint(5, 280, (2, 12))
     with torch.no_grad():
         ref = model(ids).logits
         low = model.to(torch.bfloat16)(ids).logits
@@ -161,7 +161,7 @@ def test_kernels_attention_backend_matches_sdpa(arch, tiny_tokenizer):
     from dlmcache.cache import KVBuffer
 
     model = BUILDERS[arch](tiny_tokenizer)
-    ids = torch.randint(5, 300, (2, 12))
+    ids = torch.randint(5, 280, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -25,6 +25,7 @@ def make_pipe(tokenizer, arch="llada", scheduler=None, **model_kw):
 )
 def test_batch_equals_one_by_one(arch, scheduler, tiny_tokenizer):
     pipe = make_pipe(tiny_tokenizer, arch, scheduler)
+    pipe.model.double()  # a random model has near-ties that float32 rounding of padded rows can flip
     kw = dict(max_new_tokens=16, block_length=8, steps=8)
     batch = pipe(PROMPTS, **kw)
     for i, p in enumerate(PROMPTS):
