@@ -245,7 +245,7 @@ def tiny_few_shot_accuracy(settings_by_name: dict, n: int, shots: int = 6) -> di
     ]
     prompts = [p["input_ids"] if not torch.is_tensor(p) else p for p in prompts]
     result = {"prompt_tokens": prompts[0].shape[1]}
-    for name, settings in {"full": {}} | settings_by_name.items():
+    for name, settings in ({"full": {}} | settings_by_name).items():
         correct = 0
         for p, ids in zip(problems, prompts, strict=True):
             cache = CompressedCache(model=model, **settings)
@@ -371,7 +371,7 @@ def print_table(result: dict) -> None:
         extra = result["at_25"].get(name, {})
         pk = "".join("✓" if f else "✗" for f in extra.get("passkey", [])) or "-"
         speed = f"{extra['decode_speed_vs_full']:.2f}x" if extra else "-"
-        err = result["attention_rel_error_at_25"].get(name)
+        err = result.get("attention_rel_error_at_25", {}).get(name)
         acc = tiny.get(name)
         print(
             f"| {name} | "
