@@ -30,8 +30,26 @@ def ragged_topk(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.LongT
     return torch.where(kept, index, last), kept
 
 
+class HeadBudgetWrapper(EvictionPolicy):
+    """A head-budget policy around a token `scorer`: it scores with the scorer (same needs, query
+    window and scores) and only decides how many tokens each head keeps."""
+
+    scorer: EvictionPolicy
+
+    def adopt_scorer(self) -> None:
+        self.needs = self.scorer.needs
+        self.window = self.scorer.window
+
+    @property
+    def query_window(self):
+        return self.scorer.query_window
+
+    def score(self, inputs):
+        return self.scorer.score(inputs)
+
+
 @dataclass
-class AdaKV(EvictionPolicy):
+class AdaKV(HeadBudgetWrapper):
     """Adaptive head budgets (Feng et al., "Ada-KV", arXiv 2407.11550) around any scorer: the layer's
     H * keep slots go to the best scores across all its heads, each head keeping at least
     `safeguard` * keep of its own (scores normalised per head to sum 1, so heads compare)."""
@@ -43,15 +61,7 @@ class AdaKV(EvictionPolicy):
     def __post_init__(self):
         if not 0 <= self.safeguard <= 1:
             raise ValueError(f"safeguard={self.safeguard} must be in [0, 1]")
-        self.needs = self.scorer.needs
-        self.window = self.scorer.window
-
-    @property
-    def query_window(self):
-        return self.scorer.query_window
-
-    def score(self, inputs):
-        return self.scorer.score(inputs)
+        self.adopt_scorer()
 
     def select_ragged(self, inputs, keep):
         scores = self.scorer.ranking(inputs)
@@ -73,7 +83,7 @@ class AdaKV(EvictionPolicy):
 
 
 @dataclass
-class HeadKV(EvictionPolicy):
+class HeadKV(HeadBudgetWrapper):
     """Head budgets from offline head importance (Fu et al., "Not All Heads Matter", arXiv 2410.19258):
     with per-layer budget B, head h keeps (B - B/beta) + s_h * (B/beta) * H tokens, s the layer's head
     scores normalised to sum 1 (`head_scores`: [num_layers, H_kv] from a retrieval-reasoning
@@ -87,15 +97,7 @@ class HeadKV(EvictionPolicy):
     def __post_init__(self):
         if self.beta <= 1:
             raise ValueError(f"beta={self.beta} must be > 1")
-        self.needs = self.scorer.needs
-        self.window = self.scorer.window
-
-    @property
-    def query_window(self):
-        return self.scorer.query_window
-
-    def score(self, inputs):
-        return self.scorer.score(inputs)
+        self.adopt_scorer()
 
     def select_ragged(self, inputs, keep):
         scores = self.scorer.ranking(inputs)
