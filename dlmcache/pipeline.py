@@ -248,6 +248,7 @@ class DLMPipeline(DiffusionPipeline):
         chat_template: bool | None = None,
         stop_at_eos: bool | None = None,
         return_dict: bool = True,
+        callback_on_step_end=None,
     ) -> DLMPipelineOutput | tuple:
         """Generate `max_new_tokens` tokens after each prompt.
 
@@ -255,6 +256,9 @@ class DLMPipeline(DiffusionPipeline):
         over the `max_new_tokens // block_length` blocks. stop_at_eos: once a row's text up to an
         EOS is fully committed, fill the rest of the row with EOS instead of denoising it (default:
         on for the guided scheduler, off otherwise, as in the reference samplers).
+        callback_on_step_end: `fn(pipe, step, {"sequences": [B, G], "commit_step": [B, G]})` after
+        every denoising step (masked positions hold the mask token; commit_step is -1 there); the
+        tensors are the live buffers, so copy what you keep. Used by the demo's live view.
         """
         # 1. Check inputs and encode the prompts.
         steps = max_new_tokens if steps is None else steps
@@ -325,6 +329,8 @@ class DLMPipeline(DiffusionPipeline):
                         filled = self._fill_after_eos(x[:, p_len:])
                         commit_step.masked_fill_(filled, nfe)
                     nfe += 1
+                    if callback_on_step_end is not None:
+                        callback_on_step_end(self, nfe, {"sequences": x[:, p_len:], "commit_step": commit_step})
                     bar.update()
         elapsed = time.perf_counter() - start_time
 

@@ -168,3 +168,21 @@ def test_bf16_pipeline_runs(tiny_tokenizer):
     pipe.to(torch.bfloat16)
     out = pipe(PROMPTS, max_new_tokens=8, block_length=4)
     assert out.sequences.shape == (3, 8) and not (out.sequences == tiny_tokenizer.mask_token_id).any()
+
+
+@pytest.mark.parametrize("scheduler", [LowConfidenceScheduler(), ThresholdScheduler(threshold=0.5)])
+def test_step_callback_sees_each_committed_state(scheduler, tiny_tokenizer):
+    pipe = make_pipe(tiny_tokenizer, scheduler=scheduler)
+    frames = []
+
+    def on_step(p, step, state):
+        assert p is pipe
+        frames.append((step, state["sequences"].clone(), state["commit_step"].clone()))
+
+    out = pipe(["hello there", "a b c d"], max_new_tokens=16, block_length=8, callback_on_step_end=on_step)
+    assert [f[0] for f in frames] == list(range(1, out.nfe + 1))
+    for step, seq, commit in frames:
+        done = (out.commit_step >= 0) & (out.commit_step < step)  # committed by the end of this step
+        assert torch.equal(commit >= 0, done)
+        assert torch.equal(seq[done], out.sequences[done])
+        assert (seq[~done] == pipe.mask_token_id).all()

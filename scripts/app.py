@@ -1,0 +1,209 @@
+"""Gradio demo (also a Hugging Face Space): watch a diffusion LM denoise, with and without FreeCache
+and guided unmasking.
+
+    python scripts/app.py                                # bundled tiny model, offline, CPU
+    python scripts/app.py --model PATH_OR_ID --guide PATH_OR_ID --device cuda --dtype bfloat16
+
+The same prompt is decoded three times: no cache, FreeCache, and FreeCache with the AR guide. Each
+panel shows the canvas live: masked positions as grey blocks, committed tokens coloured by the step
+that committed them (blue early, red late). Then tokens/s, DLM forwards and the speedup over `none`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+try:
+    import dlmcache  # noqa: F401
+except ImportError:  # a Space runs this file from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gradio as gr
+import torch
+
+from dlmcache import DLMPipeline
+from dlmcache.run_config import RunConfig
+
+MAX_PROMPT_CHARS = 2000
+MAX_NEW_TOKENS = 512
+FRAME_SECONDS = 0.05  # at most ~20 UI updates per second per panel
+EXAMPLES = ["Compute 45+38-27.", "Compute 72-35+18.", "Compute 19+26+33."]
+CSS = """
+.canvas { font-family: ui-monospace, monospace; line-height: 1.9; word-break: break-word; }
+.canvas .m { background: #d0d0d0; color: #d0d0d0; border-radius: 3px; padding: 0 2px; margin: 0 1px; }
+.canvas .t { border-radius: 3px; padding: 0 1px; color: #fff; }
+.canvas .eos { color: #aaa; font-size: 0.7em; }
+"""
+
+
+class Demo:
+    """The pipeline and the three decoding modes; one generation at a time (the queue serialises)."""
+
+    def __init__(self, model: str, guide: str | None, device: str, dtype: torch.dtype):
+        self.pipe = DLMPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.default_scheduler = self.pipe.scheduler
+        self.guide = guide
+        self.lock = threading.Lock()
+
+    def modes(self, threshold: float) -> list[tuple[str, str]]:
+        """(label, run_config) of each panel; the threshold applies to the unguided modes."""
+        th = f"+threshold={threshold}" if threshold > 0 else ""
+        modes = [("none", f"none{th}"), ("freecache", f"freecache{th}")]
+        if self.guide:
+            modes.append(("freecache + guide", f"freecache+guide={self.guide}"))
+        return modes
+
+    def check(self, prompt: str, max_new_tokens: int, block_length: int, steps: int, threshold: float) -> None:
+        """Raise a `gr.Error` (shown in the page) for a request the pipeline would refuse or that is too big."""
+        if not prompt or not prompt.strip():
+            raise gr.Error("The prompt is empty.")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise gr.Error(f"The prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise gr.Error(f"max_new_tokens={max_new_tokens} must be in 1..{MAX_NEW_TOKENS}.")
+        if not 0 <= threshold < 1:
+            raise gr.Error(f"threshold={threshold} must be in [0, 1) (0 turns it off).")
+        try:
+            self.pipe.check_inputs(max_new_tokens, block_length, steps)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    def decode_live(self, label: str, prompt: str, config: str, max_new_tokens: int, block_length: int, steps: int):
+        """Yield (html, None) frames while the pipeline runs in a worker thread, then (html, output)."""
+        RunConfig.parse(config).apply(self.pipe, self.default_scheduler)
+        frames: queue.Queue = queue.Queue()
+        result = {}
+
+        def on_step(pipe, step, state):
+            frames.put((step, state["sequences"][0].tolist(), state["commit_step"][0].tolist()))
+
+        def work():
+            try:
+                result["out"] = self.pipe(
+                    [[{"role": "user", "content": prompt}]],
+                    max_new_tokens=max_new_tokens,
+                    block_length=block_length,
+                    steps=steps,
+                    callback_on_step_end=on_step,
+                )
+            except Exception as e:  # reported in the page by the caller
+                result["error"] = e
+            frames.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        last, latest = 0.0, None
+        while (item := frames.get()) is not None:
+            latest = item
+            if time.perf_counter() - last >= FRAME_SECONDS:
+                last = time.perf_counter()
+                yield self.render(label, *latest, steps), None
+        if "error" in result:
+            raise gr.Error(f"{config}: {result['error']}")
+        out = result["out"]
+        yield self.render(label, out.nfe, out.sequences[0].tolist(), out.commit_step[0].tolist(), out.nfe), out
+
+    def render(self, label: str, step: int, ids: list[int], commit: list[int], total: int) -> str:
+        tok, mask, eos = self.pipe.tokenizer, self.pipe.mask_token_id, self.pipe.tokenizer.eos_token_id
+        parts = []
+        for t, c in zip(ids, commit, strict=True):
+            if t == mask:
+                parts.append('<span class="m">▒</span>')
+            elif t == eos:
+                parts.append('<span class="eos">·</span>')
+            else:
+                hue = int(240 * (1 - c / max(total - 1, 1)))  # blue = early, red = late
+                text = html.escape(tok.decode([t])).replace(" ", "&nbsp;")
+                parts.append(f'<span class="t" style="background:hsl({hue},70%,45%)" title="step {c}">{text}</span>')
+        return f'<div class="canvas"><b>{html.escape(label)}</b> · step {step}<br>{"".join(parts)}</div>'
+
+    def run(self, prompt: str, max_new_tokens: int, block_length: int, steps: int, threshold: float):
+        """The Run button: the three panels update live one after another, then the stats table."""
+        max_new_tokens, block_length, steps = int(max_new_tokens), int(block_length), int(steps or max_new_tokens)
+        self.check(prompt, max_new_tokens, block_length, steps, threshold)
+        modes = self.modes(threshold)
+        canvases, texts, rows = ["", "", ""], ["", "", ""], []
+        with self.lock:
+            for i, (label, config) in enumerate(modes):
+                for canvas, out in self.decode_live(label, prompt, config, max_new_tokens, block_length, steps):
+                    canvases[i] = canvas
+                    if out is not None:
+                        texts[i] = out.texts[0]
+                        rows.append((label, config, out))
+                    yield *canvases, *texts, stats_table(rows)
+
+
+def stats_table(rows) -> str:
+    if not rows:
+        return ""
+    base = rows[0][2].stats["answer_tokens_per_second"]
+    lines = [
+        "| mode | config | answer tokens/s | DLM forwards | tokens / forward | speedup vs none |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, config, out in rows:
+        tps = out.stats["answer_tokens_per_second"]
+        lines.append(
+            f"| {label} | `{config}` | {tps:.1f} | {out.nfe} | {out.stats['answer_tokens'] / max(out.nfe, 1):.2f} | "
+            f"{tps / base:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def build(demo: Demo) -> gr.Blocks:
+    with gr.Blocks(title="dlmcache: FreeCache and guided unmasking") as app:
+        gr.Markdown(
+            "# dlmcache\nA diffusion LM fills a canvas of masks over several denoising steps. **FreeCache** "
+            "reuses the K/V of the prompt and finished blocks instead of recomputing them every step; a "
+            "small **autoregressive guide** verifies the drafts so many tokens commit per step. "
+            "Grey blocks are still masked; colours give the step each token was committed at (blue early, red late)."
+        )
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], max_length=MAX_PROMPT_CHARS, scale=4)
+            run = gr.Button("Run", variant="primary", scale=1)
+        with gr.Row():
+            max_new = gr.Slider(8, MAX_NEW_TOKENS, value=64, step=8, label="max_new_tokens")
+            block = gr.Slider(4, 128, value=32, step=4, label="block length")
+            steps = gr.Number(value=64, precision=0, label="steps (0 = max_new_tokens)")
+            threshold = gr.Slider(0, 0.99, value=0, step=0.01, label="threshold (0 = one token per step)")
+        gr.Examples(EXAMPLES, inputs=prompt)
+        labels = [m[0] for m in demo.modes(0)] + [""] * (3 - len(demo.modes(0)))
+        canvases, texts = [], []
+        with gr.Row():
+            for label in labels:
+                with gr.Column(visible=bool(label)):
+                    canvases.append(gr.HTML(label=label, value=f"<b>{label}</b>"))
+                    texts.append(gr.Textbox(label=f"{label} output", interactive=False))
+        stats = gr.Markdown(elem_id="stats")
+        run.click(demo.run, [prompt, max_new, block, steps, threshold], [*canvases, *texts, stats], concurrency_limit=1)
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dlmcache/tiny")
+    ap.add_argument("--guide", default="dlmcache/tiny-guide", help="'' for no guided panel")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    demo = Demo(args.model, args.guide or None, args.device, getattr(torch, args.dtype))
+    build(demo).queue(max_size=16, default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, css=CSS, show_error=True
+    )
+
+
+if __name__ == "__main__":
+    main()
