@@ -52,6 +52,7 @@ class CompressedLayer(CacheLayerMixin):
         self.since_compress = 0
         self.store = None  # a QuantizedStore when a quantizer is set
         self.scores: torch.Tensor | None = None  # [B, H, S] ranking of the kept tokens (cascading budgets)
+        self.tags: torch.Tensor | None = None  # [B, H, S] the caller's labels of the stored entries
         self.recall_state: dict | None = None  # recall policies: what `recall` needs at each step
         self.recall_keep = 0
         self.prompt_length = 0
@@ -87,6 +88,7 @@ class CompressedLayer(CacheLayerMixin):
             self.returned_stored = False
             self.keys, self.values = key_states, value_states
             self.valid = self.owner.prompt_mask(b, n, key_states.device)[:, None].expand(-1, h, -1)
+            self.tags = self.owner.tags_for(b, h, n, key_states.device)
             self.seen = n
             if self.owner.needs_model:
                 if self.owner._detach is None:
@@ -101,6 +103,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen += n
         self.returned_stored = True
         self.valid = torch.cat([self.valid, new_valid], 2)
+        self.tags = torch.cat([self.tags, self.owner.tags_for(b, h, n, key_states.device)], 2)
         if self.store is not None:
             self.store.append(key_states, value_states)
             keys, values = self.store.read()
@@ -115,7 +118,7 @@ class CompressedLayer(CacheLayerMixin):
         return keys, values
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.store = self.scores = self.recall_state = None
+        self.keys = self.values = self.valid = self.tags = self.store = self.scores = self.recall_state = None
         self.seen, self.pending, self.since_compress = 0, False, 0
         self.is_initialized = False
 
@@ -143,7 +146,10 @@ class CompressedCache(Cache):
     policies that read queries / hidden states, by per-layer budgets and by padded batches.
     capture_queries: keep every layer's prefill queries in `queries` (to compress the same prefill
     with other policies through `load_prefill`). token_ids: the prompt ids [B, L], for policies that
-    read them (SentenceKV, FastGen).
+    read them (SentenceKV, FastGen). token_tags: integer labels [B, L] of the next tokens to arrive
+    (the prompt's at first), e.g. the screenshot index of each visual token and -1 for text; they
+    follow the tokens through eviction and reach policies as `ScoreInputs.tags` (GUI-KV reads them).
+    They label a segment of exactly their length; set `cache.token_tags` again for a later segment.
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class CompressedCache(Cache):
         attention_mask: torch.Tensor | None = None,
         capture_queries: bool = False,
         token_ids: torch.Tensor | None = None,
+        token_tags: torch.Tensor | None = None,
     ):
         if policy is not None and not isinstance(policy, EvictionPolicy):
             raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
@@ -168,6 +175,7 @@ class CompressedCache(Cache):
         self.compress_every = compress_every
         self.attention_mask = attention_mask
         self.token_ids = token_ids
+        self.token_tags = token_tags
         self.num_layers: int | None = None
         self.hidden: dict[int, torch.Tensor] = {}
         self.capture_queries = capture_queries
@@ -216,6 +224,14 @@ class CompressedCache(Cache):
                 return mask
         return torch.ones(batch, length, dtype=torch.bool, device=device)
 
+    def tags_for(self, batch: int, heads: int, length: int, device) -> torch.Tensor:
+        """[B, H, n] labels of `length` arriving tokens: `token_tags` when it has that shape (the
+        segment it was set for), else -1 (e.g. decoded tokens)."""
+        tags = self.token_tags
+        if tags is None or tuple(tags.shape) != (batch, length):
+            return torch.full((batch, heads, length), -1, dtype=torch.long, device=device)
+        return tags.to(device=device, dtype=torch.long)[:, None].expand(-1, heads, -1)
+
     def layer_budget(self, layer: CompressedLayer) -> int:
         num_layers = self.num_layers or max(len(self.layers), layer.layer_idx + 1)
         return self.allocator.layer_budget(self.budget, layer.seen, layer.layer_idx, num_layers)
@@ -238,6 +254,7 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values, layer.seen = keys, values, keys.shape[2]
+        layer.tags = self.tags_for(keys.shape[0], keys.shape[1], keys.shape[2], keys.device)
         mask = key_mask.bool() if key_mask is not None else self.prompt_mask(keys.shape[0], keys.shape[2], keys.device)
         layer.valid = mask if mask.dim() == 3 else mask[:, None].expand(-1, keys.shape[1], -1)
         if hidden is not None:
@@ -287,6 +304,8 @@ class CompressedCache(Cache):
             hidden=self.hidden.pop(layer.layer_idx, None),
             key_mask=layer.valid,
             token_ids=self.token_ids,
+            tags=layer.tags,
+            budget=self.layer_budget(layer),
             scale=scale,
         )
         if getattr(self.policy, "is_recall", False):
@@ -315,6 +334,7 @@ class CompressedCache(Cache):
                 self._gather(layer, keys, values, index, kept)
             else:
                 layer.valid = layer.valid.gather(2, index) & kept
+                layer.tags = layer.tags.gather(2, index)
                 layer.keys, layer.values = merged[0].contiguous(), merged[1].contiguous()
                 layer.store = None
 
@@ -324,6 +344,7 @@ class CompressedCache(Cache):
 
         keys, values = gather_kv(keys, values, index)
         layer.valid = layer.valid.gather(2, index) & kept
+        layer.tags = layer.tags.gather(2, index)
         layer.keys, layer.values = keys.contiguous(), values.contiguous()
         layer.store = None
 
@@ -420,8 +441,9 @@ def _register_attention(base: str) -> str:
     def attention(module, query, key, value, attention_mask, **kwargs):
         cache = _ACTIVE.get()
         layer = None
-        if cache is not None and module.layer_idx < len(cache.layers):
-            layer = cache.layers[module.layer_idx]
+        layer_idx = getattr(module, "layer_idx", None)  # None: e.g. a VLM's vision tower
+        if cache is not None and layer_idx is not None and layer_idx < len(cache.layers):
+            layer = cache.layers[layer_idx]
         if layer is not None and layer.returned_stored:
             attention_mask = _layer_mask(layer, query.shape[2], query.shape[1])
             if layer.recall_state is not None:

@@ -22,9 +22,11 @@ class ScoreInputs:
     keys / values: [B, H_kv, L, D] (keys after RoPE); queries: [B, H_q, W, D] the last W queries of the
     prefill (after RoPE), when the model is attached; hidden: [B, L, d] the attention input (after the
     layer norm), when a policy needs it; key_mask: [B, L] or [B, H_kv, L], True for real tokens;
-    token_ids: [B, L];
+    token_ids: [B, L]; tags: [B, H_kv, L] integer labels of the stored tokens that a caller set
+    (e.g. which screenshot a visual token came from, -1 for text; see `CompressedCache.token_tags`);
+    budget: how many tokens this layer keeps (for scores that depend on it, as GUI-KV's);
     layer_idx / num_layers; scale: the attention scale (1/sqrt(D) by default); extra: anything a
-    caller adds for a specific policy (e.g. the screenshot spans of GUI-KV).
+    caller adds for a specific policy.
     """
 
     keys: torch.Tensor
@@ -35,6 +37,8 @@ class ScoreInputs:
     hidden: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
+    tags: torch.Tensor | None = None
+    budget: int | None = None
     scale: float | None = None
     extra: dict = field(default_factory=dict)
 
