@@ -113,7 +113,15 @@ class CompressedLayer(CacheLayerMixin):
             keys, values = self.keys, self.values
         self.since_compress += n
         every = self.owner.compress_every
-        if every and self.since_compress >= every and not self.owner.needs_model:
+        if n > 1 and self.owner.compress_segments:
+            # a new multi-token segment (an agent's next turn): compress everything stored, after this
+            # layer's attention when the policy reads the segment's queries
+            if self.owner.needs_model:
+                self.pending = True
+            else:
+                self.owner.compress(self)
+                keys, values = self.store.read() if self.store is not None else (self.keys, self.values)
+        elif every and self.since_compress >= every and not self.owner.needs_model:
             self.owner.compress(self)
         return keys, values
 
@@ -150,6 +158,8 @@ class CompressedCache(Cache):
     (the prompt's at first), e.g. the screenshot index of each visual token and -1 for text; they
     follow the tokens through eviction and reach policies as `ScoreInputs.tags` (GUI-KV reads them).
     They label a segment of exactly their length; set `cache.token_tags` again for a later segment.
+    compress_segments: also compress (everything stored, to the budget of everything seen) after each
+    later multi-token segment, not only after the first prefill: a multi-turn session's new turns.
     """
 
     def __init__(
@@ -164,6 +174,7 @@ class CompressedCache(Cache):
         capture_queries: bool = False,
         token_ids: torch.Tensor | None = None,
         token_tags: torch.Tensor | None = None,
+        compress_segments: bool = False,
     ):
         if policy is not None and not isinstance(policy, EvictionPolicy):
             raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
@@ -176,6 +187,7 @@ class CompressedCache(Cache):
         self.attention_mask = attention_mask
         self.token_ids = token_ids
         self.token_tags = token_tags
+        self.compress_segments = compress_segments
         self.num_layers: int | None = None
         self.hidden: dict[int, torch.Tensor] = {}
         self.capture_queries = capture_queries
@@ -231,6 +243,19 @@ class CompressedCache(Cache):
         if tags is None or tuple(tags.shape) != (batch, length):
             return torch.full((batch, heads, length), -1, dtype=torch.long, device=device)
         return tags.to(device=device, dtype=torch.long)[:, None].expand(-1, heads, -1)
+
+    def drop_tagged(self, drop: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Remove the stored entries whose tags satisfy `drop(tags) -> bool mask` (e.g. screenshots
+        that fell out of an agent's history), in every layer; memory shrinks accordingly."""
+        for layer in self.layers:
+            if layer.keys is None:
+                raise ValueError("drop_tagged works on unquantized layers only")
+            keep = layer.valid & ~drop(layer.tags)
+            count = int(keep.sum(-1).max())
+            length = keep.shape[-1]
+            order = keep.float() * (2 * length) - torch.arange(length, device=keep.device)  # kept first, in order
+            index = order.topk(count, dim=-1).indices.sort(-1).values
+            self._gather(layer, layer.keys, layer.values, index, keep.gather(2, index))
 
     def layer_budget(self, layer: CompressedLayer) -> int:
         num_layers = self.num_layers or max(len(self.layers), layer.layer_idx + 1)

@@ -279,3 +279,78 @@ def test_guikv_and_prefixkv_on_a_text_only_model():
     model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False)
     cache.detach()
     assert sum(cache.stored_tokens()) - 2 == sum(round(r * 40) for r in profile.keep_ratios)
+
+
+# ---------------------------------------------------------------- the agent session
+
+
+def _session_run(session, turns=3):
+    texts, logits = [], []
+    for t in range(turns):
+        texts.append(session.step(_shot(t), f"Click button {t}"))
+        logits.append(session.last_logits)
+    return texts, logits
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_session_reusing_the_cache_equals_reprefilling_every_turn(kind, processor):
+    from vlm.agent import GUIAgentSession
+
+    model = tiny_vlm(processor, kind, seed=1)
+    reuse = GUIAgentSession(model, processor, max_new_tokens=5)
+    again = GUIAgentSession(model, processor, max_new_tokens=5, reuse_cache=False)
+    texts_a, logits_a = _session_run(reuse)
+    texts_b, logits_b = _session_run(again)
+    assert texts_a == texts_b
+    for a, b in zip(logits_a, logits_b, strict=True):  # M-RoPE positions stay right across turns
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [s.prefill_tokens for s in reuse.stats][1:] < [s.prefill_tokens for s in again.stats][1:]
+    assert reuse.stats[-1].seen_tokens == again.stats[-1].seen_tokens
+
+
+def test_session_compression_shrinks_the_cache_to_the_budget(processor):
+    from vlm.agent import GUIAgentSession
+
+    model = tiny_vlm(processor, "qwen2_vl", seed=2)
+    full = GUIAgentSession(model, processor, max_new_tokens=4)
+    gui = GUIAgentSession(model, processor, compression=GUIKV(budget=0.2), max_new_tokens=4)
+    _session_run(full)
+    _session_run(gui)
+    for f, g in zip(full.stats, gui.stats, strict=True):
+        assert g.kv_bytes <= 0.25 * f.kv_bytes
+        assert g.seen_tokens == f.seen_tokens
+    for layer in gui.cache.layers:  # after the last turn's prefill: floor(0.2 * seen), then decoded tokens
+        prefill_seen = gui.stats[-1].seen_tokens - (gui.stats[-1].generated_tokens - 1)
+        assert layer.valid.sum() == 2 * (math.floor(0.2 * prefill_seen) + gui.stats[-1].generated_tokens - 1)
+    gui.reset()
+    assert gui.cache is None and gui.stats == [] and gui.screenshots == 0
+
+
+def test_session_keeps_at_most_max_screenshots(processor):
+    from vlm.agent import GUIAgentSession
+
+    model = tiny_vlm(processor, "qwen2_vl", seed=2)
+    session = GUIAgentSession(model, processor, max_screenshots=2, max_new_tokens=3)
+    _session_run(session, turns=3)
+    for layer in session.cache.layers:
+        stored = layer.tags[layer.valid]
+        assert not (stored == 0).any() and (stored == 1).any() and (stored == 2).any()
+    assert session.stats[-1].screenshots_in_context == 2
+
+
+def test_session_validation(processor):
+    from kernels.policies import SnapKV
+    from vlm.agent import GUIAgentSession
+
+    model = tiny_vlm(processor, "qwen2_vl")
+    with pytest.raises(ValueError, match="needs budget"):
+        GUIAgentSession(model, processor, compression=SnapKV())
+    with pytest.raises(ValueError, match="max_screenshots"):
+        GUIAgentSession(model, processor, max_screenshots=0)
+    with pytest.raises(TypeError, match="get_rope_index"):
+        GUIAgentSession(torch.nn.Linear(2, 2), processor)
+    with pytest.raises(ValueError, match="instruction"):
+        GUIAgentSession(model, processor).step(_shot(0), "  ")
+    session = GUIAgentSession(model, processor, compression=SnapKV(window=4), budget=0.3, max_new_tokens=2)
+    session.step(_shot(0), "Open settings")
+    assert session.stats[0].kept_tokens == pytest.approx(math.floor(0.3 * session.stats[0].prefill_tokens) + 1)
