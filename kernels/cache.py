@@ -53,6 +53,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store = None  # a QuantizedStore when a quantizer is set
         self.scores: torch.Tensor | None = None  # [B, H, S] ranking of the kept tokens (cascading budgets)
         self.tags: torch.Tensor | None = None  # [B, H, S] the caller's labels of the stored entries
+        self.origin: torch.Tensor | None = None  # [B, H, S] arrival index (0 = first token seen) of each entry
         self.recall_state: dict | None = None  # recall policies: what `recall` needs at each step
         self.recall_keep = 0
         self.prompt_length = 0
@@ -89,6 +90,7 @@ class CompressedLayer(CacheLayerMixin):
             self.keys, self.values = key_states, value_states
             self.valid = self.owner.prompt_mask(b, n, key_states.device)[:, None].expand(-1, h, -1)
             self.tags = self.owner.tags_for(b, h, n, key_states.device)
+            self.origin = torch.arange(n, device=key_states.device).expand(b, h, n)
             self.seen = n
             if self.owner.needs_model:
                 if self.owner._detach is None:
@@ -100,6 +102,8 @@ class CompressedLayer(CacheLayerMixin):
             else:
                 self.owner.compress(self)
             return key_states, value_states
+        arrived = torch.arange(self.seen, self.seen + n, device=key_states.device).expand(b, h, n)
+        self.origin = torch.cat([self.origin, arrived], 2)
         self.seen += n
         self.returned_stored = True
         self.valid = torch.cat([self.valid, new_valid], 2)
@@ -126,7 +130,8 @@ class CompressedLayer(CacheLayerMixin):
         return keys, values
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.tags = self.store = self.scores = self.recall_state = None
+        self.keys = self.values = self.valid = self.tags = self.origin = None
+        self.store = self.scores = self.recall_state = None
         self.seen, self.pending, self.since_compress = 0, False, 0
         self.is_initialized = False
 
@@ -280,6 +285,7 @@ class CompressedCache(Cache):
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values, layer.seen = keys, values, keys.shape[2]
         layer.tags = self.tags_for(keys.shape[0], keys.shape[1], keys.shape[2], keys.device)
+        layer.origin = torch.arange(keys.shape[2], device=keys.device).expand(keys.shape[0], keys.shape[1], -1)
         mask = key_mask.bool() if key_mask is not None else self.prompt_mask(keys.shape[0], keys.shape[2], keys.device)
         layer.valid = mask if mask.dim() == 3 else mask[:, None].expand(-1, keys.shape[1], -1)
         if hidden is not None:
@@ -360,6 +366,7 @@ class CompressedCache(Cache):
             else:
                 layer.valid = layer.valid.gather(2, index) & kept
                 layer.tags = layer.tags.gather(2, index)
+                layer.origin = layer.origin.gather(2, index)
                 layer.keys, layer.values = merged[0].contiguous(), merged[1].contiguous()
                 layer.store = None
 
@@ -370,6 +377,7 @@ class CompressedCache(Cache):
         keys, values = gather_kv(keys, values, index)
         layer.valid = layer.valid.gather(2, index) & kept
         layer.tags = layer.tags.gather(2, index)
+        layer.origin = layer.origin.gather(2, index)
         layer.keys, layer.values = keys.contiguous(), values.contiguous()
         layer.store = None
 

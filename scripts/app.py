@@ -1,12 +1,18 @@
 """Gradio demo (also a Hugging Face Space): watch a diffusion LM denoise, with and without FreeCache
-and guided unmasking.
+and guided unmasking; and see which screenshot tokens GUI-KV / PrefixKV keep in a GUI agent's cache.
 
-    python scripts/app.py                                # bundled tiny model, offline, CPU
-    python scripts/app.py --model PATH_OR_ID --guide PATH_OR_ID --device cuda --dtype bfloat16
+    python scripts/app.py                                # bundled tiny models, offline, CPU
+    python scripts/app.py --model PATH_OR_ID --guide PATH_OR_ID --vlm Qwen/Qwen2.5-VL-3B-Instruct --device cuda
 
-The same prompt is decoded three times: no cache, FreeCache, and FreeCache with the AR guide. Each
-panel shows the canvas live: masked positions as grey blocks, committed tokens coloured by the step
-that committed them (blue early, red late). Then tokens/s, DLM forwards and the speedup over `none`.
+Text tab: the same prompt is decoded three times: no cache, FreeCache, and FreeCache with the AR
+guide. Each panel shows the canvas live: masked positions as grey blocks, committed tokens coloured by
+the step that committed them (blue early, red late). Then tokens/s, DLM forwards and the speedup.
+
+VLM tab: a sequence of screenshots (uploaded, or synthetic ones drawn here) goes through a
+`vlm.GUIAgentSession` turn by turn with the chosen compression; each screenshot is drawn with the
+patches the cache dropped darkened (brightness = fraction of layers and KV heads that kept the
+patch), with KV bytes against the full cache. By default the VLM is a tiny *random* Qwen2-VL (no VLM
+weights ship offline), so the maps show the method's mechanics, not a trained model's choices.
 """
 
 from __future__ import annotations
@@ -28,11 +34,17 @@ except ImportError:  # a Space runs this file from a checkout without installing
 
 import gradio as gr
 import torch
+from PIL import Image
 
 from dlmcache import DLMPipeline
 from dlmcache.run_config import RunConfig
+from kernels.policies import SnapKV, StreamingLLM
+from vlm import GUIKV, GUIAgentSession, PrefixKV, calibrate
+from vlm.synthetic import instruction, screenshot
 
 MAX_PROMPT_CHARS = 2000
+MAX_SCREENSHOTS = 8
+MAX_IMAGE_PIXELS = 1280 * 1280
 MAX_NEW_TOKENS = 512
 FRAME_SECONDS = 0.05  # at most ~20 UI updates per second per panel
 EXAMPLES = ["Compute 45+38-27.", "Compute 72-35+18.", "Compute 19+26+33."]
@@ -158,39 +170,165 @@ def stats_table(rows) -> str:
     return "\n".join(lines)
 
 
-def build(demo: Demo) -> gr.Blocks:
+class VLMDemo:
+    """GUI-KV / PrefixKV / SnapKV / StreamingLLM on a screenshot sequence, shown as kept-token maps."""
+
+    METHODS = ("GUI-KV", "PrefixKV", "SnapKV", "StreamingLLM")
+
+    def __init__(self, vlm: str | None, device: str, dtype: torch.dtype):
+        if vlm:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            self.model = AutoModelForImageTextToText.from_pretrained(vlm, dtype=dtype).to(device).eval()
+            self.processor = AutoProcessor.from_pretrained(vlm)
+            self.name = vlm
+        else:
+            from vlm.tiny import tiny_processor, tiny_vlm
+
+            self.processor = tiny_processor(max_pixels=448 * 448)
+            self.model = tiny_vlm(self.processor, layers=4, hidden=128, dtype=dtype).to(device)
+            self.name = "tiny random Qwen2-VL (4 layers, d 128)"
+        self.lock = threading.Lock()
+
+    def images(self, files, synthetic: int) -> list[Image.Image]:
+        if files:
+            if len(files) > MAX_SCREENSHOTS:
+                raise gr.Error(f"{len(files)} screenshots uploaded; the limit is {MAX_SCREENSHOTS}.")
+            shots = []
+            for f in files:
+                try:
+                    im = Image.open(f if isinstance(f, str) else f.name).convert("RGB")
+                except OSError as e:
+                    raise gr.Error(f"not an image: {e}") from None
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    im.thumbnail((1280, 1280))
+                shots.append(im)
+            return shots
+        return [screenshot(t, (448, 448)) for t in range(int(synthetic))]
+
+    def compression(self, method: str, budget: float, shots):
+        if method == "GUI-KV":
+            return {"compression": GUIKV(budget=budget)}
+        if method == "PrefixKV":
+            chat = [
+                [{"role": "user", "content": [{"type": "image", "image": shots[0]}, {"type": "text", "text": "Go."}]}]
+            ]
+            return {"compression": PrefixKV(calibrate(self.model, self.processor, chat, budget=budget))}
+        if method == "SnapKV":
+            return {"compression": SnapKV(window=8), "budget": budget}
+        if method == "StreamingLLM":
+            return {"compression": StreamingLLM(), "budget": budget}
+        raise gr.Error(f"unknown method {method!r}: expected one of {self.METHODS}")
+
+    def run(self, files, synthetic: int, method: str, budget: float, max_screenshots: int):
+        if not 0 < budget <= 1:
+            raise gr.Error(f"budget={budget} must be in (0, 1].")
+        with self.lock:
+            shots = self.images(files, synthetic)
+            full = GUIAgentSession(self.model, self.processor, max_new_tokens=4, max_screenshots=int(max_screenshots))
+            session = GUIAgentSession(
+                self.model,
+                self.processor,
+                max_new_tokens=4,
+                max_screenshots=int(max_screenshots),
+                **self.compression(method, budget, shots),
+            )
+            for t, shot in enumerate(shots):
+                full.step(shot, instruction(t))
+                session.step(shot, instruction(t))
+            first = len(shots) - min(len(shots), int(max_screenshots))
+            maps = [
+                (
+                    overlay(shots[i], session.kept_map(i)),
+                    f"screenshot {i + 1}: {float(session.kept_map(i).mean()):.0%} kept",
+                )
+                for i in range(first, len(shots))
+            ]
+        lines = [
+            "| turn | tokens seen | kept (mean over layers) | KV bytes | full cache | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t, (s, f) in enumerate(zip(session.stats, full.stats, strict=True)):
+            lines.append(
+                f"| {t + 1} | {s.seen_tokens} | {s.kept_tokens:.0f} | {s.kv_bytes / 1024:.1f} KiB | "
+                f"{f.kv_bytes / 1024:.1f} KiB | {s.kv_bytes / f.kv_bytes:.2f}x |"
+            )
+        return maps, f"**{method} at {budget:.0%}** on {self.name}\n\n" + "\n".join(lines)
+
+
+def overlay(image: Image.Image, kept: torch.Tensor) -> Image.Image:
+    """`image` with each merged patch darkened by the fraction of the cache that dropped it."""
+    rows, cols = kept.shape
+    shade = Image.fromarray((180 * (1 - kept.clamp(0, 1))).to(torch.uint8).numpy(), mode="L")
+    shade = shade.resize(image.size, Image.NEAREST)
+    black = Image.new("RGB", image.size, (10, 10, 30))
+    return Image.composite(black, image.convert("RGB"), shade)
+
+
+def build(demo: Demo, vlm_demo: VLMDemo | None = None) -> gr.Blocks:
     with gr.Blocks(title="dlmcache: FreeCache and guided unmasking") as app:
-        gr.Markdown(
-            "# dlmcache\nA diffusion LM fills a canvas of masks over several denoising steps. **FreeCache** "
-            "reuses the K/V of the prompt and finished blocks instead of recomputing them every step; a "
-            "small **autoregressive guide** verifies the drafts so many tokens commit per step. "
-            "Grey blocks are still masked; colours give the step each token was committed at (blue early, red late)."
-        )
-        with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], max_length=MAX_PROMPT_CHARS, scale=4)
-            run = gr.Button("Run", variant="primary", scale=1)
-        with gr.Row():
-            max_new = gr.Slider(8, MAX_NEW_TOKENS, value=64, step=8, label="max_new_tokens")
-            block = gr.Slider(4, 128, value=32, step=4, label="block length")
-            steps = gr.Number(value=64, precision=0, label="steps (0 = max_new_tokens)")
-            threshold = gr.Slider(0, 0.99, value=0, step=0.01, label="threshold (0 = one token per step)")
-        gr.Examples(EXAMPLES, inputs=prompt)
-        labels = [m[0] for m in demo.modes(0)] + [""] * (3 - len(demo.modes(0)))
-        canvases, texts = [], []
-        with gr.Row():
-            for label in labels:
-                with gr.Column(visible=bool(label)):
-                    canvases.append(gr.HTML(label=label, value=f"<b>{label}</b>"))
-                    texts.append(gr.Textbox(label=f"{label} output", interactive=False))
-        stats = gr.Markdown(elem_id="stats")
-        run.click(demo.run, [prompt, max_new, block, steps, threshold], [*canvases, *texts, stats], concurrency_limit=1)
+        with gr.Tab("Diffusion LM"):
+            text_tab(demo)
+        if vlm_demo is not None:
+            with gr.Tab("GUI agent KV"):
+                vlm_tab(vlm_demo)
     return app
+
+
+def vlm_tab(demo: VLMDemo) -> None:
+    gr.Markdown(
+        "A GUI agent sees a new screenshot every turn. **GUI-KV** keeps the visual tokens that are salient "
+        "(hidden-state norm) and not redundant with the newest screenshot; **PrefixKV** gives each layer its "
+        "own budget from a global search. Darkened patches were dropped from the KV cache. Model: "
+        f"{demo.name}."
+    )
+    with gr.Row():
+        files = gr.File(label="Screenshots (up to 8; none = synthetic)", file_count="multiple", file_types=["image"])
+        with gr.Column():
+            synthetic = gr.Slider(2, MAX_SCREENSHOTS, value=4, step=1, label="synthetic screenshots")
+            method = gr.Dropdown(list(VLMDemo.METHODS), value="GUI-KV", label="method")
+            budget = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="budget (fraction kept)")
+            max_shots = gr.Slider(1, MAX_SCREENSHOTS, value=MAX_SCREENSHOTS, step=1, label="max screenshots in context")
+            go = gr.Button("Compress", variant="primary")
+    gallery = gr.Gallery(label="kept tokens", columns=4, height="auto")
+    table = gr.Markdown(elem_id="vlm-stats")
+    go.click(demo.run, [files, synthetic, method, budget, max_shots], [gallery, table], concurrency_limit=1)
+
+
+def text_tab(demo: Demo) -> None:
+    gr.Markdown(
+        "# dlmcache\nA diffusion LM fills a canvas of masks over several denoising steps. **FreeCache** "
+        "reuses the K/V of the prompt and finished blocks instead of recomputing them every step; a "
+        "small **autoregressive guide** verifies the drafts so many tokens commit per step. "
+        "Grey blocks are still masked; colours give the step each token was committed at (blue early, red late)."
+    )
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], max_length=MAX_PROMPT_CHARS, scale=4)
+        run = gr.Button("Run", variant="primary", scale=1)
+    with gr.Row():
+        max_new = gr.Slider(8, MAX_NEW_TOKENS, value=64, step=8, label="max_new_tokens")
+        block = gr.Slider(4, 128, value=32, step=4, label="block length")
+        steps = gr.Number(value=64, precision=0, label="steps (0 = max_new_tokens)")
+        threshold = gr.Slider(0, 0.99, value=0, step=0.01, label="threshold (0 = one token per step)")
+    gr.Examples(EXAMPLES, inputs=prompt)
+    labels = [m[0] for m in demo.modes(0)] + [""] * (3 - len(demo.modes(0)))
+    canvases, texts = [], []
+    with gr.Row():
+        for label in labels:
+            with gr.Column(visible=bool(label)):
+                canvases.append(gr.HTML(label=label, value=f"<b>{label}</b>"))
+                texts.append(gr.Textbox(label=f"{label} output", interactive=False))
+    stats = gr.Markdown(elem_id="stats")
+    run.click(demo.run, [prompt, max_new, block, steps, threshold], [*canvases, *texts, stats], concurrency_limit=1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dlmcache/tiny")
     ap.add_argument("--guide", default="dlmcache/tiny-guide", help="'' for no guided panel")
+    ap.add_argument(
+        "--vlm", default="tiny", help="'tiny' (random Qwen2-VL), a Qwen2-VL checkpoint, or '' for no VLM tab"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--host", default="127.0.0.1")
@@ -199,8 +337,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    demo = Demo(args.model, args.guide or None, args.device, getattr(torch, args.dtype))
-    build(demo).queue(max_size=16, default_concurrency_limit=1).launch(
+    dtype = getattr(torch, args.dtype)
+    demo = Demo(args.model, args.guide or None, args.device, dtype)
+    vlm_demo = VLMDemo(None if args.vlm == "tiny" else args.vlm, args.device, dtype) if args.vlm else None
+    build(demo, vlm_demo).queue(max_size=16, default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, css=CSS, show_error=True
     )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytest.importorskip("gradio", reason="the demo extra is not installed (pip install -e '.[demo]')")
@@ -111,3 +112,29 @@ def test_bad_input_is_reported_in_the_page(app_url):
         page.get_by_text("steps=7 is not divisible by the number of blocks (2)").first.wait_for(timeout=60_000)
         assert "Traceback" not in page.content()
         browser.close()
+
+
+def test_vlm_tab_draws_kept_tokens_and_matches_the_session(app_url, tmp_path):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(app_url, wait_until="networkidle")
+        page.get_by_role("tab", name="GUI agent KV").click()
+        page.get_by_role("button", name="Compress").click()
+        page.wait_for_function("document.querySelectorAll('#vlm-stats table tbody tr').length === 4", timeout=180_000)
+        rows = [
+            [c.strip() for c in row.locator("td").all_inner_texts()]
+            for row in page.locator("#vlm-stats table tbody tr").all()
+        ]
+        assert page.locator("img").count() >= 4  # one kept-token map per screenshot
+        page.screenshot(path=str(tmp_path / "vlm.png"), full_page=True)
+        browser.close()
+
+    import torch
+    from app import VLMDemo  # the same model, screenshots and settings as the page's defaults
+
+    demo = VLMDemo(None, "cpu", torch.float32)
+    _, table = demo.run(None, 4, "GUI-KV", 0.2, 8)
+    want = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[4:]]
+    assert rows == want
+    assert all(float(r[5].rstrip("x")) <= 0.25 for r in rows)

@@ -93,6 +93,7 @@ class GUIAgentSession:
         self.next_position = 0
         self.screenshots = 0
         self.history: list[dict] = []  # per turn: ids, tags, pixel_values, grid (for re-prefilling)
+        self.visual_tokens: dict[int, torch.Tensor] = {}  # screenshot -> arrival indices in the cache
         self.stats: list[TurnStats] = []
         self.last_logits: torch.Tensor | None = None  # [V] first-token logits of the last step
 
@@ -200,6 +201,9 @@ class GUIAgentSession:
         positions = self._positions(ids, segment["grid"])
         self.cache.token_tags = segment["tags"][None]
         self.fed = len(ids)
+        seen = self.cache.get_seq_length()
+        for shot in segment["tags"][segment["tags"] >= 0].unique().tolist():
+            self.visual_tokens[shot] = seen + (segment["tags"] == shot).nonzero().flatten()
         out = self.model(
             input_ids=torch.tensor([ids], device=device),
             pixel_values=segment["pixel_values"].to(device, self.model.dtype),
@@ -230,6 +234,22 @@ class GUIAgentSession:
             self.next_position += 1
             logits = out.logits[0, -1]
         return ids
+
+    def kept_map(self, screenshot: int) -> torch.Tensor:
+        """[rows, cols] fraction of (layer, KV head) pairs whose cache still holds each visual token of
+        screenshot `screenshot` (0 = the first shown), in the screenshot's merged-patch grid."""
+        if screenshot not in self.visual_tokens:
+            raise ValueError(f"screenshot {screenshot} is not in this session (shown: {self.screenshots})")
+        arrival = self.visual_tokens[screenshot].to(self.model.device)
+        kept = torch.zeros(len(arrival), device=arrival.device)
+        total = 0
+        for layer in self.cache.layers:
+            present = (layer.origin[0][..., None] == arrival) & layer.valid[0][..., None]  # [H, S, n]
+            kept += present.any(1).float().sum(0)
+            total += layer.origin.shape[1]
+        t, h, w = self.history[screenshot]["grid"][0].tolist()
+        merge = self.model.config.vision_config.spatial_merge_size
+        return (kept / total).view(t, h // merge, w // merge)[0].cpu()
 
     def _forget_old_screenshots(self) -> None:
         if self.max_screenshots is None or self.screenshots <= self.max_screenshots:
