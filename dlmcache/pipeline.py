@@ -233,7 +233,9 @@ class DLMPipeline(DiffusionPipeline):
             x[i, p_len - len(p) : p_len] = torch.tensor(p)
         positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
         x, key_mask, positions = x.to(device), key_mask.to(device), positions.to(device)
-        return x, Layout(key_mask=key_mask, positions=positions, prompt_len=p_len, block_length=0)
+        return x, Layout(
+            key_mask=key_mask, positions=positions, prompt_len=p_len, block_length=0, mask_token_id=self.mask_token_id
+        )
 
     # ------------------------------------------------------------------ generation
 
@@ -282,6 +284,7 @@ class DLMPipeline(DiffusionPipeline):
                 positions=layout.positions.repeat(2, 1),
                 prompt_len=p_len,
                 block_length=block_length,
+                mask_token_id=mask_id,
             )
 
         # 3. The cache strategy and the scheduler's per-generation state.

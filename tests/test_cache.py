@@ -41,6 +41,8 @@ def test_freecache_refresh_every_step_is_bit_identical_to_none(arch, sched, tiny
     ref = run(pipe, "none")
     got = run(pipe, FreeCache(refresh_every=1))
     assert torch.equal(got.sequences, ref.sequences)
+    token = run(pipe, FreeCache(refresh_every=1, freeze="token"))
+    assert torch.equal(token.sequences, ref.sequences)
     assert got.nfe == ref.nfe and torch.equal(got.commit_step, ref.commit_step)
     assert got.stats["full_forwards"] == got.nfe
 
@@ -142,6 +144,8 @@ CACHE_MODES = {
     "freecache_w4": lambda: FreeCache(suffix_window=4),
     "freecache_drop": lambda: FreeCache(suffix_window=0, beyond_window="drop"),
     "freecache_r3": lambda: FreeCache(refresh_every=3),
+    "freecache_token": lambda: FreeCache(freeze="token"),
+    "freecache_token_w0": lambda: FreeCache(suffix_window=0, freeze="token"),
 }
 
 
@@ -183,6 +187,38 @@ def test_freecache_window_schedule(tiny_tokenizer):
     assert (plans[3].start, plans[3].end) == (p + 8, p + 16)
 
 
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_token_freezing_feeds_what_is_not_final(arch, tiny_tokenizer):
+    """freeze="token": each step feeds exactly the positions whose KV is not final (still masked, or
+    committed since they were last fed) plus Dream's predecessors of the targets; fewer tokens than
+    freezing whole blocks."""
+    pipe = make_pipe(tiny_tokenizer, arch, LowConfidenceScheduler())
+    cache = FreeCache(suffix_window=0, freeze="token")
+    seen = []
+    original = cache._plan
+
+    cache._plan = lambda t, s, e: seen.append((cache.canvas[0].clone(), t.clone(), e)) or original(t, s, e)
+    plans = []
+    inner = cache._plan
+    cache._plan = lambda t, s, e: plans.append(inner(t, s, e)) or plans[-1]
+    out = run(pipe, cache, prompts=[PROMPTS[1]])
+    block = run(pipe, FreeCache(suffix_window=0), prompts=[PROMPTS[1]])
+    assert out.stats["fed_tokens"] < block.stats["fed_tokens"]
+    mask, shift = tiny_tokenizer.mask_token_id, pipe.model.logit_shift
+    final = None
+    for (x, targets, end), pl in zip(seen, plans, strict=True):
+        if pl.full:
+            final = x != mask
+            continue
+        need = ~final
+        need[end:] = False
+        need[targets] = True
+        need[targets - shift] = True
+        assert torch.equal(pl.index, need.nonzero().flatten())
+        final |= need & (x != mask)
+    assert not (out.sequences == mask).any()
+
+
 def test_cache_options_are_validated():
     with pytest.raises(ValueError, match="suffix_window=-1"):
         FreeCache(suffix_window=-1)
@@ -190,6 +226,8 @@ def test_cache_options_are_validated():
         FreeCache(beyond_window="keep")
     with pytest.raises(ValueError, match="refresh_every=0"):
         FreeCache(refresh_every=0)
+    with pytest.raises(ValueError, match="freeze='row'"):
+        FreeCache(freeze="row")
     with pytest.raises(ValueError, match="does not take options"):
         make_cache("dual", refresh_every=2)
     with pytest.raises(ValueError, match="ready cache object"):

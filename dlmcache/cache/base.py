@@ -18,13 +18,14 @@ class Layout:
 
     key_mask: [B, L] True for real tokens (False = left padding); positions: [B, L] absolute
     positions (padding-independent); prompt_len: P, the padded prompt length (the generation region
-    is [P, L)); block_length: tokens per block.
+    is [P, L)); block_length: tokens per block; mask_token_id: what a still-masked position holds.
     """
 
     key_mask: torch.Tensor
     positions: torch.Tensor
     prompt_len: int
     block_length: int
+    mask_token_id: int | None = None
 
     @property
     def length(self) -> int:

@@ -25,6 +25,7 @@ class KVBuffer:
         self.length = length
         self.full = True
         self.start, self.end, self.attend_end = 0, length, length
+        self.index: torch.LongTensor | None = None  # scattered fed positions (token-level freezing)
         self._mask = None
 
     def plan(self, start: int = 0, end: int | None = None, attend_end: int | None = None) -> None:
@@ -35,9 +36,28 @@ class KVBuffer:
             raise ValueError(f"bad window: start={start}, end={end}, attend_end={attend_end}, length={self.length}")
         self.full = start == 0 and end == self.length
         self.start, self.end, self.attend_end = start, end, attend_end
+        self.index = None
+        self._mask = None if self.key_mask is None else self.key_mask[:, :attend_end]
+
+    def plan_index(self, index: torch.LongTensor, attend_end: int, write: torch.Tensor | None = None) -> None:
+        """The next forward feeds the positions `index` (sorted, [n], shared by the batch) and attends
+        to [0, attend_end); `write` [B, n] says which rows store the fresh KV of each fed position
+        (the others keep what they had, as if that row had not fed it; default: all)."""
+        if index.numel() == 0 or int(index[-1]) >= attend_end or attend_end > self.length:
+            raise ValueError(f"bad fed positions: {index.tolist()} with attend_end={attend_end}, length={self.length}")
+        self.full = False
+        self.index, self.attend_end = index, attend_end
+        self.write = None if write is None or bool(write.all()) else write[:, None, :, None]
         self._mask = None if self.key_mask is None else self.key_mask[:, :attend_end]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        if self.index is not None:
+            if self.write is not None:
+                k = torch.where(self.write, k, self.k[layer_idx][:, :, self.index])
+                v = torch.where(self.write, v, self.v[layer_idx][:, :, self.index])
+            self.k[layer_idx].index_copy_(2, self.index, k)
+            self.v[layer_idx].index_copy_(2, self.index, v)
+            return self.k[layer_idx][:, :, : self.attend_end], self.v[layer_idx][:, :, : self.attend_end], self._mask
         self.k[layer_idx][:, :, self.start : self.end] = k
         self.v[layer_idx][:, :, self.start : self.end] = v
         if self.full:

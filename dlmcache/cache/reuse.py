@@ -16,13 +16,15 @@ from .buffer import KVBuffer
 
 @dataclass
 class Plan:
-    """What the next forward computes: everything (`full`), or positions [start, end) attending to
-    [0, attend_end) with cached KV outside the window."""
+    """What the next forward computes: everything (`full`), or positions [start, end) (or the sorted
+    positions `index`) attending to [0, attend_end) with cached KV for the rest."""
 
     full: bool
     start: int = 0
     end: int = 0
     attend_end: int = 0
+    index: torch.LongTensor | None = None
+    write: torch.Tensor | None = None  # [B, len(index)]: rows that store each fed position's KV
 
 
 class KVReuseCache(DenoisingCache):
@@ -38,17 +40,30 @@ class KVReuseCache(DenoisingCache):
         raise NotImplementedError
 
     def _logits(self, x, targets, start, end):
+        self.canvas = x  # the plans of token-level strategies read it
         plan = self._plan(targets, start, end)
         if plan.full:
             self.kv.plan()
             return self.full_forward(x, targets, kv=self.kv)
+        lay = self.layout
+        if plan.index is not None:
+            index = plan.index
+            self.kv.plan_index(index, plan.attend_end, plan.write)
+            self.stats.forwards += 1
+            self.stats.fed_tokens += index.numel()
+            self.stats.reused_tokens += plan.attend_end - index.numel()
+            return self.model(
+                x[:, index],
+                positions=lay.positions[:, index],
+                cache=self.kv,
+                logits_index=torch.searchsorted(index, targets),  # targets (and, shifted, their predecessors) are fed
+            ).logits
         # Targets lie in [start, end) of the block; every plan's window starts at or before
         # start - shift, since Dream predicts token i from hidden state i-1.
         self.kv.plan(plan.start, plan.end, plan.attend_end)
         self.stats.forwards += 1
         self.stats.fed_tokens += plan.end - plan.start
         self.stats.reused_tokens += plan.attend_end - (plan.end - plan.start)
-        lay = self.layout
         return self.model(
             x[:, plan.start : plan.end],
             positions=lay.positions[:, plan.start : plan.end],
