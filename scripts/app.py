@@ -177,10 +177,9 @@ class VLMDemo:
 
     def __init__(self, vlm: str | None, device: str, dtype: torch.dtype):
         if vlm:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+            from vlm.loading import load_vlm
 
-            self.model = AutoModelForImageTextToText.from_pretrained(vlm, dtype=dtype).to(device).eval()
-            self.processor = AutoProcessor.from_pretrained(vlm)
+            self.model, self.processor = load_vlm(vlm, dtype, device)
             self.name = vlm
         else:
             from vlm.tiny import tiny_processor, tiny_vlm

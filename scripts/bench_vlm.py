@@ -37,23 +37,9 @@ def load(args):
         processor = tiny_processor(max_pixels=args.size[0] * args.size[1])
         model = tiny_vlm(processor, args.kind, layers=args.layers, hidden=args.hidden, dtype=getattr(torch, args.dtype))
         return model.to(args.device), processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from vlm.loading import load_vlm
 
-    model = (
-        AutoModelForImageTextToText.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    )
-    try:
-        processor = AutoProcessor.from_pretrained(args.model)
-    except (OSError, AttributeError, ImportError):  # no torchvision: an image-only processor
-        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-        from vlm.tiny import ImageOnlyQwen2VLProcessor
-
-        tok = AutoTokenizer.from_pretrained(args.model)
-        processor = ImageOnlyQwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok, chat_template=tok.chat_template
-        )
-    return model, processor
+    return load_vlm(args.model, getattr(torch, args.dtype), args.device)
 
 
 def configs(args, model, processor) -> list[tuple[str, float, dict]]:
@@ -84,49 +70,15 @@ def configs(args, model, processor) -> list[tuple[str, float, dict]]:
 @torch.no_grad()
 def run_session(model, processor, args, shots, forced=None, **kwargs):
     """One session over all turns; with `forced` (the reference's actions) every turn's action is
-    teacher-forced after recording the first-token logits and the greedy tokens' agreement."""
+    teacher-forced and the agreement of greedy decoding with it recorded."""
     session = GUIAgentSession(model, processor, max_new_tokens=args.max_new_tokens, **kwargs)
     actions, first_logits, agree = [], [], []
     for t, shot in enumerate(shots):
-        if forced is None:
-            session.step(shot, instruction(t))
-        else:
-            agree.append(_forced_step(session, shot, instruction(t), forced[t]))
+        session.step(shot, instruction(t), action_ids=None if forced is None else forced[t])
         actions.append(session.history[-1]["generated"])
         first_logits.append(session.last_logits)
+        agree.append(session.last_agreement)
     return session, actions, first_logits, agree
-
-
-def _forced_step(session, shot, text, reference: list[int]) -> float:
-    """A turn whose action is the reference's; returns the fraction of positions where the
-    compressed cache's greedy token equals the reference token."""
-    hits = []
-    original = session._decode
-
-    def decode(logits):
-        ids = []
-        for tok in reference:
-            hits.append(int(logits.argmax()) == tok)
-            ids.append(tok)
-            if len(ids) == len(reference):
-                break
-            pos = torch.full((3, 1, 1), session.next_position, device=session.model.device)
-            out = session.model(
-                input_ids=torch.tensor([[tok]], device=session.model.device),
-                position_ids=pos,
-                past_key_values=session.cache,
-                use_cache=True,
-            )
-            session.next_position += 1
-            logits = out.logits[0, -1]
-        return ids
-
-    session._decode = decode
-    try:
-        session.step(shot, text)
-    finally:
-        session._decode = original
-    return sum(hits) / max(len(hits), 1)
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

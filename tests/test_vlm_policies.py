@@ -354,3 +354,54 @@ def test_session_validation(processor):
     session = GUIAgentSession(model, processor, compression=SnapKV(window=4), budget=0.3, max_new_tokens=2)
     session.step(_shot(0), "Open settings")
     assert session.stats[0].kept_tokens == pytest.approx(math.floor(0.3 * session.stats[0].prefill_tokens) + 1)
+
+
+def test_session_teacher_forcing_measures_agreement(processor):
+    from vlm.agent import GUIAgentSession
+
+    model = tiny_vlm(processor, "qwen2_vl", seed=4)
+    ref = GUIAgentSession(model, processor, max_new_tokens=4)
+    texts, _ = _session_run(ref, turns=2)
+    actions = [turn["generated"] for turn in ref.history]
+    again = GUIAgentSession(model, processor, max_new_tokens=4)
+    for t in range(2):
+        assert again.step(_shot(t), f"Click button {t}", action_ids=actions[t]) == texts[t]
+        assert again.last_agreement == 1.0
+    other = [list(reversed(a)) for a in actions]
+    forced = GUIAgentSession(model, processor, max_new_tokens=4)
+    forced.step(_shot(0), "Click button 0", action_ids=other[0])
+    assert forced.history[-1]["generated"] == other[0]
+    assert forced.last_agreement < 1.0 or other[0] == actions[0]
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_saved_checkpoint_loads_and_runs_the_benchmark(kind, processor, tmp_path):
+    """The real-checkpoint path of scripts/bench_vlm.py (and the app) on a checkpoint written with the
+    hub layout: config, safetensors weights, tokenizer, image processor, chat template."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vlm.loading import load_vlm
+
+    model = tiny_vlm(processor, kind, seed=5)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    loaded, proc = load_vlm(str(tmp_path / "ckpt"), torch.float32)
+    inp = _two_screenshot_batch(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inp).logits, model(**inp).logits)
+    assert hasattr(proc, "image_processor")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_vlm.py"), "--model", str(tmp_path / "ckpt"),
+         "--dtype", "float32", "--size", "224x224", "--turns", "2", "--budgets", "0.25", "--repeats", "1",
+         "--max-new-tokens", "3", "--calibration", "1", "--threads", "1", "--out", str(out)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    results = json.loads(out.read_text())["results"]
+    assert results["full, reused"]["top1_agreement"] == 1.0
+    assert results["GUI-KV 25%"]["kv_ratio"] <= 0.3
+    assert out.with_suffix(".png").exists()

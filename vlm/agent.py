@@ -96,10 +96,15 @@ class GUIAgentSession:
         self.visual_tokens: dict[int, torch.Tensor] = {}  # screenshot -> arrival indices in the cache
         self.stats: list[TurnStats] = []
         self.last_logits: torch.Tensor | None = None  # [V] first-token logits of the last step
+        self.last_agreement = 1.0  # teacher forcing: share of forced tokens greedy decoding agreed with
 
     @torch.no_grad()
-    def step(self, screenshot, instruction: str) -> str:
-        """Show the agent `screenshot` (a PIL image) with `instruction`; returns its action text."""
+    def step(self, screenshot, instruction: str, action_ids: list[int] | None = None) -> str:
+        """Show the agent `screenshot` (a PIL image) with `instruction`; returns its action text.
+
+        action_ids: teacher forcing: feed these tokens as the action instead of the greedy ones, and
+        set `last_agreement` to the fraction of them that greedy decoding would have produced (how
+        fidelity to a reference session is measured)."""
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
         turn = self._encode_turn(screenshot, instruction)
@@ -117,7 +122,7 @@ class GUIAgentSession:
         prefill_s = time.perf_counter() - t0
         self.last_logits = logits.float().cpu()
         t0 = time.perf_counter()
-        ids = self._decode(logits)
+        ids = self._decode(logits, action_ids)
         decode_s = time.perf_counter() - t0
         turn["generated"] = ids
         kept = self.cache.stored_tokens()
@@ -216,13 +221,17 @@ class GUIAgentSession:
         self.next_position = int(positions.max()) + 1
         return out.logits[0, -1]
 
-    def _decode(self, logits: torch.Tensor) -> list[int]:
-        ids = []
+    def _decode(self, logits: torch.Tensor, forced: list[int] | None = None) -> list[int]:
+        """Greedy decoding (or teacher forcing of `forced`) until EOS or max_new_tokens."""
+        ids, hits = [], []
         device = self.model.device
-        for _ in range(self.max_new_tokens):
-            token = int(logits.argmax())
+        limit = len(forced) if forced is not None else self.max_new_tokens
+        for i in range(limit):
+            greedy = int(logits.argmax())
+            token = greedy if forced is None else forced[i]
+            hits.append(greedy == token)
             ids.append(token)
-            if token in self.eos_ids or len(ids) == self.max_new_tokens:
+            if len(ids) == limit or (forced is None and token in self.eos_ids):
                 break
             pos = torch.full((3, 1, 1), self.next_position, device=device)
             out = self.model(
@@ -233,6 +242,7 @@ class GUIAgentSession:
             )
             self.next_position += 1
             logits = out.logits[0, -1]
+        self.last_agreement = sum(hits) / max(len(hits), 1)
         return ids
 
     def kept_map(self, screenshot: int) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """An lm-evaluation-harness model for `DLMPipeline`, as LLaDA / Dream users evaluate today.
 
-    python -m dlmcache.evals.lm_eval_adapter --model dlmcache \\
+    dlmcache-lm-eval --model dlmcache \\
         --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct,cache=freecache,max_new_tokens=256 \\
         --tasks gsm8k --apply_chat_template --batch_size 8
+    python -m dlmcache.evals.lm_eval_adapter ...        # the same, without the console script
 
-The module registers the model name "dlmcache" and then runs lm-eval's own command line with the same
-arguments. (lm-eval 0.4 discovers models only from its built-in table, so the plain `lm_eval`
-command cannot see a model registered by another package; importing this module first is what
-LLaDA's and Dream's evaluation scripts do too.) From Python, import this module and call
+Both register the model name "dlmcache" and then run lm-eval's own command line with the same
+arguments. (lm-eval 0.4 resolves `--model` only from its built-in table, `lm_eval.models.MODEL_MAPPING`,
+with no plugin entry points, so the bare `lm_eval` command cannot see a model another package
+registers; importing the adapter first is what LLaDA's and Dream's evaluation scripts do too.)
+From Python, import this module and call
 `lm_eval.simple_evaluate(model="dlmcache", model_args="pretrained=...,cache=freecache", ...)`.
 
 Model args: pretrained (required), cache (none | prefix | dual | freecache, with options as in
@@ -113,7 +115,12 @@ class DLMCacheLM(LM):
         self.loglikelihood(requests, disable_tqdm)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`dlmcache-lm-eval`: lm-eval's command line with the "dlmcache" model registered."""
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -46,6 +46,7 @@ class Task:
     prompt_note: str
     data_file: str | None = None
     hub_id: str | None = None
+    hub_config: str | None = None  # the dataset's subset on the hub
 
     def rows(self, data_dir: Path | None) -> list[dict]:
         """The raw problems: from `data_dir / data_file` when given, else from the hub."""
@@ -56,7 +57,7 @@ class Task:
             return read_jsonl(path)
         import datasets
 
-        return list(datasets.load_dataset(self.hub_id, split="test"))
+        return list(datasets.load_dataset(self.hub_id, self.hub_config, split="test"))
 
     def samples(self, data_dir: Path | None = None, limit: int | None = None) -> list[Sample]:
         rows = self.rows(data_dir)
@@ -85,15 +86,8 @@ def _user(text: str) -> list[dict]:
 
 class GSM8K(Task):
     name, metric, max_new_tokens = "gsm8k", "number_match", 256
-    data_file, hub_id = "gsm8k_test.jsonl", "openai/gsm8k"
+    data_file, hub_id, hub_config = "gsm8k_test.jsonl", "openai/gsm8k", "main"
     prompt_note = "zero-shot chat: question + '\\n' + STEP_BY_STEP"
-
-    def rows(self, data_dir):
-        if data_dir is None:
-            import datasets
-
-            return list(datasets.load_dataset(self.hub_id, "main", split="test"))
-        return super().rows(data_dir)
 
     def sample(self, index, row):
         return Sample(
@@ -151,15 +145,8 @@ class HumanEval(Task):
 
 class MBPP(Task):
     name, metric, max_new_tokens = "mbpp", "code_pass", 512
-    data_file, hub_id = "mbpp_sanitized_test.jsonl", "google-research-datasets/mbpp"
+    data_file, hub_id, hub_config = "mbpp_sanitized_test.jsonl", "google-research-datasets/mbpp", "sanitized"
     prompt_note = "chat: task text + its assert tests + 'in a ```python code block'"
-
-    def rows(self, data_dir):
-        if data_dir is None:
-            import datasets
-
-            return list(datasets.load_dataset(self.hub_id, "sanitized", split="test"))
-        return super().rows(data_dir)
 
     def sample(self, index, row):
         tests = "\n".join(row["test_list"])
