@@ -1,0 +1,60 @@
+"""Why query-window scorers miss the passkey at 25%: the observation window's size.
+
+    python scripts/passkey_window.py
+
+SmolLM2-135M-Instruct, a 1.2k-token filler context with the needle "The pass key is 68142. ..." at
+half depth and the question "What is the pass key? The pass key is" (10 tokens) at the end; every
+policy keeps 25% of the prompt. Prints what each generates and how many of the needle's 20 tokens
+each layer still holds (in any KV head).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from offline_models import load_smollm2  # noqa: E402
+
+from kernels.cache import CompressedCache  # noqa: E402
+from kernels.policies import TOVA, KNorm, SnapKV  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    model, tok = load_smollm2()
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    key = "68142"
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    n_fill = 1200 // len(tok(filler)["input_ids"])
+    parts = [filler] * n_fill
+    parts.insert(n_fill // 2, needle)
+    ids = tok("".join(parts) + "What is the pass key? The pass key is", return_tensors="pt")["input_ids"]
+    toks = tok.convert_ids_to_tokens(ids[0])
+    digits = [i for i, t in enumerate(toks) if t.strip("\u0120").isdigit()]
+    span = range(digits[0] - 5, digits[-1] + 1)  # "The pass key is 68142. Remember it. 68142"
+    print(f"prompt {ids.shape[1]} tokens, needle span {span.start}..{span.stop - 1} ({len(span)} tokens)")
+    policies = {
+        "SnapKV window 64 (kvpress default)": SnapKV(window=64),
+        "SnapKV window 32": SnapKV(window=32),
+        "SnapKV window 16": SnapKV(window=16),
+        "SnapKV window 8": SnapKV(window=8),
+        "TOVA": TOVA(),
+        "KNorm": KNorm(),
+    }
+    for name, policy in policies.items():
+        cache = CompressedCache(policy=policy, budget=0.25, model=model)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        cache.detach()
+        kept = [sum(bool((layer.origin[0] == p).any()) for p in span) for layer in cache.layers]
+        text = tok.decode(out[0, ids.shape[1] :])
+        print(
+            f"{name:36s} {'PASS' if key in text else 'fail'} {text!r:16s} needle tokens kept, layers 0-5: "
+            f"{kept[:6]}, mean over {len(kept)} layers {sum(kept) / len(kept):.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
