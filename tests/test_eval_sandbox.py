@@ -94,3 +94,9 @@ def test_limits_are_validated():
         Limits(timeout=0)
     with pytest.raises(TypeError, match="str"):
         run_program(b"print(1)")
+
+
+def test_cpu_time_limit_is_a_timeout():
+    t0 = time.perf_counter()
+    r = run_program("while True:\n    pass\n", Limits(timeout=30.0, cpu_seconds=1))
+    assert r.status == "timeout" and time.perf_counter() - t0 < 10

@@ -56,7 +56,7 @@ _LANDLOCK_NET_BIND_TCP, _LANDLOCK_NET_CONNECT_TCP = 1, 2
 @dataclass
 class SandboxResult:
     """How one program ended: status is "passed" (exit 0), "failed" (non-zero exit, e.g. a failed
-    assert), "timeout" or "error" (the sandbox itself could not start it)."""
+    assert), "timeout" (wall clock or CPU time ran out) or "error" (the sandbox could not start it)."""
 
     status: str
     returncode: int | None
@@ -212,13 +212,14 @@ def _child_setup(workdir: str, limits: Limits, network: bool, abi: int, drop: bo
         mb = 1024 * 1024
         for res, value in (
             (resource.RLIMIT_AS, limits.memory_mb * mb),
-            (resource.RLIMIT_CPU, limits.cpu_seconds),
             (resource.RLIMIT_FSIZE, limits.file_size_mb * mb),
             (resource.RLIMIT_NOFILE, limits.max_open_files),
             (resource.RLIMIT_CORE, 0),
             (resource.RLIMIT_NPROC, proc_cap),
         ):
             resource.setrlimit(res, (value, value))
+        # SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
         if drop:
             os.setgroups([])
             os.setgid(_NOBODY)
@@ -287,7 +288,8 @@ def run_program(source: str, limits: Limits | None = None, python: str | None = 
         return SandboxResult("error", None, time.perf_counter() - t0, stderr=f"sandbox failed to start: {e}")
     try:
         out, err = proc.communicate(timeout=limits.timeout)
-        status = "passed" if proc.returncode == 0 else "failed"
+        # out of CPU time is a timeout too (the CPU limit can strike before the wall clock)
+        status = "passed" if proc.returncode == 0 else "timeout" if proc.returncode == -signal.SIGXCPU else "failed"
     except subprocess.TimeoutExpired:
         status = "timeout"
         _kill_group(proc.pid)
