@@ -130,6 +130,16 @@ def main() -> None:
             "decode_seconds_per_token_last_turn": statistics.median(s.decode_seconds_per_token for s in last),
             "top1_agreement": statistics.mean(agree),
             "first_token_kl": statistics.mean(kl(r, c) for r, c in zip(ref_logits, logits, strict=True)),
+            "per_turn": [  # medians over the repeats, turn by turn
+                {
+                    "kv_bytes": turns[0].kv_bytes,
+                    "kept_tokens": turns[0].kept_tokens,
+                    "seen_tokens": turns[0].seen_tokens,
+                    "prefill_seconds": statistics.median(t.prefill_seconds for t in turns),
+                    "decode_seconds_per_token": statistics.median(t.decode_seconds_per_token for t in turns),
+                }
+                for turns in zip(*timings, strict=True)
+            ],
         }  # fmt: skip
         print(name, {k: round(v, 5) if isinstance(v, float) else v for k, v in results[name].items()}, flush=True)
     full = results["full, reused"]

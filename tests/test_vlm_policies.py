@@ -404,4 +404,6 @@ def test_saved_checkpoint_loads_and_runs_the_benchmark(kind, processor, tmp_path
     results = json.loads(out.read_text())["results"]
     assert results["full, reused"]["top1_agreement"] == 1.0
     assert results["GUI-KV 25%"]["kv_ratio"] <= 0.3
+    turns = results["GUI-KV 25%"]["per_turn"]
+    assert len(turns) == 2 and turns[1]["seen_tokens"] > turns[0]["seen_tokens"]
     assert out.with_suffix(".png").exists()
