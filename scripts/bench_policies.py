@@ -62,12 +62,17 @@ def kivi_at(frac):
     return None
 
 
-def tokens_then_bits(cls, bits, **kw):
+def tokens_then_bits(cls, bits, context: int = 1383, **kw):
     """The "more tokens, lower precision" recipe (arXiv 2412.12706): evict with `cls` to the token
-    budget that `bits`-bit storage affords, then quantize what is kept."""
+    budget that `bits`-bit storage affords, then quantize what is kept with KIVI. The byte count
+    includes KIVI's full-precision residual (32 tokens plus, on average, half a group of 32 not yet
+    quantized), solved for a `context`-token prompt (the benchmark's mean)."""
+    residual = 32 + 16
 
     def make(frac):
-        keep = frac * 16 / (bits + 1)
+        # 16 bits per fp16 entry, bits + 1 per quantized one (codes, and a 16-bit scale and zero per 32)
+        kept = residual + (frac * 16 * context - 16 * residual) / (bits + 1)
+        keep = kept / context
         if keep >= 1:
             return None
         return {"policy": cls(**kw), "budget": keep, "quantizer": KIVI(bits=bits, group_size=32, residual=32)}
