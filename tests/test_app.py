@@ -138,3 +138,27 @@ def test_vlm_tab_draws_kept_tokens_and_matches_the_session(app_url, tmp_path):
     want = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[4:]]
     assert rows == want
     assert all(float(r[5].rstrip("x")) <= 0.25 for r in rows)
+
+
+def test_vlm_tab_takes_uploaded_screenshots_and_refuses_bad_ones(tmp_path):
+    import gradio as gr
+    import torch
+    from app import MAX_SCREENSHOTS, VLMDemo
+
+    from vlm.synthetic import screenshot
+
+    paths = []
+    for t in range(3):
+        paths.append(str(tmp_path / f"shot{t}.png"))
+        screenshot(t, (300, 200)).save(paths[-1])
+    demo = VLMDemo(None, "cpu", torch.float32)
+    maps, table = demo.run(paths, 4, "StreamingLLM", 0.5, 2)
+    assert len(maps) == 2 and maps[0][0].size == (300, 200)  # the last 2 screenshots, at their own size
+    rows = [line for line in table.splitlines() if line[:3] in ("| 1", "| 2", "| 3", "| 4")]
+    assert len(rows) == 3  # one turn per uploaded screenshot
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(gr.Error, match="not an image"):
+        demo.run([str(tmp_path / "bad.png")], 4, "GUI-KV", 0.2, 8)
+    with pytest.raises(gr.Error, match="limit"):
+        demo.run(paths * 3, 4, "GUI-KV", 0.2, 8)
+    assert len(paths * 3) > MAX_SCREENSHOTS
