@@ -364,17 +364,18 @@ class CompressedCache(Cache):
             if merged is None:
                 self._gather(layer, keys, values, index, kept)
             else:
-                layer.valid = layer.valid.gather(2, index) & kept
-                layer.tags = layer.tags.gather(2, index)
-                layer.origin = layer.origin.gather(2, index)
-                layer.keys, layer.values = merged[0].contiguous(), merged[1].contiguous()
-                layer.store = None
+                self._store(layer, merged[0], merged[1], index, kept)
 
-    @staticmethod
-    def _gather(layer: CompressedLayer, keys, values, index, kept) -> None:
+    @classmethod
+    def _gather(cls, layer: CompressedLayer, keys, values, index, kept) -> None:
         from .ops import gather_kv
 
-        keys, values = gather_kv(keys, values, index)
+        cls._store(layer, *gather_kv(keys, values, index), index, kept)
+
+    @staticmethod
+    def _store(layer: CompressedLayer, keys, values, index, kept) -> None:
+        """Store `keys`/`values` [B, H, K, D] as the layer's entries, taken from positions `index`
+        [B, H, K] of what it held: each entry's validity, tag and arrival index follow it."""
         layer.valid = layer.valid.gather(2, index) & kept
         layer.tags = layer.tags.gather(2, index)
         layer.origin = layer.origin.gather(2, index)

@@ -78,7 +78,8 @@ class GUIAgentSession:
         self.max_screenshots, self.max_new_tokens = max_screenshots, max_new_tokens
         self.reuse_cache, self.system = reuse_cache, system
         tok = processor.tokenizer
-        self.eos_ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None}
+        self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        self.eos_ids = {self.im_end, tok.eos_token_id} - {None}
         self.image_token_id = model.config.image_token_id
         self.turn_break = tok("\n", add_special_tokens=False)["input_ids"]
         self.reset()
@@ -111,13 +112,14 @@ class GUIAgentSession:
         self.history.append(turn)
         self.screenshots += 1
         t0 = time.perf_counter()
-        if self.reuse_cache and self.cache is not None:
+        fresh = not (self.reuse_cache and self.cache is not None)
+        if fresh:
+            segment = self._whole_history()
+        else:
             # the previous action's last token was sampled but never fed: it opens this segment
             last = self.history[-2]["generated"][-1]
             segment = dict(turn, ids=[last] + turn["ids"], tags=torch.cat([torch.tensor([-1]), turn["tags"]]))
-            logits = self._prefill(segment, fresh=False)
-        else:
-            logits = self._prefill(self._whole_history(), fresh=True)
+        logits = self._prefill(segment, fresh)
         self._forget_old_screenshots()
         prefill_s = time.perf_counter() - t0
         self.last_logits = logits.float().cpu()
@@ -127,7 +129,7 @@ class GUIAgentSession:
         turn["generated"] = ids
         kept = self.cache.stored_tokens()
         self.stats.append(TurnStats(
-            prefill_tokens=self.fed, generated_tokens=len(ids), kept_tokens=sum(kept) / len(kept),
+            prefill_tokens=len(segment["ids"]), generated_tokens=len(ids), kept_tokens=sum(kept) / len(kept),
             seen_tokens=self.cache.get_seq_length(), kv_bytes=self.cache.nbytes, prefill_seconds=prefill_s,
             decode_seconds_per_token=decode_s / max(len(ids), 1),
             screenshots_in_context=min(self.screenshots, self.max_screenshots or self.screenshots),
@@ -137,8 +139,8 @@ class GUIAgentSession:
     # ------------------------------------------------------------------ internals
 
     def _encode_turn(self, screenshot, instruction: str) -> dict:
-        """The new user turn as tokens (after closing the previous assistant turn), with M-RoPE
-        positions relative to its start and screenshot tags."""
+        """The new user turn as tokens (after closing the previous assistant turn), with its screenshot's
+        pixels, patch grid and per-token tags (the screenshot's index on its visual tokens, else -1)."""
         messages = [
             {"role": "user", "content": [{"type": "image", "image": screenshot}, {"type": "text", "text": instruction}]}
         ]
@@ -151,12 +153,7 @@ class GUIAgentSession:
         prefix = []
         if self.history:  # close the previous assistant turn exactly as the chat template would
             last = self.history[-1]["generated"]
-            prefix = (
-                []
-                if last and last[-1] in self.eos_ids
-                else [self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-            )
-            prefix += self.turn_break
+            prefix = ([] if last and last[-1] in self.eos_ids else [self.im_end]) + self.turn_break
         ids = prefix + ids
         is_image = torch.tensor(ids) == self.image_token_id
         tags = torch.where(is_image, torch.tensor(self.screenshots), torch.tensor(-1))
@@ -205,7 +202,6 @@ class GUIAgentSession:
         ids = segment["ids"]
         positions = self._positions(ids, segment["grid"])
         self.cache.token_tags = segment["tags"][None]
-        self.fed = len(ids)
         seen = self.cache.get_seq_length()
         for shot in segment["tags"][segment["tags"] >= 0].unique().tolist():
             self.visual_tokens[shot] = seen + (segment["tags"] == shot).nonzero().flatten()

@@ -71,8 +71,7 @@ class FreeCache(KVReuseCache):
         elif self.freeze == "token":
             plan = self._token_plan(targets, end, length)
         else:
-            window_end = length if self.suffix_window is None else min(length, end + self.suffix_window)
-            attend_end = length if self.beyond_window == "cache" else window_end
+            window_end, attend_end = self._window(end, length)
             plan = Plan(
                 full=False, start=min(self.frozen_end, start - self.shift), end=window_end, attend_end=attend_end
             )
@@ -81,12 +80,17 @@ class FreeCache(KVReuseCache):
         self.frozen_end = start
         return plan
 
+    def _window(self, end: int, length: int) -> tuple[int, int]:
+        """(window_end, attend_end): positions up to window_end are recomputed (the block ending at
+        `end` and `suffix_window` more); up to attend_end are attended."""
+        window_end = length if self.suffix_window is None else min(length, end + self.suffix_window)
+        return window_end, length if self.beyond_window == "cache" else window_end
+
     def _token_plan(self, targets, end: int, length: int) -> Plan:
         """Feed every position in the window whose KV is not final in some row (plus each target's
         predecessor for Dream's shifted logits); each row stores only what it needs, and the committed
         positions it stored become final."""
-        window_end = length if self.suffix_window is None else min(length, end + self.suffix_window)
-        attend_end = length if self.beyond_window == "cache" else window_end
+        window_end, attend_end = self._window(end, length)
         need = ~self.final
         need[:, window_end:] = False
         masked = self.canvas[:, targets] == self.layout.mask_token_id  # [B, T]: what each row predicts

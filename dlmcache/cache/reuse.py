@@ -45,30 +45,19 @@ class KVReuseCache(DenoisingCache):
         if plan.full:
             self.kv.plan()
             return self.full_forward(x, targets, kv=self.kv)
-        lay = self.layout
-        if plan.index is not None:
-            index = plan.index
-            self.kv.plan_index(index, plan.attend_end, plan.write)
-            self.stats.forwards += 1
-            self.stats.fed_tokens += index.numel()
-            self.stats.reused_tokens += plan.attend_end - index.numel()
-            return self.model(
-                x[:, index],
-                positions=lay.positions[:, index],
-                cache=self.kv,
-                logits_index=torch.searchsorted(index, targets),  # targets (and, shifted, their predecessors) are fed
-            ).logits
-        # Targets lie in [start, end) of the block; every plan's window starts at or before
-        # start - shift, since Dream predicts token i from hidden state i-1.
-        self.kv.plan(plan.start, plan.end, plan.attend_end)
+        if plan.index is not None:  # scattered positions (token-level freezing)
+            self.kv.plan_index(plan.index, plan.attend_end, plan.write)
+            fed, n_fed, logits_index = plan.index, plan.index.numel(), torch.searchsorted(plan.index, targets)
+        else:
+            # Targets lie in [start, end) of the block; every plan's window starts at or before
+            # start - shift, since Dream predicts token i from hidden state i-1.
+            self.kv.plan(plan.start, plan.end, plan.attend_end)
+            fed, n_fed, logits_index = slice(plan.start, plan.end), plan.end - plan.start, targets - plan.start
         self.stats.forwards += 1
-        self.stats.fed_tokens += plan.end - plan.start
-        self.stats.reused_tokens += plan.attend_end - (plan.end - plan.start)
+        self.stats.fed_tokens += n_fed
+        self.stats.reused_tokens += plan.attend_end - n_fed
         return self.model(
-            x[:, plan.start : plan.end],
-            positions=lay.positions[:, plan.start : plan.end],
-            cache=self.kv,
-            logits_index=targets - plan.start,
+            x[:, fed], positions=self.layout.positions[:, fed], cache=self.kv, logits_index=logits_index
         ).logits
 
 

@@ -130,13 +130,10 @@ def _interpreter() -> tuple[str, bool]:
         if not os.path.exists(python):
             continue
 
-        def as_nobody():
-            os.setgroups([])
-            os.setgid(_NOBODY)
-            os.setuid(_NOBODY)
-
         try:
-            probe = subprocess.run([python, "-I", "-c", "pass"], preexec_fn=as_nobody, capture_output=True, timeout=30)
+            probe = subprocess.run(
+                [python, "-I", "-c", "pass"], preexec_fn=_become_nobody, capture_output=True, timeout=30
+            )
         except OSError:
             continue
         if probe.returncode == 0:
@@ -192,6 +189,13 @@ def _landlock_confine(workdir: str, abi: int) -> None:
     os.close(ruleset)
 
 
+def _become_nobody() -> None:
+    """Drop root for the unprivileged `nobody` user (in a forked child, before exec)."""
+    os.setgroups([])
+    os.setgid(_NOBODY)
+    os.setuid(_NOBODY)
+
+
 def _processes_of(uid: int) -> int:
     count = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -221,9 +225,7 @@ def _child_setup(workdir: str, limits: Limits, network: bool, abi: int, drop: bo
         # SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
         if drop:
-            os.setgroups([])
-            os.setgid(_NOBODY)
-            os.setuid(_NOBODY)
+            _become_nobody()
         if abi >= 1:
             _landlock_confine(workdir, abi)
 
