@@ -12,6 +12,27 @@ from safetensors.torch import save_file
 from dlmcache import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
 
 
+def tiny_llama(seed: int = 0, **overrides):
+    """A random 3-layer GQA Llama (transformers) for the KV-policy tests; no EOS, so generate runs to
+    max_new_tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = dict(
+        vocab_size=200,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(LlamaConfig(**(config | overrides))).eval()
+
+
 def tiny_llada(tokenizer, seed: int = 0, dtype=torch.float32, **overrides) -> LLaDAModelLM:
     kw = dict(
         d_model=64,

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from kernels.cache import CompressedCache
 from kernels.policies import ScoreInputs
+from tests.helpers import tiny_llama
 from vlm.guikv import GUIKV, screenshot_tags
 from vlm.prefixkv import PrefixKV, PrefixKVBudget, PrefixKVProfile, PrefixKVScore, calibrate, prefix_keep_counts
 from vlm.tiny import tiny_processor, tiny_vlm
@@ -255,20 +256,7 @@ def test_full_budget_guikv_generates_what_the_full_cache_does(processor):
 
 
 def test_guikv_and_prefixkv_on_a_text_only_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=200,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=0,
-        )
-    ).eval()
+    model = tiny_llama(hidden_size=64, num_hidden_layers=2)
     ids = torch.randint(1, 200, (2, 40))
     cache = CompressedCache(policy=GUIKV(), budget=0.25, model=model)
     model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False)

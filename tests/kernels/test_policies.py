@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels.cache import CompressedCache
 from kernels.policies import (
@@ -43,6 +42,7 @@ from kernels.policies import (
     resolve_budget,
 )
 from kernels.policies.structured import PlainStore
+from tests.helpers import tiny_llama
 
 
 def inputs(b=2, h=2, g=2, length=12, d=8, w=4, seed=0, key_mask=None):
@@ -152,23 +152,6 @@ def test_kivi_store_round_trip():
     assert store.nbytes < 0.6 * 2 * keys.numel() * keys.element_size()
     store.append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
     assert store.length == 101
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=200,
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=0,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 EVICTION_NAMES = [cls.name for cls in EVICTION]
