@@ -48,7 +48,7 @@ def main() -> None:
     for cache, r in runs.items():
         print(
             f"cache={cache!r:12s} {r.stats['tokens_per_second']:7.1f} tokens/s  "
-            f"{r.nfe} forwards  {r.stats['fed_tokens']} tokens fed to the model"
+            f"{r.nfe} forwards  {r.stats['fed_tokens']:.0f} tokens fed to the model per sequence"
         )
     speedup = runs[args.cache].stats["tokens_per_second"] / runs["none"].stats["tokens_per_second"]
     print(f"speedup of {args.cache!r} over 'none': {speedup:.2f}x")

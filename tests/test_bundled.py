@@ -44,7 +44,8 @@ def test_freecache_keeps_the_tiny_models_accuracy(pipe, problems):
     pipe.set_cache("freecache")
     cached = pipe(prompts, **GEN)
     pipe.set_cache("none")
-    assert cached.stats["fed_tokens"] < 0.7 * ref.stats["fed_tokens"]  # block + suffix only, prompt frozen
+    # The block and the suffix (the prompt frozen), a few probes, and a few rows refreshed on drift.
+    assert cached.stats["fed_tokens"] < 0.75 * ref.stats["fed_tokens"]
     assert abs(accuracy(cached.texts, problems) - accuracy(ref.texts, problems)) <= 0.05
 
 

@@ -146,6 +146,11 @@ CACHE_MODES = {
     "freecache_r3": lambda: FreeCache(refresh_every=3),
     "freecache_token": lambda: FreeCache(freeze="token"),
     "freecache_token_w0": lambda: FreeCache(suffix_window=0, freeze="token"),
+    "freecache_no_drift": lambda: FreeCache(refresh_drift=None),
+    # A threshold this low makes rows refresh at different steps: each must still decode as if alone.
+    "freecache_drift": lambda: FreeCache(refresh_drift=1e-3),
+    "freecache_token_w0_drift": lambda: FreeCache(suffix_window=0, freeze="token", refresh_drift=1e-3),
+    "freecache_drop_drift": lambda: FreeCache(suffix_window=0, beyond_window="drop", refresh_drift=1e-3),
 }
 
 
@@ -175,7 +180,7 @@ def test_freecache_window_schedule(tiny_tokenizer):
     """What FreeCache feeds: a refresh first, then the active window from the frozen boundary, and the
     finished block once more on the first step of the next block (the delayed freeze)."""
     pipe = make_pipe(tiny_tokenizer, "llada", LowConfidenceScheduler())
-    cache = FreeCache(suffix_window=4)
+    cache = FreeCache(suffix_window=4, refresh_drift=None)  # drift probes: test_drift_refresh_follows_its_rule
     plans = []
     original = cache._plan
     cache._plan = lambda t, s, e: plans.append(original(t, s, e)) or plans[-1]
@@ -193,7 +198,7 @@ def test_token_freezing_feeds_what_is_not_final(arch, tiny_tokenizer):
     committed since they were last fed) plus Dream's predecessors of the targets; fewer tokens than
     freezing whole blocks."""
     pipe = make_pipe(tiny_tokenizer, arch, LowConfidenceScheduler())
-    cache = FreeCache(suffix_window=0, freeze="token")
+    cache = FreeCache(suffix_window=0, freeze="token", refresh_drift=None)
     seen = []
     original = cache._plan
 
@@ -202,7 +207,7 @@ def test_token_freezing_feeds_what_is_not_final(arch, tiny_tokenizer):
     inner = cache._plan
     cache._plan = lambda t, s, e: plans.append(inner(t, s, e)) or plans[-1]
     out = run(pipe, cache, prompts=[PROMPTS[1]])
-    block = run(pipe, FreeCache(suffix_window=0), prompts=[PROMPTS[1]])
+    block = run(pipe, FreeCache(suffix_window=0, refresh_drift=None), prompts=[PROMPTS[1]])
     assert out.stats["fed_tokens"] < block.stats["fed_tokens"]
     mask, shift = tiny_tokenizer.mask_token_id, pipe.model.logit_shift
     final = None
@@ -219,6 +224,77 @@ def test_token_freezing_feeds_what_is_not_final(arch, tiny_tokenizer):
     assert not (out.sequences == mask).any()
 
 
+class DriftSpy(FreeCache):
+    """Records every step's plans with the canvas and each row's canvas at its last refresh, and at
+    every drift measurement the probe mask, the fresh last-layer values, the reference and the drift."""
+
+    def prepare(self, model, layout):
+        super().prepare(model, layout)
+        self.records, self.plans = [], []
+        measure = self.kv._measure_drift
+
+        def spy(v):
+            measure(v)
+            kv = self.kv
+            self.records.append((kv.probe.clone(), v.clone(), kv.reference.clone(), kv.drift.clone()))
+
+        self.kv._measure_drift = spy
+
+    def _plan(self, targets, start, end):
+        before = None if self.refreshed_tokens is None else self.refreshed_tokens.clone()
+        plans = super()._plan(targets, start, end)
+        self.plans.append((plans if isinstance(plans, list) else [plans], before))
+        return plans
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_drift_refresh_follows_its_rule(arch, tiny_tokenizer):
+    """refresh_drift: a row's probes are the last `probe_tokens` positions before its first fed one
+    that were committed at its last refresh; its drift is the max over heads and probes of
+    1 - cos(fresh last-layer value, value at that refresh); a row whose drift exceeds the threshold
+    refreshes at the next step, in a full forward of its own rows, the others run their cached plan."""
+    pipe = make_pipe(tiny_tokenizer, arch, LowConfidenceScheduler())
+    threshold = 2e-3
+    cache = DriftSpy(suffix_window=2, refresh_drift=threshold, probe_tokens=3)
+    out = run(pipe, cache)
+    mask, key_mask = tiny_tokenizer.mask_token_id, cache.layout.key_mask
+    measured = iter(cache.records)
+    stale = torch.zeros(len(PROMPTS), dtype=torch.bool)
+    refreshes = split_steps = 0
+    for plans, refreshed in cache.plans[1:]:
+        full = [p for p in plans if p.full]
+        cached = [p for p in plans if not p.full]
+        if stale.all():
+            assert len(full) == 1 and full[0].rows is None and not cached
+        elif stale.any():
+            split_steps += 1
+            assert torch.equal(full[0].rows, stale.nonzero().flatten())
+            assert torch.equal(cached[0].rows, (~stale).nonzero().flatten())
+        else:
+            assert not full and cached[0].rows is None
+        refreshes += int(stale.sum())
+        drift = torch.zeros(len(PROMPTS))
+        if cached:
+            plan = cached[0]
+            probe, fresh, reference, got = next(measured)
+            rows = (~stale).nonzero().flatten()
+            for i, b in enumerate(rows.tolist()):
+                probed = plan.index[probe[i]]
+                first = int(plan.index[plan.write[i] & ~probe[i]][0])
+                committed = ((refreshed[b] != mask) & key_mask[b]).nonzero().flatten()
+                assert probed.tolist() == committed[committed < first][-3:].tolist()
+                cos = torch.nn.functional.cosine_similarity(fresh[i][:, probe[i]], reference[b][:, probed], dim=-1)
+                expect = (1 - cos).max() if probed.numel() else torch.tensor(0.0, dtype=cos.dtype)
+                torch.testing.assert_close(got[i], expect.to(got.dtype))
+            drift[rows] = got
+        stale = drift > threshold
+    assert next(measured, None) is None
+    assert refreshes == out.stats["drift_refreshes"] > 0 and split_steps > 0
+    assert not (out.sequences == mask).any()
+    never = run(pipe, FreeCache(suffix_window=2, refresh_drift=1.9))
+    assert never.stats["drift_refreshes"] == 0 and never.stats["full_forwards"] == 1
+
+
 def test_cache_options_are_validated():
     with pytest.raises(ValueError, match="suffix_window=-1"):
         FreeCache(suffix_window=-1)
@@ -226,6 +302,10 @@ def test_cache_options_are_validated():
         FreeCache(beyond_window="keep")
     with pytest.raises(ValueError, match="refresh_every=0"):
         FreeCache(refresh_every=0)
+    with pytest.raises(ValueError, match="refresh_drift=0"):
+        FreeCache(refresh_drift=0)
+    with pytest.raises(ValueError, match="probe_tokens=0"):
+        FreeCache(probe_tokens=0)
     with pytest.raises(ValueError, match="freeze='row'"):
         FreeCache(freeze="row")
     with pytest.raises(ValueError, match="does not take options"):

@@ -40,12 +40,13 @@ class Layout:
 @dataclass
 class CacheStats:
     """Per generation: model forwards, how many of them fed the whole canvas, tokens fed to the model,
-    and cached KV positions read instead of recomputed (summed over forwards)."""
+    and cached KV positions read instead of recomputed (summed over forwards, per sequence: a forward
+    that feeds only some rows of the batch counts for the share of rows it feeds)."""
 
     forwards: int = 0
     full_forwards: int = 0
-    fed_tokens: int = 0
-    reused_tokens: int = 0
+    fed_tokens: float = 0
+    reused_tokens: float = 0
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -82,16 +83,21 @@ class DenoisingCache:
     def _logits(self, x, targets, start, end):
         raise NotImplementedError
 
-    def full_forward(self, x: torch.LongTensor, targets: torch.LongTensor, kv=None) -> torch.Tensor:
+    def full_forward(self, x: torch.LongTensor, targets: torch.LongTensor, kv=None, rows=None) -> torch.Tensor:
         """The reference computation: feed the whole canvas (writing every position's KV into `kv`
-        when given) and keep the logits of `targets`."""
+        when given) and keep the logits of `targets`. `rows`: x holds only these rows of the batch."""
         self.stats.forwards += 1
         self.stats.full_forwards += 1
-        self.stats.fed_tokens += x.shape[1]
-        lay = self.layout
-        return self.model(
-            x, positions=lay.positions, attention_mask=self.attention_mask, cache=kv, logits_index=targets
-        ).logits
+        self.stats.fed_tokens += x.shape[1] * self._share(rows)
+        positions, mask = self.layout.positions, self.attention_mask
+        if rows is not None:
+            positions, mask = positions[rows], None if mask is None else mask[rows]
+        return self.model(x, positions=positions, attention_mask=mask, cache=kv, logits_index=targets).logits
+
+
+    def _share(self, rows) -> float:
+        """The share of the batch's rows a forward feeds."""
+        return 1 if rows is None else len(rows) / self.layout.key_mask.shape[0]
 
 
 class NoCache(DenoisingCache):

@@ -14,6 +14,9 @@ class KVBuffer:
     already rotated by RoPE at their absolute positions, are written at those positions, and the layer
     attends over positions [0, attend_end) read from the buffer. Keys therefore stay valid wherever
     they were computed; entries outside the fed window are whatever was last written there.
+
+    `select(rows)` restricts the next forward to some rows of the batch (the model is fed those rows
+    only): FreeCache refreshes the rows whose KV drifted in their own forward.
     """
 
     def __init__(self, model, key_mask: torch.Tensor | None, batch: int, length: int):
@@ -26,7 +29,24 @@ class KVBuffer:
         self.full = True
         self.start, self.end, self.attend_end = 0, length, length
         self.index: torch.LongTensor | None = None  # scattered fed positions (token-level freezing)
+        self.rows: torch.LongTensor | None = None  # the rows the next forward feeds (None: all)
         self._mask = None
+        # Drift probe (FreeCache's refresh_drift): fed positions [b, n_fed] of the selected rows whose
+        # fresh last-layer values are compared with `reference` [B, H, L, D]; `drift` [b] is the largest
+        # cosine distance among them.
+        self.probe: torch.Tensor | None = None
+        self.reference: torch.Tensor | None = None
+        self.drift: torch.Tensor | None = None
+
+    def select(self, rows: torch.LongTensor | None) -> None:
+        """The next forward feeds these rows of the batch (sorted; None = all). Call before `plan`."""
+        self.rows = rows
+
+    def _key_mask(self, attend_end: int) -> torch.Tensor | None:
+        if self.key_mask is None:
+            return None
+        mask = self.key_mask if self.rows is None else self.key_mask[self.rows]
+        return mask[:, :attend_end]
 
     def plan(self, start: int = 0, end: int | None = None, attend_end: int | None = None) -> None:
         """The next forward feeds positions [start, end) and attends to [0, attend_end)."""
@@ -37,7 +57,7 @@ class KVBuffer:
         self.full = start == 0 and end == self.length
         self.start, self.end, self.attend_end = start, end, attend_end
         self.index = None
-        self._mask = None if self.key_mask is None else self.key_mask[:, :attend_end]
+        self._mask = self._key_mask(attend_end)
 
     def plan_index(self, index: torch.LongTensor, attend_end: int, write: torch.Tensor | None = None) -> None:
         """The next forward feeds the positions `index` (sorted, [n], shared by the batch) and attends
@@ -48,23 +68,43 @@ class KVBuffer:
         self.full = False
         self.index, self.attend_end = index, attend_end
         self.write = None if write is None or bool(write.all()) else write[:, None, :, None]
-        self._mask = None if self.key_mask is None else self.key_mask[:, :attend_end]
+        self._mask = self._key_mask(attend_end)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        if self.rows is None:
+            return self._update(self.k[layer_idx], self.v[layer_idx], k, v, last=layer_idx == len(self.k) - 1)
+        # A selection works on a copy of its rows, written back after the update.
+        keys, values = self.k[layer_idx][self.rows], self.v[layer_idx][self.rows]
+        out = self._update(keys, values, k, v, last=layer_idx == len(self.k) - 1)
+        self.k[layer_idx][self.rows], self.v[layer_idx][self.rows] = keys, values
+        return out
+
+    def _update(self, keys, values, k, v, last: bool):
+        """Store the fresh k/v into this layer's `keys`/`values` [b, H, L, D] and return what to attend."""
         if self.index is not None:
+            if last and self.probe is not None:
+                self._measure_drift(v)
             if self.write is not None:
-                k = torch.where(self.write, k, self.k[layer_idx][:, :, self.index])
-                v = torch.where(self.write, v, self.v[layer_idx][:, :, self.index])
-            self.k[layer_idx].index_copy_(2, self.index, k)
-            self.v[layer_idx].index_copy_(2, self.index, v)
-            return self.k[layer_idx][:, :, : self.attend_end], self.v[layer_idx][:, :, : self.attend_end], self._mask
-        self.k[layer_idx][:, :, self.start : self.end] = k
-        self.v[layer_idx][:, :, self.start : self.end] = v
+                k = torch.where(self.write, k, keys[:, :, self.index])
+                v = torch.where(self.write, v, values[:, :, self.index])
+            keys.index_copy_(2, self.index, k)
+            values.index_copy_(2, self.index, v)
+            return keys[:, :, : self.attend_end], values[:, :, : self.attend_end], self._mask
+        keys[:, :, self.start : self.end] = k
+        values[:, :, self.start : self.end] = v
         if self.full:
             # A refresh attends exactly like a cache-free forward (same tensors, same kernel path), so
             # a cache that refreshes every step is bit-identical to no cache.
             return k, v, self._mask
-        return self.k[layer_idx][:, :, : self.attend_end], self.v[layer_idx][:, :, : self.attend_end], self._mask
+        return keys[:, :, : self.attend_end], values[:, :, : self.attend_end], self._mask
+
+    def _measure_drift(self, v: torch.Tensor) -> None:
+        """Per selected row, the largest cosine distance between the fresh last-layer values at the
+        probed positions and their reference (0 where nothing is probed). The last layer drifts most
+        (Elastic-Cache, arXiv 2510.14973, observation 2)."""
+        ref = self.reference if self.rows is None else self.reference[self.rows]
+        cos = torch.nn.functional.cosine_similarity(v.float(), ref[:, :, self.index].float(), dim=-1)  # [b, H, n]
+        self.drift = (1 - cos).amax(1).masked_fill(~self.probe, 0).amax(-1)
 
     @property
     def nbytes(self) -> int:

@@ -24,7 +24,8 @@ class Plan:
     end: int = 0
     attend_end: int = 0
     index: torch.LongTensor | None = None
-    write: torch.Tensor | None = None  # [B, len(index)]: rows that store each fed position's KV
+    write: torch.Tensor | None = None  # [b, len(index)]: rows that store each fed position's KV
+    rows: torch.LongTensor | None = None  # the batch rows this forward feeds (None: all)
 
 
 class KVReuseCache(DenoisingCache):
@@ -36,15 +37,29 @@ class KVReuseCache(DenoisingCache):
         self.shift = model.logit_shift
         self.stats.extra["kv_bytes"] = self.kv.nbytes
 
-    def _plan(self, targets: torch.LongTensor, start: int, end: int) -> Plan:
+    def _plan(self, targets: torch.LongTensor, start: int, end: int) -> Plan | list[Plan]:
+        """One plan for the batch, or several, each for its `rows` (one forward each)."""
         raise NotImplementedError
 
     def _logits(self, x, targets, start, end):
         self.canvas = x  # the plans of token-level strategies read it
-        plan = self._plan(targets, start, end)
+        plans = self._plan(targets, start, end)
+        if isinstance(plans, Plan):
+            return self._forward(x, targets, plans)
+        logits = None
+        for plan in plans:
+            part = self._forward(x, targets, plan)
+            if logits is None:
+                logits = part.new_empty(x.shape[0], *part.shape[1:])
+            logits[plan.rows] = part
+        return logits
+
+    def _forward(self, x, targets, plan: Plan) -> torch.Tensor:
+        self.kv.select(plan.rows)
+        rows = slice(None) if plan.rows is None else plan.rows
         if plan.full:
             self.kv.plan()
-            return self.full_forward(x, targets, kv=self.kv)
+            return self.full_forward(x[rows], targets, kv=self.kv, rows=plan.rows)
         if plan.index is not None:  # scattered positions (token-level freezing)
             self.kv.plan_index(plan.index, plan.attend_end, plan.write)
             fed, n_fed, logits_index = plan.index, plan.index.numel(), torch.searchsorted(plan.index, targets)
@@ -54,10 +69,10 @@ class KVReuseCache(DenoisingCache):
             self.kv.plan(plan.start, plan.end, plan.attend_end)
             fed, n_fed, logits_index = slice(plan.start, plan.end), plan.end - plan.start, targets - plan.start
         self.stats.forwards += 1
-        self.stats.fed_tokens += n_fed
-        self.stats.reused_tokens += plan.attend_end - n_fed
+        self.stats.fed_tokens += n_fed * self._share(plan.rows)
+        self.stats.reused_tokens += (plan.attend_end - n_fed) * self._share(plan.rows)
         return self.model(
-            x[:, fed], positions=self.layout.positions[:, fed], cache=self.kv, logits_index=logits_index
+            x[rows][:, fed], positions=self.layout.positions[rows][:, fed], cache=self.kv, logits_index=logits_index
         ).logits
 
 
