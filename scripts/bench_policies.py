@@ -273,6 +273,9 @@ def main() -> None:
     ap.add_argument("--tiny-n", type=int, default=100, help="held-out problems for the tiny AR few-shot check")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results")) / "policies")
     ap.add_argument("--tiny-only", action="store_true", help="only (re)run the tiny few-shot check into the JSON")
+    ap.add_argument(
+        "--dump-samples", type=Path, help="write the samples' token ids (torch.save) for scripts/kvpress_reference.py"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     json_path = args.out / "bench_policies.json"
@@ -285,6 +288,8 @@ def main() -> None:
         return print_table(result)
     model, tokenizer = load_smollm2(torch.float32)
     samples = load_samples(tokenizer, args.samples)
+    if args.dump_samples:
+        return torch.save(samples, args.dump_samples)
     print(f"{len(samples)} samples, context {statistics.mean(c.shape[1] for c, _ in samples):.0f} tokens", flush=True)
 
     prefilled, full, none_ctx, prefill_s = [], [], [], []

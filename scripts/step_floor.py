@@ -1,0 +1,95 @@
+"""Where the time of one cached denoising step goes on this machine: the floor under `bench_dlm.py`.
+
+    python scripts/step_floor.py                 # the 135M random LLaDA of bench_dlm.py, fp32, CPU
+    python scripts/step_floor.py --dtype bfloat16
+
+For the benchmark's model it times, as medians of --repeats calls: reading the transformer's weights
+once (a sum over a tensor of the same size: the memory-bandwidth floor), the same weights' matmuls
+at 8 / 16 / 32 rows (what a cached step feeds), the LM head over 16 rows (the masked positions of a
+half-finished block), and one real cached forward feeding 16 tokens that attend to the whole canvas,
+with and without those 16 logits. Ratios between these lines are what to read; absolute times move
+with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_dlm import random_llada
+
+from dlmcache.cache import KVBuffer
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--canvas", type=int, default=512, help="prompt + new tokens")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = random_llada(32768, dtype, "cpu").model
+    embed, layers, _, head = model._stack()
+    weights = [p for n, p in layers.named_parameters() if p.dim() == 2]
+    n_params = sum(w.numel() for w in weights)
+    rows = {}
+
+    flat = torch.ones(n_params, dtype=dtype)
+    rows["read the layers' weights once (bandwidth floor)"] = median_ms(lambda: flat.sum(), args.repeats)
+    for m in (8, 16, 32):
+        xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=dtype) for w in weights}
+        rows[f"the layers' matmuls at {m} rows"] = median_ms(
+            lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in weights], args.repeats
+        )
+    h = torch.randn(16, head.weight.shape[1], dtype=dtype)
+    rows["LM head over 16 rows"] = median_ms(lambda: head(h), args.repeats)
+
+    x = torch.randint(3, 32768, (1, args.canvas))
+    positions = torch.arange(args.canvas)[None]
+    kv = KVBuffer(model, None, 1, args.canvas)
+    kv.plan()
+    model(x, positions=positions, cache=kv)
+    mid = args.canvas // 2
+
+    def cached(n_logits: int):
+        kv.plan(mid, mid + 16, args.canvas)
+        fed = slice(mid, mid + 16)
+        model(x[:, fed], positions=positions[:, fed], cache=kv, logits_index=torch.arange(n_logits))
+
+    rows["cached forward, 16 fed tokens, 16 logits"] = median_ms(lambda: cached(16), args.repeats)
+    rows["cached forward, 16 fed tokens, no logits"] = median_ms(lambda: cached(0), args.repeats)
+    kv.plan()
+    rows[f"full forward, {args.canvas} tokens, 16 logits"] = median_ms(
+        lambda: (kv.plan(), model(x, positions=positions, cache=kv, logits_index=torch.arange(16))), 3
+    )
+
+    print(f"{n_params / 1e6:.1f}M weights in the layers ({n_params * flat.element_size() / 2**20:.0f} MiB), {dtype}")
+    print("| what | ms (median) |\n|---|---|")
+    for name, ms in rows.items():
+        print(f"| {name} | {ms:.1f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"dtype": args.dtype, "threads": args.threads, "ms": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
