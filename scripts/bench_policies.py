@@ -106,6 +106,7 @@ POLICIES = {
     "knorm": eviction(KNorm),
     "snapkv": eviction(SnapKV),
     "h2o": eviction(H2O),
+    "h2o_mean": eviction(H2O, per_key_mean=True),  # kvpress's ObservedAttentionPress rule
     "tova": eviction(TOVA),
     "pyramidkv": with_allocator(SnapKV, Pyramid()),
     "adakv": eviction(AdaKV),

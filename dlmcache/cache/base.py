@@ -94,7 +94,6 @@ class DenoisingCache:
             positions, mask = positions[rows], None if mask is None else mask[rows]
         return self.model(x, positions=positions, attention_mask=mask, cache=kv, logits_index=targets).logits
 
-
     def _share(self, rows) -> float:
         """The share of the batch's rows a forward feeds."""
         return 1 if rows is None else len(rows) / self.layout.key_mask.shape[0]

@@ -80,17 +80,28 @@ class SnapKV(EvictionPolicy):
 class H2O(EvictionPolicy):
     """Heavy hitters (Zhang et al., "H2O: Heavy-Hitter Oracle", arXiv 2306.14048): attention accumulated
     over every prefill query, averaged over each KV head's query group, plus the `window` most recent
-    tokens (0 by default, as NVIDIA kvpress's observed-attention press)."""
+    tokens (0 by default, as NVIDIA kvpress's observed-attention press).
+
+    per_key_mean: divide each key's accumulated attention by the number of prefill queries that see
+    it (L - j for key j), as kvpress's `ObservedAttentionPress` does, instead of ranking by the sum
+    (the paper's rule, which favours early keys: more queries see them)."""
 
     window: int = 0
+    per_key_mean: bool = False
     name = "h2o"
     needs = frozenset({"all_queries"})
 
     def __post_init__(self):
         check_positive("window", self.window, allow_zero=True)
+        if not isinstance(self.per_key_mean, bool):
+            raise TypeError(f"per_key_mean={self.per_key_mean!r} must be a bool")
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        return inputs.attention_received(None).mean(2) / inputs.length  # mean over queries and the group
+        received = inputs.attention_received(None).mean(2)  # [B, H_kv, L], mean over the query group
+        if self.per_key_mean:
+            seen_by = torch.arange(inputs.length, 0, -1, device=received.device, dtype=received.dtype)
+            return received / seen_by
+        return received / inputs.length
 
 
 @dataclass

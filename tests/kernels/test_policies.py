@@ -99,6 +99,12 @@ def test_h2o_rule():
     inp = inputs(w=12)  # every prefill query
     want = reference_window_attention(inp, 12).mean(2).view(2, 2, 2, 12).mean(2)
     torch.testing.assert_close(H2O().score(inp), want, rtol=1e-5, atol=1e-6)
+    # kvpress's observed attention: each key's sum divided by the number of queries that see it
+    seen_by = torch.arange(12, 0, -1, dtype=torch.float32)
+    received = reference_window_attention(inp, 12).sum(2).view(2, 2, 2, 12).mean(2)
+    torch.testing.assert_close(H2O(per_key_mean=True).score(inp), received / seen_by, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="per_key_mean=1"):
+        H2O(per_key_mean=1)
 
 
 def test_tova_rule():
