@@ -103,9 +103,7 @@ class FreeCache(KVReuseCache):
                 self.kv.reference, self.refreshed_tokens = torch.empty_like(self.kv.v[-1]), x.clone()
             self.kv.reference[refreshing] = self.kv.v[-1][refreshing]
             self.refreshed_tokens[refreshing] = x[refreshing]
-        drift = torch.zeros(len(x), device=x.device)
-        if self.kv.drift is not None:
-            drift[~refreshing] = self.kv.drift
+        drift = self.kv.drift if self.kv.drift is not None else torch.zeros(len(x), device=x.device)
         self.stale = (drift > self.refresh_drift) & ~refreshing
         self.kv.probe = self.kv.drift = None
         return logits
@@ -127,9 +125,9 @@ class FreeCache(KVReuseCache):
         return plans
 
     def _drift_plans(self, targets, start, end) -> Plan | list[Plan]:
-        """The rows whose KV drifted refresh in a forward of their own; the others run their cached
-        plan with each row's probes added (a row stores its own probes' fresh KV, as any fed
-        position's) while the buffer measures the drift."""
+        """The cached plan with each row's probes added (a row stores its own probes' fresh KV, as any
+        fed position's) while the buffer measures the drift; the rows whose KV drifted at the last
+        step then refresh in a full forward of their own."""
         stale, device, length = self.stale, self.canvas.device, self.layout.length
         cached = self._cached_plan(targets, start, end)
         self.refreshing = stale.clone()
@@ -147,20 +145,16 @@ class FreeCache(KVReuseCache):
         ready = (self.refreshed_tokens != self.layout.mask_token_id) & self.layout.key_mask
         ready &= torch.arange(length, device=device) < first[:, None]
         rank = ready.flip(-1).cumsum(-1).flip(-1)  # 1 at the last ready position, 2 before it, ...
-        probe = (ready & (rank <= self.probe_tokens))[~stale]
-        write = write[~stale] | probe
-        feed = write.any(0)
-        feed[targets] = True  # every row gets logits for every target column
-        feed[targets - self.shift] = True
-        index = feed.nonzero().flatten()
+        probe = ready & (rank <= self.probe_tokens) & ~stale[:, None]
+        write |= probe
+        index = write.any(0).nonzero().flatten()
         self.kv.probe = probe[:, index]
+        plan = Plan(full=False, attend_end=cached.attend_end, index=index, write=write[:, index])
         if not stale.any():
-            return Plan(full=False, attend_end=cached.attend_end, index=index, write=write[:, index])
-        rows = (~stale).nonzero().flatten()
-        return [
-            Plan(full=True, rows=stale.nonzero().flatten()),
-            Plan(full=False, attend_end=cached.attend_end, index=index, write=write[:, index], rows=rows),
-        ]
+            return plan
+        # The stale rows run the cached plan too (cheaper than splitting the buffer), then their full
+        # forward rewrites all of their KV and gives their logits.
+        return [plan, Plan(full=True, rows=stale.nonzero().flatten())]
 
     def _cached_plan(self, targets, start, end) -> Plan:
         length = self.layout.length

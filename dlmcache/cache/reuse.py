@@ -38,7 +38,8 @@ class KVReuseCache(DenoisingCache):
         self.stats.extra["kv_bytes"] = self.kv.nbytes
 
     def _plan(self, targets: torch.LongTensor, start: int, end: int) -> Plan | list[Plan]:
-        """One plan for the batch, or several, each for its `rows` (one forward each)."""
+        """One plan for the batch, or several: the first for the whole batch, the next ones redo some
+        of its `rows` (one forward each; their logits replace those rows')."""
         raise NotImplementedError
 
     def _logits(self, x, targets, start, end):
@@ -46,12 +47,9 @@ class KVReuseCache(DenoisingCache):
         plans = self._plan(targets, start, end)
         if isinstance(plans, Plan):
             return self._forward(x, targets, plans)
-        logits = None
-        for plan in plans:
-            part = self._forward(x, targets, plan)
-            if logits is None:
-                logits = part.new_empty(x.shape[0], *part.shape[1:])
-            logits[plan.rows] = part
+        logits = self._forward(x, targets, plans[0])  # the whole batch first, then some of its rows
+        for plan in plans[1:]:
+            logits[plan.rows] = self._forward(x, targets, plan)
         return logits
 
     def _forward(self, x, targets, plan: Plan) -> torch.Tensor:
