@@ -43,8 +43,7 @@ class FreeCache(KVReuseCache):
 
     With `refresh_drift=None`, the prompt's KV is that of the first step, computed while the whole
     answer was masked: on the bundled tiny model that costs 2 points (97.0% vs 99.2% without cache,
-    500 problems); the default drift test brings it back (99.2%) with about 2.4 refreshes per row in
-    64 steps (`scripts/eval_tiny.py`, README).
+    500 problems); the default drift test brings it back (99.2%; `scripts/eval_tiny.py`, README).
     """
 
     name = "freecache"
