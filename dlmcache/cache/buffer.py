@@ -15,8 +15,8 @@ class KVBuffer:
     attends over positions [0, attend_end) read from the buffer. Keys therefore stay valid wherever
     they were computed; entries outside the fed window are whatever was last written there.
 
-    `select(rows)` restricts the next forward to some rows of the batch (the model is fed those rows
-    only): FreeCache refreshes the rows whose KV drifted in their own forward.
+    `select(rows)` makes the next forward a full refresh of some rows of the batch (the model is fed
+    those rows only): FreeCache refreshes the rows whose KV drifted in their own forward.
     """
 
     def __init__(self, model, key_mask: torch.Tensor | None, batch: int, length: int):
@@ -31,9 +31,8 @@ class KVBuffer:
         self.index: torch.LongTensor | None = None  # scattered fed positions (token-level freezing)
         self.rows: torch.LongTensor | None = None  # the rows the next forward feeds (None: all)
         self._mask = None
-        # Drift probe (FreeCache's refresh_drift): fed positions [b, n_fed] of the selected rows whose
-        # fresh last-layer values are compared with `reference` [B, H, L, D]; `drift` [b] is the largest
-        # cosine distance among them.
+        # Drift probe (FreeCache's refresh_drift): fed positions [B, n_fed] whose fresh last-layer
+        # values are compared with `reference` [B, H, L, D]; `drift` [B] is the largest cosine distance.
         self.probe: torch.Tensor | None = None
         self.reference: torch.Tensor | None = None
         self.drift: torch.Tensor | None = None
@@ -55,6 +54,8 @@ class KVBuffer:
         if not 0 <= start < end <= attend_end <= self.length:
             raise ValueError(f"bad window: start={start}, end={end}, attend_end={attend_end}, length={self.length}")
         self.full = start == 0 and end == self.length
+        if self.rows is not None and not self.full:
+            raise ValueError("a selection of rows can only be refreshed whole")
         self.start, self.end, self.attend_end = start, end, attend_end
         self.index = None
         self._mask = self._key_mask(attend_end)
@@ -65,46 +66,41 @@ class KVBuffer:
         (the others keep what they had, as if that row had not fed it; default: all)."""
         if index.numel() == 0 or int(index[-1]) >= attend_end or attend_end > self.length:
             raise ValueError(f"bad fed positions: {index.tolist()} with attend_end={attend_end}, length={self.length}")
+        if self.rows is not None:
+            raise ValueError("a selection of rows can only be refreshed whole")
         self.full = False
         self.index, self.attend_end = index, attend_end
         self.write = None if write is None or bool(write.all()) else write[:, None, :, None]
         self._mask = self._key_mask(attend_end)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        if self.rows is None:
-            return self._update(self.k[layer_idx], self.v[layer_idx], k, v, last=layer_idx == len(self.k) - 1)
-        # A selection works on a copy of its rows, written back after the update.
-        keys, values = self.k[layer_idx][self.rows], self.v[layer_idx][self.rows]
-        out = self._update(keys, values, k, v, last=layer_idx == len(self.k) - 1)
-        self.k[layer_idx][self.rows], self.v[layer_idx][self.rows] = keys, values
-        return out
-
-    def _update(self, keys, values, k, v, last: bool):
-        """Store the fresh k/v into this layer's `keys`/`values` [b, H, L, D] and return what to attend."""
+        if self.rows is not None:  # a refresh of some rows: their KV is rewritten whole
+            self.k[layer_idx][self.rows] = k
+            self.v[layer_idx][self.rows] = v
+            return k, v, self._mask
         if self.index is not None:
-            if last and self.probe is not None:
+            if self.probe is not None and layer_idx == len(self.k) - 1:
                 self._measure_drift(v)
             if self.write is not None:
-                k = torch.where(self.write, k, keys[:, :, self.index])
-                v = torch.where(self.write, v, values[:, :, self.index])
-            keys.index_copy_(2, self.index, k)
-            values.index_copy_(2, self.index, v)
-            return keys[:, :, : self.attend_end], values[:, :, : self.attend_end], self._mask
-        keys[:, :, self.start : self.end] = k
-        values[:, :, self.start : self.end] = v
+                k = torch.where(self.write, k, self.k[layer_idx][:, :, self.index])
+                v = torch.where(self.write, v, self.v[layer_idx][:, :, self.index])
+            self.k[layer_idx].index_copy_(2, self.index, k)
+            self.v[layer_idx].index_copy_(2, self.index, v)
+            return self.k[layer_idx][:, :, : self.attend_end], self.v[layer_idx][:, :, : self.attend_end], self._mask
+        self.k[layer_idx][:, :, self.start : self.end] = k
+        self.v[layer_idx][:, :, self.start : self.end] = v
         if self.full:
             # A refresh attends exactly like a cache-free forward (same tensors, same kernel path), so
             # a cache that refreshes every step is bit-identical to no cache.
             return k, v, self._mask
-        return keys[:, :, : self.attend_end], values[:, :, : self.attend_end], self._mask
+        return self.k[layer_idx][:, :, : self.attend_end], self.v[layer_idx][:, :, : self.attend_end], self._mask
 
     def _measure_drift(self, v: torch.Tensor) -> None:
-        """Per selected row, the largest cosine distance between the fresh last-layer values at the
-        probed positions and their reference (0 where nothing is probed). The last layer drifts most
+        """Per row, the largest cosine distance between the fresh last-layer values at the probed
+        positions and their reference (0 where nothing is probed). The last layer drifts most
         (Elastic-Cache, arXiv 2510.14973, observation 2)."""
-        ref = self.reference if self.rows is None else self.reference[self.rows]
-        cos = torch.nn.functional.cosine_similarity(v.float(), ref[:, :, self.index].float(), dim=-1)  # [b, H, n]
-        self.drift = (1 - cos).amax(1).masked_fill(~self.probe, 0).amax(-1)
+        cos = torch.nn.functional.cosine_similarity(v.float(), self.reference[:, :, self.index].float(), dim=-1)
+        self.drift = (1 - cos).amax(1).masked_fill(~self.probe, 0).amax(-1)  # cos: [B, H, n]
 
     @property
     def nbytes(self) -> int:
