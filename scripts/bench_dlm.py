@@ -1,6 +1,7 @@
 """Decoding speed of DLMPipeline per cache mode, as ratios measured in one run.
 
     python scripts/bench_dlm.py --out results/bench_dlm.json            # random 135M LLaDA, CPU
+    python scripts/bench_dlm.py --linear onednn                         # oneDNN's prepacked matmul
     python scripts/bench_dlm.py --model dlmcache/tiny --prompt-len 48 --max-new-tokens 64
     python scripts/bench_dlm.py --device cuda --dtype bfloat16 --model GSAI-ML/LLaDA-8B-Instruct
     python scripts/bench_dlm.py --modes \\
@@ -137,6 +138,7 @@ def build(args) -> tuple[DLMPipeline, torch.Tensor]:
     else:
         pipe = DLMPipeline.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.model.set_linear_backend(args.linear)
     gen = torch.Generator().manual_seed(1)
     vocab = pipe.model.get_input_embeddings().num_embeddings
     ids = torch.randint(3, min(vocab, len(pipe.tokenizer)), (args.batch, args.prompt_len), generator=gen)
@@ -177,7 +179,7 @@ def peak_memory(mode: str, args) -> dict:
     the process held with the model loaded, before decoding."""
     # Peak memory depends on the shapes, not on how many steps run: the child decodes with one step per
     # block (the same canvas, cache buffers and first full forward) to save the time of a full run.
-    keep = ("model", "dtype", "device", "batch", "prompt_len", "max_new_tokens", "block_length", "threads")
+    keep = ("model", "linear", "dtype", "device", "batch", "prompt_len", "max_new_tokens", "block_length", "threads")
     cmd = [sys.executable, __file__, "--child", mode, f"--steps={args.max_new_tokens // args.block_length}"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in keep and v is not None]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -212,6 +214,9 @@ def main() -> None:
     ap.add_argument("--model", default="random-135m")
     ap.add_argument("--modes", default=";".join(DEFAULT_MODES), help="configs separated by ';' (or ',' if no ';')")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument(
+        "--linear", default="torch", choices=("torch", "onednn"), help="the model's matmul (set_linear_backend)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=256)

@@ -7,7 +7,8 @@ For the benchmark's model it times, as medians of --repeats calls: reading the t
 once (a sum over a tensor of the same size: the memory-bandwidth floor), the same weights' matmuls
 at 8 / 16 / 32 rows (what a cached step feeds), the LM head over 16 rows (the masked positions of a
 half-finished block), and one real cached forward feeding 16 tokens that attend to the whole canvas,
-with and without those 16 logits. Ratios between these lines are what to read; absolute times move
+with and without those 16 logits: each with torch's matmul (MKL) and with oneDNN's prepacked one
+(`set_linear_backend("onednn")`). Ratios between these lines are what to read; absolute times move
 with the machine's load.
 """
 
@@ -20,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from bench_dlm import random_llada
 
 from dlmcache.cache import KVBuffer
@@ -49,25 +49,14 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     model = random_llada(32768, dtype, "cpu").model
     embed, layers, _, head = model._stack()
-    weights = [p for n, p in layers.named_parameters() if p.dim() == 2]
-    n_params = sum(w.numel() for w in weights)
-    rows = {}
-
+    linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+    n_params = sum(m.weight.numel() for m in linears)
     flat = torch.ones(n_params, dtype=dtype)
-    rows["read the layers' weights once (bandwidth floor)"] = median_ms(lambda: flat.sum(), args.repeats)
-    for m in (8, 16, 32):
-        xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=dtype) for w in weights}
-        rows[f"the layers' matmuls at {m} rows"] = median_ms(
-            lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in weights], args.repeats
-        )
-    h = torch.randn(16, head.weight.shape[1], dtype=dtype)
-    rows["LM head over 16 rows"] = median_ms(lambda: head(h), args.repeats)
+    rows = {"read the layers' weights once (bandwidth floor)": {"torch": median_ms(lambda: flat.sum(), args.repeats)}}
 
     x = torch.randint(3, 32768, (1, args.canvas))
     positions = torch.arange(args.canvas)[None]
     kv = KVBuffer(model, None, 1, args.canvas)
-    kv.plan()
-    model(x, positions=positions, cache=kv)
     mid = args.canvas // 2
 
     def cached(n_logits: int):
@@ -75,17 +64,31 @@ def main() -> None:
         fed = slice(mid, mid + 16)
         model(x[:, fed], positions=positions[:, fed], cache=kv, logits_index=torch.arange(n_logits))
 
-    rows["cached forward, 16 fed tokens, 16 logits"] = median_ms(lambda: cached(16), args.repeats)
-    rows["cached forward, 16 fed tokens, no logits"] = median_ms(lambda: cached(0), args.repeats)
-    kv.plan()
-    rows[f"full forward, {args.canvas} tokens, 16 logits"] = median_ms(
-        lambda: (kv.plan(), model(x, positions=positions, cache=kv, logits_index=torch.arange(16))), 3
-    )
+    for backend in ("torch", "onednn"):
+        model.set_linear_backend(backend)
+        for m in (8, 16, 32):
+            xs = {w: torch.randn(m, w.in_features, dtype=dtype) for w in linears}
+            rows.setdefault(f"the layers' matmuls at {m} rows", {})[backend] = median_ms(
+                lambda xs=xs: [w(x) for w, x in xs.items()], args.repeats
+            )
+        h = torch.randn(16, head.in_features, dtype=dtype)
+        rows.setdefault("LM head over 16 rows", {})[backend] = median_ms(lambda h=h: head(h), args.repeats)
+        kv.plan()
+        model(x, positions=positions, cache=kv)
+        rows.setdefault("cached forward, 16 fed tokens, 16 logits", {})[backend] = median_ms(
+            lambda: cached(16), args.repeats
+        )
+        rows.setdefault("cached forward, 16 fed tokens, no logits", {})[backend] = median_ms(
+            lambda: cached(0), args.repeats
+        )
+        rows.setdefault(f"full forward, {args.canvas} tokens, 16 logits", {})[backend] = median_ms(
+            lambda: (kv.plan(), model(x, positions=positions, cache=kv, logits_index=torch.arange(16))), 3
+        )
 
     print(f"{n_params / 1e6:.1f}M weights in the layers ({n_params * flat.element_size() / 2**20:.0f} MiB), {dtype}")
-    print("| what | ms (median) |\n|---|---|")
+    print("| what | ms, torch matmul | ms, oneDNN prepacked |\n|---|---|---|")
     for name, ms in rows.items():
-        print(f"| {name} | {ms:.1f} |")
+        print(f"| {name} | {ms['torch']:.1f} | " + (f"{ms['onednn']:.1f} |" if "onednn" in ms else "|"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"dtype": args.dtype, "threads": args.threads, "ms": rows}, indent=1))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dlmcache import DLMPipeline, DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
+from dlmcache.models.layers import Linear, onednn_dtypes
 from tests.helpers import reference_forward, tiny_dream, tiny_llada, write_hub_checkpoint
 
 BUILDERS = {"llada": tiny_llada, "dream": tiny_dream}
@@ -180,3 +181,96 @@ def test_kernels_attention_backend_matches_sdpa(arch, tiny_tokenizer):
     torch.testing.assert_close(got_window, want_window, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention backend 'flash'"):
         model.set_attention_backend("flash")
+
+
+onednn = pytest.mark.skipif(not onednn_dtypes(), reason="this torch build has no oneDNN linear")
+
+
+@onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_float64(dtype, bias):
+    """The prepacked oneDNN matmul equals the float64 product (2-D, 3-D and non-contiguous inputs)."""
+    if dtype not in onednn_dtypes():
+        pytest.skip(f"no oneDNN {dtype} on this CPU")
+    torch.manual_seed(0)
+    lin = Linear(48, 40, bias=bias).to(dtype)
+    lin.backend = "onednn"
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for x in (torch.randn(7, 48), torch.randn(2, 5, 48), torch.randn(48, 5, 3).permute(2, 1, 0)):
+        x = x.to(dtype)
+        with torch.no_grad():
+            got = lin(x)
+        want = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
+        assert got.dtype == dtype and lin._packed is not None
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@onednn
+def test_onednn_linear_follows_its_weight():
+    """The packed copy is redone after in-place updates, load_state_dict and dtype changes; it is never
+    copied or pickled; gradients and float64 take torch's path; "torch" frees it."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    lin = Linear(16, 8)
+    lin.backend = "onednn"
+    x = torch.randn(3, 16)
+
+    def check(module, x):
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), torch.nn.functional.linear(x, module.weight, module.bias))
+
+    check(lin, x)
+    with torch.no_grad():
+        lin.weight.mul_(-2)
+    check(lin, x)
+    lin.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
+    check(lin, x)
+    clone = copy.deepcopy(lin)
+    assert clone._packed is None and pickle.loads(pickle.dumps(lin))._packed is None
+    check(clone, x)
+    lin.to(torch.bfloat16)
+    check(lin, x.bfloat16())
+    lin.float()
+    y = lin(x.requires_grad_())  # autograd: torch's path
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 16))
+    lin.double()
+    with torch.no_grad():
+        assert torch.equal(lin(x.double()), torch.nn.functional.linear(x.double(), lin.weight, lin.bias))
+
+
+@onednn
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_onednn_linear_backend_matches_torch(arch, tiny_tokenizer):
+    model = BUILDERS[arch](tiny_tokenizer)
+    ids = torch.randint(5, 280, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+        model.set_linear_backend("onednn")
+        got = model(ids).logits
+        assert all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
+        model.set_linear_backend("torch")
+        assert all(m._packed is None for m in model.modules() if isinstance(m, Linear))
+        assert torch.equal(model(ids).logits, want)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="linear backend 'mkl'"):
+        model.set_linear_backend("mkl")
+
+
+@onednn
+def test_onednn_linear_backend_decodes_like_torch():
+    """On the bundled trained model, both backends decode the same tokens, with and without a cache."""
+    from dlmcache import tinytask
+
+    pipe = DLMPipeline.from_pretrained("dlmcache/tiny")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [tinytask.messages(p) for p in tinytask.test_problems(6)]
+    for cache in ("none", "freecache"):
+        pipe.set_cache(cache)
+        pipe.model.set_linear_backend("torch")
+        want = pipe(prompts, max_new_tokens=32, block_length=16).sequences
+        pipe.model.set_linear_backend("onednn")
+        assert torch.equal(pipe(prompts, max_new_tokens=32, block_length=16).sequences, want)

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
+    Linear,
     RMSNorm,
     apply_rope,
     attend,
@@ -89,10 +90,10 @@ class DreamAttention(nn.Module):
         d, self.n_heads, self.n_kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         head_dim = d // self.n_heads
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(d, self.n_heads * head_dim, bias=True)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * head_dim, bias=True)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * head_dim, bias=True)
+        self.k_proj = Linear(d, self.n_kv_heads * head_dim, bias=True)
+        self.v_proj = Linear(d, self.n_kv_heads * head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * head_dim, d, bias=False)
 
     def forward(self, h, inputs: AttentionInputs):
         q = apply_rope(split_heads(self.q_proj(h), self.n_heads), inputs.cos, inputs.sin)
@@ -104,9 +105,9 @@ class DreamAttention(nn.Module):
 class DreamMLP(nn.Module):
     def __init__(self, config: DreamConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
@@ -146,7 +147,7 @@ class DreamModel(DLMModelMixin, PreTrainedModel):
     def __init__(self, config: DreamConfig):
         super().__init__(config)
         self.model = DreamBaseModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     @property

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
+    Linear,
     RMSNorm,
     apply_rope,
     attend,
@@ -106,14 +107,14 @@ class LLaDABlock(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
-        self.q_proj = nn.Linear(d, d, bias=qkv_bias)
-        self.k_proj = nn.Linear(d, config.n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(d, config.n_kv_heads * head_dim, bias=qkv_bias)
-        self.attn_out = nn.Linear(d, d, bias=False)
+        self.q_proj = Linear(d, d, bias=qkv_bias)
+        self.k_proj = Linear(d, config.n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d, config.n_kv_heads * head_dim, bias=qkv_bias)
+        self.attn_out = Linear(d, d, bias=False)
         self.ff_norm = RMSNorm(d, config.rms_norm_eps)
-        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)  # SwiGLU gate
-        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
+        self.ff_proj = Linear(d, config.mlp_hidden_size, bias=False)  # SwiGLU gate
+        self.up_proj = Linear(d, config.mlp_hidden_size, bias=False)
+        self.ff_out = Linear(config.mlp_hidden_size, d, bias=False)
 
     def forward(self, x, inputs: AttentionInputs):
         h = self.attn_norm(x)
@@ -130,7 +131,7 @@ class LLaDATransformer(nn.Module):
         self.wte = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.blocks = nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers))
         self.ln_f = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.ff_out = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.ff_out = Linear(config.d_model, config.padded_vocab_size, bias=False)
 
 
 class LLaDABackbone(nn.Module):
