@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dlmcache import DLMPipeline, LLaDAConfig, LLaDAModelLM, LowConfidenceScheduler
 from dlmcache.guidance import ARGuide
+from dlmcache.models.layers import LINEAR_BACKENDS
 from dlmcache.run_config import RunConfig, split_configs
 
 DEFAULT_MODES = [
@@ -215,7 +216,7 @@ def main() -> None:
     ap.add_argument("--modes", default=";".join(DEFAULT_MODES), help="configs separated by ';' (or ',' if no ';')")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
-        "--linear", default="torch", choices=("torch", "onednn"), help="the model's matmul (set_linear_backend)"
+        "--linear", default="torch", choices=LINEAR_BACKENDS, help="the model's matmul (set_linear_backend)"
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=1)

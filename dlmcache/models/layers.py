@@ -148,7 +148,7 @@ class Linear(nn.Linear):
         self._packed = self._packed_key = None
 
     def __getstate__(self):
-        state = dict(self.__dict__)  # oneDNN's opaque tensors cannot be copied or pickled
+        state = super().__getstate__()  # a copy; oneDNN's opaque tensors cannot be copied or pickled
         state.pop("_packed", None)
         state.pop("_packed_key", None)
         return state
