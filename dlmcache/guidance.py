@@ -100,7 +100,7 @@ class ARGuide:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
         if isinstance(guide, str):
-            from .pipeline import resolve_path
+            from .locations import resolve_path
 
             path = resolve_path(guide)
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)

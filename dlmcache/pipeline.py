@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +12,10 @@ from diffusers.utils import BaseOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .cache import DenoisingCache, Layout, make_cache
+from .locations import read_json, resolve_path
 from .models import MODEL_CLASSES
 from .schedulers import DLMScheduler, DreamScheduler, GuidedScheduler, LowConfidenceScheduler, StepContext
 
-ASSETS = Path(__file__).parent / "assets"
-BUNDLED = {"dlmcache/tiny": ASSETS / "tiny", "dlmcache/tiny-guide": ASSETS / "tiny-guide"}
 DEFAULT_SCHEDULERS = {"llada": LowConfidenceScheduler, "Dream": DreamScheduler}
 
 
@@ -33,26 +31,6 @@ class DLMPipelineOutput(BaseOutput):
     nfe: int
     commit_step: torch.LongTensor
     stats: dict = field(default_factory=dict)
-
-
-def resolve_path(name_or_path: str | Path) -> str:
-    """Bundled names ("dlmcache/tiny") map to the package's assets; anything else is returned as is."""
-    return str(BUNDLED.get(str(name_or_path), name_or_path))
-
-
-def _read_json(path_or_id: str, filename: str) -> dict | None:
-    """`filename` from a local directory or (online only) a hub repo; None when it does not exist."""
-    local = Path(path_or_id)
-    if local.is_dir():
-        f = local / filename
-        return json.loads(f.read_text()) if f.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(path_or_id, filename)).read_text())
-    except EntryNotFoundError:
-        return None
 
 
 class DLMPipeline(DiffusionPipeline):
@@ -99,11 +77,11 @@ class DLMPipeline(DiffusionPipeline):
         """
         path = resolve_path(pretrained_model_name_or_path)
         dtype = kwargs.pop("dtype", None) or torch_dtype or torch.float32
-        if _read_json(path, "model_index.json") is not None:
+        if read_json(path, "model_index.json") is not None:
             extra = {"scheduler": scheduler} if scheduler is not None else {}
             pipe = super().from_pretrained(path, dtype=dtype, **extra, **kwargs)
         else:
-            config = _read_json(path, "config.json")
+            config = read_json(path, "config.json")
             if config is None:
                 raise ValueError(f"{pretrained_model_name_or_path!r} has neither model_index.json nor config.json")
             model_type = config.get("model_type")

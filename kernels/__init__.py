@@ -1,19 +1,10 @@
-"""dlmcache's shared layer: Triton ops with torch references, and KV compression policies.
+"""dlmcache's shared layer (`dlmcache.kernels`): Triton ops with torch references, and KV compression
+policies used by both the diffusion-LM caches and the VLM/AR side.
 
-The import name `kernels` is also that of Hugging Face's `kernels` distribution (used by transformers
-for hub kernels). This package is dlmcache's; `IS_DLMCACHE_KERNELS` lets code and tests tell them apart.
+The repository keeps this folder at the top level as `kernels/`, but it installs as `dlmcache.kernels`:
+the bare name `kernels` belongs to Hugging Face's distribution (used by transformers).
 """
 
 from .ops import QuantizedTensor, attention, dequantize_kv, gather_kv, quantize_kv, quantized_attention
 
-IS_DLMCACHE_KERNELS = True
-
-__all__ = [
-    "IS_DLMCACHE_KERNELS",
-    "QuantizedTensor",
-    "attention",
-    "dequantize_kv",
-    "gather_kv",
-    "quantize_kv",
-    "quantized_attention",
-]
+__all__ = ["QuantizedTensor", "attention", "dequantize_kv", "gather_kv", "quantize_kv", "quantized_attention"]

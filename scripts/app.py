@@ -34,13 +34,13 @@ except ImportError:  # a Space runs this file from a checkout without installing
 
 import gradio as gr
 import torch
+from dlmcache.kernels.policies import SnapKV, StreamingLLM
+from dlmcache.vlm import GUIKV, GUIAgentSession, PrefixKV, calibrate
+from dlmcache.vlm.synthetic import instruction, screenshot
 from PIL import Image
 
 from dlmcache import DLMPipeline
 from dlmcache.run_config import RunConfig
-from kernels.policies import SnapKV, StreamingLLM
-from vlm import GUIKV, GUIAgentSession, PrefixKV, calibrate
-from vlm.synthetic import instruction, screenshot
 
 MAX_PROMPT_CHARS = 2000
 MAX_SCREENSHOTS = 8
@@ -177,12 +177,12 @@ class VLMDemo:
 
     def __init__(self, vlm: str | None, device: str, dtype: torch.dtype):
         if vlm:
-            from vlm.loading import load_vlm
+            from dlmcache.vlm.loading import load_vlm
 
             self.model, self.processor = load_vlm(vlm, dtype, device)
             self.name = vlm
         else:
-            from vlm.tiny import tiny_processor, tiny_vlm
+            from dlmcache.vlm.tiny import tiny_processor, tiny_vlm
 
             self.processor = tiny_processor(max_pixels=448 * 448)
             self.model = tiny_vlm(self.processor, layers=4, hidden=128, dtype=dtype).to(device)

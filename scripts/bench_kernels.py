@@ -49,12 +49,12 @@ def attention_cases(check_only: bool):
 
 def attention_row(name: str, q, k, v, timed: bool, peak: float) -> dict:
     """Check and time one attention shape: ours (bf16, int4, int2) against SDPA and eager dequant."""
-    from kernels.ops.attention import attention_reference
-    from kernels.ops.attention import triton as att
-    from kernels.ops.attention.reference import attention_mask
-    from kernels.ops.quantize import triton as qua
-    from kernels.ops.quantized_attention import reference as qatt_ref
-    from kernels.ops.quantized_attention import triton as qatt
+    from dlmcache.kernels.ops.attention import attention_reference
+    from dlmcache.kernels.ops.attention import triton as att
+    from dlmcache.kernels.ops.attention.reference import attention_mask
+    from dlmcache.kernels.ops.quantize import triton as qua
+    from dlmcache.kernels.ops.quantized_attention import reference as qatt_ref
+    from dlmcache.kernels.ops.quantized_attention import triton as qatt
 
     lq, lk = q.shape[2], k.shape[2]
     causal = lq > 1  # chunk-shaped queries are the last lq tokens (bottom-right causal)
@@ -89,9 +89,9 @@ def attention_row(name: str, q, k, v, timed: bool, peak: float) -> dict:
 
 
 def run(args) -> dict:
-    from kernels.ops.gather import triton as gat
-    from kernels.ops.quantize import reference as qref
-    from kernels.ops.quantize import triton as qua
+    from dlmcache.kernels.ops.gather import triton as gat
+    from dlmcache.kernels.ops.quantize import reference as qref
+    from dlmcache.kernels.ops.quantize import triton as qua
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16

@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offline_models import load_smollm2  # noqa: E402
-
-from kernels.cache import CompressedCache  # noqa: E402
-from kernels.policies import (  # noqa: E402
+from dlmcache.kernels.cache import CompressedCache  # noqa: E402
+from dlmcache.kernels.policies import (  # noqa: E402
     D2O,
     EMS,
     GEAR,
@@ -46,6 +44,7 @@ from kernels.policies import (  # noqa: E402
     SnapKV,
     StreamingLLM,
 )
+from offline_models import load_smollm2  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
 
@@ -238,7 +237,7 @@ def tiny_few_shot_accuracy(settings_by_name: dict, n: int, shots: int = 6) -> di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dlmcache import tinytask
-    from dlmcache.pipeline import resolve_path
+    from dlmcache.locations import resolve_path
 
     path = resolve_path("dlmcache/tiny-guide")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

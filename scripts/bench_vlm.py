@@ -24,20 +24,19 @@ import statistics
 from pathlib import Path
 
 import torch
-
-from kernels.policies import SnapKV, StreamingLLM
-from vlm import GUIKV, GUIAgentSession, PrefixKV, calibrate
-from vlm.synthetic import instruction, screenshot
+from dlmcache.kernels.policies import SnapKV, StreamingLLM
+from dlmcache.vlm import GUIKV, GUIAgentSession, PrefixKV, calibrate
+from dlmcache.vlm.synthetic import instruction, screenshot
 
 
 def load(args):
     if args.model == "tiny":
-        from vlm.tiny import tiny_processor, tiny_vlm
+        from dlmcache.vlm.tiny import tiny_processor, tiny_vlm
 
         processor = tiny_processor(max_pixels=args.size[0] * args.size[1])
         model = tiny_vlm(processor, args.kind, layers=args.layers, hidden=args.hidden, dtype=getattr(torch, args.dtype))
         return model.to(args.device), processor
-    from vlm.loading import load_vlm
+    from dlmcache.vlm.loading import load_vlm
 
     return load_vlm(args.model, getattr(torch, args.dtype), args.device)
 

@@ -31,7 +31,7 @@ from dlmcache import DLMPipeline
 from dlmcache.evals.harness import ARGenerator, DLMGenerator, run_config, summarize
 from dlmcache.evals.sandbox import isolation
 from dlmcache.evals.tasks import get_task
-from dlmcache.pipeline import resolve_path
+from dlmcache.locations import resolve_path
 from dlmcache.run_config import RunConfig, split_configs
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from dlmcache.kernels.cache import CompressedCache  # noqa: E402
+from dlmcache.kernels.policies import TOVA, KNorm, SnapKV  # noqa: E402
 from offline_models import load_smollm2  # noqa: E402
-
-from kernels.cache import CompressedCache  # noqa: E402
-from kernels.policies import TOVA, KNorm, SnapKV  # noqa: E402
 
 
 def main() -> None:

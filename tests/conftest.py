@@ -17,6 +17,6 @@ torch.set_num_threads(1)
 def tiny_tokenizer():
     from transformers import AutoTokenizer
 
-    from dlmcache.pipeline import resolve_path
+    from dlmcache.locations import resolve_path
 
     return AutoTokenizer.from_pretrained(resolve_path("dlmcache/tiny"))

@@ -144,8 +144,7 @@ def test_vlm_tab_takes_uploaded_screenshots_and_refuses_bad_ones(tmp_path):
     import gradio as gr
     import torch
     from app import MAX_SCREENSHOTS, VLMDemo
-
-    from vlm.synthetic import screenshot
+    from dlmcache.vlm.synthetic import screenshot
 
     paths = []
     for t in range(3):

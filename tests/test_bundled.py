@@ -52,7 +52,7 @@ def test_freecache_keeps_the_tiny_models_accuracy(pipe, problems):
 def test_tiny_guide_solves_its_task_and_guides(pipe, problems):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dlmcache.pipeline import resolve_path
+    from dlmcache.locations import resolve_path
 
     path = resolve_path("dlmcache/tiny-guide")
     guide = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -6,14 +6,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dlmcache.kernels.cache import CompressedCache
+from dlmcache.kernels.policies import ScoreInputs
+from dlmcache.vlm.guikv import GUIKV, screenshot_tags
+from dlmcache.vlm.prefixkv import (
+    PrefixKV,
+    PrefixKVBudget,
+    PrefixKVProfile,
+    PrefixKVScore,
+    calibrate,
+    prefix_keep_counts,
+)
+from dlmcache.vlm.tiny import tiny_processor, tiny_vlm
 from PIL import Image, ImageDraw
 
-from kernels.cache import CompressedCache
-from kernels.policies import ScoreInputs
 from tests.helpers import tiny_llama
-from vlm.guikv import GUIKV, screenshot_tags
-from vlm.prefixkv import PrefixKV, PrefixKVBudget, PrefixKVProfile, PrefixKVScore, calibrate, prefix_keep_counts
-from vlm.tiny import tiny_processor, tiny_vlm
 
 # ---------------------------------------------------------------- GUI-KV rule
 
@@ -97,7 +104,7 @@ def test_guikv_saliency_favours_high_norm_tokens_and_qr_differs_from_svd():
 def test_guikv_without_screenshots_is_pooled_window_attention():
     inp = _guikv_inputs()
     inp.tags = None
-    from kernels.policies import SnapKV
+    from dlmcache.kernels.policies import SnapKV
 
     torch.testing.assert_close(GUIKV(window=4).score(inp), SnapKV(window=4, kernel=5).score(inp))
 
@@ -282,7 +289,7 @@ def _session_run(session, turns=3):
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
 def test_session_reusing_the_cache_equals_reprefilling_every_turn(kind, processor):
-    from vlm.agent import GUIAgentSession
+    from dlmcache.vlm.agent import GUIAgentSession
 
     model = tiny_vlm(processor, kind, seed=1)
     reuse = GUIAgentSession(model, processor, max_new_tokens=5)
@@ -297,7 +304,7 @@ def test_session_reusing_the_cache_equals_reprefilling_every_turn(kind, processo
 
 
 def test_session_compression_shrinks_the_cache_to_the_budget(processor):
-    from vlm.agent import GUIAgentSession
+    from dlmcache.vlm.agent import GUIAgentSession
 
     model = tiny_vlm(processor, "qwen2_vl", seed=2)
     full = GUIAgentSession(model, processor, max_new_tokens=4)
@@ -315,7 +322,7 @@ def test_session_compression_shrinks_the_cache_to_the_budget(processor):
 
 
 def test_session_keeps_at_most_max_screenshots(processor):
-    from vlm.agent import GUIAgentSession
+    from dlmcache.vlm.agent import GUIAgentSession
 
     model = tiny_vlm(processor, "qwen2_vl", seed=2)
     session = GUIAgentSession(model, processor, max_screenshots=2, max_new_tokens=3)
@@ -327,8 +334,8 @@ def test_session_keeps_at_most_max_screenshots(processor):
 
 
 def test_session_validation(processor):
-    from kernels.policies import SnapKV
-    from vlm.agent import GUIAgentSession
+    from dlmcache.kernels.policies import SnapKV
+    from dlmcache.vlm.agent import GUIAgentSession
 
     model = tiny_vlm(processor, "qwen2_vl")
     with pytest.raises(ValueError, match="needs budget"):
@@ -345,7 +352,7 @@ def test_session_validation(processor):
 
 
 def test_session_teacher_forcing_measures_agreement(processor):
-    from vlm.agent import GUIAgentSession
+    from dlmcache.vlm.agent import GUIAgentSession
 
     model = tiny_vlm(processor, "qwen2_vl", seed=4)
     ref = GUIAgentSession(model, processor, max_new_tokens=4)
@@ -371,7 +378,7 @@ def test_saved_checkpoint_loads_and_runs_the_benchmark(kind, processor, tmp_path
     import sys
     from pathlib import Path
 
-    from vlm.loading import load_vlm
+    from dlmcache.vlm.loading import load_vlm
 
     model = tiny_vlm(processor, kind, seed=5)
     model.save_pretrained(tmp_path / "ckpt")

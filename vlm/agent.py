@@ -26,10 +26,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from kernels.cache import CompressedCache
-from kernels.policies.base import EvictionPolicy
-from kernels.policies.budget import BudgetAllocator
+from dlmcache.kernels.cache import CompressedCache
+from dlmcache.kernels.policies.base import EvictionPolicy
+from dlmcache.kernels.policies.budget import BudgetAllocator
 
 
 @dataclass

@@ -32,8 +32,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from kernels.policies.base import EvictionPolicy, ScoreInputs, check_positive, pool1d
+from dlmcache.kernels.policies.base import EvictionPolicy, ScoreInputs, check_positive, pool1d
 
 
 def screenshot_tags(token_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:

@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-
-from kernels.cache import CompressedCache
-from kernels.policies.base import EvictionPolicy, ScoreInputs, check_positive, resolve_budget
-from kernels.policies.budget import BudgetAllocator
+from dlmcache.kernels.cache import CompressedCache
+from dlmcache.kernels.policies.base import EvictionPolicy, ScoreInputs, check_positive, resolve_budget
+from dlmcache.kernels.policies.budget import BudgetAllocator
 
 
 def layer_importance(inputs: ScoreInputs) -> torch.Tensor:

@@ -19,7 +19,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
-from dlmcache.pipeline import resolve_path
+from dlmcache.locations import resolve_path
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHAT_TEMPLATE = (

@@ -94,7 +94,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, in
     else:
         key_mask = inputs.key_mask
     if inputs.backend == "kernels" or (inputs.backend == "auto" and q.is_cuda):
-        from kernels.ops import attention
+        from dlmcache.kernels.ops import attention
 
         return attention(q, k, v, key_mask=key_mask, backend="triton")
     mask = None if key_mask is None else key_mask[:, None, None, :]

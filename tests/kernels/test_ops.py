@@ -3,22 +3,21 @@ CUDA), with awkward shapes, NaN-prefilled outputs, fp32 / bf16 / fp16 inputs and
 
 import pytest
 import torch
-
-from kernels.ops import attention, dequantize_kv, gather_kv, quantize_kv, quantized_attention
-from kernels.ops.attention import attention_reference
-from kernels.ops.backend import use_triton
-from kernels.ops.quantize import pack, unpack
-from kernels.ops.quantize import reference as qref
+from dlmcache.kernels.ops import attention, dequantize_kv, gather_kv, quantize_kv, quantized_attention
+from dlmcache.kernels.ops.attention import attention_reference
+from dlmcache.kernels.ops.backend import use_triton
+from dlmcache.kernels.ops.quantize import pack, unpack
+from dlmcache.kernels.ops.quantize import reference as qref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def triton_ops():
-    from kernels.ops.attention import triton as att
-    from kernels.ops.gather import triton as gat
-    from kernels.ops.quantize import triton as qua
-    from kernels.ops.quantized_attention import triton as qatt
+    from dlmcache.kernels.ops.attention import triton as att
+    from dlmcache.kernels.ops.gather import triton as gat
+    from dlmcache.kernels.ops.quantize import triton as qua
+    from dlmcache.kernels.ops.quantized_attention import triton as qatt
 
     return att, qua, qatt, gat
 
@@ -190,17 +189,3 @@ def test_dispatch():
     k = torch.randn(1, 1, 9, 64)
     torch.testing.assert_close(attention(q, k, k, backend="auto"), attention_reference(q, k, k))
 
-
-def test_import_name_is_ours():
-    """`kernels` is also Hugging Face's distribution name: make sure ours is the one imported, and that
-    transformers does not mistake it for theirs."""
-    from pathlib import Path
-
-    import dlmcache
-    import kernels
-
-    assert getattr(kernels, "IS_DLMCACHE_KERNELS", False)
-    assert Path(kernels.__file__).parent.parent == Path(dlmcache.__file__).parent.parent
-    from transformers.utils import import_utils
-
-    assert not import_utils.is_kernels_available()

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernels.cache import CompressedCache
-from kernels.policies import (
+from dlmcache.kernels.cache import CompressedCache
+from dlmcache.kernels.policies import (
     EVICTION,
     GEAR,
     H2O,
@@ -41,7 +40,8 @@ from kernels.policies import (
     ragged_topk,
     resolve_budget,
 )
-from kernels.policies.structured import PlainStore
+from dlmcache.kernels.policies.structured import PlainStore
+
 from tests.helpers import tiny_llama
 
 
@@ -505,7 +505,7 @@ def test_fastgen_profiles_and_budget():
 
 
 def test_largest_remainder():
-    from kernels.policies.structured import largest_remainder
+    from dlmcache.kernels.policies.structured import largest_remainder
 
     assert largest_remainder(torch.tensor([[2.5, 2.5, 3.0]])).tolist() in ([[3, 2, 3]], [[2, 3, 3]])
     assert largest_remainder(torch.tensor([[1.2, 1.3, 1.5]])).sum().item() == 4

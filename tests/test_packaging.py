@@ -1,0 +1,123 @@
+"""Packaging and layering: the installed import names, what each layer may import, no import cycles,
+and coexistence with the index's own `kernels` (Hugging Face) and `vlm` distributions."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setuptools_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def _package_dirs() -> dict[str, Path]:
+    """Installed package name -> folder, following pyproject's package-dir."""
+    config = _setuptools_config()
+    roots = config["package-dir"]
+    out = {}
+    for name in config["packages"]:
+        root = max((r for r in roots if name == r or name.startswith(r + ".")), key=len)
+        rest = name[len(root) :].lstrip(".")
+        out[name] = ROOT / roots[root] / Path(*rest.split(".")) if rest else ROOT / roots[root]
+    return out
+
+
+def test_package_list_covers_the_tree():
+    listed = {path.resolve() for path in _package_dirs().values()}
+    on_disk = {p.parent.resolve() for top in ("dlmcache", "kernels", "vlm") for p in (ROOT / top).rglob("__init__.py")}
+    assert listed == on_disk
+
+
+def _house_modules() -> dict[str, Path]:
+    """Every module of the installed packages by its import name."""
+    modules = {}
+    for name, folder in _package_dirs().items():
+        for f in folder.glob("*.py"):
+            modules[name if f.name == "__init__.py" else f"{name}.{f.stem}"] = f
+    return modules
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """House modules that `name` imports anywhere in its file (function-level imports included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def test_layers_import_only_what_they_may():
+    modules = _house_modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    for name, deps in graph.items():
+        if name.startswith("dlmcache.kernels"):
+            assert all(d.startswith("dlmcache.kernels") for d in deps), (name, deps)
+        if name.startswith("dlmcache.vlm"):
+            allowed = ("dlmcache.kernels", "dlmcache.vlm", "dlmcache.locations")
+            assert all(d.startswith(allowed) for d in deps), (name, deps)
+        assert not any(d.startswith("tests") for d in deps), (name, deps)
+
+
+def test_no_import_cycles():
+    modules = _house_modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    # A package's __init__ re-exporting its own submodules is not a cycle of ideas; leave those edges out.
+    graph = {n: {d for d in deps if not (d.startswith(n + ".") and modules[n].name == "__init__.py")} for n, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep) :] + [dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+@pytest.mark.parametrize(
+    "module, forbidden",
+    [
+        ("dlmcache.kernels", ("diffusers", "dlmcache.pipeline", "dlmcache.models", "dlmcache.vlm")),
+        ("dlmcache.kernels.cache", ("diffusers", "dlmcache.pipeline", "dlmcache.vlm")),
+        ("dlmcache.vlm", ("diffusers", "dlmcache.pipeline", "dlmcache.models", "dlmcache.cache")),
+        ("dlmcache.vlm.tiny", ("diffusers", "dlmcache.pipeline", "dlmcache.models")),
+    ],
+)
+def test_importing_a_layer_loads_nothing_above_it(module, forbidden):
+    code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    loaded = json.loads(out.stdout)
+    assert not [m for m in loaded if m.startswith(forbidden)]
