@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +85,10 @@ def test_no_import_cycles():
     modules = _house_modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     # A package's __init__ re-exporting its own submodules is not a cycle of ideas; leave those edges out.
-    graph = {n: {d for d in deps if not (d.startswith(n + ".") and modules[n].name == "__init__.py")} for n, deps in graph.items()}
+    graph = {
+        n: {d for d in deps if not (d.startswith(n + ".") and modules[n].name == "__init__.py")}
+        for n, deps in graph.items()
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -121,3 +123,54 @@ def test_importing_a_layer_loads_nothing_above_it(module, forbidden):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     loaded = json.loads(out.stdout)
     assert not [m for m in loaded if m.startswith(forbidden)]
+
+
+def _pip(python: Path, *args: str) -> None:
+    subprocess.run([str(python), "-m", "pip", "-q", "--disable-pip-version-check", *args], check=True, timeout=600)
+
+
+def _run(python: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+OURS = "import dlmcache.kernels as k, dlmcache.vlm as v; assert callable(k.quantized_attention) and v.GUIKV"
+THEIRS = "import kernels, vlm; assert callable(kernels.get_kernel) and 'dlmcache' not in kernels.__file__"
+
+
+def test_installs_beside_the_index_kernels_and_vlm(tmp_path):
+    """A user with Hugging Face's `kernels` (and the index's `vlm`) installs this package in either
+    order; both import, and uninstalling one leaves the other working."""
+    dist = tmp_path / "dist"
+    _pip(Path(sys.executable), "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT))
+    (wheel,) = dist.glob("dlmcache-*.whl")
+    try:
+        _pip(Path(sys.executable), "download", "--no-deps", "-d", str(dist), "kernels", "vlm")
+    except subprocess.CalledProcessError:
+        pytest.skip("the package index cannot be reached for Hugging Face's kernels")
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    # torch, transformers, ... come from this environment, after the new venv's own packages.
+    site = next((tmp_path / "venv" / "lib").glob("python*/site-packages"))
+    outer = [p for p in sys.path if p.endswith("site-packages")]
+    (site / "outer.pth").write_text("\n".join(outer) + "\n")
+    work = tmp_path / "elsewhere"  # not the checkout, whose folders would shadow the installed names
+    work.mkdir()
+
+    _pip(python, "install", "--no-deps", str(wheel))
+    _pip(python, "install", "kernels", "vlm")  # theirs after ours, with their dependencies
+    both = _run(python, f"{OURS}; {THEIRS}", work)
+    assert both.returncode == 0, both.stderr
+
+    _pip(python, "uninstall", "-y", "kernels", "vlm")
+    assert _run(python, OURS, work).returncode == 0
+    assert _run(python, "import kernels", work).returncode != 0
+
+    _pip(python, "install", "--no-deps", "kernels", "vlm", "--find-links", str(dist))
+    _pip(python, "uninstall", "-y", "dlmcache")
+    theirs = _run(python, THEIRS, work)
+    assert theirs.returncode == 0, theirs.stderr
+    assert _run(python, "import dlmcache", work).returncode != 0
+
+    _pip(python, "install", "--no-deps", str(wheel))  # ours after theirs
+    both = _run(python, f"{OURS}; {THEIRS}", work)
+    assert both.returncode == 0, both.stderr

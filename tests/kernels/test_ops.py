@@ -188,4 +188,3 @@ def test_dispatch():
         use_triton("fast", q)
     k = torch.randn(1, 1, 9, 64)
     torch.testing.assert_close(attention(q, k, k, backend="auto"), attention_reference(q, k, k))
-
