@@ -1,102 +1,388 @@
-"""The code sandbox contains hostile programs and still passes correct ones."""
+"""The code sandbox holds against hostile programs, in both containment modes, as root and as an
+unprivileged evaluator, and still passes correct programs (and only programs that ran to their end)."""
 
+from __future__ import annotations
+
+import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from dlmcache.evals.sandbox import Limits, isolation, run_program
+from dlmcache.evals import sandbox
+from dlmcache.evals.sandbox import Limits, SandboxResult, isolation, run_program
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 
 FAST = Limits(timeout=3.0, cpu_seconds=3)
+NAMESPACES_MISSING = sandbox._namespaces_work() if sys.platform.startswith("linux") else "not Linux"
+MODES = [
+    pytest.param("namespaces", marks=pytest.mark.skipif(bool(NAMESPACES_MISSING), reason=f"{NAMESPACES_MISSING}")),
+    "fallback",
+]
+SCOPED = sandbox.landlock_abi() >= 6
 
 
-def _nobody_processes() -> int:
-    """Live (not zombie) processes of the sandbox user."""
-    count = 0
+def _unprivileged_python() -> str | None:
+    return sandbox._nobody_python() if os.geteuid() == 0 else sys.executable
+
+
+EVALUATORS = [
+    "self",
+    pytest.param(
+        "unprivileged",
+        marks=pytest.mark.skipif(
+            os.geteuid() != 0 or _unprivileged_python() is None,
+            reason="the suite already runs unprivileged" if os.geteuid() != 0 else "no Python that nobody can run",
+        ),
+    ),
+]
+
+
+def run(source: str, limits: Limits = FAST, mode: str = "namespaces", evaluator: str = "self") -> SandboxResult:
+    """`run_program` here, or from an evaluator process running as `nobody` (a copy of the
+    standard-library-only sandbox module in a directory it can read)."""
+    if evaluator == "self":
+        return run_program(source, limits, containment=mode)
+    home = Path(f"/tmp/dlmcache-sandbox-evaluator-{os.getpid()}")
+    home.mkdir(mode=0o755, exist_ok=True)
+    shutil.copy(sandbox.__file__, home / "sandbox.py")
+    os.chmod(home / "sandbox.py", 0o644)
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(home)!r}); import sandbox\n"
+        f"r = sandbox.run_program(sys.stdin.read(), sandbox.Limits(**{limits.__dict__!r}), containment={mode!r})\n"
+        "print(json.dumps(r.__dict__))\n"
+    )
+    try:
+        out = subprocess.run(
+            [_unprivileged_python(), "-I", "-c", code], input=source, capture_output=True, text=True, user=65534,
+            group=65534, extra_groups=[], cwd="/", timeout=120,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert out.returncode == 0, f"the unprivileged evaluator died: {out.returncode} {out.stderr}"
+    return SandboxResult(**json.loads(out.stdout))
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-            count += os.stat(f"/proc/{pid}").st_uid == 65534 and state != "Z"
-        except (OSError, IndexError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
             pass
-    return count
+    return found
 
 
-def test_correct_program_passes_and_failing_assert_fails():
-    ok = run_program("def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nprint('done')\n", FAST)
-    assert ok.status == "passed" and ok.returncode == 0 and ok.stdout.strip() == "done"
-    bad = run_program("def add(a, b):\n    return a - b\n\nassert add(2, 3) == 5\n", FAST)
+# ------------------------------------------------------------------------------ correct programs
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("mode", MODES)
+def test_correct_program_passes_and_failing_assert_fails(mode, evaluator):
+    ok = run(
+        "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nprint('done')\n", mode=mode, evaluator=evaluator
+    )
+    assert ok.status == "passed" and ok.returncode == 0 and ok.stdout.strip() == "done", ok
+    bad = run("def add(a, b):\n    return a - b\n\nassert add(2, 3) == 5\n", mode=mode, evaluator=evaluator)
     assert bad.status == "failed" and "AssertionError" in bad.stderr
 
 
-def test_program_may_write_in_its_own_directory():
-    r = run_program("open('scratch.txt', 'w').write('x' * 100)\nassert open('scratch.txt').read() == 'x' * 100\n", FAST)
+@pytest.mark.parametrize("mode", MODES)
+def test_program_may_write_in_its_own_directory(mode):
+    r = run("open('scratch.txt', 'w').write('x' * 100)\nassert open('scratch.txt').read() == 'x' * 100\n", mode=mode)
     assert r.passed, r.stderr
 
 
-@pytest.mark.parametrize("source", ["while True:\n    pass\n", "import time\ntime.sleep(60)\n"])
-def test_infinite_loop_is_killed_at_the_timeout(source):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "early_exit",
+    [
+        "import sys; sys.exit(0)",
+        "exit()",
+        "quit()",
+        "raise SystemExit",
+        "import os; os._exit(0)",
+        "import unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n        pass\nunittest.main()",
+    ],
+)
+def test_exiting_before_the_reference_asserts_is_not_a_pass(mode, early_exit):
+    """A wrong solution that exits with status 0 before the asserts ran used to score 1.0."""
+    r = run(f"def solve(x):\n    return x\n\n{early_exit}\n\nassert solve(2) == 3\n", mode=mode)
+    assert r.status == "failed" and r.reason == "exited before the end of the program", r
+
+
+def test_mbpp_metric_scores_an_early_exit_as_wrong():
+    import evaluate
+
+    metric = evaluate.load(str(Path(sandbox.__file__).parent / "metrics" / "code_pass"))
+    programs = ["def f(x):\n    return x + 1\n", "def f(x):\n    return x\nimport sys\nsys.exit(0)\n"]
+    tests = ["assert f(1) == 2\n"] * 2
+    out = metric.compute(predictions=programs, references=tests)
+    assert out["correct"] == [True, False]
+
+
+# ------------------------------------------------------------------------------ time
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "source",
+    [
+        "while True:\n    pass\n",
+        "import time\ntime.sleep(60)\n",
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n",
+    ],
+)
+def test_run_returns_at_the_timeout(mode, source):
     t0 = time.perf_counter()
-    r = run_program(source, FAST)
-    assert r.status == "timeout"
-    assert time.perf_counter() - t0 < FAST.timeout + 5
+    r = run(source, Limits(timeout=2.0, cpu_seconds=10), mode=mode)
+    assert r.status == "timeout" and r.reason == "wall-clock timeout"
+    assert time.perf_counter() - t0 < 2.0 + 1.5
 
 
-def test_fork_bomb_is_contained_and_leaves_nothing_behind():
-    if not isolation()["process_cap_enforced"]:
-        pytest.skip("no process cap: running as root without an interpreter the nobody user can run")
-    before = _nobody_processes()
-    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    r = run_program(bomb, FAST)
-    assert not r.passed
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_time_limit_is_a_timeout(mode):
+    t0 = time.perf_counter()
+    r = run("while True:\n    pass\n", Limits(timeout=30.0, cpu_seconds=1), mode=mode)
+    assert r.status == "timeout" and r.reason == "CPU time limit" and time.perf_counter() - t0 < 10
+
+
+# ------------------------------------------------------------------------------ processes
+
+DETACHED = (
+    "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:  # no marker, no environment, stdout still open\n"
+    "        os.execve('/bin/sleep', ['sleep', '{marker}'], {{}})\n"
+    "    os._exit(0)\n"
+    "print('parent done')\n"
+    "{then}\n"
+)
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("then", ["", "time.sleep(60)"])
+def test_a_detached_descendant_dies_with_the_run(mode, evaluator, then):
+    """fork + setsid + execve with an empty environment, keeping stdout open: the run still returns
+    on time and the descendant does not outlive it."""
+    marker = f"4{os.getpid() % 10}.{time.time_ns() % 10**6}"
+    t0 = time.perf_counter()
+    r = run(DETACHED.format(marker=marker, then=then), Limits(timeout=2.0), mode=mode, evaluator=evaluator)
+    assert time.perf_counter() - t0 < 2.0 + 2.5
+    assert r.status == ("timeout" if then else "passed"), r
+    time.sleep(0.2)
+    assert _processes_with(marker) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fork_bomb_is_contained_and_leaves_nothing_behind(mode):
+    marker = f"bomb-{time.time_ns()}"
+    bomb = f"# {marker}\nimport os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    t0 = time.perf_counter()
+    r = run(bomb, mode=mode)
+    assert not r.passed and time.perf_counter() - t0 < FAST.timeout + 2.5
     time.sleep(0.5)
-    assert _nobody_processes() <= before
+    assert _processes_with(marker) == []
 
 
-def test_child_that_leaves_the_process_group_is_killed_too():
-    escape = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(120)\nelse:\n    time.sleep(120)\n"
+@pytest.mark.parametrize("mode", MODES)
+def test_killing_everything_reaches_no_other_run(mode):
+    """A program that signals every process it can (kill(-1) in a loop) does not reach a program
+    running beside it, nor the ones after it."""
+    if mode == "fallback" and not SCOPED:
+        pytest.skip("the fallback scopes signals with Landlock ABI >= 6, which this kernel lacks")
+    killer = (
+        "import os, signal, time\nend = time.time() + 2\n"
+        "while time.time() < end:\n    try:\n        os.kill(-1, signal.SIGKILL)\n    except OSError:\n        pass\n"
+    )
+    bystander = "import time\ntime.sleep(1.5)\nprint('alive')\n"
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(run, killer, Limits(timeout=5.0), mode)
+        time.sleep(0.3)
+        second = pool.submit(run, bystander, Limits(timeout=5.0), mode)
+        assert second.result().passed, second.result()
+        first.result()
+    assert run("print('next')\n", mode=mode).passed
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_program_cannot_kill_the_evaluator(mode, evaluator):
+    if mode == "fallback" and not SCOPED and (evaluator == "unprivileged" or os.geteuid() != 0):
+        pytest.skip("an unprivileged fallback scopes signals with Landlock ABI >= 6, which this kernel lacks")
+    hostile = (
+        "import os, signal\n"
+        "for pid in (os.getppid(), 1):\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
+        "    except OSError:\n        pass\n"
+        "print('still here')\n"
+    )
+    r = run(hostile, mode=mode, evaluator=evaluator)
+    assert r.status in ("passed", "failed"), r
+    assert run("print('next')\n", mode=mode, evaluator=evaluator).passed
+
+
+# ------------------------------------------------------------------------------ what a run can see
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_runs_side_by_side_cannot_see_each_other(mode):
+    writer = "import os, time\nopen('secret.txt', 'w').write('42')\nprint(os.getcwd())\ntime.sleep(2)\n"
+    looker = (
+        "import glob, os\n"
+        "found = glob.glob('/tmp/*/secret.txt') + glob.glob('/work/secret.txt') + glob.glob('/tmp/secret.txt')\n"
+        "try:\n    pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+        "except OSError:\n    pids = []\n"
+        "print(found, len(pids))\n"
+    )
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(run, writer, Limits(timeout=5.0), mode)
+        time.sleep(0.8)
+        seen = pool.submit(run, looker, Limits(timeout=5.0), mode).result()
+        assert first.result().passed
+    assert seen.passed, seen
+    found, visible = seen.stdout.rsplit(" ", 1)
+    assert found == "[]" and int(visible) <= 2, seen.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cannot_read_other_processes_command_lines(mode):
+    marker = f"cmdline-{time.time_ns()}"
+    host = subprocess.Popen(["sleep", "30", marker])
+    try:
+        probe = (
+            "import os\nfound = []\n"
+            "try:\n    pids = [p for p in os.listdir('/proc') if p.isdigit()]\nexcept OSError:\n    pids = []\n"
+            "for p in pids:\n    try:\n        found += [open(f'/proc/{p}/cmdline', 'rb').read()]\n"
+            "    except OSError:\n        pass\n"
+            f"print(any(b'{marker}' in c for c in found))\n"
+        )
+        r = run(probe, mode=mode)
+        assert r.passed and r.stdout.strip() == "False", r
+    finally:
+        host.kill()
+        host.wait()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cannot_connect_to_a_host_unix_socket(mode, tmp_path):
+    if mode == "fallback":
+        pytest.skip("the fallback cannot hide pathname Unix sockets (Landlock does not mediate connect)")
+    os.chmod(tmp_path, 0o777)
+    path = tmp_path / "host.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    os.chmod(path, 0o777)
+    server.listen(1)
+    try:
+        r = run(f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(path)!r})\nprint('connected')\n")
+        assert r.status == "failed" and "connected" not in r.stdout, r
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cannot_write_outside_its_directory(mode, tmp_path):
+    os.chmod(tmp_path, 0o777)  # even a world-writable directory stays closed
+    for target in (tmp_path / "evil.txt", Path(f"/tmp/dlmcache-sandbox-evil-{os.getpid()}.txt")):
+        r = run(f"open({str(target)!r}, 'w').write('pwned')\n", mode=mode)
+        assert not target.exists(), r
+        if mode == "fallback" or target.parent == tmp_path:  # in its own namespace, /tmp is private
+            assert r.status == "failed" and "Error" in r.stderr, r
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cannot_fill_the_disk(mode):
+    if mode == "fallback":
+        pytest.skip("the fallback bounds each file (file_size_mb), not the total written")
+    writer = (
+        "total = 0\ntry:\n    for i in range(2000):\n        with open(f'f{i}', 'wb') as f:\n"
+        "            f.write(b'x' * 2**20)\n        total += 1\nexcept OSError as e:\n    print(type(e).__name__)\n"
+        "print(total)\n"
+    )
+    r = run(writer, Limits(timeout=10.0, disk_mb=32), mode=mode)
+    assert r.passed, r
+    assert int(r.stdout.split()[-1]) <= 32 and "OSError" in r.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cannot_open_a_network_connection(mode):
+    if mode == "fallback" and not isolation()["tcp_blocked_by_landlock"]:
+        pytest.skip("the fallback blocks TCP with Landlock ABI >= 4, which this kernel lacks")
+    r = run("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\n", mode=mode)
+    assert r.status == "failed" and "Error" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------ resources
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_huge_allocation_fails_fast(mode):
     t0 = time.perf_counter()
-    r = run_program(escape, FAST)
-    assert r.status == "timeout" and time.perf_counter() - t0 < FAST.timeout + 5
-
-
-def test_huge_allocation_fails_fast():
-    t0 = time.perf_counter()
-    r = run_program("x = bytearray(10 * 1024**3)\n", FAST)
+    r = run("x = bytearray(10 * 1024**3)\n", mode=mode)
     assert r.status == "failed" and "MemoryError" in r.stderr
     assert time.perf_counter() - t0 < 2.5
 
 
-def test_cannot_write_outside_its_directory(tmp_path):
-    if not isolation()["filesystem_writes_confined"] and os.geteuid() != 0:
-        pytest.skip("no Landlock and not root: writes are confined only by file permissions")
-    os.chmod(tmp_path, 0o777)  # even a world-writable directory stays closed
-    for target in (tmp_path / "evil.txt", "/tmp/dlmcache-sandbox-evil.txt"):
-        r = run_program(f"open({str(target)!r}, 'w').write('pwned')\n", FAST)
-        assert r.status == "failed" and "PermissionError" in r.stderr, r.stderr
-        assert not os.path.exists(target)
+FLOOD = "import sys\nchunk = 'x' * 2**20\nwhile True:\n    sys.stdout.write(chunk)\n"
 
 
-def test_cannot_open_a_network_connection():
-    info = isolation()
-    if not (info["network_namespace"] or info["tcp_blocked_by_landlock"]):
-        pytest.skip("neither a network namespace nor Landlock TCP rules on this kernel")
-    r = run_program("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\n", FAST)
-    assert r.status == "failed" and ("Error" in r.stderr), r.stderr
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("output_mb", [8.0, 100000.0])
+def test_output_flood_keeps_the_evaluator_small(mode, output_mb):
+    """A program writing at full speed is stopped at the output cap (or the timeout), and the
+    evaluator's memory stays flat either way."""
+    code = (
+        "import json, sys\nfrom dlmcache.evals.sandbox import Limits, run_program\n"
+        f"r = run_program(sys.stdin.read(), Limits(timeout=3.0, output_mb={output_mb}), containment={mode!r})\n"
+        # VmHWM: this process's peak since exec (ru_maxrss would count the forked parent's image)
+        "peak = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1]\n"
+        "print(json.dumps([r.status, r.reason, r.seconds, len(r.stdout), int(peak)]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input=FLOOD, capture_output=True, text=True, timeout=60)
+    status, reason, seconds, kept, rss_kb = json.loads(out.stdout)
+    assert status in ("failed", "timeout") and len(str(kept)) and kept <= 4000
+    assert reason == ("more than 8.0 MB of output" if output_mb == 8.0 else "wall-clock timeout")
+    assert seconds < 3.0 + 1.5
+    assert rss_kb < 100 * 1024, f"evaluator peak RSS {rss_kb / 1024:.0f} MiB"
 
 
-def test_limits_are_validated():
+# ------------------------------------------------------------------------------ the API
+
+
+def test_limits_and_arguments_are_validated():
     with pytest.raises(ValueError, match="timeout"):
         Limits(timeout=0)
+    with pytest.raises(ValueError, match="disk_mb"):
+        Limits(disk_mb=True)
     with pytest.raises(TypeError, match="str"):
         run_program(b"print(1)")
+    with pytest.raises(TypeError, match="Limits"):
+        run_program("print(1)", limits={"timeout": 1})
+    with pytest.raises(ValueError, match="containment='docker'"):
+        run_program("print(1)", containment="docker")
 
 
-def test_cpu_time_limit_is_a_timeout():
-    t0 = time.perf_counter()
-    r = run_program("while True:\n    pass\n", Limits(timeout=30.0, cpu_seconds=1))
-    assert r.status == "timeout" and time.perf_counter() - t0 < 10
+def test_without_namespaces_the_fallback_is_used(monkeypatch):
+    monkeypatch.setattr(sandbox, "_namespaces_work", lambda: "pretend the kernel forbids unshare")
+    info = isolation()
+    assert info["mode"] == "fallback" and info["process_tree"] == "child subreaper"
+    r = run_program("import os\nprint(os.getcwd())\n", FAST)
+    assert r.passed and r.stdout.startswith("/tmp/dlmcache-sandbox-")  # a host directory, not the private /work
+
+
+def test_isolation_reports_the_namespaces_mode():
+    if NAMESPACES_MISSING:
+        pytest.skip(NAMESPACES_MISSING)
+    info = isolation()
+    assert info["mode"] == "namespaces" and info["private_filesystem"] and info["process_tree"] == "PID namespace"

@@ -1,68 +1,117 @@
-"""Run untrusted generated code in a contained subprocess.
+"""Run untrusted generated code in a contained process tree.
 
-Each program runs in its own process with:
+`run_program(source, limits)` starts this file as a launcher (`python -I -S sandbox.py`, standard
+library only) that confines the program in one of two ways, chosen once per machine by
+`isolation()`:
 
-- a fresh temporary working directory (also its HOME and TMPDIR), removed afterwards;
-- resource limits: address space (memory), CPU seconds, file size, open files, no core dumps, and a
-  cap on processes (when the evaluator runs as root the child first drops to `nobody`, since the
-  kernel does not apply the process cap to root);
-- no network: a new network namespace (only a loopback that is down) where the kernel allows it,
-  and Landlock TCP rules (Linux >= 6.7) on top;
-- no writes outside its directory: a Landlock ruleset (Linux >= 5.13) that allows file writes only
-  under the temporary directory and /dev (for /dev/null);
-- a wall-clock timeout, after which the whole process group is killed; every process that still
-  carries the run's marker in its environment is killed too, so a child that left the group by
-  `setsid` does not survive.
+"namespaces" (the default wherever the kernel allows it, as root or not):
+- new PID, mount, network, IPC and UTS namespaces (a user namespace too when not root). The launcher
+  forks an init (PID 1 of the new PID namespace) that runs the program as PID 2; when the program
+  exits, or when the evaluator kills the launcher (the init dies with it: parent-death signal), the
+  kernel kills every process left in the namespace, whatever they did (setsid, double fork, empty
+  environment). Nothing outside the namespace can be signalled, and `kill(-1)` reaches only the run.
+- its own root filesystem: a size-limited tmpfs (`Limits.disk_mb`) holding /work (the working
+  directory, HOME and TMPDIR) and /tmp, with read-only bind mounts of /usr, /etc, the interpreter's
+  prefix and five /dev nodes, and a fresh /proc that shows only the run's processes. Host sockets,
+  other runs' files and the host's /proc are not in its view; the old root is detached.
+- as root, the program runs as `nobody`; otherwise as an unprivileged user of its user namespace
+  (the evaluator's own user outside), without capabilities.
 
-`isolation()` says which of these layers the running kernel provides; the tests check that hostile
-programs (infinite loop, fork bomb, a 10 GB allocation, writing outside the directory, opening a
-socket) are contained and that correct programs still pass.
+"fallback" (kernels without user or PID namespaces, e.g. containers whose seccomp forbids
+`unshare`): the launcher is a child subreaper, so every descendant that outlives its parent is
+re-parented to it, and it kills them all when the program ends or the evaluator stops it; the
+program runs in a fresh directory on the host filesystem. What the fallback cannot give: a private
+/proc, hiding pathname Unix sockets, and a bound on disk use beyond `file_size_mb` per file.
+
+Both add, where the kernel has them: resource limits (address space, CPU seconds, file size, open
+files, processes: a pids cgroup per run as root, RLIMIT_NPROC otherwise), Landlock (writes only
+under the working directory; no TCP from ABI 4; no signals to, nor abstract Unix sockets of,
+processes outside the run from ABI 6), `no_new_privs`, and a network namespace.
+
+Output is read as it arrives and capped (`Limits.output_mb`, the last 4000 characters are kept), so
+the evaluator's memory stays flat. `run_program` returns within `timeout` plus about a second in
+every case. A program "passes" only if it exits with status 0 *after* its last line ran: the
+launcher runs it through a small runner that prints a per-run random sentinel (handed over through
+a pipe, not the source or the environment) once the program returns, so `sys.exit(0)`, `exit()`,
+`os._exit(0)` or `unittest.main()` before the reference asserts is a failure. (A program written to
+find the sentinel in the runner's memory could forge a pass; the sentinel guards against generated
+code that exits early, not against code written against this sandbox.)
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import json
 import os
+import platform
 import resource
+import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from functools import cache
 
-_MARKER = "DLMCACHE_SANDBOX_RUN"
 _NOBODY = 65534
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
-_PR_SET_NO_NEW_PRIVS = 38
+_INNER_UID = 1000  # the program's user inside its user namespace (non-root evaluators)
+_STATUS_FD_ENV = "DLMCACHE_SANDBOX_STATUS_FD"
+_TAIL = 4000
+_GRACE = 0.5  # seconds between asking the launcher to stop and killing it
+
+_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+_CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME, _MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
+_MNT_DETACH = 2
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 _SYS_LANDLOCK = {"create_ruleset": 444, "add_rule": 445, "restrict_self": 446}  # x86_64 and aarch64
 _LANDLOCK_RULE_PATH_BENEATH = 1
-# Landlock filesystem rights: write-type ones are handled (denied unless a rule allows them), reads
-# and execution stay allowed. Bits from linux/landlock.h: WRITE_FILE 1, REMOVE_DIR..MAKE_SYM 4-12,
-# REFER 13 (ABI 2), TRUNCATE 14 (ABI 3).
-_FS_WRITE_FILE, _FS_TRUNCATE = 1 << 1, 1 << 14
+# Landlock filesystem rights (linux/landlock.h): EXECUTE 0, WRITE_FILE 1, READ_FILE 2, READ_DIR 3,
+# REMOVE_DIR..MAKE_SYM 4-12, REFER 13 (ABI 2), TRUNCATE 14 (ABI 3). Handled rights are denied unless a
+# rule allows them beneath a path.
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR, _FS_TRUNCATE = 1, 1 << 1, 1 << 2, 1 << 3, 1 << 14
+_FS_READ = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
 _FS_WRITE_RIGHTS = {
     1: _FS_WRITE_FILE | sum(1 << bit for bit in range(4, 13)),
     2: _FS_WRITE_FILE | sum(1 << bit for bit in range(4, 14)),
     3: _FS_WRITE_FILE | sum(1 << bit for bit in range(4, 15)),
 }
 _LANDLOCK_NET_BIND_TCP, _LANDLOCK_NET_CONNECT_TCP = 1, 2
+_LANDLOCK_SCOPE_ABSTRACT_UNIX, _LANDLOCK_SCOPE_SIGNAL = 1, 2
+_DEV_NODES = ("null", "zero", "full", "random", "urandom")
+_PIDS_CGROUP = "/sys/fs/cgroup/pids"
+# The program runs through this: it reads the sentinel from stdin (then stdin is /dev/null), runs
+# program.py as __main__, and prints the sentinel only if the program returned.
+_RUNNER = (
+    "import os, runpy, sys\n"
+    "def _main(sentinel=sys.stdin.readline().strip()):\n"
+    "    fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)\n"
+    "    sys.argv = ['program.py']\n"
+    "    runpy.run_path('program.py', run_name='__main__')\n"
+    "    sys.stdout.flush(); sys.stdout.write('\\n' + sentinel + '\\n'); sys.stdout.flush()\n"
+    "_main()\n"
+)
 
 
 @dataclass
 class SandboxResult:
-    """How one program ended: status is "passed" (exit 0), "failed" (non-zero exit, e.g. a failed
-    assert), "timeout" (wall clock or CPU time ran out) or "error" (the sandbox could not start it)."""
+    """How one program ended. status: "passed" (ran to its end and exited 0), "failed" (non-zero
+    exit, killed, exited before its end, or wrote more than `Limits.output_mb`), "timeout" (wall
+    clock or CPU time ran out) or "error" (the sandbox could not start it); reason says which."""
 
     status: str
     returncode: int | None
     seconds: float
     stdout: str = ""
     stderr: str = ""
+    reason: str = ""
 
     @property
     def passed(self) -> bool:
@@ -77,26 +126,30 @@ class Limits:
     memory_mb: int = 1024  # address space
     cpu_seconds: int = 10
     file_size_mb: int = 16
+    disk_mb: int = 64  # the private filesystem (namespaces mode)
+    output_mb: float = 8.0  # stdout + stderr read before the program is stopped
     max_processes: int = 32
     max_open_files: int = 64
 
     def __post_init__(self):
-        for name in ("timeout", "memory_mb", "cpu_seconds", "file_size_mb", "max_processes", "max_open_files"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Limits.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"Limits.{name} must be a number > 0, got {value!r}")
 
 
-class _LandlockRulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64)]
-
-
-class _LandlockPathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+# ---------------------------------------------------------------- kernel interfaces (ctypes)
 
 
 def _libc():
     return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
 
 
 @cache
@@ -108,95 +161,339 @@ def landlock_abi() -> int:
     return max(int(version), 0)
 
 
-@cache
-def _can_unshare_network() -> bool:
-    """Whether a child may enter a new network namespace (probed in a throwaway process)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    pid = os.fork()
-    if pid == 0:  # the probe child: exit status says whether unshare worked
-        os._exit(0 if _unshare_network() else 1)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
 
 
-@cache
-def _interpreter() -> tuple[str, bool]:
-    """(python, drop_to_nobody): as root, the first Python that `nobody` can run (a virtualenv under
-    /root usually is not readable by it); otherwise this interpreter."""
-    if os.geteuid() != 0:
-        return sys.executable, False
-    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        if not os.path.exists(python):
-            continue
-
-        try:
-            probe = subprocess.run(
-                [python, "-I", "-c", "pass"], preexec_fn=_become_nobody, capture_output=True, timeout=30
-            )
-        except OSError:
-            continue
-        if probe.returncode == 0:
-            return python, True
-    return sys.executable, False
+class _LandlockPathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-def isolation() -> dict:
-    """Which containment layers this machine provides."""
-    abi = landlock_abi()
-    python, drop = _interpreter()
-    return {
-        "python": python,
-        "network_namespace": _can_unshare_network(),
-        "landlock_abi": abi,
-        "filesystem_writes_confined": abi >= 1,
-        "tcp_blocked_by_landlock": abi >= 4,
-        "runs_as_nobody": drop,
-        "process_cap_enforced": drop or os.geteuid() != 0,
-    }
-
-
-def _unshare_network() -> bool:
-    """Move this process into a new, empty network namespace (as root directly, otherwise inside a
-    new user namespace)."""
+def _landlock_confine(writable: list[str], readable: list[str] | None, abi: int) -> None:
+    """Allow file writes only beneath `writable` (and to /dev/null); with `readable`, reads and
+    execution only beneath those paths and `writable` (None: reads stay open). From ABI 4 no TCP
+    bind / connect; from ABI 6 no signals to, nor abstract Unix sockets of, processes outside this
+    domain."""
     libc = _libc()
-    flags = _CLONE_NEWNET if os.geteuid() == 0 else _CLONE_NEWNET | _CLONE_NEWUSER
-    return libc.unshare(ctypes.c_int(flags)) == 0
-
-
-def _landlock_confine(workdir: str, abi: int) -> None:
-    """Allow file writes only beneath `workdir` and to /dev/null, and (ABI >= 4) no TCP connect /
-    bind at all."""
-    libc = _libc()
-    fs_rights = _FS_WRITE_RIGHTS[min(abi, 3)]
+    write_rights = _FS_WRITE_RIGHTS[min(abi, 3)]
+    fs_rights = write_rights | (_FS_READ if readable is not None else 0)
     net_rights = _LANDLOCK_NET_BIND_TCP | _LANDLOCK_NET_CONNECT_TCP if abi >= 4 else 0
-    attr = _LandlockRulesetAttr(fs_rights, net_rights)
-    size = ctypes.sizeof(attr) if abi >= 4 else 8
-    ruleset = libc.syscall(_SYS_LANDLOCK["create_ruleset"], ctypes.byref(attr), ctypes.c_size_t(size), 0)
-    if ruleset < 0:
-        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
-    file_rights = fs_rights & (_FS_WRITE_FILE | _FS_TRUNCATE)  # the only write rights a file rule may hold
-    for path, rights in ((workdir, fs_rights), ("/dev/null", file_rights)):
+    scoped = _LANDLOCK_SCOPE_ABSTRACT_UNIX | _LANDLOCK_SCOPE_SIGNAL if abi >= 6 else 0
+    attr = _LandlockRulesetAttr(fs_rights, net_rights, scoped)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = _check(
+        libc.syscall(_SYS_LANDLOCK["create_ruleset"], ctypes.byref(attr), ctypes.c_size_t(size), 0),
+        "landlock_create_ruleset",
+    )
+    file_rights = fs_rights & (_FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE)  # what a file rule may hold
+    rules = [(p, fs_rights) for p in writable] + [("/dev/null", file_rights)]
+    rules += [(p, _FS_READ) for p in readable or () if os.path.exists(p)]
+    for path, rights in rules:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        rule = _LandlockPathBeneathAttr(rights, fd)
-        if libc.syscall(_SYS_LANDLOCK["add_rule"], ruleset, _LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0) != 0:
-            raise OSError(ctypes.get_errno(), f"landlock_add_rule({path}) failed")
+        rule = _LandlockPathBeneathAttr(rights if os.path.isdir(path) else rights & file_rights, fd)
+        _check(
+            libc.syscall(_SYS_LANDLOCK["add_rule"], ruleset, _LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0),
+            f"landlock_add_rule({path})",
+        )
         os.close(fd)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(NO_NEW_PRIVS) failed")
-    if libc.syscall(_SYS_LANDLOCK["restrict_self"], ruleset, 0) != 0:
-        raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+    _check(libc.syscall(_SYS_LANDLOCK["restrict_self"], ruleset, 0), "landlock_restrict_self")
     os.close(ruleset)
 
 
-def _become_nobody() -> None:
-    """Drop root for the unprivileged `nobody` user (in a forked child, before exec)."""
-    os.setgroups([])
-    os.setgid(_NOBODY)
-    os.setuid(_NOBODY)
+def _prctl(option: int, value: int) -> None:
+    _check(_libc().prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl({option})")
 
 
-def _processes_of(uid: int) -> int:
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = [None if s is None else s.encode() for s in (source, target, fstype, data)]
+    _check(_libc().mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3]), f"mount {target}")
+
+
+def _bind_readonly(source: str, target: str) -> None:
+    """Bind `source` read-only at `target`, keeping the flags the kernel locks in a user namespace."""
+    _mount(source, target, None, _MS_BIND | _MS_REC)
+    st = os.statvfs(source).f_flag
+    flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+    flags |= _MS_NOEXEC if st & os.ST_NOEXEC else 0
+    if st & os.ST_NOATIME:
+        flags |= _MS_NOATIME
+    elif st & os.ST_RELATIME:
+        flags |= _MS_RELATIME
+    else:
+        flags |= _MS_STRICTATIME
+    flags |= _MS_NODIRATIME if st & os.ST_NODIRATIME else 0
+    _mount(None, target, None, flags)
+
+
+# ---------------------------------------------------------------- what this machine provides
+
+
+def _namespace_flags(as_root: bool) -> int:
+    flags = _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS  # the init makes its own mount namespace
+    return flags if as_root else flags | _CLONE_NEWUSER
+
+
+@cache
+def _nobody_python() -> str | None:
+    """As root in fallback mode, a Python the `nobody` user can run (a virtualenv under /root usually
+    is not readable by it); None when there is none."""
+    for python in (os.path.realpath(sys._base_executable), "/usr/bin/python3", "/usr/local/bin/python3"):
+        if not os.path.exists(python):
+            continue
+        try:
+            probe = subprocess.run(
+                [python, "-I", "-S", "-c", "pass"], user=_NOBODY, group=_NOBODY, extra_groups=[],
+                capture_output=True, timeout=30,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if probe.returncode == 0:
+            return python
+    return None
+
+
+@cache
+def _namespaces_work() -> str:
+    """ "" when a trivial program runs in the namespaces mode here, else why it does not."""
+    if not sys.platform.startswith("linux") or platform.machine() not in _SYS_PIVOT_ROOT:
+        return f"needs Linux on {sorted(_SYS_PIVOT_ROOT)}"
+    probe = _run(source="print('ok')", limits=Limits(timeout=30), python=None, mode="namespaces")
+    if probe.status == "passed" and probe.stdout.strip() == "ok":
+        return ""
+    return probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.reason
+
+
+def isolation() -> dict:
+    """Which containment this machine gives programs (the mode `run_program` uses by default)."""
+    why = _namespaces_work()
+    abi = landlock_abi()
+    root = os.geteuid() == 0
+    mode = "namespaces" if not why else "fallback"
+    return {
+        "mode": mode,
+        "namespaces_unavailable_because": why or None,
+        "process_tree": "PID namespace" if mode == "namespaces" else "child subreaper",
+        "private_filesystem": mode == "namespaces",
+        "private_proc": mode == "namespaces",
+        "network_namespace": mode == "namespaces",
+        "runs_as": ("nobody" if root else "an unprivileged user of its own user namespace")
+        if mode == "namespaces"
+        else ("nobody" if root and _nobody_python() else "the evaluator's user"),
+        "process_cap": "pids cgroup" if root and os.access(_PIDS_CGROUP, os.W_OK) else "RLIMIT_NPROC",
+        "landlock_abi": abi,
+        "writes_confined": mode == "namespaces" or abi >= 1,
+        "tcp_blocked_by_landlock": abi >= 4,
+        "signals_scoped_by_landlock": abi >= 6,
+    }
+
+
+# ---------------------------------------------------------------- the evaluator side
+
+
+def run_program(
+    source: str, limits: Limits | None = None, python: str | None = None, containment: str = "auto"
+) -> SandboxResult:
+    """Run the Python program `source` in the sandbox and say how it ended (see the module doc).
+
+    python: the interpreter for the program (default: this one's base interpreter; in the fallback
+    as root, one the `nobody` user can run). containment: "auto" (what `isolation()` chose),
+    "namespaces" or "fallback".
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"source must be a str, got {type(source).__name__}")
+    if limits is not None and not isinstance(limits, Limits):
+        raise TypeError(f"limits must be a Limits, got {type(limits).__name__}")
+    if containment not in ("auto", "namespaces", "fallback"):
+        raise ValueError(f"containment={containment!r}: expected 'auto', 'namespaces' or 'fallback'")
+    if containment == "auto":
+        containment = "fallback" if _namespaces_work() else "namespaces"
+    return _run(source, limits or Limits(), python, containment)
+
+
+class _Tail:
+    """The last `_TAIL` bytes of a stream, and whether `needle` appeared in it (across chunk edges)."""
+
+    def __init__(self, needle: bytes | None = None):
+        self.data = b""
+        self.needle = needle
+        self.found = False
+
+    def feed(self, chunk: bytes) -> None:
+        keep = max(_TAIL, len(self.needle or b"")) * 2
+        self.data = (self.data + chunk)[-keep:]
+        if self.needle is not None and self.needle in self.data:
+            self.found = True
+
+    def text(self) -> str:
+        return self.data[-_TAIL:].decode(errors="replace")
+
+
+def _run(source: str, limits: Limits, python: str | None, mode: str) -> SandboxResult:
+    sentinel = secrets.token_hex(16)
+    drop = False
+    if mode == "fallback" and python is None:
+        python = _nobody_python() if os.geteuid() == 0 else None
+        drop = python is not None
+    workdir = tempfile.mkdtemp(prefix="dlmcache-sandbox-") if mode == "fallback" else None
+    config = {
+        "source": source,
+        "workdir": workdir,
+        "limits": limits.__dict__,
+        "python": python,
+        "drop_to_nobody": drop,
+        "mode": mode,
+        "sentinel": sentinel,
+    }
+    status_r, status_w = os.pipe()
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", os.path.abspath(__file__)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(status_w,),
+            env={_STATUS_FD_ENV: str(status_w), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            start_new_session=True,
+        )
+    except OSError as e:
+        os.close(status_r)
+        _remove_workdir(workdir)
+        return SandboxResult("error", None, time.monotonic() - t0, stderr=f"sandbox failed to start: {e}")
+    finally:
+        os.close(status_w)
+    try:
+        proc.stdin.write(json.dumps(config).encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    out, err, status = _Tail(f"\n{sentinel}\n".encode()), _Tail(), _Tail()
+    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: status}
+    deadline = t0 + limits.timeout
+    budget = int(limits.output_mb * 1024 * 1024)
+    stopped = ""
+    while streams:
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            stopped = "wall-clock timeout"
+            break
+        ready, _, _ = select.select(list(streams), [], [], wait)
+        for fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                del streams[fd]
+                continue
+            streams[fd].feed(chunk)
+            if fd != status_r:
+                budget -= len(chunk)
+        if budget < 0:
+            stopped = f"more than {limits.output_mb} MB of output"
+            break
+    if stopped:
+        _stop(proc, streams)
+    proc.wait()
+    _empty_cgroup(f"{_PIDS_CGROUP}/dlmcache-sandbox-{proc.pid}")
+    _remove_workdir(workdir)
+    os.close(status_r)
+    proc.stdout.close()
+    proc.stderr.close()
+    seconds = time.monotonic() - t0
+    report = _last_json(status.text())
+    returncode = report.get("returncode")
+    stdout = out.text().replace(f"\n{sentinel}\n", "")
+    if "setup_error" in report:
+        return SandboxResult("error", None, seconds, stdout, f"sandbox setup failed: {report['setup_error']}", "setup")
+    if stopped == "wall-clock timeout":
+        return SandboxResult("timeout", returncode, seconds, stdout, err.text(), stopped)
+    if stopped:
+        return SandboxResult("failed", returncode, seconds, stdout, err.text(), stopped)
+    if returncode is None:
+        return SandboxResult("error", None, seconds, stdout, err.text(), "the launcher ended without a report")
+    if returncode == -signal.SIGXCPU:
+        return SandboxResult("timeout", returncode, seconds, stdout, err.text(), "CPU time limit")
+    if returncode != 0:
+        why = f"killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
+        return SandboxResult("failed", returncode, seconds, stdout, err.text(), why)
+    if not out.found:
+        return SandboxResult("failed", 0, seconds, stdout, err.text(), "exited before the end of the program")
+    return SandboxResult("passed", 0, seconds, stdout, err.text(), "ran to its end")
+
+
+def _stop(proc: subprocess.Popen, streams: dict) -> None:
+    """Ask the launcher to end the run (it kills the program's tree), then kill its process group;
+    drain the pipes for at most `_GRACE` seconds more."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    end = time.monotonic() + _GRACE
+    while streams and time.monotonic() < end:
+        ready, _, _ = select.select(list(streams), [], [], max(0.0, end - time.monotonic()))
+        for fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                del streams[fd]
+            elif len(streams[fd].data) < _TAIL:  # keep reading the status; drop runaway output
+                streams[fd].feed(chunk)
+    try:  # the fallback's launcher may need a moment to kill a large tree
+        proc.wait(timeout=2 * _GRACE)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _remove_workdir(path: str | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _empty_cgroup(path: str) -> None:
+    """Kill whatever is left in a run's pids cgroup (nothing can leave it), then remove it."""
+    if not os.path.isdir(path):
+        return
+    for _ in range(200):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+            if not pids:
+                os.rmdir(path)
+                return
+        except OSError:
+            pass
+        else:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.01)
+
+
+def _last_json(text: str) -> dict:
+    for line in reversed(text.splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return {}
+
+
+# ---------------------------------------------------------------- the launcher side
+
+
+def _report(**fields) -> None:
+    os.write(int(os.environ[_STATUS_FD_ENV]), (json.dumps(fields) + "\n").encode())
+
+
+def _returncode(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _count_processes(uid: int) -> int:
     count = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -206,113 +503,291 @@ def _processes_of(uid: int) -> int:
     return count
 
 
-def _child_setup(workdir: str, limits: Limits, network: bool, abi: int, drop: bool):
-    """The preexec function: runs in the forked child before exec."""
-    proc_cap = limits.max_processes + _processes_of(_NOBODY if drop else os.geteuid())
-
-    def setup():
-        if network:
-            _unshare_network()
+def _exec_program(
+    cfg: dict,
+    workdir: str,
+    python: str,
+    stdin_fd: int,
+    drop_to_nobody: bool,
+    nproc: int,
+    writable: list[str],
+    readable: list[str] | None = None,
+) -> None:
+    """In the forked program process: its own process group, limits, user, Landlock, then exec the
+    runner. Never returns."""
+    try:
+        os.setpgid(0, 0)
+        os.dup2(stdin_fd, 0)
+        os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the status pipe above all
+        lim = cfg["limits"]
         mb = 1024 * 1024
         for res, value in (
-            (resource.RLIMIT_AS, limits.memory_mb * mb),
-            (resource.RLIMIT_FSIZE, limits.file_size_mb * mb),
-            (resource.RLIMIT_NOFILE, limits.max_open_files),
+            (resource.RLIMIT_AS, int(lim["memory_mb"] * mb)),
+            (resource.RLIMIT_FSIZE, int(lim["file_size_mb"] * mb)),
+            (resource.RLIMIT_NOFILE, int(lim["max_open_files"])),
             (resource.RLIMIT_CORE, 0),
-            (resource.RLIMIT_NPROC, proc_cap),
+            (resource.RLIMIT_NPROC, nproc),
         ):
             resource.setrlimit(res, (value, value))
         # SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-        if drop:
-            _become_nobody()
+        cpu = int(lim["cpu_seconds"])
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        if drop_to_nobody:
+            os.setgroups([])
+            os.setgid(_NOBODY)
+            os.setuid(_NOBODY)
+        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        abi = landlock_abi()
         if abi >= 1:
-            _landlock_confine(workdir, abi)
-
-    return setup
-
-
-def _kill_marked(token: str, rounds: int = 50) -> None:
-    """SIGKILL every process whose environment carries this run's marker (children left behind),
-    repeating until none is found: a fork bomb may fork again between one listing and the kills."""
-    needle = f"{_MARKER}={token}".encode()
-    for _ in range(rounds):
-        found = False
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    if needle in f.read().split(b"\0"):
-                        os.kill(int(pid), signal.SIGKILL)
-                        found = True
-            except OSError:
-                pass
-        if not found:
-            return
-        time.sleep(0.01)
+            _landlock_confine(writable, readable, abi)
+        os.chdir(workdir)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        os.execve(python, [python, "-I", "-c", _RUNNER], env)
+    except BaseException as e:  # noqa: BLE001 - report anything, then die without running the evaluator's code
+        os.write(2, f"sandbox: could not start the program: {e}\n".encode())
+    os._exit(127)
 
 
-def run_program(source: str, limits: Limits | None = None, python: str | None = None) -> SandboxResult:
-    """Run the Python program `source` in the sandbox; passed means it exited with status 0.
-    `python` defaults to an interpreter the sandbox user can run (see `isolation()`)."""
-    if not isinstance(source, str):
-        raise TypeError(f"source must be a str, got {type(source).__name__}")
-    limits = limits or Limits()
-    token = uuid.uuid4().hex
-    workdir = tempfile.mkdtemp(prefix="dlmcache-sandbox-")
-    interpreter, drop = _interpreter()
-    if drop:
-        os.chown(workdir, _NOBODY, _NOBODY)
-    with open(os.path.join(workdir, "program.py"), "w") as f:
-        f.write(source)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "OMP_NUM_THREADS": "1",
-        _MARKER: token,
-    }
-    t0 = time.perf_counter()
+def _sentinel_pipe(sentinel: str) -> int:
+    r, w = os.pipe()
+    os.write(w, (sentinel + "\n").encode())
+    os.close(w)
+    return r
+
+
+def _launch_namespaces(cfg: dict) -> None:
+    root = os.geteuid() == 0
+    uid, gid = os.geteuid(), os.getegid()
+    python = os.path.realpath(cfg["python"] or sys._base_executable)
+    prefix = os.path.dirname(os.path.dirname(python))
+    # RLIMIT_NPROC counts the user's processes in the user namespace: as root, all of nobody's on the
+    # machine; otherwise the launcher, the init and the run in the new namespace.
+    nproc = int(cfg["limits"]["max_processes"]) + (_count_processes(_NOBODY) if root else 2)
+    if root:
+        _join_pids_cgroup(cfg)
+    _check(_libc().unshare(ctypes.c_int(_namespace_flags(root))), "unshare")
+    if not root:  # map the evaluator's user to an unprivileged user inside
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{_INNER_UID} {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{_INNER_UID} {gid} 1")
+    alive_r, alive_w = os.pipe()  # open while the launcher lives (getppid() is 0 across the namespace)
+    init = os.fork()
+    if init == 0:
+        os.close(alive_w)
+        _init(cfg, alive_r, python, prefix, root, nproc)
+    os.close(alive_r)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(1))  # the init dies with us (parent-death signal)
+    os.close(1)
+    os.close(2)
+    os.waitpid(init, 0)  # the evaluator removes the cgroup once this launcher is gone
+
+
+def _join_pids_cgroup(cfg: dict) -> None:
+    """As root with the cgroup-v1 pids controller: a cgroup of this run named after the launcher,
+    capped at max_processes (plus the launcher and an init), which the launcher joins, so everything
+    forked later is counted (and can be killed by the evaluator whatever it does)."""
+    if not os.access(_PIDS_CGROUP, os.W_OK):
+        return
+    path = os.path.join(_PIDS_CGROUP, f"dlmcache-sandbox-{os.getpid()}")
     try:
-        proc = subprocess.Popen(
-            [python or interpreter, "-I", "program.py"],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_child_setup(workdir, limits, _can_unshare_network(), landlock_abi(), drop),
-        )
-    except (OSError, subprocess.SubprocessError) as e:
-        shutil.rmtree(workdir, ignore_errors=True)
-        return SandboxResult("error", None, time.perf_counter() - t0, stderr=f"sandbox failed to start: {e}")
-    try:
-        out, err = proc.communicate(timeout=limits.timeout)
-        # out of CPU time is a timeout too (the CPU limit can strike before the wall clock)
-        status = "passed" if proc.returncode == 0 else "timeout" if proc.returncode == -signal.SIGXCPU else "failed"
-    except subprocess.TimeoutExpired:
-        status = "timeout"
-        _kill_group(proc.pid)
-        _kill_marked(token)  # before reading to EOF: an escaped child may still hold the pipes
-        out, err = proc.communicate()
-    finally:
-        _kill_group(proc.pid)
-        _kill_marked(token)
-        shutil.rmtree(workdir, ignore_errors=True)
-    tail = 4000
-    return SandboxResult(
-        status,
-        proc.returncode,
-        time.perf_counter() - t0,
-        out.decode(errors="replace")[-tail:],
-        err.decode(errors="replace")[-tail:],
-    )
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+        os.mkdir(path)
+        with open(os.path.join(path, "pids.max"), "w") as f:
+            f.write(str(int(cfg["limits"]["max_processes"]) + 2))
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError:
         pass
+
+
+def _init(cfg: dict, launcher_alive: int, python: str, prefix: str, root: bool, nproc: int) -> None:
+    """PID 1 of the run: build the filesystem view, run the program as PID 2, and when it exits kill
+    whatever is left and report its status. Never returns."""
+    try:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.set_blocking(launcher_alive, False)
+        try:
+            if os.read(launcher_alive, 1) == b"":  # EOF: the launcher died before the signal was armed
+                os._exit(1)
+        except BlockingIOError:
+            pass
+        os.close(launcher_alive)
+        _prctl(_PR_SET_DUMPABLE, 0)
+        # A mount namespace of the init's own: pivot_root moves the root of every process in it.
+        _check(_libc().unshare(ctypes.c_int(_CLONE_NEWNS)), "unshare(CLONE_NEWNS)")
+        new_root = _build_root(cfg, python, prefix, root)
+        os.makedirs(os.path.join(new_root, ".old"))
+        _check(_libc().syscall(_SYS_PIVOT_ROOT[platform.machine()], new_root.encode(), b"/tmp/.old"), "pivot_root")
+        os.chdir("/")
+        _check(_libc().umount2(b"/.old", _MNT_DETACH), "umount old root")
+        os.rmdir("/.old")
+    except BaseException as e:  # noqa: BLE001
+        _report(setup_error=str(e))
+        os._exit(1)
+    stdin_fd = _sentinel_pipe(cfg["sentinel"])
+    program = os.fork()
+    if program == 0:
+        _exec_program(cfg, "/work", python, stdin_fd, root, nproc, writable=["/work", "/tmp"])
+    os.close(stdin_fd)
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == program:
+            break
+    try:
+        os.kill(-1, signal.SIGKILL)  # everything else in this PID namespace
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    _report(returncode=_returncode(status))
+    os._exit(0)
+
+
+def _build_root(cfg: dict, python: str, prefix: str, root: bool) -> str:
+    """A tmpfs at /tmp (in this mount namespace only) laid out as the program's root filesystem."""
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    disk = int(cfg["limits"]["disk_mb"])
+    _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={disk}m,mode=755")
+    new_root = "/tmp"
+    binds = ["/usr", "/etc"] + [p for p in (prefix,) if p != "/usr" and not p.startswith("/usr/")]
+    for top in ("/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin"):
+        if os.path.islink(top):
+            os.symlink(os.readlink(top), new_root + top)
+        elif os.path.isdir(top):
+            binds.append(top)
+    for path in binds:
+        os.makedirs(new_root + path, mode=0o755, exist_ok=True)
+        _bind_readonly(path, new_root + path)
+    os.makedirs(new_root + "/dev/shm", mode=0o755)
+    os.chmod(new_root + "/dev/shm", 0o1777)
+    for name in _DEV_NODES:
+        target = f"{new_root}/dev/{name}"
+        open(target, "w").close()
+        _mount(f"/dev/{name}", target, None, _MS_BIND)
+    os.makedirs(new_root + "/proc")
+    try:
+        _mount("proc", new_root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    except OSError:
+        pass  # e.g. a container that masks parts of its /proc: the program then has no /proc at all
+    os.makedirs(new_root + "/tmp", mode=0o1777)
+    os.chmod(new_root + "/tmp", 0o1777)
+    work = new_root + "/work"
+    os.makedirs(work, mode=0o700)
+    with open(os.path.join(work, "program.py"), "w") as f:
+        f.write(cfg["source"])
+    owner = _NOBODY if root else _INNER_UID
+    for path in (work, os.path.join(work, "program.py")):
+        os.chown(path, owner, owner)
+    return new_root
+
+
+def _launch_fallback(cfg: dict) -> None:
+    drop = cfg["drop_to_nobody"]
+    python = cfg["python"] or os.path.realpath(sys._base_executable)
+    nproc = int(cfg["limits"]["max_processes"]) + _count_processes(_NOBODY if drop else os.geteuid())
+    if os.geteuid() == 0:
+        _join_pids_cgroup(cfg)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    workdir = cfg["workdir"]
+    with open(os.path.join(workdir, "program.py"), "w") as f:
+        f.write(cfg["source"])
+    if drop:
+        for path in (workdir, os.path.join(workdir, "program.py")):
+            os.chown(path, _NOBODY, _NOBODY)
+
+    def end(status: int | None) -> None:
+        _kill_descendants(program)
+        if status is not None:
+            _report(returncode=_returncode(status))
+        os._exit(0)
+
+    program = 0
+    signal.signal(signal.SIGTERM, lambda *_: end(None))  # the evaluator stops the run
+    stdin_fd = _sentinel_pipe(cfg["sentinel"])
+    program = os.fork()
+    if program == 0:
+        # Without a filesystem of its own, Landlock limits what it may read: the system's programs and
+        # libraries, /etc, /dev, the interpreter and its directory (not /proc, /tmp, /home, ...).
+        prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+        readable = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/dev", prefix]
+        _exec_program(cfg, workdir, python, stdin_fd, drop, nproc, writable=[workdir], readable=readable)
+    os.close(stdin_fd)
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == program:
+            end(status)
+
+
+def _children_of(parent: int) -> list[int]:
+    kids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent:
+                kids.append(int(pid))
+        except (OSError, IndexError, ValueError):
+            pass
+    return kids
+
+
+def _kill_descendants(program: int) -> None:
+    """Kill every descendant of this subreaper: the program's process group at once, then the direct
+    children and the orphans that the kernel re-parents to it as their parents die, until none is
+    left."""
+    if program:
+        try:
+            os.killpg(program, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    me = os.getpid()
+    while True:
+        kids = _children_of(me)
+        if not kids:
+            return
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+
+
+def _launcher_main() -> None:
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the evaluator died: so do we (and our run)
+    cfg = json.loads(sys.stdin.buffer.read())
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+    try:
+        if cfg["mode"] == "namespaces":
+            _launch_namespaces(cfg)
+        else:
+            _launch_fallback(cfg)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EINVAL, errno.ENOSYS, errno.EACCES, errno.ENOSPC, errno.EUSERS):
+            _report(setup_error=str(e))
+        else:
+            raise
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _launcher_main()
