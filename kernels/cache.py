@@ -12,9 +12,12 @@ from the original length (RoPE is applied before caching), and the attention mas
 stored.
 
 Policies that read the queries or hidden states need the model attached (`model=` or `attach`): the
-cache then registers an attention implementation ("dlmcache_sdpa" / "dlmcache_eager") that runs the
-model's own attention, hands the queries to the cache after the prefill, and builds each layer's mask
-from what that layer stores (so layers may keep different numbers of tokens). Nothing is patched.
+cache then switches the model to an attention implementation ("dlmcache_sdpa" / "dlmcache_eager") that
+runs the model's own attention, hands the queries to the cache after the prefill, and builds each
+layer's mask from what that layer stores (so layers may keep different numbers of tokens). A forward
+that does not use this cache goes through that implementation unchanged, so the model keeps working
+normally while attached; `detach()`, leaving a `with` block, or the cache being garbage-collected
+puts the model's own implementation back (once no attached cache is left). Nothing is patched.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from .policies.budget import BudgetAllocator, Uniform
 from .policies.quant import QuantizationPolicy
 
 _ACTIVE: contextvars.ContextVar[CompressedCache | None] = contextvars.ContextVar("dlmcache_active_cache", default=None)
+# model -> [its own attention implementation, number of caches attached to it]
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -58,6 +63,8 @@ class CompressedLayer(CacheLayerMixin):
         self.recall_keep = 0
         self.prompt_length = 0
         self.attended: torch.Tensor | None = None  # [B, H] prompt tokens attended at the last step
+        self.returned: torch.Tensor | None = None  # the keys the last update handed to attention
+        self.recent_queries: torch.Tensor | None = None  # [B, Hq, <=W, D] for compress_every
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -80,16 +87,21 @@ class CompressedLayer(CacheLayerMixin):
         return self.stored + query_length, self.seen - self.stored
 
     def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = self._update(key_states, value_states)
+        self.returned = keys  # the attention routing checks that it sees these very keys
+        _ACTIVE.set(self.owner)
+        return keys, values
+
+    def _update(self, key_states, value_states):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        _ACTIVE.set(self.owner)
         b, h, n, _ = key_states.shape
         new_valid = torch.ones(b, h, n, dtype=torch.bool, device=key_states.device)
         if self.seen == 0:
             self.returned_stored = False
             self.keys, self.values = key_states, value_states
             self.valid = self.owner.prompt_mask(b, n, key_states.device)[:, None].expand(-1, h, -1)
-            self.tags = self.owner.tags_for(b, h, n, key_states.device)
+            self.tags = self.owner.tags_for(b, h, n, 0, key_states.device)
             self.origin = torch.arange(n, device=key_states.device).expand(b, h, n)
             self.seen = n
             if self.owner.needs_model:
@@ -102,12 +114,17 @@ class CompressedLayer(CacheLayerMixin):
             else:
                 self.owner.compress(self)
             return key_states, value_states
+        every = self.owner.compress_every
+        due = bool(every) and n == 1 and self.since_compress + 1 >= every
+        if due and not self.owner.needs_model:  # key-only policies: compress what is stored, then append
+            self.owner.compress(self)
         arrived = torch.arange(self.seen, self.seen + n, device=key_states.device).expand(b, h, n)
         self.origin = torch.cat([self.origin, arrived], 2)
+        tags = self.owner.tags_for(b, h, n, self.seen, key_states.device)
         self.seen += n
         self.returned_stored = True
         self.valid = torch.cat([self.valid, new_valid], 2)
-        self.tags = torch.cat([self.tags, self.owner.tags_for(b, h, n, key_states.device)], 2)
+        self.tags = torch.cat([self.tags, tags], 2)
         if self.store is not None:
             self.store.append(key_states, value_states)
             keys, values = self.store.read()
@@ -116,7 +133,6 @@ class CompressedLayer(CacheLayerMixin):
             self.values = torch.cat([self.values, value_states], 2)
             keys, values = self.keys, self.values
         self.since_compress += n
-        every = self.owner.compress_every
         if n > 1 and self.owner.compress_segments:
             # a new multi-token segment (an agent's next turn): compress everything stored, after this
             # layer's attention when the policy reads the segment's queries
@@ -125,13 +141,18 @@ class CompressedLayer(CacheLayerMixin):
             else:
                 self.owner.compress(self)
                 keys, values = self.store.read() if self.store is not None else (self.keys, self.values)
-        elif every and self.since_compress >= every and not self.owner.needs_model:
-            self.owner.compress(self)
+        elif due and self.owner.needs_model:
+            self.pending = "steps"  # after this step's attention, with the queries of the last steps
         return keys, values
+
+    def remember_queries(self, query: torch.Tensor, window: int) -> None:
+        """Keep the last `window` queries [B, Hq, W, D] seen by this layer (for compress_every)."""
+        q = query if self.recent_queries is None else torch.cat([self.recent_queries, query], 2)
+        self.recent_queries = q[:, :, -window:]
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.tags = self.origin = None
-        self.store = self.scores = self.recall_state = None
+        self.store = self.scores = self.recall_state = self.returned = self.recent_queries = None
         self.seen, self.pending, self.since_compress = 0, False, 0
         self.is_initialized = False
 
@@ -162,9 +183,14 @@ class CompressedCache(Cache):
     read them (SentenceKV, FastGen). token_tags: integer labels [B, L] of the next tokens to arrive
     (the prompt's at first), e.g. the screenshot index of each visual token and -1 for text; they
     follow the tokens through eviction and reach policies as `ScoreInputs.tags` (GUI-KV reads them).
-    They label a segment of exactly their length; set `cache.token_tags` again for a later segment.
-    compress_segments: also compress (everything stored, to the budget of everything seen) after each
-    later multi-token segment, not only after the first prefill: a multi-turn session's new turns.
+    They label the next segment to arrive, which must have exactly their length; set
+    `cache.token_tags` again for a later segment. compress_segments: also compress (everything stored,
+    to the budget of everything seen) after each later multi-token segment, not only after the first
+    prefill: a multi-turn session's new turns.
+
+    compress_every works with policies that read the keys only or the last queries (kept from the
+    last decoding steps); policies that read every query, hidden states or token ids, recall
+    policies, cascading budgets and quantizers are refused with it at construction.
     """
 
     def __init__(
@@ -181,16 +207,30 @@ class CompressedCache(Cache):
         token_tags: torch.Tensor | None = None,
         compress_segments: bool = False,
     ):
-        if policy is not None and not isinstance(policy, EvictionPolicy):
-            raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
-        if compress_every is not None and (not isinstance(compress_every, int) or compress_every < 1):
+        for name, value, cls in (
+            ("policy", policy, EvictionPolicy),
+            ("allocator", allocator, BudgetAllocator),
+            ("quantizer", quantizer, QuantizationPolicy),
+        ):
+            if value is not None and not isinstance(value, cls):
+                article = "an" if cls.__name__[0] in "AEIOU" else "a"
+                raise TypeError(f"{name} must be {article} {cls.__name__}, got {type(value).__name__}: {value!r}")
+        if compress_every is not None and (
+            isinstance(compress_every, bool) or not isinstance(compress_every, int) or compress_every < 1
+        ):
             raise ValueError(f"compress_every={compress_every!r} must be None or a positive integer")
+        for name, value in (("capture_queries", capture_queries), ("compress_segments", compress_segments)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}={value!r} must be a bool")
+        _check_token_matrix("attention_mask", attention_mask, allow_bool=True)
+        _check_token_matrix("token_ids", token_ids)
         super().__init__(layers=[])
         self.policy, self.budget, self.quantizer = policy, budget, quantizer
         self.allocator = allocator or Uniform()
         self.compress_every = compress_every
         self.attention_mask = attention_mask
         self.token_ids = token_ids
+        self._token_tags: tuple[int, torch.Tensor] | None = None  # (position of the segment, tags)
         self.token_tags = token_tags
         self.compress_segments = compress_segments
         self.num_layers: int | None = None
@@ -202,8 +242,36 @@ class CompressedCache(Cache):
         reads = (policy.needs if policy else frozenset()) | (quantizer.needs if quantizer else frozenset())
         recall = bool(getattr(policy, "is_recall", False))  # recall policies select inside attention
         self.needs_model = capture_queries or recall or bool(reads & {"queries", "all_queries", "hidden"})
+        if compress_every is not None:
+            self._check_compress_every(recall, reads)
         if model is not None:
             self.attach(model)
+
+    def _check_compress_every(self, recall: bool, reads: frozenset) -> None:
+        why = None
+        if self.policy is None:
+            why = "it needs an eviction policy"
+        elif recall:
+            why = f"{type(self.policy).__name__} is a recall policy: it evicts nothing"
+        elif reads - {"queries"}:
+            missing = sorted(reads - {"queries"})
+            why = f"{type(self.policy).__name__} reads {missing}, which decoding steps do not provide"
+        elif getattr(self.allocator, "cascading", False):
+            why = f"{type(self.allocator).__name__} cascades budgets over the prefill's layers only"
+        elif self.quantizer is not None:
+            why = "the quantizer stores new tokens itself; re-compressing would quantize them twice"
+        if why:
+            raise ValueError(f"compress_every={self.compress_every} cannot be used here: {why}")
+
+    @property
+    def token_tags(self) -> torch.Tensor | None:
+        return None if self._token_tags is None else self._token_tags[1]
+
+    @token_tags.setter
+    def token_tags(self, tags: torch.Tensor | None) -> None:
+        """Label the next segment to arrive ([B, n] integers, n its length; None: no labels)."""
+        _check_token_matrix("token_tags", tags)
+        self._token_tags = None if tags is None else (self.get_seq_length(), tags)
 
     # -- transformers Cache interface ---------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -235,18 +303,22 @@ class CompressedCache(Cache):
 
     # -- compression --------------------------------------------------------------------------------
     def prompt_mask(self, batch: int, length: int, device) -> torch.Tensor:
-        if self.attention_mask is not None:
-            mask = self.attention_mask.to(device=device, dtype=torch.bool)
-            if mask.shape == (batch, length):
-                return mask
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
+        if self.attention_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=device)
+        if tuple(self.attention_mask.shape) != (batch, length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(self.attention_mask.shape)} but the prefill is [{batch}, {length}]"
+            )
+        return self.attention_mask.to(device=device, dtype=torch.bool)
 
-    def tags_for(self, batch: int, heads: int, length: int, device) -> torch.Tensor:
-        """[B, H, n] labels of `length` arriving tokens: `token_tags` when it has that shape (the
-        segment it was set for), else -1 (e.g. decoded tokens)."""
-        tags = self.token_tags
-        if tags is None or tuple(tags.shape) != (batch, length):
+    def tags_for(self, batch: int, heads: int, length: int, start: int, device) -> torch.Tensor:
+        """[B, H, n] labels of `length` tokens arriving at position `start`: `token_tags` for the
+        segment they were set for, else -1 (e.g. decoded tokens)."""
+        if self._token_tags is None or self._token_tags[0] != start:
             return torch.full((batch, heads, length), -1, dtype=torch.long, device=device)
+        tags = self._token_tags[1]
+        if tuple(tags.shape) != (batch, length):
+            raise ValueError(f"token_tags has shape {tuple(tags.shape)} but the segment is [{batch}, {length}]")
         return tags.to(device=device, dtype=torch.long)[:, None].expand(-1, heads, -1)
 
     def drop_tagged(self, drop: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -284,7 +356,7 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values, layer.seen = keys, values, keys.shape[2]
-        layer.tags = self.tags_for(keys.shape[0], keys.shape[1], keys.shape[2], keys.device)
+        layer.tags = self.tags_for(keys.shape[0], keys.shape[1], keys.shape[2], 0, keys.device)
         layer.origin = torch.arange(keys.shape[2], device=keys.device).expand(keys.shape[0], keys.shape[1], -1)
         mask = key_mask.bool() if key_mask is not None else self.prompt_mask(keys.shape[0], keys.shape[2], keys.device)
         layer.valid = mask if mask.dim() == 3 else mask[:, None].expand(-1, keys.shape[1], -1)
@@ -393,13 +465,11 @@ class CompressedCache(Cache):
     # -- attaching a model ----------------------------------------------------------------------------
     def attach(self, model) -> CompressedCache:
         """Route the model's attention through this cache's hooks (queries for scoring, per-layer
-        masks); returns self, usable as a context manager that detaches on exit."""
+        masks); returns self, usable as a context manager that detaches on exit. Other forwards of the
+        model are unaffected while attached."""
         if self._detach is not None:
             return self
-        base = model.config._attn_implementation or "sdpa"
-        if base.startswith("dlmcache_"):
-            base = base[len("dlmcache_") :]
-        name = _register_attention(base)
+        name = _register_attention(_own_implementation(model))
         self.num_layers = model.config.get_text_config().num_hidden_layers
         handles = []
         if self.policy is not None and "hidden" in self.policy.needs:
@@ -407,26 +477,56 @@ class CompressedCache(Cache):
             for module in model.modules():
                 if hasattr(module, "layer_idx") and hasattr(module, "q_proj"):
                     handles.append(module.register_forward_pre_hook(_capture_hidden(owner), with_kwargs=True))
+        entry = _ATTACHED.setdefault(model, [_own_implementation(model), 0])
+        entry[1] += 1
         model.set_attn_implementation(name)
-
-        def detach():
-            model.set_attn_implementation(base)
-            for h in handles:
-                h.remove()
-            self._detach = None
-
-        self._detach = detach
+        # Detach when asked, or when this cache is collected; the finalizer holds no reference to self.
+        self._detach = weakref.finalize(self, _release, weakref.ref(model), handles)
         return self
 
     def detach(self) -> None:
+        """Stop routing the model's attention through this cache (the model's own implementation comes
+        back once no attached cache is left)."""
         if self._detach is not None:
             self._detach()
+            self._detach = None
 
     def __enter__(self) -> CompressedCache:
         return self
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+
+def _own_implementation(model) -> str:
+    if model in _ATTACHED:
+        return _ATTACHED[model][0]
+    base = model.config._attn_implementation or "sdpa"
+    return base[len("dlmcache_") :] if base.startswith("dlmcache_") else base
+
+
+def _release(model_ref, handles) -> None:
+    for h in handles:
+        h.remove()
+    model = model_ref()
+    if model is None or model not in _ATTACHED:
+        return
+    entry = _ATTACHED[model]
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _ATTACHED[model]
+        model.set_attn_implementation(entry[0])
+
+
+def _check_token_matrix(name: str, value, allow_bool: bool = False) -> None:
+    """None or a [B, L] tensor of integers (or bools)."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a [batch, length] tensor, got {type(value).__name__}")
+    ok = not value.is_floating_point() and not value.is_complex() and (allow_bool or value.dtype != torch.bool)
+    if value.dim() != 2 or not ok:
+        raise ValueError(f"{name} must be a [batch, length] integer tensor, got {value.dtype} {tuple(value.shape)}")
 
 
 def _capture_hidden(owner_ref):
@@ -474,10 +574,13 @@ def _register_attention(base: str) -> str:
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         cache = _ACTIVE.get()
+        _ACTIVE.set(None)
         layer = None
         layer_idx = getattr(module, "layer_idx", None)  # None: e.g. a VLM's vision tower
         if cache is not None and layer_idx is not None and layer_idx < len(cache.layers):
             layer = cache.layers[layer_idx]
+            if layer.returned is not key:  # this forward does not run on our cache
+                layer = None
         if layer is not None and layer.returned_stored:
             attention_mask = _layer_mask(layer, query.shape[2], query.shape[1])
             if layer.recall_state is not None:
@@ -491,8 +594,11 @@ def _register_attention(base: str) -> str:
         else:
             fn = sys.modules[type(module).__module__].eager_attention_forward
         out = fn(module, query, key, value, attention_mask, **kwargs)
+        if layer is not None and cache.compress_every and cache.needs_model:
+            layer.remember_queries(query.detach(), cache.policy.query_window or query.shape[2])
         if layer is not None and layer.pending:
-            cache.compress(layer, queries=query.detach(), scale=kwargs.get("scaling"))
+            queries = layer.recent_queries if layer.pending == "steps" else query.detach()
+            cache.compress(layer, queries=queries, scale=kwargs.get("scaling"))
         return out
 
     AttentionInterface.register(name, attention)
