@@ -75,8 +75,9 @@ class ARGuide:
     the FlashDLM default) or "greedy" (accept only the guide's argmax). chunk_size: drafts scored per
     guide forward (32).
 
-    Per generation: `begin(prompt_ids)` prefills the prompts (in guide ids; rows left-padded), then
-    `verify(tokens, committed)` scores the next tokens of every row and returns how many it accepts.
+    Per generation: `begin(prompt_ids, mask)` prefills the prompts (in guide ids; rows left-padded) and
+    returns a `GuideSession`, whose `verify(tokens, committed, live)` scores the next tokens of every
+    row and returns how many it accepts.
     Rows advance independently: rejected entries stay in the KV cache but are masked out, and each
     row's positions count only its accepted tokens, so no per-row host sync is needed.
     """
@@ -125,26 +126,9 @@ class ARGuide:
         """Build the vocabulary map to the DLM's tokenizer."""
         self.vocab_map = VocabMap(dlm_tokenizer, self.tokenizer, dlm_vocab_size)
 
-    # ------------------------------------------------------------------ state
-
-    @torch.no_grad()
-    def begin(self, prompt_ids: torch.LongTensor, prompt_mask: torch.BoolTensor) -> None:
-        """Prefill the prompts: guide ids [B, P] (left-padded) and their mask [B, P]."""
-        self.cache = DynamicCache()
-        self.forwards = 1
-        self.mask = prompt_mask.long().to(self.device)
-        self.length = self.mask.sum(-1)  # [B] tokens each row has seen
-        out = self.model(
-            input_ids=prompt_ids.to(self.device),
-            attention_mask=self.mask,
-            position_ids=(self.mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.next_logits = out.logits[:, -1].float()  # [B, V] prediction for the first generated token
-
-    def _accept(self, logits: torch.Tensor, tokens: torch.LongTensor) -> torch.BoolTensor:
-        """The acceptance rule for drafts `tokens` [B, n] under guide logits [B, n, V]."""
+    def accept(self, logits: torch.Tensor, tokens: torch.LongTensor) -> torch.BoolTensor:
+        """The acceptance rule for drafts `tokens` [B, n] (guide ids, -1: no guide token) under guide
+        logits [B, n, V]."""
         valid = tokens >= 0
         safe = tokens.clamp(min=0)
         if self.rule == "greedy":
@@ -155,6 +139,36 @@ class ARGuide:
         p = probs.gather(-1, safe[..., None]).squeeze(-1)
         return valid & in_top & (p >= self.relative * top.values[..., 0])
 
+    # ------------------------------------------------------------------ per generation
+
+    @torch.no_grad()
+    def begin(self, prompt_ids: torch.LongTensor, prompt_mask: torch.BoolTensor) -> GuideSession:
+        """Prefill the prompts: guide ids [B, P] (left-padded) and their mask [B, P]. Returns the state
+        of this generation (the guide itself keeps none, so one guide serves concurrent calls)."""
+        if self.vocab_map is None:
+            raise ValueError("the guide has no vocabulary map: attach it to a DLM tokenizer first (attach())")
+        return GuideSession(self, prompt_ids, prompt_mask)
+
+
+class GuideSession:
+    """One generation's guide state: its KV cache over each row's accepted text, the mask of live
+    entries, each row's length and the pending next-token prediction."""
+
+    def __init__(self, guide: ARGuide, prompt_ids: torch.LongTensor, prompt_mask: torch.BoolTensor):
+        self.guide = guide
+        self.cache = DynamicCache()
+        self.forwards = 1
+        self.mask = prompt_mask.long().to(guide.device)
+        self.length = self.mask.sum(-1)  # [B] tokens each row has seen
+        out = guide.model(
+            input_ids=prompt_ids.to(guide.device),
+            attention_mask=self.mask,
+            position_ids=(self.mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.next_logits = out.logits[:, -1].float()  # [B, V] prediction for the first generated token
+
     @torch.no_grad()
     def verify(self, tokens: torch.LongTensor, forced: torch.BoolTensor, live: torch.BoolTensor) -> torch.LongTensor:
         """Score the next `n` tokens of every row and ingest the accepted ones.
@@ -163,23 +177,24 @@ class ARGuide:
         committed (accepted without a test); live: [B, n] positions that exist (False past the block).
         Returns k [B], the length of the accepted prefix; those tokens are now in the guide's cache.
         """
+        guide = self.guide
         b, n = tokens.shape
         self.forwards += 1
-        guide_ids = self.vocab_map(tokens)
-        feed = torch.where(guide_ids >= 0, guide_ids, self.vocab_map.fallback_id)
+        guide_ids = guide.vocab_map(tokens)
+        feed = torch.where(guide_ids >= 0, guide_ids, guide.vocab_map.fallback_id)
         positions = self.length[:, None] + torch.arange(n, device=tokens.device)
         mask = torch.cat([self.mask, live.long()], dim=1)
-        out = self.model(
-            input_ids=feed.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
+        out = guide.model(
+            input_ids=feed.to(guide.device),
+            attention_mask=mask.to(guide.device),
+            position_ids=positions.to(guide.device),
             past_key_values=self.cache,
             use_cache=True,
         )
         logits = out.logits.float()
         # The prediction for token j comes from the output after token j-1 (the pending one for j = 0).
         before = torch.cat([self.next_logits[:, None], logits[:, :-1]], dim=1)
-        ok = (forced | self._accept(before, guide_ids)) & live
+        ok = (forced | guide.accept(before, guide_ids)) & live
         k = ok.long().cumprod(-1).sum(-1)  # [B] leading accepted run
         keep = torch.arange(n, device=tokens.device)[None] < k[:, None]
         self.mask = torch.cat([self.mask, keep.long()], dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,11 @@ class DLMPipeline(DiffusionPipeline):
 
     Components: `model` (a native `LLaDAModelLM` / `DreamModel`), `tokenizer`, `scheduler` (a
     `DLMScheduler`). `cache` ("none" | ... or a `DenoisingCache`) is a runtime setting, not saved.
+
+    Threads: one pipeline may be called from several threads at once. Each call works on its own
+    copies of the cache strategy and the scheduler (and its own guide session), so no per-call state
+    is shared; the model's weights are only read. `set_cache` / `set_guide` affect the calls that
+    start after them.
     """
 
     model_cpu_offload_seq = "model"
@@ -246,14 +252,17 @@ class DLMPipeline(DiffusionPipeline):
         steps_per_block = steps // num_blocks
         requests = self._prompt_requests(prompt, chat_template)
         prompts = [ids for ids, _ in requests]
+        # Per-call state lives on this call's own copies of the cache strategy and the scheduler, so
+        # one pipeline may serve several threads (and `set_cache` during a call changes later calls).
+        cache, scheduler = copy.copy(self.cache), copy.copy(self.scheduler)
         if stop_at_eos is None:
-            stop_at_eos = getattr(self.scheduler, "stops_at_eos", False)
+            stop_at_eos = getattr(scheduler, "stops_at_eos", False)
 
         # 2. The canvas: left-padded prompts followed by masks.
         x, layout = self.prepare_canvas(prompts, max_new_tokens)
         layout.block_length = block_length
         mask_id, p_len = self.mask_token_id, layout.prompt_len
-        cfg = getattr(self.scheduler.config, "cfg_scale", 0.0) > 0
+        cfg = getattr(scheduler.config, "cfg_scale", 0.0) > 0
         if cfg:  # unconditional rows: the same canvas with the prompt masked
             x_un = x.clone()
             x_un[:, :p_len] = torch.where(layout.key_mask[:, :p_len], mask_id, x[:, :p_len])
@@ -266,8 +275,8 @@ class DLMPipeline(DiffusionPipeline):
             )
 
         # 3. The cache strategy and the scheduler's per-generation state.
-        self.cache.prepare(self.model, layout)
-        self.scheduler.begin(prompts, [r for _, r in requests], x, p_len)
+        cache.prepare(self.model, layout)
+        scheduler.begin(prompts, [r for _, r in requests], x, p_len)
 
         # 4. Denoise block by block.
         batch = x.shape[0]
@@ -287,14 +296,14 @@ class DLMPipeline(DiffusionPipeline):
                     targets = start + cols
                     if cfg:
                         x_un[:, p_len:] = x[:, p_len:]
-                        both = self.cache.step_logits(torch.cat([x, x_un]), targets, start, end)
-                        logits = self.scheduler.guide(*both.chunk(2))
+                        both = cache.step_logits(torch.cat([x, x_un]), targets, start, end)
+                        logits = scheduler.guide(*both.chunk(2))
                     else:
-                        logits = self.cache.step_logits(x, targets, start, end)
+                        logits = cache.step_logits(x, targets, start, end)
                     context = StepContext(
                         x=x, targets=targets, start=start, end=end, prompt_len=p_len, mask_token_id=mask_id
                     )
-                    out = self.scheduler.step(
+                    out = scheduler.step(
                         logits,
                         x[:, targets],
                         masked[:, cols],
@@ -328,9 +337,9 @@ class DLMPipeline(DiffusionPipeline):
             "seconds": elapsed,
             "tokens_per_second": batch * max_new_tokens / elapsed if elapsed > 0 else float("inf"),
             "answer_tokens_per_second": answer_tokens / elapsed if elapsed > 0 else float("inf"),
-            "cache": self.cache.name,
-            **self.cache.stats.as_dict(),
-            **getattr(self.scheduler, "stats", {}),
+            "cache": cache.name,
+            **cache.stats.as_dict(),
+            **getattr(scheduler, "stats", {}),
         }
         if not return_dict:
             return texts, sequences, nfe, commit_step, stats

@@ -176,15 +176,29 @@ def test_cached_modes_feed_fewer_tokens(mode, tiny_tokenizer):
     assert not (got.sequences == tiny_tokenizer.mask_token_id).any()
 
 
+class PlanLog(FreeCache):
+    """FreeCache that records (canvas, targets, block end, plan) at every step in `log`, a list shared
+    with the copy each pipeline call works on."""
+
+    def __init__(self, log: list, **options):
+        super().__init__(**options)
+        self.log = log
+
+    def _plan(self, targets, start, end):
+        canvas = self.canvas[0].clone()
+        plans = super()._plan(targets, start, end)
+        self.log.append((canvas, targets.clone(), end, plans))
+        return plans
+
+
 def test_freecache_window_schedule(tiny_tokenizer):
     """What FreeCache feeds: a refresh first, then the active window from the frozen boundary, and the
     finished block once more on the first step of the next block (the delayed freeze)."""
     pipe = make_pipe(tiny_tokenizer, "llada", LowConfidenceScheduler())
-    cache = FreeCache(suffix_window=4, refresh_drift=None)  # drift probes: test_drift_refresh_follows_its_rule
-    plans = []
-    original = cache._plan
-    cache._plan = lambda t, s, e: plans.append(original(t, s, e)) or plans[-1]
+    log = []
+    cache = PlanLog(log, suffix_window=4, refresh_drift=None)  # drift probes: test_drift_refresh_follows_its_rule
     run(pipe, cache, prompts=[PROMPTS[0]], max_new_tokens=16, block_length=8, steps=4)
+    plans = [entry[3] for entry in log]
     p = len(pipe.encode_prompts(PROMPTS[0])[0])
     assert [pl.full for pl in plans] == [True, False, False, False]
     assert (plans[1].start, plans[1].end, plans[1].attend_end) == (p, p + 12, p + 16)  # block 0, frozen prompt
@@ -198,15 +212,10 @@ def test_token_freezing_feeds_what_is_not_final(arch, tiny_tokenizer):
     committed since they were last fed) plus Dream's predecessors of the targets; fewer tokens than
     freezing whole blocks."""
     pipe = make_pipe(tiny_tokenizer, arch, LowConfidenceScheduler())
-    cache = FreeCache(suffix_window=0, freeze="token", refresh_drift=None)
-    seen = []
-    original = cache._plan
-
-    cache._plan = lambda t, s, e: seen.append((cache.canvas[0].clone(), t.clone(), e)) or original(t, s, e)
-    plans = []
-    inner = cache._plan
-    cache._plan = lambda t, s, e: plans.append(inner(t, s, e)) or plans[-1]
+    log = []
+    cache = PlanLog(log, suffix_window=0, freeze="token", refresh_drift=None)
     out = run(pipe, cache, prompts=[PROMPTS[1]])
+    seen, plans = [entry[:3] for entry in log], [entry[3] for entry in log]
     block = run(pipe, FreeCache(suffix_window=0, refresh_drift=None), prompts=[PROMPTS[1]])
     assert out.stats["fed_tokens"] < block.stats["fed_tokens"]
     mask, shift = tiny_tokenizer.mask_token_id, pipe.model.logit_shift
@@ -226,11 +235,16 @@ def test_token_freezing_feeds_what_is_not_final(arch, tiny_tokenizer):
 
 class DriftSpy(FreeCache):
     """Records every step's plans with the canvas and each row's canvas at its last refresh, and at
-    every drift measurement the probe mask, the fresh last-layer values, the reference and the drift."""
+    every drift measurement the probe mask, the fresh last-layer values, the reference and the drift
+    (in lists shared with the copy each pipeline call works on)."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.records, self.plans, self.layouts = [], [], []
 
     def prepare(self, model, layout):
         super().prepare(model, layout)
-        self.records, self.plans = [], []
+        self.layouts.append(layout)
         measure = self.kv._measure_drift
 
         def spy(v):
@@ -257,7 +271,7 @@ def test_drift_refresh_follows_its_rule(arch, tiny_tokenizer):
     threshold = 2e-3
     cache = DriftSpy(suffix_window=2, refresh_drift=threshold, probe_tokens=3)
     out = run(pipe, cache)
-    mask, key_mask = tiny_tokenizer.mask_token_id, cache.layout.key_mask
+    mask, key_mask = tiny_tokenizer.mask_token_id, cache.layouts[0].key_mask
     measured = iter(cache.records)
     stale = torch.zeros(len(PROMPTS), dtype=torch.bool)
     refreshes = split_steps = 0

@@ -38,21 +38,21 @@ def test_verify_matches_full_forward_and_rolls_back(tiny_tokenizer):
     guide = ARGuide(model, tiny_tokenizer, rule="greedy", chunk_size=6)
     guide.attach(tiny_tokenizer, len(tiny_tokenizer))
     prompt = [3, 40, 41, 42, 43]
-    guide.begin(torch.tensor([prompt]), torch.ones(1, 5, dtype=torch.bool))
+    session = guide.begin(torch.tensor([prompt]), torch.ones(1, 5, dtype=torch.bool))
     # Build drafts whose first three tokens are the guide's own greedy continuation, then a wrong one.
     seq = list(prompt)
     for _ in range(3):
         seq.append(int(full_logits(model, seq)[-1].argmax()))
     wrong = (int(full_logits(model, seq)[-1].argmax()) + 1) % len(tiny_tokenizer)
     drafts = torch.tensor([seq[5:] + [wrong, 50, 51]])
-    k = guide.verify(drafts, torch.zeros_like(drafts, dtype=torch.bool), torch.ones_like(drafts, dtype=torch.bool))
+    k = session.verify(drafts, torch.zeros_like(drafts, dtype=torch.bool), torch.ones_like(drafts, dtype=torch.bool))
     assert k.tolist() == [3]
     # After the partial accept, the cache holds exactly prompt + 3 accepted tokens.
-    torch.testing.assert_close(guide.next_logits[0], full_logits(model, seq)[-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(session.next_logits[0], full_logits(model, seq)[-1], rtol=1e-5, atol=1e-5)
     forced = torch.tensor([[60, 61]])
-    k = guide.verify(forced, torch.ones_like(forced, dtype=torch.bool), torch.ones_like(forced, dtype=torch.bool))
+    k = session.verify(forced, torch.ones_like(forced, dtype=torch.bool), torch.ones_like(forced, dtype=torch.bool))
     assert k.tolist() == [2]
-    torch.testing.assert_close(guide.next_logits[0], full_logits(model, seq + [60, 61])[-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(session.next_logits[0], full_logits(model, seq + [60, 61])[-1], rtol=1e-5, atol=1e-5)
 
 
 def test_rows_advance_independently(tiny_tokenizer):
@@ -63,17 +63,17 @@ def test_rows_advance_independently(tiny_tokenizer):
     prompts = [[3, 40, 41], [3, 50, 51, 52, 53]]
     ids = torch.tensor([[1, 1] + prompts[0], prompts[1]])
     mask = torch.tensor([[False, False, True, True, True], [True] * 5])
-    guide.begin(ids, mask)
+    session = guide.begin(ids, mask)
     forced = torch.tensor([[True, False, False], [True, True, True]])
-    k = guide.verify(torch.tensor([[70, 71, 72], [80, 81, 82]]), forced, torch.ones(2, 3, dtype=torch.bool))
+    k = session.verify(torch.tensor([[70, 71, 72], [80, 81, 82]]), forced, torch.ones(2, 3, dtype=torch.bool))
     # Row 0: 70 forced, then 71 must be the guide's argmax after 70 (it is not, almost surely).
     expect0 = 2 if int(full_logits(model, prompts[0] + [70])[-1].argmax()) == 71 else 1
     assert k.tolist() == [expect0, 3]
-    guide.verify(torch.tensor([[90], [91]]), torch.ones(2, 1, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool))
+    session.verify(torch.tensor([[90], [91]]), torch.ones(2, 1, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool))
     row0 = prompts[0] + [70, 71, 72][:expect0] + [90]
     row1 = prompts[1] + [80, 81, 82, 91]
-    torch.testing.assert_close(guide.next_logits[0], full_logits(model, row0)[-1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(guide.next_logits[1], full_logits(model, row1)[-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(session.next_logits[0], full_logits(model, row0)[-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(session.next_logits[1], full_logits(model, row1)[-1], rtol=1e-5, atol=1e-5)
 
 
 def test_topk_relative_rule():
@@ -82,9 +82,9 @@ def test_topk_relative_rule():
     probs = torch.tensor([[[0.5, 0.3, 0.2], [0.6, 0.25, 0.15], [0.4, 0.35, 0.25], [0.4, 0.35, 0.25]]])
     tokens = torch.tensor([[1, 1, 2, -1]])
     # 0.3 >= 0.25 and top-2: yes; 0.25 < 0.3: no; rank 3: no; unmapped: no.
-    assert guide._accept(probs.log(), tokens).tolist() == [[True, False, False, False]]
+    assert guide.accept(probs.log(), tokens).tolist() == [[True, False, False, False]]
     guide.rule = "greedy"
-    assert guide._accept(probs.log(), torch.tensor([[0, 1, 0, 0]])).tolist() == [[True, False, True, True]]
+    assert guide.accept(probs.log(), torch.tensor([[0, 1, 0, 0]])).tolist() == [[True, False, True, True]]
 
 
 def make_pipe(tokenizer, guide):

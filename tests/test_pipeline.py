@@ -186,3 +186,27 @@ def test_step_callback_sees_each_committed_state(scheduler, tiny_tokenizer):
         assert torch.equal(commit >= 0, done)
         assert torch.equal(seq[done], out.sequences[done])
         assert (seq[~done] == pipe.mask_token_id).all()
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_one_pipeline_serves_concurrent_threads(guided):
+    """Two threads calling one pipeline (with its cache strategy, scheduler and guide) each get the
+    answer they would get alone; per-call state lives on each call's own copies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dlmcache.tinytask import test_problems
+
+    pipe = DLMPipeline.from_pretrained(
+        "dlmcache/tiny", cache="freecache", guide="dlmcache/tiny-guide" if guided else None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    problems = [p.question for p in test_problems(8)]
+    jobs = [problems[:4], problems[4:]]
+    kw = dict(max_new_tokens=32, block_length=32)
+    alone = [pipe(prompts, **kw) for prompts in jobs]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(2):
+            together = list(pool.map(lambda prompts: pipe(prompts, **kw), jobs))
+            for a, b in zip(alone, together, strict=True):
+                assert torch.equal(a.sequences, b.sequences) and a.nfe == b.nfe
+                assert a.stats["fed_tokens"] == b.stats["fed_tokens"]

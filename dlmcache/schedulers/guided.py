@@ -33,6 +33,7 @@ class GuidedScheduler(DLMScheduler):
         if max_chunks_per_step is not None and max_chunks_per_step < 1:
             raise ValueError(f"max_chunks_per_step={max_chunks_per_step} must be None or >= 1")
         self.guide = None
+        self.session = None  # the guide's state for the current generation (set by `begin`)
 
     def set_guide(self, guide, dlm_tokenizer, dlm_vocab_size: int) -> None:
         self.guide = guide
@@ -60,16 +61,16 @@ class GuidedScheduler(DLMScheduler):
             ids[i, width - len(r) :] = torch.tensor(r)
             mask[i, width - len(r) :] = True
         pad = guide.tokenizer.pad_token_id if guide.tokenizer.pad_token_id is not None else guide.vocab_map.fallback_id
-        guide.begin(ids.masked_fill(~mask, pad), mask)
+        self.session = guide.begin(ids.masked_fill(~mask, pad), mask)
         self.cursor = torch.full((x.shape[0],), prompt_len, dtype=torch.long, device=x.device)
         self.accepted_drafts = 0
 
     @property
     def stats(self) -> dict:
         """Per generation: drafts accepted by the guide and guide forwards (prefill included)."""
-        if self.guide is None or not hasattr(self.guide, "forwards"):
+        if getattr(self, "session", None) is None:
             return {}
-        return {"accepted_drafts": self.accepted_drafts, "guide_forwards": self.guide.forwards}
+        return {"accepted_drafts": self.accepted_drafts, "guide_forwards": self.session.forwards}
 
     def _select(self, logits, mask_index, step_index, num_steps, generator, context: StepContext | None):
         if context is None:
@@ -87,7 +88,7 @@ class GuidedScheduler(DLMScheduler):
             pos = self.cursor[:, None] + offsets  # [B, chunk] canvas positions to verify
             live = pos < context.end
             pos = pos.clamp(max=drafted.shape[1] - 1)
-            k = self.guide.verify(drafted.gather(1, pos), committed.gather(1, pos), live)
+            k = self.session.verify(drafted.gather(1, pos), committed.gather(1, pos), live)
             self.cursor = self.cursor + k
             # Rows that accepted a whole chunk with more of the block left go on (one sync per chunk).
             if not ((k == chunk) & (self.cursor < context.end)).any():
