@@ -15,9 +15,18 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .cache import DenoisingCache, Layout, make_cache
 from .locations import read_json, resolve_path
 from .models import MODEL_CLASSES
-from .schedulers import DLMScheduler, DreamScheduler, GuidedScheduler, LowConfidenceScheduler, StepContext
+from .schedulers import (
+    DLMScheduler,
+    DreamScheduler,
+    GuidedScheduler,
+    LowConfidenceScheduler,
+    StepContext,
+    ThresholdScheduler,
+)
 
 DEFAULT_SCHEDULERS = {"llada": LowConfidenceScheduler, "Dream": DreamScheduler}
+SCHEDULERS = {"low_confidence": LowConfidenceScheduler, "dream": DreamScheduler, "threshold": ThresholdScheduler}
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -67,7 +76,7 @@ class DLMPipeline(DiffusionPipeline):
         cache_options: dict | None = None,
         guide=None,
         guide_options: dict | None = None,
-        scheduler: DLMScheduler | None = None,
+        scheduler: DLMScheduler | str | None = None,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         **kwargs,
@@ -80,7 +89,15 @@ class DLMPipeline(DiffusionPipeline):
         runs. `torch_dtype` defaults to float32; `cache` / `cache_options` pick the KV-reuse strategy;
         `guide` (a causal-LM path / hub id, "dlmcache/tiny-guide", or an `ARGuide`) switches to
         guided unmasking, with `guide_options` passed to `ARGuide` (rule, top_k, chunk_size, ...).
+        `scheduler`: a `DLMScheduler`, or the name of one built with its defaults ("low_confidence",
+        "dream", "threshold"); default: the model's own sampler.
         """
+        if isinstance(scheduler, str):
+            if scheduler not in SCHEDULERS:
+                raise ValueError(f"scheduler={scheduler!r}: expected a DLMScheduler or one of {sorted(SCHEDULERS)}")
+            scheduler = SCHEDULERS[scheduler]()
+        elif scheduler is not None and not isinstance(scheduler, DLMScheduler):
+            raise TypeError(f"scheduler must be a DLMScheduler or a name, got {type(scheduler).__name__}")
         path = resolve_path(pretrained_model_name_or_path)
         dtype = kwargs.pop("dtype", None) or torch_dtype or torch.float32
         if read_json(path, "model_index.json") is not None:
@@ -152,6 +169,7 @@ class DLMPipeline(DiffusionPipeline):
         if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
             raise ValueError(f"prompt must be a non-empty string, chat, id list or a batch of them, got {prompt!r}")
         use_template = chat_template if chat_template is not None else bool(self.tokenizer.chat_template)
+        vocab = self.model.get_input_embeddings().num_embeddings
         requests = []
         for i, p in enumerate(prompt):
             if isinstance(p, str):
@@ -163,14 +181,17 @@ class DLMPipeline(DiffusionPipeline):
                 else:
                     request, ids = p, self.tokenizer(p)["input_ids"]
             elif _is_chat(p):
+                _check_chat(p, i)
                 request, ids = list(p), self._apply_template(p)
             elif _is_ids(p):
                 ids = list(p)
+                _check_ids(ids, vocab, i)
                 request = self.tokenizer.decode(ids, skip_special_tokens=True)
             else:
                 raise TypeError(f"prompt[{i}] must be a string, a chat or a list of token ids, got {type(p).__name__}")
             if len(ids) == 0:
                 raise ValueError(f"prompt[{i}] encodes to no tokens")
+            _check_ids(ids, vocab, i)
             if self.mask_token_id in ids:
                 raise ValueError(f"prompt[{i}] contains the mask token id {self.mask_token_id}")
             requests.append((ids, request))
@@ -363,6 +384,21 @@ class DLMPipeline(DiffusionPipeline):
                 row = row[: row.index(eos)]
             texts.append(self.tokenizer.decode([t for t in row if t != self.mask_token_id], skip_special_tokens=True))
         return texts
+
+
+def _check_ids(ids: list[int], vocab: int, i: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt[{i}] has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+
+def _check_chat(chat, i: int) -> None:
+    for j, message in enumerate(chat):
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"prompt[{i}][{j}]: role={role!r}, expected one of {CHAT_ROLES}")
+        if not isinstance(content, str):
+            raise ValueError(f"prompt[{i}][{j}]: content must be a string, got {content!r}")
 
 
 def _is_chat(p) -> bool:

@@ -149,6 +149,72 @@ def test_bad_configs_raise(cls, kwargs, match):
         cls(**kwargs)
 
 
+def _edit_checkpoint(path, edit_tensors=None, edit_config=None):
+    """Rewrite a hub-layout checkpoint: `edit_tensors(dict)` on the merged tensors (written back as
+    one file), `edit_config(dict)` on config.json."""
+    from safetensors.torch import load_file, save_file
+
+    if edit_tensors is not None:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        tensors = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            tensors.update(load_file(str(path / shard)))
+            (path / shard).unlink()
+        (path / "model.safetensors.index.json").unlink()
+        edit_tensors(tensors)
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if edit_config is not None:
+        config = json.loads((path / "config.json").read_text())
+        edit_config(config)
+        (path / "config.json").write_text(json.dumps(config))
+
+
+def _swap_to_other_architecture(config):
+    """A config labelled with the other architecture's model_type, keeping its own fields."""
+    config["model_type"] = "Dream" if config["model_type"] == "llada" else "llada"
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize(
+    "edit_tensors, edit_config, match",
+    [
+        (lambda t: t.pop(sorted(t)[1]), None, r"missing tensors \['model\."),
+        (lambda t: t.update(extra=torch.zeros(3)), None, r"unexpected tensors \['extra'\]"),
+        (lambda t: t.update({k: t[k].long() for k in sorted(t)[:1]}), None, r"is I64, weights must be floating point"),
+        (
+            lambda t: t.update({k: t[k][:-1] for k in sorted(t)[:1]}),
+            None,
+            r"has shape \[\d+(, \d+)?\], the config needs",
+        ),
+        (
+            None,
+            _swap_to_other_architecture,
+            r"model_type='(Dream|llada)'(, not| lacks \[.*\] and has fields of another architecture)",
+        ),
+        (None, lambda c: c.update(mask_token_id=10**6), r"mask_token_id=1000000 is outside the vocabulary"),
+        (None, lambda c: c.update(eos_token_id=-1), r"eos_token_id=-1 is outside the vocabulary"),
+    ],
+)
+def test_loading_is_strict(arch, edit_tensors, edit_config, match, tiny_tokenizer, tmp_path):
+    """What used to load silently (missing / unexpected / integer tensors, a config of another
+    architecture: a "Dream" config with LLaDA fields built a 7B model and was OOM-killed) or fail only
+    at generate time (a mask id outside the vocabulary) is a ValueError naming the tensor or field."""
+    path = write_hub_checkpoint(BUILDERS[arch](tiny_tokenizer), tmp_path / arch, tiny_tokenizer)
+    _edit_checkpoint(path, edit_tensors, edit_config)
+    with pytest.raises(ValueError, match=match):
+        DLMPipeline.from_pretrained(path)
+    with pytest.raises(ValueError, match=match):
+        (LLaDAModelLM if arch == "llada" else DreamModel).from_pretrained(path)
+
+
+def test_a_path_that_does_not_exist_is_named(tmp_path):
+    for missing in (tmp_path / "nope", "./no/such/dir", "~/no-such-model"):
+        with pytest.raises(FileNotFoundError, match="no such local file or directory"):
+            DLMPipeline.from_pretrained(missing)
+    with pytest.raises(FileNotFoundError, match="no such local file"):
+        LLaDAModelLM.from_pretrained(str(tmp_path / "nope"))
+
+
 def test_model_classes_are_registered():
     from dlmcache.models import MODEL_CLASSES
 

@@ -128,6 +128,42 @@ def test_invalid_prompts(tiny_tokenizer):
         pipe([3.5], max_new_tokens=4, block_length=4)
     with pytest.raises(TypeError, match="integer ids"):
         pipe(torch.ones(2, 3), max_new_tokens=4, block_length=4)
+    vocab = pipe.model.get_input_embeddings().num_embeddings
+    for ids in ([5, vocab], [-1, 5], torch.tensor([[5, vocab + 7]])):
+        with pytest.raises(ValueError, match=r"prompt\[0\] has token ids outside the vocabulary"):
+            pipe(ids, max_new_tokens=4, block_length=4)
+    for chat, match in (
+        ([{"role": "robot", "content": "hi"}], "role='robot'"),
+        ([{"role": "user"}], "content must be a string, got None"),
+        ([{"role": "user", "content": ["hi"]}], "content must be a string"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pipe([chat], max_new_tokens=4, block_length=4)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: LowConfidenceScheduler(temperature=float("nan")), "temperature=nan"),
+        (lambda: LowConfidenceScheduler(cfg_scale=float("inf")), "cfg_scale=inf"),
+        (lambda: DreamScheduler(temperature=float("nan")), "temperature=nan"),
+        (lambda: DreamScheduler(alg_temp=float("inf")), "alg_temp=inf"),
+        (lambda: DreamScheduler(top_k=2.5), "top_k=2.5"),
+        (lambda: ThresholdScheduler(threshold=float("nan")), "threshold=nan"),
+    ],
+)
+def test_non_finite_sampling_settings_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_scheduler_by_name(tiny_tokenizer, tmp_path):
+    path = write_hub_checkpoint(make_pipe(tiny_tokenizer).model, tmp_path / "m", tiny_tokenizer)
+    assert isinstance(DLMPipeline.from_pretrained(path, scheduler="threshold").scheduler, ThresholdScheduler)
+    with pytest.raises(ValueError, match="scheduler='fastest'"):
+        DLMPipeline.from_pretrained(path, scheduler="fastest")
+    with pytest.raises(TypeError, match="scheduler must be a DLMScheduler"):
+        DLMPipeline.from_pretrained(path, scheduler=ThresholdScheduler)
 
 
 def test_unknown_cache(tiny_tokenizer, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .checkpoint import check_token_ids
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
@@ -30,6 +31,8 @@ class DreamConfig(PretrainedConfig):
     28 heads / 4 KV heads, MLP 18944, vocab 152064, RoPE theta 1e6, mask token 151666."""
 
     model_type = "Dream"
+    #: The fields config.json must hold (the rest have Dream-v0-7B's values as defaults).
+    architecture_fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
     def __init__(
         self,
@@ -82,6 +85,7 @@ class DreamConfig(PretrainedConfig):
                 f"DreamConfig: num_attention_heads={num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        check_token_ids(self, self.vocab_size, "DreamConfig")
 
 
 class DreamAttention(nn.Module):

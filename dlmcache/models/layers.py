@@ -8,6 +8,7 @@ functional so each model keeps the module names (and therefore the checkpoint ke
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -195,6 +196,19 @@ class DLMModelMixin:
 
     logit_shift: int = 0
     attention_backend: str = "auto"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, strict: before any weight is allocated, config.json and
+        the safetensors headers must describe exactly this architecture (see `checkpoint`)."""
+        from .checkpoint import check_config_fields, check_tensors, local_checkpoint
+
+        directory = local_checkpoint(pretrained_model_name_or_path, kwargs.pop("subfolder", None))
+        raw = json.loads((directory / "config.json").read_text())
+        check_config_fields(cls.config_class, raw, str(directory))
+        config = kwargs.get("config") or cls.config_class.from_pretrained(directory)
+        check_tensors(cls, config, directory)
+        return super().from_pretrained(directory, *args, **kwargs)
 
     def set_attention_backend(self, backend: str) -> None:
         """ "auto" (Triton kernels on CUDA, torch SDPA elsewhere), "sdpa" or "kernels"."""

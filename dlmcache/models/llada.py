@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .checkpoint import check_token_ids
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
@@ -33,6 +34,8 @@ class LLaDAConfig(PretrainedConfig):
     """
 
     model_type = "llada"
+    #: The fields config.json must hold (the rest have LLaDA-8B's values as defaults).
+    architecture_fields = ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")
 
     def __init__(
         self,
@@ -93,6 +96,7 @@ class LLaDAConfig(PretrainedConfig):
             raise ValueError(f"LLaDAConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"LLaDAConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        check_token_ids(self, self.padded_vocab_size, "LLaDAConfig")
 
     @property
     def padded_vocab_size(self) -> int:

@@ -7,6 +7,7 @@ commit different numbers of tokens in the same step without a host sync per row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,14 @@ class DLMScheduler(SchedulerMixin, ConfigMixin):
     def begin(self, prompts: list[list[int]], chats: list, x: torch.LongTensor, prompt_len: int) -> None:
         """Start of a generation: the prompts (DLM ids and the chats / texts they came from) and the
         canvas. Stateless rules need nothing."""
+
+
+def check_number(name: str, value, low: float = 0.0, allow_none: bool = False) -> None:
+    """A finite real number >= `low` (None too when `allow_none`); NaN and infinities are refused."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        raise ValueError(f"{name}={value!r} must be a finite number >= {low}")
 
 
 def transfer_quota(mask_index: torch.BoolTensor, step_index: int, num_steps: int) -> torch.LongTensor:

@@ -8,6 +8,7 @@ from diffusers.configuration_utils import register_to_config
 from .base import (
     DLMScheduler,
     SchedulerMixin,  # noqa: F401  (diffusers finds the loadable base class by name in this module)
+    check_number,
     gumbel_like,
     select_topk,
 )
@@ -61,14 +62,12 @@ class DreamScheduler(DLMScheduler):
             raise ValueError(f"alg={alg!r}: expected one of {ALGORITHMS}")
         if not 0 < eps < 1:
             raise ValueError(f"eps={eps} must be in (0, 1)")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
+        check_number("temperature", temperature)
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
-        if top_k is not None and top_k < 1:
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k={top_k} must be >= 1")
-        if alg_temp is not None and alg_temp < 0:
-            raise ValueError(f"alg_temp={alg_temp} must be >= 0")
+        check_number("alg_temp", alg_temp, allow_none=True)
 
     def transfer_ratio(self, step_index: int, num_steps: int) -> float:
         """1 - s/t for this step (1 on the last step)."""

@@ -8,6 +8,7 @@ from diffusers.configuration_utils import register_to_config
 from .base import (
     DLMScheduler,
     SchedulerMixin,  # noqa: F401  (diffusers finds the loadable base class by name in this module)
+    check_number,
     select_topk,
     transfer_quota,
 )
@@ -27,10 +28,8 @@ class LowConfidenceScheduler(DLMScheduler):
     def __init__(self, remasking: str = "low_confidence", temperature: float = 0.0, cfg_scale: float = 0.0):
         if remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking={remasking!r}: expected 'low_confidence' or 'random'")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
-        if cfg_scale < 0:
-            raise ValueError(f"cfg_scale={cfg_scale} must be >= 0")
+        check_number("temperature", temperature)
+        check_number("cfg_scale", cfg_scale)
 
     def _select(self, logits, mask_index, step_index, num_steps, generator, context):
         cfg = self.config

@@ -1,0 +1,120 @@
+"""Strict loading: a checkpoint must describe exactly the model its config builds.
+
+Before any weight is allocated, `check_checkpoint` reads config.json and the safetensors headers
+(names, shapes, dtypes; no tensor data) and compares them with the parameters of the model the config
+describes, built on the meta device. Missing or unexpected tensors, shape mismatches, weights that
+are not floating point, a config whose fields belong to another architecture than its `model_type`,
+and special token ids outside the vocabulary are `ValueError`s naming the tensor or field, instead of
+a randomly initialised layer, a warning, or a 7B-parameter model built from defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+def local_checkpoint(name_or_path, subfolder: str | None = None) -> Path:
+    """The checkpoint's local directory: a bundled name, a local directory, or a hub repo id whose
+    config, tokenizer and safetensors files are downloaded (or found in the hub cache)."""
+    from ..locations import resolve_path
+
+    path = resolve_path(name_or_path)
+    directory = Path(path)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
+        directory = Path(
+            snapshot_download(path, allow_patterns=[f"{subfolder}/{p}" if subfolder else p for p in patterns])
+        )
+    directory = directory / subfolder if subfolder else directory
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory}: no config.json")
+    return directory
+
+
+def read_tensor_headers(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype) of every tensor in the checkpoint's safetensors files."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory}: no safetensors weights (model.safetensors or an index of shards)")
+    headers = {}
+    for name in files:
+        if not (directory / name).is_file():
+            raise ValueError(f"{directory}: the index names {name}, which is missing")
+        with safe_open(str(directory / name), framework="pt") as f:
+            for key in f.keys():
+                part = f.get_slice(key)
+                if key in headers:
+                    raise ValueError(f"{directory}: tensor {key!r} appears in two files")
+                headers[key] = (tuple(part.get_shape()), part.get_dtype())
+    return headers
+
+
+def check_config_fields(config_class, raw: dict, where: str) -> None:
+    """config.json must hold the fields that define `config_class`'s architecture, and none of the
+    fields that define the other native architecture."""
+    from . import CONFIG_CLASSES
+
+    if raw.get("model_type") != config_class.model_type:
+        raise ValueError(
+            f"{where}: config.json has model_type={raw.get('model_type')!r}, not {config_class.model_type!r}"
+        )
+    missing = [f for f in config_class.architecture_fields if f not in raw]
+    others = {f for cls in CONFIG_CLASSES.values() if cls is not config_class for f in cls.architecture_fields}
+    foreign = sorted((others - set(config_class.architecture_fields)) & set(raw))
+    if missing or foreign:
+        detail = f"lacks {missing}" if missing else ""
+        if foreign:
+            detail += (" and " if detail else "") + f"has fields of another architecture {foreign}"
+        raise ValueError(f"{where}: config.json with model_type={raw.get('model_type')!r} {detail}")
+
+
+def check_tensors(model_class, config, directory: Path) -> None:
+    """The checkpoint's tensors must be exactly the parameters of `model_class(config)`, in shape,
+    and floating point."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in model_class(config).state_dict().items()}
+    headers = read_tensor_headers(directory)
+    tied = set()
+    if getattr(config, "tie_word_embeddings", False):
+        tied = set(getattr(model_class, "_tied_weights_keys", None) or {})
+    missing = sorted(set(expected) - set(headers) - tied)
+    unexpected = sorted(set(headers) - set(expected))
+    if missing:
+        raise ValueError(f"{directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise ValueError(
+            f"{directory}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+            f"(not parameters of {model_class.__name__} with this config)"
+        )
+    for name, (shape, dtype) in headers.items():
+        if shape != expected[name]:
+            raise ValueError(
+                f"{directory}: tensor {name!r} has shape {list(shape)}, the config needs {list(expected[name])}"
+            )
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{directory}: tensor {name!r} is {dtype}, weights must be floating point")
+
+
+def check_token_ids(config, vocab: int, where: str) -> None:
+    """Special token ids must index the embedding (mask id: required)."""
+    for field in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(config, field, None)
+        if value is None and field != "mask_token_id":
+            continue
+        ids = value if isinstance(value, list) else [value]
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+                raise ValueError(f"{where}: {field}={value!r} is outside the vocabulary of {vocab} tokens")
