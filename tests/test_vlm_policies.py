@@ -351,6 +351,42 @@ def test_session_validation(processor):
     assert session.stats[0].kept_tokens == pytest.approx(math.floor(0.3 * session.stats[0].prefill_tokens) + 1)
 
 
+@pytest.mark.parametrize("reuse_cache", [True, False])
+def test_a_failed_step_leaves_the_session_as_it_was(reuse_cache, processor, monkeypatch):
+    """A step with out-of-vocabulary action_ids used to leave the session broken (KeyError:
+    'generated' on the next step); so did any error after the prefill."""
+    from dlmcache.kernels.policies import SnapKV
+    from dlmcache.vlm.agent import GUIAgentSession
+
+    model = tiny_vlm(processor, "qwen2_vl", seed=5)
+
+    def session():
+        return GUIAgentSession(model, processor, compression=SnapKV(window=4), budget=0.5, max_new_tokens=3,
+                               reuse_cache=reuse_cache)  # fmt: skip
+
+    clean, hurt = session(), session()
+    clean.step(_shot(0), "Click button 0")
+    hurt.step(_shot(0), "Click button 0")
+    vocab = model.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match="action_ids has ids outside the vocabulary"):
+        hurt.step(_shot(1), "Click button 1", action_ids=[5, vocab + 3])
+    with pytest.raises(ValueError, match="screenshot has size 0x0"):
+        hurt.step(Image.new("RGB", (0, 0)), "Click button 1")
+    with pytest.raises(TypeError, match="screenshot must be a PIL image"):
+        hurt.step("shot.png", "Click button 1")
+    # an error inside the step, after the new turn's prefill wrote into the cache
+    with monkeypatch.context() as m:
+        m.setattr(GUIAgentSession, "_decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            hurt.step(_shot(1), "Click button 1")
+    assert len(hurt.history) == len(clean.history) == 1 and len(hurt.stats) == 1
+    assert hurt.cache.get_seq_length() == clean.cache.get_seq_length()
+    for t in (1, 2):
+        assert hurt.step(_shot(t), f"Click button {t}") == clean.step(_shot(t), f"Click button {t}")
+        torch.testing.assert_close(hurt.last_logits, clean.last_logits, rtol=0, atol=0)
+    assert [s.seen_tokens for s in hurt.stats] == [s.seen_tokens for s in clean.stats]
+
+
 def test_session_teacher_forcing_measures_agreement(processor):
     from dlmcache.vlm.agent import GUIAgentSession
 

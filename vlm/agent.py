@@ -104,14 +104,67 @@ class GUIAgentSession:
 
         action_ids: teacher forcing: feed these tokens as the action instead of the greedy ones, and
         set `last_agreement` to the fraction of them that greedy decoding would have produced (how
-        fidelity to a reference session is measured)."""
+        fidelity to a reference session is measured).
+
+        A step that fails (bad input, or an error inside the model) leaves the session exactly as it
+        was before the call: its conversation, cache, positions and statistics."""
+        self._check_step(screenshot, instruction, action_ids)
+        saved = self._save()
+        try:
+            return self._step(screenshot, instruction, action_ids)
+        except BaseException:
+            self._restore(saved)
+            raise
+
+    def _check_step(self, screenshot, instruction, action_ids) -> None:
+        from PIL import Image
+
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
+        if not isinstance(screenshot, Image.Image):
+            raise TypeError(f"screenshot must be a PIL image, got {type(screenshot).__name__}")
+        if min(screenshot.size) < 1:
+            raise ValueError(f"screenshot has size {screenshot.size[0]}x{screenshot.size[1]}: it must be at least 1x1")
+        if action_ids is not None:
+            vocab = self.model.get_input_embeddings().num_embeddings
+            if not isinstance(action_ids, (list, tuple)) or not action_ids:
+                raise ValueError(f"action_ids must be a non-empty list of token ids, got {action_ids!r}")
+            bad = [t for t in action_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"action_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+    def _save(self) -> dict:
+        """What a step changes, to put back if it fails: the session's fields and, per cache layer, its
+        fields (a step replaces a layer's tensors, it never writes into them)."""
+        cache = self.cache
+        state = {k: v for k, v in self.__dict__.items() if k != "cache"}
+        state["history"], state["visual_tokens"], state["stats"] = (
+            list(self.history),
+            dict(self.visual_tokens),
+            list(self.stats),
+        )
+        layers = None if cache is None else [dict(layer.__dict__) for layer in cache.layers]
+        return {"session": state, "cache": cache, "layers": layers}
+
+    def _restore(self, saved: dict) -> None:
+        if self.cache is not saved["cache"]:  # a re-prefill made a new cache: drop it
+            self.cache.detach()
+            self.cache = saved["cache"]
+        if self.cache is not None:
+            del self.cache.layers[len(saved["layers"]) :]
+            for layer, fields in zip(self.cache.layers, saved["layers"], strict=True):
+                layer.__dict__.clear()
+                layer.__dict__.update(fields)
+            self.cache.token_tags = None
+        self.__dict__.update(saved["session"])
+
+    def _step(self, screenshot, instruction: str, action_ids: list[int] | None) -> str:
         turn = self._encode_turn(screenshot, instruction)
         self.history.append(turn)
         self.screenshots += 1
         t0 = time.perf_counter()
         fresh = not (self.reuse_cache and self.cache is not None)
+        saved_cache = self.cache
         if fresh:
             segment = self._whole_history()
         else:
@@ -133,6 +186,8 @@ class GUIAgentSession:
             decode_seconds_per_token=decode_s / max(len(ids), 1),
             screenshots_in_context=min(self.screenshots, self.max_screenshots or self.screenshots),
         ))  # fmt: skip
+        if fresh and saved_cache is not None:
+            saved_cache.detach()  # the step succeeded: the re-prefilled cache replaces it
         return self.processor.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
 
     # ------------------------------------------------------------------ internals
@@ -193,8 +248,6 @@ class GUIAgentSession:
 
     def _prefill(self, segment: dict, fresh: bool) -> torch.Tensor:
         if fresh:
-            if self.cache is not None:
-                self.cache.detach()
             self.cache = self._new_cache()
             self.next_position = 0
         device = self.model.device
