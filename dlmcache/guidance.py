@@ -23,6 +23,23 @@ def _canonical(token: str) -> str:
     return token
 
 
+def check_guide_options(**options) -> None:
+    """Validate `ARGuide` options (rule, top_k, relative, chunk_size) without loading a model."""
+    known = {"rule", "top_k", "relative", "chunk_size"}
+    if set(options) - known:
+        raise ValueError(f"unknown guide options {sorted(set(options) - known)}: expected {sorted(known)}")
+    rule, top_k = options.get("rule", "topk_relative"), options.get("top_k", 2)
+    relative, chunk = options.get("relative", 0.5), options.get("chunk_size", 32)
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r}: expected one of {RULES}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k={top_k!r} must be a positive integer")
+    if isinstance(relative, bool) or not isinstance(relative, (int, float)) or not 0 <= relative <= 1:
+        raise ValueError(f"relative={relative!r} must be in [0, 1]")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size={chunk!r} must be a positive integer")
+
+
 class VocabMap:
     """DLM token id -> guide token id, or -1 when the guide has no token with the same text.
 
@@ -92,14 +109,7 @@ class ARGuide:
         chunk_size: int = 32,
         dtype: torch.dtype | None = None,
     ):
-        if rule not in RULES:
-            raise ValueError(f"rule={rule!r}: expected one of {RULES}")
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k={top_k!r} must be a positive integer")
-        if not 0 <= relative <= 1:
-            raise ValueError(f"relative={relative} must be in [0, 1]")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+        check_guide_options(rule=rule, top_k=top_k, relative=relative, chunk_size=chunk_size)
         if isinstance(guide, str):
             from .locations import resolve_path
 

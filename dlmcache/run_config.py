@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .cache import CACHES
+from .cache import CACHES, make_cache
 from .schedulers import DLMScheduler, ThresholdScheduler
 
 
@@ -74,6 +74,16 @@ class RunConfig:
                     "'CACHE:k=v,...', 'threshold=T', 'guide=PATH' or 'guide:path=PATH,k=v,...')"
                 )
         return cfg
+
+    def validate(self) -> None:
+        """Build what can be built without a model (the cache, the threshold scheduler) and check the
+        guide's options, so a bad option fails before any decoding."""
+        from .guidance import check_guide_options
+
+        make_cache(self.cache, **self.cache_options)
+        if self.threshold is not None:
+            ThresholdScheduler(threshold=self.threshold)
+        check_guide_options(**self.guide_options)
 
     def scheduler(self, default: DLMScheduler) -> DLMScheduler:
         return default if self.threshold is None else ThresholdScheduler(threshold=self.threshold)

@@ -20,7 +20,9 @@ command resumes. The main process then scores everything (generated code runs in
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -71,32 +73,84 @@ class Generators:
         return self.guides[key]
 
 
+def positive(cast):
+    def parse(text: str):
+        value = cast(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+
+    parse.__name__ = cast.__name__
+    return parse
+
+
+def check_run(tasks: str, configs: list[str]) -> list:
+    """Every task and config checked before anything is loaded or generated."""
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise SystemExit(f"--tasks {tasks!r} names no task")
+    if not configs:
+        raise SystemExit("--configs names no config")
+    for config in configs:
+        try:
+            if config.startswith("ar="):
+                if config[3:] != "smollm2":
+                    resolve_path(config[3:])
+                continue
+            run = RunConfig.parse(config)
+            run.validate()
+            if run.guide is not None and run.guide != "smollm2":
+                resolve_path(run.guide)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise SystemExit(f"config {config!r}: {e}") from None
+    try:
+        return [get_task(n) for n in names]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def lock_output(out: Path, rank: int):
+    """One run per output directory (and rank): a second gets a clear error instead of computing
+    everything again beside the first. The lock goes with the process, even on SIGKILL."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / f".lock.rank{rank}", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise SystemExit(
+            f"another run (pid {handle.read().strip() or '?'}) is writing {out}; wait for it or use --out"
+        ) from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dlmcache/tiny", help="the DLM (bundled name, local dir or hub id)")
     ap.add_argument("--tasks", default="tiny", help="comma separated: gsm8k,math500,humaneval,mbpp,tiny")
     ap.add_argument("--configs", default="none;freecache", help="separated by ';' (or ',' when no config has options)")
-    ap.add_argument("--limit", type=int, default=None, help="first N problems of each task")
+    ap.add_argument("--limit", type=positive(int), default=None, help="first N problems of each task")
     ap.add_argument("--data-dir", type=Path, default=None, help="local JSONL files (default: the hub)")
     ap.add_argument("--out", type=Path, default=Path("results/eval_reasoning"))
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="override every task's default")
-    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--batch-size", type=positive(int), default=8)
+    ap.add_argument("--max-new-tokens", type=positive(int), default=None, help="override every task's default")
+    ap.add_argument("--block-length", type=positive(int), default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    ap.add_argument("--code-timeout", type=float, default=10.0, help="seconds per generated program")
+    ap.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads per process")
+    ap.add_argument("--code-timeout", type=positive(float), default=10.0, help="seconds per generated program")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
+    configs = split_configs(args.configs)
+    tasks = check_run(args.tasks, configs)
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
     if args.threads:
         torch.set_num_threads(args.threads)
-    tasks = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
-    configs = split_configs(args.configs)
-    for config in configs:
-        if not config.startswith("ar="):
-            RunConfig.parse(config)  # fail on a bad config before loading anything
     task_samples = {task: task.samples(args.data_dir, args.limit) for task in tasks}
+    lock = lock_output(args.out, state.process_index)  # noqa: F841 (held until the process ends)
 
     generators = Generators(args, state.device)
     for config in configs:

@@ -116,6 +116,27 @@ def test_mbpp_reference_code_passes_and_wrong_code_fails(tmp_path):
     assert good["accuracy"] == 1.0 and bad["accuracy"] == 0.0
 
 
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "gsm8k_test.jsonl"
+    path.write_text('{"question": "a", "answer": "#### 1"}\n\n{"question": "b", "answer": \n')
+    with pytest.raises(ValueError, match=r"gsm8k_test.jsonl:3: not valid JSON"):
+        T.get_task("gsm8k").samples(tmp_path)
+    path.write_text('["not", "an", "object"]\n')
+    with pytest.raises(ValueError, match=r"gsm8k_test.jsonl:1: expected a JSON object, got list"):
+        T.get_task("gsm8k").samples(tmp_path)
+    path.write_text('{"question": "a"}\n')
+    with pytest.raises(ValueError, match=r"gsm8k problem 0: no field 'answer'"):
+        T.get_task("gsm8k").samples(tmp_path)
+
+
+def test_mbpp_test_list_as_a_string_is_refused(tmp_path):
+    """A string used to be split into single characters, each 'test' a syntax error or a no-op."""
+    row = {"prompt": "Add.", "test_list": "assert add(1, 2) == 3", "task_id": 7}
+    _write_jsonl(tmp_path / "mbpp_sanitized_test.jsonl", [row])
+    with pytest.raises(ValueError, match=r"mbpp problem 0 \(task_id 7\): test_list must be a list of strings"):
+        T.get_task("mbpp").samples(tmp_path)
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not next to this checkout")
 def test_real_data_files_load():
     for name, n in (("gsm8k", 1319), ("math500", 500), ("mbpp", 257)):
@@ -224,6 +245,46 @@ def test_script_writes_summary_for_dlm_and_ar_configs(reference_run):
     assert "| tiny | none | 8 |" in table and "forwards / token" in table
     run = json.loads((reference_run / "run.json").read_text())
     assert run["prompts"]["tiny"]["example"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize(
+    "configs, extra, message",
+    [
+        ("none;freecache:suffix_windw=3", (), "config 'freecache:suffix_windw=3': cache='freecache' does not take"),
+        ("none;freecache+guide:path=dlmcache/tiny-guide,top_k=0", (), "top_k=0 must be a positive integer"),
+        ("none;ar=./no/such/model", (), "no such local file or directory"),
+        (";", (), "--configs names no config"),
+        ("none", ("--tasks", " , "), "names no task"),
+        ("none", ("--tasks", "tiny,gsm9k"), "unknown task 'gsm9k'"),
+        ("none", ("--code-timeout", "0"), "argument --code-timeout: '0' must be > 0"),
+        ("none", ("--batch-size", "-2"), "argument --batch-size: '-2' must be > 0"),
+    ],
+)
+def test_script_checks_everything_before_any_work(configs, extra, message, tmp_path, monkeypatch, capsys):
+    """A bad option in a later config used to surface only after the earlier configs had generated."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", _script(tmp_path / "out", *extra, configs=configs)[1:])
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "scripts" / "eval_reasoning.py"), run_name="__main__")
+    said = f"{stop.value.code} {capsys.readouterr().err}"
+    assert stop.value.code != 0 and message in said, said[-2000:]
+    assert not list((tmp_path / "out").rglob("*.jsonl"))
+
+
+def test_a_second_run_on_the_same_output_directory_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock.rank0", "a+") as held:  # as a first run still writing would hold it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        second = subprocess.run(_script(out, configs="none"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert second.returncode != 0 and f"another run (pid 4242) is writing {out}" in second.stderr
+    assert not list(out.rglob("*.jsonl"))
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(reference_run, tmp_path):

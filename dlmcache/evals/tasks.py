@@ -65,7 +65,13 @@ class Task:
             if limit < 1:
                 raise ValueError(f"limit must be >= 1, got {limit}")
             rows = rows[:limit]
-        return [self.sample(i, row) for i, row in enumerate(rows)]
+        out = []
+        for i, row in enumerate(rows):
+            try:
+                out.append(self.sample(i, row))
+            except KeyError as e:
+                raise ValueError(f"{self.name} problem {i}: no field {e}") from None
+        return out
 
     def sample(self, index: int, row: dict) -> Sample:
         raise NotImplementedError
@@ -76,8 +82,20 @@ class Task:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per non-empty line; a malformed line is an error naming the file and line."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
 
 
 def _user(text: str) -> list[dict]:
@@ -149,7 +167,12 @@ class MBPP(Task):
     prompt_note = "chat: task text + its assert tests + 'in a ```python code block'"
 
     def sample(self, index, row):
-        tests = "\n".join(row["test_list"])
+        tests = row["test_list"]
+        if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+            raise ValueError(
+                f"mbpp problem {index} (task_id {row.get('task_id')}): test_list must be a list of strings"
+            )
+        tests = "\n".join(tests)
         text = (
             f"{row['prompt']}\nYour code should pass these tests:\n\n{tests}\n\n"
             "Reply with the code in a ```python code block."
