@@ -90,12 +90,17 @@ class Demo:
             raise gr.Error(str(e)) from None
 
     def decode_live(self, label: str, prompt: str, config: str, max_new_tokens: int, block_length: int, steps: int):
-        """Yield (html, None) frames while the pipeline runs in a worker thread, then (html, output)."""
+        """Yield (html, None) frames while the pipeline runs in a worker thread, then (html, output).
+        Closing the generator (Gradio cancels a run, a client leaves) stops the decoding at the next
+        denoising step and waits for the worker."""
         RunConfig.parse(config).apply(self.pipe, self.default_scheduler)
         frames: queue.Queue = queue.Queue()
         result = {}
+        cancelled = threading.Event()
 
         def on_step(pipe, step, state):
+            if cancelled.is_set():
+                raise Cancelled
             frames.put((step, state["sequences"][0].tolist(), state["commit_step"][0].tolist()))
 
         def work():
@@ -107,17 +112,24 @@ class Demo:
                     steps=steps,
                     callback_on_step_end=on_step,
                 )
+            except Cancelled:
+                pass
             except Exception as e:  # reported in the page by the caller
                 result["error"] = e
             frames.put(None)
 
-        threading.Thread(target=work, daemon=True).start()
+        self.worker = threading.Thread(target=work, daemon=True)
+        self.worker.start()
         last, latest = 0.0, None
-        while (item := frames.get()) is not None:
-            latest = item
-            if time.perf_counter() - last >= FRAME_SECONDS:
-                last = time.perf_counter()
-                yield self.render(label, *latest, steps), None
+        try:
+            while (item := frames.get()) is not None:
+                latest = item
+                if time.perf_counter() - last >= FRAME_SECONDS:
+                    last = time.perf_counter()
+                    yield self.render(label, *latest, steps), None
+        finally:
+            cancelled.set()
+            self.worker.join()
         if "error" in result:
             raise gr.Error(f"{config}: {result['error']}")
         out = result["out"]
@@ -153,10 +165,14 @@ class Demo:
                     yield *canvases, *texts, stats_table(rows)
 
 
+class Cancelled(Exception):
+    """Raised from the step callback to stop a decoding whose viewer went away."""
+
+
 def stats_table(rows) -> str:
     if not rows:
         return ""
-    base = rows[0][2].stats["answer_tokens_per_second"]
+    base = rows[0][2].stats["answer_tokens_per_second"]  # 0 when `none` answered with EOS at once
     lines = [
         "| mode | config | answer tokens/s | DLM forwards | tokens / forward | speedup vs none |",
         "|---|---|---|---|---|---|",
@@ -165,7 +181,7 @@ def stats_table(rows) -> str:
         tps = out.stats["answer_tokens_per_second"]
         lines.append(
             f"| {label} | `{config}` | {tps:.1f} | {out.nfe} | {out.stats['answer_tokens'] / max(out.nfe, 1):.2f} | "
-            f"{tps / base:.2f}x |"
+            f"{f'{tps / base:.2f}x' if base > 0 else '-'} |"
         )
     return "\n".join(lines)
 
