@@ -115,7 +115,7 @@ class DLMPipeline(DiffusionPipeline):
                 )
             model = MODEL_CLASSES[model_type].from_pretrained(path, dtype=dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)
-            pipe = cls(model=model, tokenizer=tokenizer, scheduler=scheduler or DEFAULT_SCHEDULERS[model_type]())
+            pipe = cls(model=model, tokenizer=tokenizer, scheduler=scheduler or default_scheduler(path, model_type))
         pipe.model.eval()
         if device is not None:
             pipe.to(device)
@@ -384,6 +384,17 @@ class DLMPipeline(DiffusionPipeline):
                 row = row[: row.index(eos)]
             texts.append(self.tokenizer.decode([t for t in row if t != self.mask_token_id], skip_special_tokens=True))
         return texts
+
+
+def default_scheduler(path: str, model_type: str) -> DLMScheduler:
+    """The model's own sampler as its reference code runs it by default: Dream's from the
+    checkpoint's generation_config.json when it has one (`DreamScheduler.from_generation_config`),
+    otherwise the scheduler class's defaults."""
+    if model_type == "Dream":
+        generation_config = read_json(path, "generation_config.json")
+        if generation_config is not None:
+            return DreamScheduler.from_generation_config(generation_config)
+    return DEFAULT_SCHEDULERS[model_type]()
 
 
 def _check_ids(ids: list[int], vocab: int, i: int) -> None:

@@ -246,3 +246,15 @@ def test_one_pipeline_serves_concurrent_threads(guided):
             for a, b in zip(alone, together, strict=True):
                 assert torch.equal(a.sequences, b.sequences) and a.nfe == b.nfe
                 assert a.stats["fed_tokens"] == b.stats["fed_tokens"]
+
+
+def test_dream_default_scheduler_reads_the_checkpoint_generation_config(tiny_tokenizer, tmp_path):
+    import json
+
+    path = write_hub_checkpoint(make_pipe(tiny_tokenizer, "dream").model, tmp_path / "d", tiny_tokenizer)
+    assert type(DLMPipeline.from_pretrained(path).scheduler) is DreamScheduler  # no file: the class defaults
+    (path / "generation_config.json").write_text(
+        json.dumps({"alg": "maskgit_plus", "temperature": 0.0, "top_k": None, "top_p": None, "eps": 0.001})
+    )
+    sched = DLMPipeline.from_pretrained(path).scheduler
+    assert (sched.config.alg, sched.config.top_k, sched.config.temperature) == ("maskgit_plus", 50, 0.0)

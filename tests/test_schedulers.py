@@ -34,7 +34,7 @@ def llada_reference_step(logits, x, mask_index, k, temperature, remasking, gener
     else:
         x0 = logits.argmax(-1)
     if remasking == "low_confidence":
-        conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[..., None]).squeeze(-1)
+        conf = torch.gather(F.softmax(logits.to(torch.float64), dim=-1), -1, x0[..., None]).squeeze(-1)
     else:
         conf = torch.rand(x0.shape, generator=generator)
     x0 = torch.where(mask_index, x0, x)
@@ -184,6 +184,41 @@ def test_threshold_commits_confident_and_at_least_quota():
     assert out.transfer_index.tolist() == [[True, False, True, False], [False, False, True, False]]
     out = sched.step(logits, torch.zeros(2, 4, dtype=torch.long), mask, 3, 4)  # last step: all
     assert torch.equal(out.transfer_index, mask)
+
+
+def _near_tie_logits() -> torch.Tensor:
+    """float32 logits of two masked positions whose top-token probabilities differ by ~5e-11: equal
+    in a float32 softmax, ordered in float64 (position 1 is the more confident one)."""
+    logits = torch.zeros(1, 2, V)
+    logits[:, :, 0] = 10.0
+    logits[0, 0, 1] = 1e-6  # a slightly larger denominator: position 0 is a hair less confident
+    p32 = torch.softmax(logits, -1)[0, :, 0]
+    p64 = torch.softmax(logits.double(), -1)[0, :, 0]
+    assert p32[0] == p32[1] and p64[1] > p64[0]
+    return logits
+
+
+@pytest.mark.parametrize("make", [LowConfidenceScheduler, lambda: ThresholdScheduler(threshold=0.99999)])
+def test_near_ties_are_broken_as_the_float64_reference_does(make):
+    """LLaDA's and Fast-dLLM's rules rank by a float64 softmax; a float32 one tied these two positions
+    and committed the lower index where the reference commits the other."""
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    out = make().step(_near_tie_logits(), torch.zeros(1, 2, dtype=torch.long), mask, 0, 2)
+    assert out.transfer_index.tolist() == [[False, True]]
+    assert out.confidence.dtype == torch.float64
+
+
+def test_dream_defaults_follow_the_checkpoint_generation_config():
+    """The released Instruct checkpoint's generation_config.json has temperature 0.0, top_k null and
+    alg "origin"; `diffusion_generate` called with its defaults fills the null top_k with 50."""
+    released = {"alg": "origin", "alg_temp": None, "eps": 0.001, "temperature": 0.0, "top_k": None, "top_p": None}
+    s = DreamScheduler.from_generation_config(released)
+    assert (s.config.alg, s.config.temperature, s.config.top_k, s.config.top_p, s.config.eps) == (
+        "origin", 0.0, 50, None, 0.001,
+    )  # fmt: skip
+    s = DreamScheduler.from_generation_config({"alg": "entropy", "top_k": 20, "top_p": 0.9, "temperature": 0.2})
+    assert (s.config.alg, s.config.top_k, s.config.top_p, s.config.temperature) == ("entropy", 20, 0.9, 0.2)
+    assert DreamScheduler.from_generation_config({}).config.temperature == 1.0
 
 
 @pytest.mark.parametrize(

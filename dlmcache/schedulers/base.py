@@ -130,7 +130,14 @@ def gumbel_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 def argmax_confidence(logits: torch.Tensor) -> tuple[torch.LongTensor, torch.Tensor]:
-    """Greedy tokens and their softmax probability (in at least float32)."""
-    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    conf, x0 = probs.max(dim=-1)
-    return x0, conf
+    """Greedy tokens and their softmax probability, computed in float64 as LLaDA's and Fast-dLLM's
+    reference samplers do (in float32, positions whose probabilities differ by ~1e-10 tie, and the
+    tie goes to the lower index where the reference picks the truly more confident one)."""
+    x0 = logits.argmax(dim=-1)
+    return x0, token_probability(logits, x0)
+
+
+def token_probability(logits: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
+    """softmax(logits)[tokens] in float64 ([B, n, V] logits, [B, n] tokens)."""
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)
+    return probs.gather(-1, tokens[..., None]).squeeze(-1)

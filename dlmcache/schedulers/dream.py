@@ -69,6 +69,30 @@ class DreamScheduler(DLMScheduler):
             raise ValueError(f"top_k={top_k} must be >= 1")
         check_number("alg_temp", alg_temp, allow_none=True)
 
+    @classmethod
+    def from_generation_config(cls, generation_config: dict) -> DreamScheduler:
+        """The sampler Dream's `diffusion_generate` runs when called with a checkpoint's defaults
+        (its generation_config.json): each field as the file gives it; temperature, top_p and top_k
+        that are null or missing take transformers' global generation defaults (1.0, 1.0, 50), as the
+        official call receives them; eps, alg and alg_temp default to Dream's (1e-3, "origin", None).
+        So the released Instruct checkpoint (temperature 0.0, top_k null, alg "origin") decodes with
+        top_k=50: top-k changes the confidences (probabilities renormalised over the top 50) even when
+        decoding greedily."""
+
+        def given(name, default):
+            value = generation_config.get(name)
+            return default if value is None else value
+
+        top_p = given("top_p", 1.0)
+        return cls(
+            alg=given("alg", "origin"),
+            eps=given("eps", 1e-3),
+            temperature=given("temperature", 1.0),
+            top_p=None if top_p >= 1 else top_p,
+            top_k=given("top_k", 50),
+            alg_temp=generation_config.get("alg_temp"),
+        )
+
     def transfer_ratio(self, step_index: int, num_steps: int) -> float:
         """1 - s/t for this step (1 on the last step)."""
         if step_index == num_steps - 1:

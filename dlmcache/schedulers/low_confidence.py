@@ -10,6 +10,7 @@ from .base import (
     SchedulerMixin,  # noqa: F401  (diffusers finds the loadable base class by name in this module)
     check_number,
     select_topk,
+    token_probability,
     transfer_quota,
 )
 
@@ -20,8 +21,9 @@ class LowConfidenceScheduler(DLMScheduler):
 
     Tokens are the argmax of Gumbel-perturbed logits, written as in LLaDA in float64:
     exp(logits) / (-log u)^temperature (plain argmax at temperature 0). Confidence is the softmax
-    probability of the chosen token. `cfg_scale > 0` asks the pipeline for classifier-free guidance:
-    an extra forward with the prompt masked, combined as uncond + (cfg_scale + 1) * (cond - uncond).
+    probability of the chosen token, also in float64 as LLaDA computes it. `cfg_scale > 0` asks the
+    pipeline for classifier-free guidance: an extra forward with the prompt masked, combined as
+    uncond + (cfg_scale + 1) * (cond - uncond).
     """
 
     @register_to_config
@@ -39,8 +41,7 @@ class LowConfidenceScheduler(DLMScheduler):
         else:
             x0 = logits.argmax(-1)
         if cfg.remasking == "low_confidence":
-            probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-            confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
+            confidence = token_probability(logits, x0)  # float64, as LLaDA's generate.py
         else:
             confidence = torch.rand(mask_index.shape, device=logits.device, generator=generator)
         confidence = confidence.masked_fill(~mask_index, float("-inf"))
