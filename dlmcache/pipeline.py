@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .batching import left_pad
 from .cache import DenoisingCache, Layout, make_cache
 from .locations import read_json, resolve_path
 from .models import MODEL_CLASSES
@@ -23,6 +24,7 @@ from .schedulers import (
     StepContext,
     ThresholdScheduler,
 )
+from .schedulers.base import check_number
 
 DEFAULT_SCHEDULERS = {"llada": LowConfidenceScheduler, "Dream": DreamScheduler}
 SCHEDULERS = {"low_confidence": LowConfidenceScheduler, "dream": DreamScheduler, "threshold": ThresholdScheduler}
@@ -64,6 +66,7 @@ class DLMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(model=model, tokenizer=tokenizer, scheduler=scheduler)
         self.cache: DenoisingCache = make_cache("none")
+        self.default_scheduler = scheduler  # what `set_scheduler(None)` restores
 
     # ------------------------------------------------------------------ loading
 
@@ -92,17 +95,10 @@ class DLMPipeline(DiffusionPipeline):
         `scheduler`: a `DLMScheduler`, or the name of one built with its defaults ("low_confidence",
         "dream", "threshold"); default: the model's own sampler.
         """
-        if isinstance(scheduler, str):
-            if scheduler not in SCHEDULERS:
-                raise ValueError(f"scheduler={scheduler!r}: expected a DLMScheduler or one of {sorted(SCHEDULERS)}")
-            scheduler = SCHEDULERS[scheduler]()
-        elif scheduler is not None and not isinstance(scheduler, DLMScheduler):
-            raise TypeError(f"scheduler must be a DLMScheduler or a name, got {type(scheduler).__name__}")
         path = resolve_path(pretrained_model_name_or_path)
         dtype = kwargs.pop("dtype", None) or torch_dtype or torch.float32
         if read_json(path, "model_index.json") is not None:
-            extra = {"scheduler": scheduler} if scheduler is not None else {}
-            pipe = super().from_pretrained(path, dtype=dtype, **extra, **kwargs)
+            pipe = super().from_pretrained(path, dtype=dtype, **kwargs)
         else:
             config = read_json(path, "config.json")
             if config is None:
@@ -115,8 +111,11 @@ class DLMPipeline(DiffusionPipeline):
                 )
             model = MODEL_CLASSES[model_type].from_pretrained(path, dtype=dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)
-            pipe = cls(model=model, tokenizer=tokenizer, scheduler=scheduler or default_scheduler(path, model_type))
+            pipe = cls(model=model, tokenizer=tokenizer, scheduler=default_scheduler(path, model_type))
         pipe.model.eval()
+        if scheduler is not None:
+            pipe.set_scheduler(scheduler)
+            pipe.default_scheduler = pipe.scheduler
         if device is not None:
             pipe.to(device)
         pipe.set_cache(cache, **(cache_options or {}))
@@ -128,18 +127,42 @@ class DLMPipeline(DiffusionPipeline):
         """Choose the KV-reuse strategy for the following calls."""
         self.cache = make_cache(cache, **options)
 
+    def set_scheduler(self, scheduler: DLMScheduler | str | None = None) -> None:
+        """The unmasking rule of the following calls: a `DLMScheduler`, a name ("low_confidence",
+        "dream", "threshold", built with its defaults) or None for the scheduler the pipeline was
+        built with. A guide, if set, stays and wraps the new scheduler."""
+        if scheduler is None:
+            scheduler = self.default_scheduler
+        elif isinstance(scheduler, str):
+            if scheduler not in SCHEDULERS:
+                raise ValueError(f"scheduler={scheduler!r}: expected a DLMScheduler or one of {sorted(SCHEDULERS)}")
+            scheduler = SCHEDULERS[scheduler]()
+        elif not isinstance(scheduler, DLMScheduler) or isinstance(scheduler, GuidedScheduler):
+            raise TypeError(f"scheduler must be a DLMScheduler (not a guided one) or a name, got {scheduler!r}")
+        if isinstance(self.scheduler, GuidedScheduler):
+            self.scheduler.base = scheduler
+        else:
+            self.scheduler = scheduler
+
     def set_guide(self, guide, torch_dtype: torch.dtype | None = None, **options) -> None:
         """Decode with guided unmasking: `guide` is an `ARGuide`, or a causal-LM path / hub id /
-        bundled name from which one is built with `options` (rule, top_k, relative, chunk_size)."""
+        bundled name from which one is built with `options` (rule, top_k, relative, chunk_size).
+        The guided scheduler wraps the current one; `set_guide(None)` puts that one back."""
         from .guidance import ARGuide
 
+        base = self.scheduler.base if isinstance(self.scheduler, GuidedScheduler) else self.scheduler
+        if guide is None:
+            if options:
+                raise ValueError(f"guide options {sorted(options)} given without a guide")
+            self.scheduler = base
+            return
         if not isinstance(guide, ARGuide):
             guide = ARGuide(guide, dtype=torch_dtype, **options)
         elif options:
             raise ValueError(f"guide options {sorted(options)} given with a ready ARGuide {guide!r}")
         guide.model.to(self.model.device)
         scheduler = GuidedScheduler()
-        scheduler.set_guide(guide, self.tokenizer, self.model.get_input_embeddings().num_embeddings)
+        scheduler.set_guide(guide, self.tokenizer, self.model.get_input_embeddings().num_embeddings, base=base)
         self.scheduler = scheduler
 
     # ------------------------------------------------------------------ inputs
@@ -230,12 +253,10 @@ class DLMPipeline(DiffusionPipeline):
                 f"prompt ({p_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's {limit}"
             )
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        x = torch.full((len(prompts), total), self.mask_token_id, dtype=torch.long)
-        key_mask = torch.ones_like(x, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            x[i, : p_len - len(p)] = pad
-            key_mask[i, : p_len - len(p)] = False
-            x[i, p_len - len(p) : p_len] = torch.tensor(p)
+        ids, real = left_pad(prompts, pad)
+        masks = torch.full((len(prompts), max_new_tokens), self.mask_token_id, dtype=torch.long)
+        x = torch.cat([ids, masks], dim=1)
+        key_mask = torch.cat([real, torch.ones_like(masks, dtype=torch.bool)], dim=1)
         positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
         x, key_mask, positions = x.to(device), key_mask.to(device), positions.to(device)
         return x, Layout(
@@ -254,6 +275,7 @@ class DLMPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         chat_template: bool | None = None,
         stop_at_eos: bool | None = None,
+        cfg_scale: float = 0.0,
         return_dict: bool = True,
         callback_on_step_end=None,
     ) -> DLMPipelineOutput | tuple:
@@ -262,7 +284,9 @@ class DLMPipeline(DiffusionPipeline):
         steps: total denoising steps (default `max_new_tokens`, one token per step), split evenly
         over the `max_new_tokens // block_length` blocks. stop_at_eos: once a row's text up to an
         EOS is fully committed, fill the rest of the row with EOS instead of denoising it (default:
-        on for the guided scheduler, off otherwise, as in the reference samplers).
+        on for the guided scheduler, off otherwise, as in the reference samplers). cfg_scale:
+        classifier-free guidance as LLaDA writes it: an extra forward of the canvas with the prompt
+        masked each step, logits uncond + (cfg_scale + 1) * (cond - uncond); 0 turns it off.
         callback_on_step_end: `fn(pipe, step, {"sequences": [B, G], "commit_step": [B, G]})` after
         every denoising step (masked positions hold the mask token; commit_step is -1 there); the
         tensors are the live buffers, so copy what you keep. Used by the demo's live view.
@@ -270,6 +294,7 @@ class DLMPipeline(DiffusionPipeline):
         # 1. Check inputs and encode the prompts.
         steps = max_new_tokens if steps is None else steps
         num_blocks = self.check_inputs(max_new_tokens, block_length, steps)
+        check_number("cfg_scale", cfg_scale)
         steps_per_block = steps // num_blocks
         requests = self._prompt_requests(prompt, chat_template)
         prompts = [ids for ids, _ in requests]
@@ -277,13 +302,13 @@ class DLMPipeline(DiffusionPipeline):
         # one pipeline may serve several threads (and `set_cache` during a call changes later calls).
         cache, scheduler = copy.copy(self.cache), copy.copy(self.scheduler)
         if stop_at_eos is None:
-            stop_at_eos = getattr(scheduler, "stops_at_eos", False)
+            stop_at_eos = scheduler.stops_at_eos
 
         # 2. The canvas: left-padded prompts followed by masks.
         x, layout = self.prepare_canvas(prompts, max_new_tokens)
         layout.block_length = block_length
         mask_id, p_len = self.mask_token_id, layout.prompt_len
-        cfg = getattr(scheduler.config, "cfg_scale", 0.0) > 0
+        cfg = cfg_scale > 0
         if cfg:  # unconditional rows: the same canvas with the prompt masked
             x_un = x.clone()
             x_un[:, :p_len] = torch.where(layout.key_mask[:, :p_len], mask_id, x[:, :p_len])
@@ -317,8 +342,8 @@ class DLMPipeline(DiffusionPipeline):
                     targets = start + cols
                     if cfg:
                         x_un[:, p_len:] = x[:, p_len:]
-                        both = cache.step_logits(torch.cat([x, x_un]), targets, start, end)
-                        logits = scheduler.guide(*both.chunk(2))
+                        cond, uncond = cache.step_logits(torch.cat([x, x_un]), targets, start, end).chunk(2)
+                        logits = uncond + (cfg_scale + 1) * (cond - uncond)
                     else:
                         logits = cache.step_logits(x, targets, start, end)
                     context = StepContext(
@@ -360,7 +385,7 @@ class DLMPipeline(DiffusionPipeline):
             "answer_tokens_per_second": answer_tokens / elapsed if elapsed > 0 else float("inf"),
             "cache": cache.name,
             **cache.stats.as_dict(),
-            **getattr(scheduler, "stats", {}),
+            **scheduler.stats,
         }
         if not return_dict:
             return texts, sequences, nfe, commit_step, stats

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .cache import CACHES, make_cache
-from .schedulers import DLMScheduler, ThresholdScheduler
+from .schedulers import ThresholdScheduler
 
 
 def split_configs(text: str) -> list[str]:
@@ -85,15 +85,14 @@ class RunConfig:
             ThresholdScheduler(threshold=self.threshold)
         check_guide_options(**self.guide_options)
 
-    def scheduler(self, default: DLMScheduler) -> DLMScheduler:
-        return default if self.threshold is None else ThresholdScheduler(threshold=self.threshold)
-
-    def apply(self, pipe, default_scheduler: DLMScheduler, load_guide=None) -> None:
-        """Set the pipeline's cache and scheduler (or guide) for this configuration. `load_guide(name,
-        options)` may turn special guide names into `ARGuide`s (scripts use it for cached loading)."""
+    def apply(self, pipe, load_guide=None) -> None:
+        """Set the pipeline's cache, scheduler and guide for this configuration (the pipeline's own
+        scheduler unless a threshold is given; no guide unless one is). `load_guide(name, options)`
+        may turn special guide names into `ARGuide`s (scripts use it for cached loading)."""
         pipe.set_cache(self.cache, **self.cache_options)
+        pipe.set_scheduler(None if self.threshold is None else ThresholdScheduler(threshold=self.threshold))
         if self.guide is None:
-            pipe.scheduler = self.scheduler(default_scheduler)
+            pipe.set_guide(None)
         elif load_guide is not None:
             pipe.set_guide(load_guide(self.guide, self.guide_options))
         else:

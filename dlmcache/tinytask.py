@@ -95,39 +95,36 @@ def messages(problem: Problem | str, shots: list[Problem] = ()) -> list[dict]:
     return chat + [{"role": "user", "content": q}]
 
 
-def evaluate(pipe, problems: list[Problem], batch_size: int = 50, **generate_kwargs) -> dict:
-    """Accuracy and speed of `pipe` on `problems` (greedy unless the kwargs say otherwise).
+def evaluate(generate, problems: list[Problem], batch_size: int = 50, max_new_tokens: int = 64, shots=()) -> dict:
+    """Accuracy and speed of a generator on `problems`: `generate(chats, max_new_tokens) ->
+    [Generation]`, any generator of `dlmcache.evals.harness` (a `DLMGenerator` over a pipeline, an
+    `ARGenerator` over a causal LM, with or without a compressed cache). `shots`: solved problems
+    shown before each question (`messages`).
 
     Returns accuracy, tokens_per_second (answer tokens, i.e. before the first EOS, per second of
-    decoding; the EOS fill a diffusion LM also denoises is not counted),
-    forwards_per_token (model forwards each row went through, per token of its answer before EOS)
-    and the per-problem completions.
+    decoding; the EOS fill a diffusion LM also denoises is not counted), forwards_per_token (model
+    forwards each row went through, per token of its answer) and the per-problem completions.
     """
     import time
 
-    correct, forwards, row_forwards, seconds, answer_tokens, generated = 0, 0, 0, 0.0, 0, 0
+    correct, row_forwards, seconds, answer_tokens = 0, 0, 0.0, 0
     completions = []
-    eos = pipe.tokenizer.eos_token_id
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
         t0 = time.perf_counter()
-        out = pipe([messages(p) for p in chunk], **generate_kwargs)
+        generations = generate([messages(p, shots) for p in chunk], max_new_tokens)
         seconds += time.perf_counter() - t0
-        forwards += out.nfe
-        row_forwards += out.nfe * len(chunk)
-        generated += out.sequences.numel()
-        for p, text, row in zip(chunk, out.texts, out.sequences.tolist(), strict=True):
-            ok = is_correct(text, p)
+        for p, g in zip(chunk, generations, strict=True):
+            ok = is_correct(g.text, p)
             correct += ok
-            answer_tokens += row.index(eos) if eos in row else len(row)
-            completions.append({"question": p.question, "answer": p.answer, "completion": text, "correct": ok})
+            answer_tokens += g.answer_tokens
+            row_forwards += g.forwards
+            completions.append({"question": p.question, "answer": p.answer, "completion": g.text, "correct": ok})
     return {
         "accuracy": correct / len(problems),
         "n": len(problems),
         "tokens_per_second": answer_tokens / seconds,
-        "canvas_tokens_per_second": generated / seconds,
         "seconds": seconds,
-        "forwards": forwards,
         "forwards_per_token": row_forwards / max(answer_tokens, 1),
         "completions": completions,
     }

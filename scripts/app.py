@@ -34,8 +34,8 @@ except ImportError:  # a Space runs this file from a checkout without installing
 
 import gradio as gr
 import torch
-from dlmcache.kernels.policies import SnapKV, StreamingLLM
-from dlmcache.vlm import GUIKV, GUIAgentSession, PrefixKV, calibrate
+from dlmcache.vlm import GUIAgentSession
+from dlmcache.vlm.methods import METHODS, session_compression
 from dlmcache.vlm.synthetic import instruction, screenshot
 from PIL import Image
 
@@ -62,7 +62,6 @@ class Demo:
     def __init__(self, model: str, guide: str | None, device: str, dtype: torch.dtype):
         self.pipe = DLMPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.default_scheduler = self.pipe.scheduler
         self.guide = guide
         self.lock = threading.Lock()
 
@@ -93,7 +92,7 @@ class Demo:
         """Yield (html, None) frames while the pipeline runs in a worker thread, then (html, output).
         Closing the generator (Gradio cancels a run, a client leaves) stops the decoding at the next
         denoising step and waits for the worker."""
-        RunConfig.parse(config).apply(self.pipe, self.default_scheduler)
+        RunConfig.parse(config).apply(self.pipe)
         frames: queue.Queue = queue.Queue()
         result = {}
         cancelled = threading.Event()
@@ -189,7 +188,6 @@ def stats_table(rows) -> str:
 class VLMDemo:
     """GUI-KV / PrefixKV / SnapKV / StreamingLLM on a screenshot sequence, shown as kept-token maps."""
 
-    METHODS = ("GUI-KV", "PrefixKV", "SnapKV", "StreamingLLM")
 
     def __init__(self, vlm: str | None, device: str, dtype: torch.dtype):
         if vlm:
@@ -222,18 +220,13 @@ class VLMDemo:
         return [screenshot(t, (448, 448)) for t in range(int(synthetic))]
 
     def compression(self, method: str, budget: float, shots):
-        if method == "GUI-KV":
-            return {"compression": GUIKV(budget=budget)}
-        if method == "PrefixKV":
-            chat = [
-                [{"role": "user", "content": [{"type": "image", "image": shots[0]}, {"type": "text", "text": "Go."}]}]
-            ]
-            return {"compression": PrefixKV(calibrate(self.model, self.processor, chat, budget=budget))}
-        if method == "SnapKV":
-            return {"compression": SnapKV(window=8), "budget": budget}
-        if method == "StreamingLLM":
-            return {"compression": StreamingLLM(), "budget": budget}
-        raise gr.Error(f"unknown method {method!r}: expected one of {self.METHODS}")
+        calibration = [
+            [{"role": "user", "content": [{"type": "image", "image": shots[0]}, {"type": "text", "text": "Go."}]}]
+        ]
+        try:
+            return session_compression(method, budget, self.model, self.processor, calibration)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
 
     def run(self, files, synthetic: int, method: str, budget: float, max_screenshots: int):
         if not 0 < budget <= 1:
@@ -301,7 +294,7 @@ def vlm_tab(demo: VLMDemo) -> None:
         files = gr.File(label="Screenshots (up to 8; none = synthetic)", file_count="multiple", file_types=["image"])
         with gr.Column():
             synthetic = gr.Slider(2, MAX_SCREENSHOTS, value=4, step=1, label="synthetic screenshots")
-            method = gr.Dropdown(list(VLMDemo.METHODS), value="GUI-KV", label="method")
+            method = gr.Dropdown(list(METHODS), value="GUI-KV", label="method")
             budget = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="budget (fraction kept)")
             max_shots = gr.Slider(1, MAX_SCREENSHOTS, value=MAX_SCREENSHOTS, step=1, label="max screenshots in context")
             go = gr.Button("Compress", variant="primary")

@@ -36,13 +36,12 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-from dlmcache import DLMPipeline, LLaDAConfig, LLaDAModelLM, LowConfidenceScheduler
+from dlmcache import DLMPipeline, LowConfidenceScheduler
 from dlmcache.guidance import ARGuide
 from dlmcache.models.layers import LINEAR_BACKENDS
 from dlmcache.run_config import RunConfig, split_configs
+from dlmcache.testing import llada_135m, random_guide, synthetic_tokenizer
 
 DEFAULT_MODES = [
     "none",
@@ -58,56 +57,9 @@ DEFAULT_MODES = [
 ]
 
 
-def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over "t0".."tN" so random ids decode offline."""
-    specials = ["<|endoftext|>", "<|pad|>", "<|mdm_mask|>"]
-    vocab = {s: i for i, s in enumerate(specials)}
-    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", mask_token="<|mdm_mask|>"
-    )
-
-
-def random_llada(vocab_size: int, dtype: torch.dtype, device: str) -> DLMPipeline:
-    torch.manual_seed(0)
-    config = LLaDAConfig(
-        d_model=768,
-        n_layers=12,
-        n_heads=12,
-        mlp_hidden_size=2048,
-        vocab_size=vocab_size,
-        embedding_size=vocab_size,
-        max_sequence_length=4096,
-        rope_theta=500000.0,
-        mask_token_id=2,
-        eos_token_id=0,
-        pad_token_id=1,
-    )
-    model = LLaDAModelLM(config).to(dtype=dtype, device=device).eval()
+def random_pipeline(vocab_size: int, dtype: torch.dtype, device: str) -> DLMPipeline:
+    model = llada_135m(vocab_size, dtype, device)
     return DLMPipeline(model=model, tokenizer=synthetic_tokenizer(vocab_size), scheduler=LowConfidenceScheduler())
-
-
-def random_guide(tokenizer, dtype: torch.dtype, device: str):
-    """A random-weight Llama causal LM over the synthetic vocabulary (see the module docstring)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
 
 
 class GuideLoader:
@@ -135,7 +87,7 @@ class GuideLoader:
 def build(args) -> tuple[DLMPipeline, torch.Tensor]:
     dtype = getattr(torch, args.dtype)
     if args.model == "random-135m":
-        pipe = random_llada(32768, dtype, args.device)
+        pipe = random_pipeline(32768, dtype, args.device)
     else:
         pipe = DLMPipeline.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -152,8 +104,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_mode(pipe, ids, mode: str, args, default_scheduler, load_guide):
-    RunConfig.parse(mode).apply(pipe, default_scheduler, load_guide=load_guide)
+def run_mode(pipe, ids, mode: str, args, load_guide):
+    RunConfig.parse(mode).apply(pipe, load_guide=load_guide)
     sync(args.device)
     t0 = time.perf_counter()
     out = pipe(ids, max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps)
@@ -235,7 +187,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     modes = split_configs(args.modes)
     pipe, ids = build(args)
-    default_scheduler = pipe.scheduler
     load_guide = GuideLoader(pipe, args)
 
     # Correctness first: FreeCache refreshing every step must be the no-cache reference, bit for bit.
@@ -254,7 +205,7 @@ def main() -> None:
         # The floor `none` must not exceed, timed within every repeat so load drift hits it alike.
         plain_times.append(plain_forward_seconds(pipe, ids, args))
         for mode in modes:
-            seconds, out = run_mode(pipe, ids, mode, args, default_scheduler, load_guide)
+            seconds, out = run_mode(pipe, ids, mode, args, load_guide)
             times[mode].append(seconds)
             outputs[mode] = out
             print(f"repeat {r} {mode:45s} {seconds:8.2f} s  nfe {out.nfe}", flush=True)

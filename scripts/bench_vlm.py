@@ -24,8 +24,8 @@ import statistics
 from pathlib import Path
 
 import torch
-from dlmcache.kernels.policies import SnapKV, StreamingLLM
-from dlmcache.vlm import GUIKV, GUIAgentSession, PrefixKV, calibrate
+from dlmcache.vlm import GUIAgentSession
+from dlmcache.vlm.methods import METHODS, session_compression
 from dlmcache.vlm.synthetic import instruction, screenshot
 
 
@@ -56,13 +56,8 @@ def configs(args, model, processor) -> list[tuple[str, float, dict]]:
         for t in range(args.calibration)
     ]
     for b in args.budgets:
-        profile = calibrate(model, processor, calib, budget=b)
-        out += [
-            (f"GUI-KV {b:.0%}", b, {"compression": GUIKV(budget=b)}),
-            (f"PrefixKV {b:.0%}", b, {"compression": PrefixKV(profile)}),
-            (f"SnapKV {b:.0%}", b, {"compression": SnapKV(window=8), "budget": b}),
-            (f"StreamingLLM {b:.0%}", b, {"compression": StreamingLLM(), "budget": b}),
-        ]
+        for method in METHODS:
+            out.append((f"{method} {b:.0%}", b, session_compression(method, b, model, processor, calib)))
     return out
 
 
@@ -176,7 +171,7 @@ def plot(results: dict, path: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("GUI-KV", "PrefixKV", "SnapKV", "StreamingLLM"):
+    for method in METHODS:
         pts = sorted((r["kv_ratio"], r["top1_agreement"]) for n, r in results.items() if n.startswith(method))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     ax.axhline(results["full, reused"]["top1_agreement"], color="gray", ls="--", label="full cache")

@@ -53,7 +53,7 @@ class Generators:
 
     def __init__(self, args, device):
         self.args, self.device, self.dtype = args, device, getattr(torch, args.dtype)
-        self.pipe = self.default_scheduler = None
+        self.pipe = None
         self.guides = {}
 
     def __call__(self, config: str):
@@ -62,8 +62,7 @@ class Generators:
         if self.pipe is None:
             self.pipe = DLMPipeline.from_pretrained(self.args.model, torch_dtype=self.dtype, device=self.device)
             self.pipe.set_progress_bar_config(disable=True)
-            self.default_scheduler = self.pipe.scheduler
-        RunConfig.parse(config).apply(self.pipe, self.default_scheduler, load_guide=self.guide)
+        RunConfig.parse(config).apply(self.pipe, load_guide=self.guide)
         return DLMGenerator(self.pipe, block_length=self.args.block_length)
 
     def guide(self, name: str, options: dict):

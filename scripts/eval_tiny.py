@@ -18,6 +18,7 @@ import torch
 from offline_models import load_guide
 
 from dlmcache import DLMPipeline, tinytask
+from dlmcache.evals.harness import DLMGenerator
 from dlmcache.run_config import RunConfig, split_configs
 
 
@@ -37,9 +38,7 @@ def main() -> None:
 
     pipe = DLMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    default_scheduler = pipe.scheduler
     problems = tinytask.test_problems(args.n)
-    gen = dict(max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps)
     results, guides = {}, {}
 
     def cached_guide(name, options):
@@ -50,8 +49,9 @@ def main() -> None:
 
     for text in split_configs(args.configs):
         cfg = RunConfig.parse(text)
-        cfg.apply(pipe, default_scheduler, load_guide=cached_guide)
-        results[text] = tinytask.evaluate(pipe, problems, batch_size=args.batch_size, **gen)
+        cfg.apply(pipe, load_guide=cached_guide)
+        generate = DLMGenerator(pipe, block_length=args.block_length, steps=args.steps)
+        results[text] = tinytask.evaluate(generate, problems, args.batch_size, args.max_new_tokens)
         r = results[text]
         print(
             f"{text:40s} acc {r['accuracy']:.3f}  tok/s {r['tokens_per_second']:8.1f}  "

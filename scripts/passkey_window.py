@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from dlmcache.kernels import evaluation  # noqa: E402
 from dlmcache.kernels.cache import CompressedCache  # noqa: E402
 from dlmcache.kernels.policies import TOVA, KNorm, SnapKV  # noqa: E402
 from offline_models import load_smollm2  # noqa: E402
@@ -24,13 +25,8 @@ from offline_models import load_smollm2  # noqa: E402
 def main() -> None:
     torch.set_num_threads(1)
     model, tok = load_smollm2()
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    key = "68142"
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    n_fill = 1200 // len(tok(filler)["input_ids"])
-    parts = [filler] * n_fill
-    parts.insert(n_fill // 2, needle)
-    ids = tok("".join(parts) + "What is the pass key? The pass key is", return_tensors="pt")["input_ids"]
+    key = evaluation.PASSKEY
+    ids = evaluation.passkey_prompt(tok, depth=0.5, length=1200)
     toks = tok.convert_ids_to_tokens(ids[0])
     digits = [i for i, t in enumerate(toks) if t.strip("\u0120").isdigit()]
     span = range(digits[0] - 5, digits[-1] + 1)  # "The pass key is 68142. Remember it. 68142"

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_dlm import random_llada
 
 from dlmcache.cache import KVBuffer
+from dlmcache.testing import llada_135m
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = random_llada(32768, dtype, "cpu").model
+    model = llada_135m(32768, dtype, "cpu")
     embed, layers, _, head = model._stack()
     linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
     n_params = sum(m.weight.numel() for m in linears)

@@ -9,74 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from dlmcache import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
-
-
-def tiny_llama(seed: int = 0, **overrides):
-    """A random 3-layer GQA Llama (transformers) for the KV-policy tests; no EOS, so generate runs to
-    max_new_tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = dict(
-        vocab_size=200,
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=0,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(LlamaConfig(**(config | overrides))).eval()
-
-
-def tiny_llada(tokenizer, seed: int = 0, dtype=torch.float32, **overrides) -> LLaDAModelLM:
-    kw = dict(
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=4,
-        mlp_hidden_size=96,
-        vocab_size=len(tokenizer),
-        embedding_size=len(tokenizer),
-        rope_theta=10000.0,
-        mask_token_id=tokenizer.mask_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_sequence_length=512,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return LLaDAModelLM(LLaDAConfig(**kw)).to(dtype).eval()
-
-
-def tiny_dream(tokenizer, seed: int = 0, dtype=torch.float32, **overrides) -> DreamModel:
-    kw = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=10000.0,
-        max_position_embeddings=512,
-        mask_token_id=tokenizer.mask_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = DreamModel(DreamConfig(**kw)).to(dtype).eval()
-    with torch.no_grad():  # random biases so the QKV-bias path is exercised
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.1)
-    return model
-
+from dlmcache.testing import tiny_dream, tiny_llada, tiny_llama  # noqa: F401 (the tests' models)
 
 # config.json as the hub repos write it (extra fields included), for checkpoints written by hand.
 LLADA_HUB_FIELDS = {

@@ -12,13 +12,16 @@ SCHEDULERS = {
     "low_confidence": lambda: LowConfidenceScheduler(),
     "low_confidence_t": lambda: LowConfidenceScheduler(temperature=0.8),
     "random": lambda: LowConfidenceScheduler(remasking="random"),
-    "cfg": lambda: LowConfidenceScheduler(cfg_scale=1.0),
+    "cfg": lambda: LowConfidenceScheduler(),  # with the pipeline's cfg_scale (CALL_OPTIONS)
     "maskgit_plus": lambda: DreamScheduler(alg="maskgit_plus"),
     "entropy_t": lambda: DreamScheduler(alg="entropy", temperature=0.5, top_p=0.9),
     "topk_margin": lambda: DreamScheduler(alg="topk_margin"),
     "origin": lambda: DreamScheduler(alg="origin"),
     "threshold": lambda: ThresholdScheduler(threshold=0.1),
 }
+
+
+CALL_OPTIONS = {"cfg": {"cfg_scale": 1.0}}
 
 
 def make_pipe(tokenizer, arch, scheduler):
@@ -38,10 +41,11 @@ def run(pipe, cache, prompts=PROMPTS, seed=0, **kw):
 @pytest.mark.parametrize("sched", list(SCHEDULERS))
 def test_freecache_refresh_every_step_is_bit_identical_to_none(arch, sched, tiny_tokenizer):
     pipe = make_pipe(tiny_tokenizer, arch, SCHEDULERS[sched]())
-    ref = run(pipe, "none")
-    got = run(pipe, FreeCache(refresh_every=1))
+    options = CALL_OPTIONS.get(sched, {})
+    ref = run(pipe, "none", **options)
+    got = run(pipe, FreeCache(refresh_every=1), **options)
     assert torch.equal(got.sequences, ref.sequences)
-    token = run(pipe, FreeCache(refresh_every=1, freeze="token"))
+    token = run(pipe, FreeCache(refresh_every=1, freeze="token"), **options)
     assert torch.equal(token.sequences, ref.sequences)
     assert got.nfe == ref.nfe and torch.equal(got.commit_step, ref.commit_step)
     assert got.stats["full_forwards"] == got.nfe

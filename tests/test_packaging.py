@@ -79,6 +79,8 @@ def test_layers_import_only_what_they_may():
             allowed = ("dlmcache.kernels", "dlmcache.vlm", "dlmcache.locations")
             assert all(d.startswith(allowed) for d in deps), (name, deps)
         assert not any(d.startswith("tests") for d in deps), (name, deps)
+        # the tiny random models are for tests, scripts and demos: the package itself never uses them
+        assert name.endswith(".tiny") or not any(d.endswith(".tiny") for d in deps), (name, deps)
 
 
 def test_no_import_cycles():

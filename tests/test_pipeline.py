@@ -60,7 +60,7 @@ def test_greedy_decoding_is_llada_reference(tiny_tokenizer):
 
 
 def test_cfg_matches_formula(tiny_tokenizer):
-    pipe = make_pipe(tiny_tokenizer, scheduler=LowConfidenceScheduler(cfg_scale=2.0))
+    pipe = make_pipe(tiny_tokenizer, scheduler=LowConfidenceScheduler())
     prompt = pipe.encode_prompts(PROMPTS[0])[0]
     mask_id = tiny_tokenizer.mask_token_id
     x = torch.tensor([prompt + [mask_id] * 4])
@@ -70,7 +70,7 @@ def test_cfg_matches_formula(tiny_tokenizer):
     guided = uncond + 3.0 * (cond - uncond)
     block = guided[0, len(prompt) :]
     first = block.softmax(-1).max(-1).values.argmax()
-    out = pipe(PROMPTS[0], max_new_tokens=4, block_length=4, steps=4)
+    out = pipe(PROMPTS[0], max_new_tokens=4, block_length=4, steps=4, cfg_scale=2.0)
     assert out.commit_step[0, first] == 0
     assert out.sequences[0, first] == block[first].argmax()
 
@@ -145,7 +145,6 @@ def test_invalid_prompts(tiny_tokenizer):
     "make, match",
     [
         (lambda: LowConfidenceScheduler(temperature=float("nan")), "temperature=nan"),
-        (lambda: LowConfidenceScheduler(cfg_scale=float("inf")), "cfg_scale=inf"),
         (lambda: DreamScheduler(temperature=float("nan")), "temperature=nan"),
         (lambda: DreamScheduler(alg_temp=float("inf")), "alg_temp=inf"),
         (lambda: DreamScheduler(top_k=2.5), "top_k=2.5"),
@@ -155,6 +154,28 @@ def test_invalid_prompts(tiny_tokenizer):
 def test_non_finite_sampling_settings_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_cfg_scale_is_checked(tiny_tokenizer):
+    with pytest.raises(ValueError, match="cfg_scale=inf"):
+        make_pipe(tiny_tokenizer)(PROMPTS[0], max_new_tokens=4, block_length=4, cfg_scale=float("inf"))
+
+
+def test_a_guide_wraps_the_scheduler_and_removing_it_restores_it(tiny_tokenizer):
+    from dlmcache.schedulers import GuidedScheduler
+
+    pipe = make_pipe(tiny_tokenizer, scheduler=ThresholdScheduler(threshold=0.5))
+    own = pipe.scheduler
+    pipe.set_guide("dlmcache/tiny-guide")
+    assert isinstance(pipe.scheduler, GuidedScheduler) and pipe.scheduler.base is own
+    pipe.set_scheduler("low_confidence")  # the guide stays, over the new rule
+    assert isinstance(pipe.scheduler, GuidedScheduler) and isinstance(pipe.scheduler.base, LowConfidenceScheduler)
+    pipe.set_guide(None)
+    assert isinstance(pipe.scheduler, LowConfidenceScheduler)
+    pipe.set_scheduler(None)
+    assert pipe.scheduler is own
+    with pytest.raises(ValueError, match="scheduler='greedy'"):
+        pipe.set_scheduler("greedy")
 
 
 def test_scheduler_by_name(tiny_tokenizer, tmp_path):

@@ -226,7 +226,6 @@ def test_dream_defaults_follow_the_checkpoint_generation_config():
     [
         (LowConfidenceScheduler, {"remasking": "lowest"}),
         (LowConfidenceScheduler, {"temperature": -1.0}),
-        (LowConfidenceScheduler, {"cfg_scale": -0.5}),
         (DreamScheduler, {"alg": "greedy"}),
         (DreamScheduler, {"eps": 0.0}),
         (DreamScheduler, {"top_p": 1.5}),
@@ -251,7 +250,7 @@ def test_step_validates_shapes():
 @pytest.mark.parametrize(
     "sched",
     [
-        LowConfidenceScheduler(remasking="random", temperature=0.3, cfg_scale=1.5),
+        LowConfidenceScheduler(remasking="random", temperature=0.3),
         DreamScheduler(alg="topk_margin", eps=0.01, temperature=0.2, top_p=0.95, top_k=50, alg_temp=0.1),
         ThresholdScheduler(threshold=0.75),
     ],

@@ -7,6 +7,14 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import Qwen2VLProcessor
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without the video processor slot (which needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
 def load_vlm(path: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
@@ -15,8 +23,6 @@ def load_vlm(path: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
     without one), so when it does not give an image processor this builds the image-only processor
     from the checkpoint's tokenizer, image-processor config and chat template."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Qwen2VLImageProcessorPil
-
-    from .tiny import ImageOnlyQwen2VLProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
     try:

@@ -35,12 +35,14 @@ class Generation:
 
 
 class ARGenerator:
-    """Greedy decoding of any transformers causal LM with `generate` (the autoregressive baseline)."""
+    """Greedy decoding of any transformers causal LM with `generate` (the autoregressive baseline).
+    `cache`: a factory of the KV cache each batch decodes with (e.g. a `CompressedCache`; default:
+    transformers' own)."""
 
     kind = "ar"
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, cache=None):
+        self.model, self.tokenizer, self.cache = model, tokenizer, cache
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -50,11 +52,9 @@ class ARGenerator:
         tok = self.tokenizer
         texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        cache = {} if self.cache is None else {"past_key_values": self.cache()}
         out = self.model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, **cache
         )
         new = out[:, enc["input_ids"].shape[1] :]
         stops = {tok.eos_token_id, tok.pad_token_id} | set(
@@ -76,14 +76,14 @@ class DLMGenerator:
 
     kind = "dlm"
 
-    def __init__(self, pipe, block_length: int = 32):
-        self.pipe, self.block_length = pipe, block_length
+    def __init__(self, pipe, block_length: int = 32, steps: int | None = None):
+        self.pipe, self.block_length, self.steps = pipe, block_length, steps
 
     def __call__(self, chats: list[list[dict]], max_new_tokens: int) -> list[Generation]:
-        # One token per step (the pipeline's default schedule); schedulers such as the threshold
-        # rule or a guide commit more where they can.
+        # One token per step unless `steps` says otherwise; schedulers such as the threshold rule or
+        # a guide commit more where they can.
         block = min(self.block_length, max_new_tokens)
-        out = self.pipe(chats, max_new_tokens=max_new_tokens, block_length=block)
+        out = self.pipe(chats, max_new_tokens=max_new_tokens, block_length=block, steps=self.steps)
         eos = self.pipe.tokenizer.eos_token_id
         gens = []
         for text, row in zip(out.texts, out.sequences.tolist(), strict=True):

@@ -196,6 +196,13 @@ class Tiny(Task):
     def sample(self, index, row):
         return Sample(f"tiny/{index}", _user(row["question"]), str(row["answer"]))
 
+    def prediction(self, sample, completion):
+        """The number after "The answer is" (`tinytask`'s rule; the metric compares it)."""
+        from dlmcache import tinytask
+
+        answer = tinytask.extract_answer(completion)
+        return "" if answer is None else str(answer)
+
 
 TASKS: dict[str, Task] = {t.name: t for t in (GSM8K(), MATH500(), HumanEval(), MBPP(), Tiny())}
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from dlmcache.kernels.ops.backend import BACKENDS
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32 (at least), scaled by a learned weight."""
@@ -68,15 +70,12 @@ class KVStore(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "kernels")
-
-
 @dataclass
 class AttentionInputs:
     """What every layer's attention needs besides its own projections: RoPE tables [B, 1, n, D],
     the key mask of the fed tokens [B, n] (used without a cache), the cache, and the backend:
-    "sdpa" (torch), "kernels" (`kernels.ops.attention`: Triton on CUDA) or "auto" (kernels on CUDA,
-    SDPA elsewhere)."""
+    the ops' vocabulary (`dlmcache.kernels.ops.backend.BACKENDS`): "torch" (torch SDPA), "triton"
+    (`dlmcache.kernels.ops.attention`'s Triton kernel) or "auto" (Triton on CUDA, SDPA elsewhere)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -94,7 +93,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, in
         k, v, key_mask = inputs.cache.update(layer_idx, k, v)
     else:
         key_mask = inputs.key_mask
-    if inputs.backend == "kernels" or (inputs.backend == "auto" and q.is_cuda):
+    if inputs.backend == "triton" or (inputs.backend == "auto" and q.is_cuda):
         from dlmcache.kernels.ops import attention
 
         return attention(q, k, v, key_mask=key_mask, backend="triton")
@@ -211,9 +210,10 @@ class DLMModelMixin:
         return super().from_pretrained(directory, *args, **kwargs)
 
     def set_attention_backend(self, backend: str) -> None:
-        """ "auto" (Triton kernels on CUDA, torch SDPA elsewhere), "sdpa" or "kernels"."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend {backend!r}: expected one of {ATTENTION_BACKENDS}")
+        """ "auto" (the Triton kernel on CUDA, torch SDPA elsewhere), "torch" (SDPA) or "triton" (the
+        kernel; under TRITON_INTERPRET=1 on CPU too)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
         self.attention_backend = backend
 
     def set_linear_backend(self, backend: str) -> None:

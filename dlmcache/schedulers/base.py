@@ -44,14 +44,20 @@ class DLMSchedulerOutput(BaseOutput):
 
 
 class DLMScheduler(SchedulerMixin, ConfigMixin):
-    """Base class: subclasses implement `_select(logits, mask_index, step_index, num_steps, generator,
-    context)` returning (x0, confidence, transfer_index), and may override `begin` (called once per
-    generation before the first step)."""
+    """What a scheduler is to the pipeline (the whole contract; the pipeline reads nothing else):
+
+    - `_select(logits, mask_index, step_index, num_steps, generator, context)` -> (x0, confidence,
+      transfer_index): the rule, implemented by each subclass; `step` wraps it.
+    - `begin(prompts, requests, x, prompt_len)`: called once per generation, on the pipeline call's
+      own copy of the scheduler, before the first step; per-generation state goes there.
+    - `stats`: per-generation counters merged into the output's stats (empty by default).
+    - `stops_at_eos`: the rule commits text left to right, so once a row's text up to an EOS is
+      committed the pipeline fills the rest of the row with EOS (the default of its `stop_at_eos`).
+    """
 
     config_name = "scheduler_config.json"
     order = 1
-    #: True when the rule may finish a block before its last step (the pipeline then stops early).
-    may_finish_early = False
+    stops_at_eos: bool = False
 
     def step(
         self,
@@ -92,6 +98,11 @@ class DLMScheduler(SchedulerMixin, ConfigMixin):
     def begin(self, prompts: list[list[int]], chats: list, x: torch.LongTensor, prompt_len: int) -> None:
         """Start of a generation: the prompts (DLM ids and the chats / texts they came from) and the
         canvas. Stateless rules need nothing."""
+
+    @property
+    def stats(self) -> dict:
+        """Counters of the current generation (e.g. drafts accepted by a guide)."""
+        return {}
 
 
 def check_number(name: str, value, low: float = 0.0, allow_none: bool = False) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import register_to_config
 
+from ..batching import left_pad
 from .base import (
     DLMScheduler,
     SchedulerMixin,  # noqa: F401  (diffusers finds the loadable base class by name in this module)
@@ -22,10 +23,10 @@ class GuidedScheduler(DLMScheduler):
     each step commits at least one token per row. Decoding therefore runs left to right, many tokens
     per forward when the guide agrees with the drafts.
 
-    The guide is a runtime object (`set_guide`), not part of the saved configuration.
+    The guide is a runtime object (`set_guide`), not part of the saved configuration, and so is
+    `base`: the scheduler this one wraps, which `DLMPipeline.set_guide(None)` puts back.
     """
 
-    may_finish_early = True
     stops_at_eos = True
 
     @register_to_config
@@ -33,10 +34,13 @@ class GuidedScheduler(DLMScheduler):
         if max_chunks_per_step is not None and max_chunks_per_step < 1:
             raise ValueError(f"max_chunks_per_step={max_chunks_per_step} must be None or >= 1")
         self.guide = None
+        self.base: DLMScheduler | None = None
         self.session = None  # the guide's state for the current generation (set by `begin`)
 
-    def set_guide(self, guide, dlm_tokenizer, dlm_vocab_size: int) -> None:
-        self.guide = guide
+    def set_guide(self, guide, dlm_tokenizer, dlm_vocab_size: int, base: DLMScheduler | None = None) -> None:
+        """Verify drafts with `guide` (an `ARGuide`, mapped to the DLM's vocabulary here), wrapping
+        `base`, the scheduler that decodes when the guide is removed."""
+        self.guide, self.base = guide, base
         guide.attach(dlm_tokenizer, dlm_vocab_size)
 
     def begin(self, prompts, chats, x, prompt_len):
@@ -54,14 +58,8 @@ class GuidedScheduler(DLMScheduler):
                 else:
                     out = guide.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
                     rows.append(list(out["input_ids"] if not isinstance(out, list) else out))
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = True
         pad = guide.tokenizer.pad_token_id if guide.tokenizer.pad_token_id is not None else guide.vocab_map.fallback_id
-        self.session = guide.begin(ids.masked_fill(~mask, pad), mask)
+        self.session = guide.begin(*left_pad(rows, pad))
         self.cursor = torch.full((x.shape[0],), prompt_len, dtype=torch.long, device=x.device)
         self.accepted_drafts = 0
 

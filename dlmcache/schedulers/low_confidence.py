@@ -21,17 +21,15 @@ class LowConfidenceScheduler(DLMScheduler):
 
     Tokens are the argmax of Gumbel-perturbed logits, written as in LLaDA in float64:
     exp(logits) / (-log u)^temperature (plain argmax at temperature 0). Confidence is the softmax
-    probability of the chosen token, also in float64 as LLaDA computes it. `cfg_scale > 0` asks the
-    pipeline for classifier-free guidance: an extra forward with the prompt masked, combined as
-    uncond + (cfg_scale + 1) * (cond - uncond).
+    probability of the chosen token, also in float64 as LLaDA computes it. (LLaDA's classifier-free
+    guidance is the pipeline's `cfg_scale`, available with every scheduler.)
     """
 
     @register_to_config
-    def __init__(self, remasking: str = "low_confidence", temperature: float = 0.0, cfg_scale: float = 0.0):
+    def __init__(self, remasking: str = "low_confidence", temperature: float = 0.0):
         if remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking={remasking!r}: expected 'low_confidence' or 'random'")
         check_number("temperature", temperature)
-        check_number("cfg_scale", cfg_scale)
 
     def _select(self, logits, mask_index, step_index, num_steps, generator, context):
         cfg = self.config
@@ -46,7 +44,3 @@ class LowConfidenceScheduler(DLMScheduler):
             confidence = torch.rand(mask_index.shape, device=logits.device, generator=generator)
         confidence = confidence.masked_fill(~mask_index, float("-inf"))
         return x0, confidence, select_topk(confidence, transfer_quota(mask_index, step_index, num_steps))
-
-    def guide(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guidance as LLaDA writes it."""
-        return uncond + (self.config.cfg_scale + 1) * (cond - uncond)

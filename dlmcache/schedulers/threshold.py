@@ -21,8 +21,6 @@ class ThresholdScheduler(DLMScheduler):
     exactly Fast-dLLM's rule; fewer steps bound the number of forwards per block.
     """
 
-    may_finish_early = True
-
     @register_to_config
     def __init__(self, threshold: float = 0.9):
         if not 0 <= threshold <= 1:

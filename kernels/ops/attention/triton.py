@@ -10,12 +10,12 @@ when B * H_kv is small. Softmax runs online in float32 with exp2.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..backend import interpreting
 from .reference import check_attention_inputs
 
 LOG2E = 1.4426950408889634
@@ -219,10 +219,6 @@ def _reduce_splits(
     tl.store(p_o, out.to(OUT.dtype.element_ty), mask=m_d)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def default_num_splits(rows_programs: int, lk: int, device: torch.device) -> int:
     """Enough programs to fill the GPU (2 per SM) without splits shorter than 256 keys."""
     if device.type != "cuda":
@@ -322,7 +318,7 @@ def attention(
         HAS_MASK=key_mask is not None,
         CAUSAL=causal,
         NUM_SPLITS=num_splits,
-        DOT_FP32=_interpreting() or q.dtype == torch.float32,
+        DOT_FP32=interpreting() or q.dtype == torch.float32,
     )
     if num_splits > 1:
         reduce_splits(out, o_part, ml_part, num_splits)

@@ -11,13 +11,13 @@ import triton.language as tl
 
 from ..attention.triton import (
     LOG2E,
-    _interpreting,
     _online_softmax_tile,
     _store_rows,
     launch_config,
     reduce_splits,
     split_workspace,
 )
+from ..backend import interpreting
 from ..quantize.reference import QuantizedTensor
 from ..quantize.triton import dequantize_tile
 from .reference import check_quantized_inputs
@@ -214,7 +214,7 @@ def quantized_attention(
         HAS_KV_LEN=kv_len is not None,
         CAUSAL=causal,
         NUM_SPLITS=num_splits,
-        DOT_FP32=_interpreting() or q.dtype == torch.float32,
+        DOT_FP32=interpreting() or q.dtype == torch.float32,
     )
     if num_splits > 1:
         reduce_splits(out, o_part, ml_part, num_splits)

@@ -1,0 +1,18 @@
+"""Batches of token sequences of different lengths."""
+
+from __future__ import annotations
+
+import torch
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """Right-align `rows` in a [B, max length] tensor filled with `pad_id` on the left; returns the ids
+    and the mask of real tokens [B, L] (False on the padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = True
+    return ids, mask
