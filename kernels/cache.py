@@ -31,9 +31,8 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
-from .policies.base import EvictionPolicy, ScoreInputs
-from .policies.budget import BudgetAllocator, Uniform
-from .policies.quant import QuantizationPolicy
+from .policies.base import BudgetAllocator, EvictionPolicy, QuantizationPolicy, ScoreInputs
+from .policies.budget import Uniform
 
 _ACTIVE: contextvars.ContextVar[CompressedCache | None] = contextvars.ContextVar("dlmcache_active_cache", default=None)
 # model -> [its own attention implementation, number of caches attached to it]
@@ -240,7 +239,7 @@ class CompressedCache(Cache):
         self._detach: Callable[[], None] | None = None
         self.allocator.validate(budget)
         reads = (policy.needs if policy else frozenset()) | (quantizer.needs if quantizer else frozenset())
-        recall = bool(getattr(policy, "is_recall", False))  # recall policies select inside attention
+        recall = policy is not None and policy.is_recall  # recall policies select inside attention
         self.needs_model = capture_queries or recall or bool(reads & {"queries", "all_queries", "hidden"})
         if compress_every is not None:
             self._check_compress_every(recall, reads)
@@ -256,7 +255,7 @@ class CompressedCache(Cache):
         elif reads - {"queries"}:
             missing = sorted(reads - {"queries"})
             why = f"{type(self.policy).__name__} reads {missing}, which decoding steps do not provide"
-        elif getattr(self.allocator, "cascading", False):
+        elif self.allocator.cascading:
             why = f"{type(self.allocator).__name__} cascades budgets over the prefill's layers only"
         elif self.quantizer is not None:
             why = "the quantizer stores new tokens itself; re-compressing would quantize them twice"
@@ -385,7 +384,7 @@ class CompressedCache(Cache):
             )
             layer.store = self.quantizer.store(keys, values, inputs)
             layer.keys = layer.values = None
-            if getattr(self.quantizer, "cross_layer", False):
+            if self.quantizer.cross_layer:
                 self._merge_with_previous(layer)
 
     def _merge_with_previous(self, layer: CompressedLayer) -> None:
@@ -411,14 +410,14 @@ class CompressedCache(Cache):
             budget=self.layer_budget(layer),
             scale=scale,
         )
-        if getattr(self.policy, "is_recall", False):
+        if self.policy.is_recall:
             layer.recall_state = self.policy.build(inputs)
             layer.recall_keep, layer.prompt_length = self.layer_budget(layer), keys.shape[2]
             return
         if not bool(layer.valid.all()) and not self.needs_model and self._detach is None:
             raise ValueError("a padded batch needs the model attached: CompressedCache(..., model=model)")
         keep = self.layer_budget(layer)
-        if getattr(self.allocator, "cascading", False):
+        if self.allocator.cascading:
             # Cascading budgets (CAKE): share the budget of the layers seen so far by preference and
             # re-trim the earlier ones, which kept their token scores for this.
             self.allocator.observe(inputs)

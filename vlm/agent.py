@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from dlmcache.kernels.cache import CompressedCache
-from dlmcache.kernels.policies.base import EvictionPolicy
-from dlmcache.kernels.policies.budget import BudgetAllocator
+from dlmcache.kernels.policies.base import BudgetAllocator, EvictionPolicy
 
 
 @dataclass

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 from dlmcache.kernels.cache import CompressedCache
-from dlmcache.kernels.policies.base import EvictionPolicy, ScoreInputs, check_positive, resolve_budget
-from dlmcache.kernels.policies.budget import BudgetAllocator
+from dlmcache.kernels.policies.base import BudgetAllocator, EvictionPolicy, ScoreInputs, check_positive, resolve_budget
 
 
 def layer_importance(inputs: ScoreInputs) -> torch.Tensor:

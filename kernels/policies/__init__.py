@@ -1,15 +1,14 @@
 """KV compression policies: eviction scorers, budget allocators, quantizers, and a registry of all."""
 
-from .base import EvictionPolicy, ScoreInputs, resolve_budget
-from .budget import BudgetAllocator, Pyramid, Uniform
-from .cake import CAKEBudget, CAKEScore
-from .eviction import H2O, TOVA, KNorm, RandomEviction, SnapKV, StreamingLLM
+from .base import BudgetAllocator, EvictionPolicy, QuantizationPolicy, ScoreInputs, resolve_budget
+from .budget import CAKEBudget, D2OBudget, Pyramid, Uniform
+from .eviction import H2O, TOVA, CAKEScore, KNorm, RandomEviction, SnapKV, StreamingLLM
 from .heads import AdaKV, DuoAttention, HeadKV, ragged_topk
 from .merge import D2O, EMS, KVCrush, merge_into_nearest
-from .quant import KIVI, QuantizationPolicy
+from .patterns import FastGen, LaCache
+from .quant import GEAR, KIVI, MiKV
 from .recall import RECALL, ClusterKV, EpiCache, RecallPolicy, RetrievalAttention, SentenceKV
-from .storage import GEAR, MiKV, ThinK
-from .structured import D2OBudget, FastGen, LaCache, MiniCache
+from .storage import MiniCache, ThinK
 
 EVICTION = (
     StreamingLLM, KNorm, RandomEviction, SnapKV, H2O, TOVA, CAKEScore, D2O, EMS, KVCrush, LaCache, AdaKV, HeadKV,

@@ -1,9 +1,14 @@
-"""The policy API shared by autoregressive LMs, the DLM caches and the VLM module.
+"""The policy API shared by autoregressive LMs, the DLM caches and the VLM module: three base classes,
+each declaring the hooks a cache may call on it (so a cache never probes a policy with getattr).
 
-An eviction policy scores every cached token of one layer ([B, H_kv, L], higher = keep) from whatever
-it needs; the base class turns scores into kept indices once (top-k per row and head, padding never
-kept, the observation window always kept). Budget allocators split a total budget over layers;
-quantization policies decide how the kept tokens are stored.
+- `EvictionPolicy`: scores every cached token of one layer ([B, H_kv, L], higher = keep) from whatever
+  it `needs`; the base class turns scores into kept indices once (top-k per row and head, padding
+  never kept, the observation window always kept). `is_recall` policies keep everything and choose
+  what each query attends to instead (`recall.RecallPolicy`).
+- `BudgetAllocator`: how a total budget splits over layers; `cascading` ones share it over the layers
+  the prefill has reached (`observe`, `cascade_budgets`), re-trimming earlier layers.
+- `QuantizationPolicy`: how kept tokens are stored (`store`); `cross_layer` ones let adjacent layers
+  share one store (`merge_pair`).
 """
 
 from __future__ import annotations
@@ -109,6 +114,8 @@ class EvictionPolicy:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: The last `window` tokens are always kept (SnapKV's observation window); 0 = none.
     window: int = 0
+    #: Keeps every token and selects what each decoding query attends to (`recall.RecallPolicy`).
+    is_recall: ClassVar[bool] = False
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """[B, H_kv, L] importance of every cached token (higher = keep)."""
@@ -147,6 +154,50 @@ class EvictionPolicy:
         policies keep `keep` per head."""
         index = self.select(inputs, keep)
         return index, torch.ones_like(index, dtype=torch.bool)
+
+
+class BudgetAllocator:
+    """Maps (budget, tokens seen, layer) to the tokens that layer keeps."""
+
+    name: ClassVar[str] = "base"
+    #: Budgets are shared over the layers compressed so far (the cache calls `observe` on each layer,
+    #: then `cascade_budgets`, and re-trims earlier layers to their new budgets).
+    cascading: ClassVar[bool] = False
+
+    def validate(self, budget) -> None:
+        resolve_budget(budget, 1 << 30)
+
+    def layer_budget(self, budget, length: int, layer_idx: int, num_layers: int) -> int:
+        raise NotImplementedError
+
+    def observe(self, inputs: ScoreInputs) -> None:
+        """Cascading allocators: record what this layer's budget depends on."""
+        raise NotImplementedError
+
+    def cascade_budgets(self, budget, length: int, layers: list[int]) -> dict[int, int]:
+        """Cascading allocators: the budgets of `layers` (those compressed so far)."""
+        raise NotImplementedError
+
+
+class QuantizationPolicy:
+    """Builds the per-layer store that holds K/V in compressed form (KIVI, MiKV, GEAR, ThinK, MiniCache).
+    A store has `append(keys, values)`, `read() -> (keys, values)`, `length` and
+    `nbytes_as(element_bytes)`. `needs` lists what the policy reads besides K/V ("queries",
+    "all_queries")."""
+
+    name: ClassVar[str] = "base"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: From the middle layer up, every second layer shares its store with the one below (`merge_pair`).
+    cross_layer: ClassVar[bool] = False
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, inputs=None):
+        """The store for one layer's keys / values [B, H, L, D]; `inputs`: a `ScoreInputs` with the
+        queries when the cache has them."""
+        raise NotImplementedError
+
+    def merge_pair(self, lower, upper):
+        """Cross-layer policies: the two stores that replace a lower and an upper layer's."""
+        raise NotImplementedError
 
 
 def pool1d(x: torch.Tensor, kernel: int, mode: str = "avg", mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -117,3 +117,24 @@ class TOVA(EvictionPolicy):
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         attn = inputs.window_attention(1)[..., -1, :]  # [B, H, G, L]
         return attn.mean((1, 2))[:, None].expand(-1, inputs.heads, -1)
+
+
+@dataclass
+class CAKEScore(EvictionPolicy):
+    """Token score = mean + gamma * variance (over the last `window` queries) of the attention a token
+    receives, averaged over each KV head's query group, avg-pooled with `kernel`; the window is kept."""
+
+    window: int = 32
+    gamma: float = 200.0
+    kernel: int = 5
+    name = "cake"
+    needs = frozenset({"queries"})
+
+    def __post_init__(self):
+        check_positive("window", self.window)
+        check_positive("gamma", self.gamma, allow_zero=True)
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        attn = inputs.window_attention(self.window)  # [B, H, G, W, L]
+        indicator = attn.mean(3) + self.gamma * attn.var(3, unbiased=False)
+        return pool1d(indicator.mean(2), self.kernel, "avg", inputs.head_mask)

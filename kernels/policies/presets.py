@@ -1,31 +1,29 @@
 """Compression settings by name at a byte budget: what `CompressedCache(**settings)` needs so the
-cache holds about `fraction` of the bytes of a full 16-bit cache of the same context.
+cache holds about `fraction` of the bytes of a full 16-bit cache of the same context. Eviction
+spends the budget on tokens, quantization on bits, combinations on both:
 
-Eviction spends the budget on tokens, quantization on bits, combinations on both:
+- any eviction policy of the registry ("snapkv", "h2o", ...): that policy with its defaults,
+  keeping `fraction` of the tokens;
+- "pyramidkv", "cake", "d2o": SnapKV / CAKE / D2O with their papers' layer budgets (PyramidKV's
+  decay, CAKE's and D2O's cascades); "h2o_mean": H2O ranking by each key's mean received attention
+  (kvpress's ObservedAttention rule);
+- "kivi": KIVI at the largest bit width that fits (8, 4 or 2; codes plus a 16-bit scale and zero per
+  32 entries); "mikv": MiKV with the share of 16-bit tokens the bytes allow (the rest at 2 bits);
+  "gear": GEAR 4-bit, or 2-bit, whichever fits with its low-rank and outlier overhead;
+- "POLICY+intB": "more tokens, lower precision" (arXiv 2412.12706): evict with POLICY to the token
+  count that B-bit KIVI storage affords, then quantize what is kept.
 
-| name | settings |
-|---|---|
-| any eviction policy of the registry ("snapkv", "h2o", ...) | that policy with its defaults, keeping `fraction` of the tokens |
-| "pyramidkv", "cake", "d2o" | SnapKV / CAKE / D2O with their papers' layer budgets (Pyramid, CAKE's cascade, D2O's) |
-| "h2o_mean" | H2O ranking by each key's mean received attention (kvpress's ObservedAttention rule) |
-| "kivi" | KIVI at the largest bit width that fits (8, 4 or 2; codes plus a 16-bit scale and zero per 32) |
-| "mikv" | MiKV with the share of 16-bit tokens the bytes allow (the others at 2 bits) |
-| "gear" | GEAR 4-bit, or 2-bit, whichever fits with its low-rank and outlier overhead |
-| "POLICY+intB" | "more tokens, lower precision" (arXiv 2412.12706): evict with POLICY to the token count that B-bit KIVI storage affords, then quantize what is kept |
-
-`at_bytes` returns None where a method cannot reach the budget (e.g. 2-bit KIVI above 10%).
+`at_bytes` returns None where a recipe does not apply (too few bits for the budget, or every token
+already fits).
 """
 
 from __future__ import annotations
 
 from . import REGISTRY
-from .budget import Pyramid
-from .cake import CAKEBudget, CAKEScore
-from .eviction import H2O, SnapKV
+from .budget import CAKEBudget, D2OBudget, Pyramid
+from .eviction import H2O, CAKEScore, SnapKV
 from .merge import D2O
-from .quant import KIVI
-from .storage import GEAR, MiKV
-from .structured import D2OBudget
+from .quant import GEAR, KIVI, MiKV
 
 _RECIPES = {
     "pyramidkv": lambda frac: {"policy": SnapKV(), "budget": frac, "allocator": Pyramid()},

@@ -1,196 +1,15 @@
-"""Storage policies beyond plain KIVI: mixed precision (MiKV), quantization + low-rank + sparse
-outliers (GEAR), and key-channel pruning (ThinK). Each builds a per-layer store with the same
-interface as `KIVIStore`: `append`, `read`, `length`, `nbytes_as`."""
+"""Storage that is not quantization: pruning key channels (ThinK) and sharing one store between
+adjacent layers (MiniCache). Each builds a per-layer store with `append`, `read`, `length` and
+`nbytes_as`, as the quantizers do."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..ops.quantize import BITS, dequantize_kv, quantize_kv
-from .base import EvictionPolicy, ScoreInputs, check_positive
-from .eviction import H2O
-from .quant import QuantizationPolicy
-
-
-def _bytes(t: torch.Tensor, element_bytes: int | None) -> int:
-    return t.numel() * (element_bytes or t.element_size()) if t.is_floating_point() else t.numel() * t.element_size()
-
-
-class _ResidualStore:
-    """Shared: a compressed prefix (built once) + new tokens kept in full precision."""
-
-    def __init__(self, prefix_length: int, like: torch.Tensor):
-        self.prefix_length = prefix_length
-        self.k_new = like[:, :, :0]
-        self.v_new = like[:, :, :0]
-
-    @property
-    def length(self) -> int:
-        return self.prefix_length + self.k_new.shape[2]
-
-    def append(self, keys, values) -> None:
-        self.k_new = torch.cat([self.k_new, keys], 2)
-        self.v_new = torch.cat([self.v_new, values], 2)
-
-    def new_bytes(self, element_bytes) -> int:
-        return _bytes(self.k_new, element_bytes) + _bytes(self.v_new, element_bytes)
-
-
-class MiKVStore(_ResidualStore):
-    def __init__(self, policy: MiKV, keys, values, inputs: ScoreInputs | None):
-        super().__init__(keys.shape[2], keys)
-        b, h, length, d = keys.shape
-        n_hi = max(1, int(policy.important * length))
-        scores = policy.scorer.ranking(inputs) if inputs is not None and inputs.queries is not None else None
-        if scores is None:  # no queries: recency as importance
-            scores = torch.arange(length, device=keys.device, dtype=torch.float32).expand(b, h, -1)
-        self.important = torch.zeros(b, h, length, dtype=torch.bool, device=keys.device)
-        self.important.scatter_(2, scores.topk(n_hi, dim=-1).indices, True)
-        # Outlier balancer: scale key channels by b_c = sqrt(max|q_c| / max|k_c|) before quantizing
-        # (queries would be divided by b, so q.k is unchanged; here it is undone on read).
-        if inputs is not None and inputs.queries is not None and policy.balance:
-            g = inputs.queries.shape[1] // h
-            qmax = inputs.queries.float().abs().amax(2).view(b, h, g, d).amax(2)
-            kmax = keys.float().abs().amax(2)
-            self.balance = (qmax / kmax.clamp_min(1e-6)).sqrt().clamp(1e-2, 1e2)[:, :, None]  # [B, H, 1, D]
-        else:
-            self.balance = torch.ones(b, h, 1, d, device=keys.device)
-        kb = keys.float() * self.balance
-        group = policy.group_size
-        pad = (-length) % group
-        kpad = torch.cat([kb, kb[:, :, -1:].expand(-1, -1, pad, -1)], 2) if pad else kb
-        vpad = torch.cat([values, values[:, :, -1:].expand(-1, -1, pad, -1)], 2) if pad else values
-        self.k_lo = quantize_kv(kpad.to(keys.dtype), policy.low_bits, group, "channel")
-        self.v_lo = quantize_kv(vpad, policy.low_bits, min(group, d), "token")
-        hi_idx = self.important.nonzero(as_tuple=True)
-        self.k_hi = keys[hi_idx]  # [N_hi, D] full precision (the important tokens)
-        self.v_hi = values[hi_idx]
-        self.hi_idx = hi_idx
-
-    def read(self):
-        length = self.prefix_length
-        keys = (dequantize_kv(self.k_lo, torch.float32)[:, :, :length] / self.balance).to(self.k_hi.dtype)
-        values = dequantize_kv(self.v_lo, self.v_hi.dtype)[:, :, :length]
-        keys[self.hi_idx] = self.k_hi
-        values[self.hi_idx] = self.v_hi
-        return torch.cat([keys, self.k_new], 2), torch.cat([values, self.v_new], 2)
-
-    def nbytes_as(self, element_bytes):
-        lo = self.k_lo.nbytes + self.v_lo.nbytes  # low-bit codes for every token (unread for important ones)
-        hi = _bytes(self.k_hi, element_bytes) + _bytes(self.v_hi, element_bytes)
-        index = self.important.numel() // 8  # one bit per token and head
-        return lo + hi + index + self.new_bytes(element_bytes)
-
-
-@dataclass
-class MiKV(QuantizationPolicy):
-    """Mixed-precision KV ("No Token Left Behind", Yang et al., arXiv 2402.18096): instead of evicting,
-    the `important` fraction of tokens (by `scorer`, H2O-style accumulated attention) stays in full
-    precision and all the others are kept at `low_bits`, with an outlier balancer on key channels
-    (b_c = sqrt(max|q_c| / max|k_c|)) before quantization."""
-
-    important: float = 0.2
-    low_bits: int = 2
-    group_size: int = 32
-    balance: bool = True
-    scorer: EvictionPolicy = field(default_factory=H2O)
-    name = "mikv"
-
-    def __post_init__(self):
-        if not 0 < self.important <= 1:
-            raise ValueError(f"important={self.important} must be in (0, 1]")
-        if self.low_bits not in BITS:
-            raise ValueError(f"low_bits={self.low_bits}: expected one of {BITS}")
-        self.needs = self.scorer.needs
-
-    def store(self, keys, values, inputs=None):
-        return MiKVStore(self, keys, values, inputs)
-
-
-def _low_rank(residual: torch.Tensor, rank: int, iters: int = 3):
-    """Rank-`rank` factors (A [.., L, r], B [.., r, D]) of residual [.., L, D] by power iteration."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(*residual.shape[:-2], residual.shape[-1], rank, generator=g).to(residual)
-    for _ in range(iters):
-        u = torch.linalg.qr(residual @ v).Q
-        v = torch.linalg.qr(residual.transpose(-1, -2) @ u).Q
-    a = residual @ v  # [.., L, r]
-    return a, v.transpose(-1, -2)
-
-
-class GEARStore(_ResidualStore):
-    def __init__(self, policy: GEAR, keys, values):
-        super().__init__(keys.shape[2], keys)
-        self.parts = [self._compress(policy, x, axis) for x, axis in ((keys, "channel"), (values, "token"))]
-
-    @staticmethod
-    def _compress(policy: GEAR, x: torch.Tensor, axis: str):
-        b, h, length, d = x.shape
-        xf = x.float()
-        # S: the s/2 largest and s/2 smallest entries of every token, kept exactly, replaced by the mean.
-        n_out = max(0, int(round(policy.outliers * d / 2)))
-        outlier_idx = None
-        if n_out:
-            outlier_idx = torch.cat([xf.topk(n_out, -1).indices, (-xf).topk(n_out, -1).indices], -1)
-            outlier_val = xf.gather(-1, outlier_idx)
-            xf = xf.scatter(-1, outlier_idx, xf.mean(-1, keepdim=True).expand_as(outlier_idx))
-        group = policy.group_size
-        pad = (-length) % group if axis == "channel" else 0
-        xq = torch.cat([xf, xf[:, :, -1:].expand(-1, -1, pad, -1)], 2) if pad else xf
-        q = quantize_kv(xq.to(x.dtype), policy.bits, group if axis == "channel" else min(group, d), axis)
-        deq = dequantize_kv(q, torch.float32)[:, :, :length]
-        a, bmat = _low_rank(xf - deq, policy.rank)
-        part = {"q": q, "a": a.to(x.dtype), "b": bmat.to(x.dtype), "length": length, "dtype": x.dtype}
-        if outlier_idx is not None:
-            part["out_idx"] = outlier_idx.to(torch.int16 if d < 2**15 else torch.int32)
-            part["out_val"] = outlier_val.to(x.dtype)
-        return part
-
-    @staticmethod
-    def _read(part) -> torch.Tensor:
-        x = dequantize_kv(part["q"], torch.float32)[:, :, : part["length"]]
-        x = x + part["a"].float() @ part["b"].float()
-        if "out_idx" in part:
-            x = x.scatter(-1, part["out_idx"].long(), part["out_val"].float())
-        return x.to(part["dtype"])
-
-    def read(self):
-        keys, values = (self._read(p) for p in self.parts)
-        return torch.cat([keys, self.k_new], 2), torch.cat([values, self.v_new], 2)
-
-    def nbytes_as(self, element_bytes):
-        total = self.new_bytes(element_bytes)
-        for p in self.parts:
-            total += p["q"].nbytes + _bytes(p["a"], element_bytes) + _bytes(p["b"], element_bytes)
-            if "out_idx" in p:
-                total += p["out_idx"].numel() * p["out_idx"].element_size() + _bytes(p["out_val"], element_bytes)
-        return total
-
-
-@dataclass
-class GEAR(QuantizationPolicy):
-    """GEAR (Kang et al., arXiv 2403.05527): X ~ D + L + S with D a `bits`-bit group quantization (keys
-    per channel, values per token) of X without its outliers, S the `outliers` fraction of extreme
-    entries per token kept exactly, and L a rank-`rank` power-iteration approximation of the remaining
-    quantization error."""
-
-    bits: int = 2
-    group_size: int = 64
-    rank: int = 4
-    outliers: float = 0.02
-    name = "gear"
-
-    def __post_init__(self):
-        if self.bits not in BITS:
-            raise ValueError(f"bits={self.bits}: expected one of {BITS}")
-        check_positive("rank", self.rank)
-        if not 0 <= self.outliers < 1:
-            raise ValueError(f"outliers={self.outliers} must be in [0, 1)")
-
-    def store(self, keys, values, inputs=None):
-        return GEARStore(self, keys, values)
+from .base import QuantizationPolicy, ScoreInputs
+from .quant import _bytes, _ResidualStore
 
 
 class ThinKStore(_ResidualStore):
@@ -246,3 +65,124 @@ class ThinK(QuantizationPolicy):
 
     def store(self, keys, values, inputs=None):
         return ThinKStore(self, keys, values, inputs)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of unit vectors a, b (last dim)."""
+    cos = (a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7)
+    theta = torch.acos(cos)
+    sin = torch.sin(theta)
+    return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin
+
+
+@dataclass
+class MiniCache(QuantizationPolicy):
+    """Cross-layer merging (Liu et al., "MiniCache", arXiv 2405.14366): from the middle layer up, each
+    odd layer l is merged with layer l - 1: per token both layers keep their vector norms, and share one
+    direction SLERP(k_{l-1}/|k_{l-1}|, k_l/|k_l|; t); token pairs whose directions are further apart than
+    `retain_angle` (radians) are kept unmerged in both layers. Keys and values alike. The merged layer
+    pair stores one direction instead of two vectors (memory close to half for merged tokens)."""
+
+    t: float = 0.5
+    retain_angle: float = 0.6
+    name = "minicache"
+    cross_layer = True
+
+    def store(self, keys, values, inputs=None):
+        return PlainStore(keys, values)
+
+    def merge_pair(self, lower, upper) -> tuple[MergedView, MergedView]:
+        shared = MergedPair(self, *lower.read_prefix(), *upper.read_prefix())
+        return MergedView(shared, 0, lower), MergedView(shared, 1, upper)
+
+
+class PlainStore:
+    """Full-precision store (the starting point of layers MiniCache has not merged)."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+        self.k_new, self.v_new = keys[:, :, :0], values[:, :, :0]
+
+    @property
+    def length(self):
+        return self.keys.shape[2] + self.k_new.shape[2]
+
+    def append(self, keys, values):
+        self.k_new = torch.cat([self.k_new, keys], 2)
+        self.v_new = torch.cat([self.v_new, values], 2)
+
+    def read_prefix(self):
+        return self.keys, self.values
+
+    def read(self):
+        return torch.cat([self.keys, self.k_new], 2), torch.cat([self.values, self.v_new], 2)
+
+    def nbytes_as(self, element_bytes):
+        n = self.keys.numel() + self.values.numel() + self.k_new.numel() + self.v_new.numel()
+        return n * (element_bytes or self.keys.element_size())
+
+
+class MergedPair:
+    """The shared storage of two merged layers: directions, per-layer norms, unmerged tokens."""
+
+    def __init__(self, policy: MiniCache, k0, v0, k1, v1):
+        self.parts = []
+        for x0, x1 in ((k0, k1), (v0, v1)):
+            n0, n1 = x0.float().norm(dim=-1, keepdim=True), x1.float().norm(dim=-1, keepdim=True)
+            u0, u1 = x0.float() / n0.clamp_min(1e-9), x1.float() / n1.clamp_min(1e-9)
+            angle = torch.acos((u0 * u1).sum(-1).clamp(-1, 1))  # [B, H, L]
+            merged = angle <= policy.retain_angle
+            direction = slerp(u0, u1, policy.t).to(x0.dtype)
+            keep_idx = (~merged).nonzero(as_tuple=True)
+            self.parts.append(
+                {
+                    "dir": direction,
+                    "norms": (n0.to(x0.dtype), n1.to(x1.dtype)),
+                    "merged": merged,
+                    "idx": keep_idx,
+                    "raw": (x0[keep_idx], x1[keep_idx]),
+                    "dtype": x0.dtype,
+                }
+            )
+
+    def read(self, which: int, part: int) -> torch.Tensor:
+        p = self.parts[part]
+        x = p["dir"] * p["norms"][which]
+        x[p["idx"]] = p["raw"][which]
+        return x
+
+    def nbytes_as(self, element_bytes) -> int:
+        total = 0
+        for p in self.parts:
+            eb = element_bytes or p["dir"].element_size()
+            merged = int(p["merged"].sum())
+            d = p["dir"].shape[-1]
+            total += merged * d * eb + 2 * p["norms"][0].numel() * eb  # shared directions + both norms
+            total += 2 * p["raw"][0].numel() * eb + p["merged"].numel() // 8  # unmerged tokens + the bit map
+        return total
+
+
+class MergedView:
+    """One layer's window on a `MergedPair`, plus its own new tokens; the pair's bytes are counted once
+    (by the upper layer)."""
+
+    def __init__(self, shared: MergedPair, which: int, previous):
+        self.shared, self.which = shared, which
+        self.k_new, self.v_new = previous.k_new, previous.v_new
+        self.prefix_length = shared.parts[0]["dir"].shape[2]
+
+    @property
+    def length(self):
+        return self.prefix_length + self.k_new.shape[2]
+
+    def append(self, keys, values):
+        self.k_new = torch.cat([self.k_new, keys], 2)
+        self.v_new = torch.cat([self.v_new, values], 2)
+
+    def read(self):
+        k, v = self.shared.read(self.which, 0), self.shared.read(self.which, 1)
+        return torch.cat([k, self.k_new], 2), torch.cat([v, self.v_new], 2)
+
+    def nbytes_as(self, element_bytes):
+        new = (self.k_new.numel() + self.v_new.numel()) * (element_bytes or self.k_new.element_size())
+        return new + (self.shared.nbytes_as(element_bytes) if self.which == 1 else 0)

@@ -40,7 +40,7 @@ from dlmcache.kernels.policies import (
     ragged_topk,
     resolve_budget,
 )
-from dlmcache.kernels.policies.structured import PlainStore
+from dlmcache.kernels.policies.storage import PlainStore
 
 from tests.helpers import tiny_llama
 
@@ -505,7 +505,7 @@ def test_fastgen_profiles_and_budget():
 
 
 def test_largest_remainder():
-    from dlmcache.kernels.policies.structured import largest_remainder
+    from dlmcache.kernels.policies.patterns import largest_remainder
 
     assert largest_remainder(torch.tensor([[2.5, 2.5, 3.0]])).tolist() in ([[3, 2, 3]], [[2, 3, 3]])
     assert largest_remainder(torch.tensor([[1.2, 1.3, 1.5]])).sum().item() == 4
