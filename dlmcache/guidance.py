@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
+from dlmcache.kernels.cache import cache_argument
+
 RULES = ("topk_relative", "greedy")
 _SPACE_MARKS = ("Ġ", "▁")  # byte-level BPE and SentencePiece spellings of a leading space
 
@@ -174,7 +176,7 @@ class GuideSession:
             input_ids=prompt_ids.to(guide.device),
             attention_mask=self.mask,
             position_ids=(self.mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=self.cache,
+            **cache_argument(self.cache),
             use_cache=True,
         )
         self.next_logits = out.logits[:, -1].float()  # [B, V] prediction for the first generated token
@@ -198,7 +200,7 @@ class GuideSession:
             input_ids=feed.to(guide.device),
             attention_mask=mask.to(guide.device),
             position_ids=positions.to(guide.device),
-            past_key_values=self.cache,
+            **cache_argument(self.cache),
             use_cache=True,
         )
         logits = out.logits.float()

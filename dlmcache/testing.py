@@ -58,23 +58,19 @@ def llada_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, devi
 
 def random_guide(tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A random-weight Llama causal LM over `tokenizer`'s vocabulary (4 layers, hidden 256)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
+    model = tiny_llama(
+        seed=1,
         vocab_size=len(tokenizer),
         hidden_size=256,
         intermediate_size=768,
         num_hidden_layers=4,
-        num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=16384,
         tie_word_embeddings=True,
-        bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
+    return model.to(dtype=dtype, device=device)
 
 
 def bundled_tokenizer():

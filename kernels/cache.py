@@ -2,7 +2,7 @@
 
     cache = CompressedCache(policy=KNorm(), budget=0.25)                  # key-only policies
     cache = CompressedCache(policy=SnapKV(), budget=0.25, model=model)    # policies that read queries
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, cache=cache)      # transformers < 5.24: past_key_values=cache
 
 At prefill every layer stores its full K/V and attends over them; then the layer is compressed: the
 policy scores the tokens and only `budget` of them are kept (compact, so memory really shrinks), and /
@@ -33,6 +33,24 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .policies.base import BudgetAllocator, EvictionPolicy, QuantizationPolicy, ScoreInputs
 from .policies.budget import Uniform
+
+
+def _takes_cache_argument() -> bool:
+    from packaging.version import Version
+    from transformers import __version__
+
+    return Version(__version__).release >= (5, 24)
+
+
+#: The keyword transformers' models and `generate` take a cache by: "cache" from transformers 5.24
+#: (which deprecates the old name), "past_key_values" before.
+CACHE_ARGUMENT = "cache" if _takes_cache_argument() else "past_key_values"
+
+
+def cache_argument(cache) -> dict:
+    """`{CACHE_ARGUMENT: cache}`, to pass a cache to a transformers model or `generate` under either name."""
+    return {CACHE_ARGUMENT: cache}
+
 
 _ACTIVE: contextvars.ContextVar[CompressedCache | None] = contextvars.ContextVar("dlmcache_active_cache", default=None)
 # model -> [its own attention implementation, number of caches attached to it]

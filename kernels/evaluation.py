@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import CompressedCache
+from .cache import CompressedCache, cache_argument
 
 PASSKEY = "68142"
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -60,7 +60,7 @@ class Prefill:
 def prefill_kv(model, context: torch.Tensor) -> Prefill:
     cache = CompressedCache(model=model, capture_queries=True)
     t0 = time.perf_counter()
-    last = model(context, past_key_values=cache).logits[:, -1:]
+    last = model(context, **cache_argument(cache)).logits[:, -1:]
     seconds = time.perf_counter() - t0
     cache.detach()
     kv = [(layer.keys, layer.values) for layer in cache.layers]
@@ -77,7 +77,7 @@ def continuation_nll(model, prefill: Prefill, continuation: torch.Tensor, settin
         cache.load_prefill(i, k, v, queries=prefill.queries[i])
     seconds = time.perf_counter() - t0
     nbytes = cache.nbytes_as(2)
-    out = model(continuation, past_key_values=cache).logits
+    out = model(continuation, **cache_argument(cache)).logits
     cache.detach()
     logits = torch.cat([prefill.last_logits, out[:, :-1]], 1).float()
     return torch.nn.functional.cross_entropy(logits[0], continuation[0]).item(), nbytes, seconds
@@ -97,7 +97,7 @@ def passkey(model, tokenizer, settings: dict, depth: float, length: int = 1200) 
     """Whether greedy decoding after the compressed prompt produces the key."""
     ids = passkey_prompt(tokenizer, depth, length)
     cache = CompressedCache(model=model, **settings)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    out = model.generate(ids, **cache_argument(cache), max_new_tokens=6, do_sample=False)
     cache.detach()
     return PASSKEY in tokenizer.decode(out[0, ids.shape[1] :])
 
@@ -107,12 +107,12 @@ def decode_tokens_per_second(model, context: torch.Tensor, settings: dict, n: in
     """Greedy decode of `n` tokens after `context` with the compressed cache (the compression is part
     of the prefill, not of the timed decode)."""
     cache = CompressedCache(model=model, **settings)
-    out = model(context, past_key_values=cache)
+    out = model(context, **cache_argument(cache))
     token = out.logits[:, -1:].argmax(-1)
     pos = context.shape[1]
     t0 = time.perf_counter()
     for i in range(n):
-        out = model(token, past_key_values=cache, position_ids=torch.tensor([[pos + i]]))
+        out = model(token, **cache_argument(cache), position_ids=torch.tensor([[pos + i]]))
         token = out.logits[:, -1:].argmax(-1)
     seconds = time.perf_counter() - t0
     cache.detach()
@@ -133,9 +133,9 @@ def attention_errors(model, settings_by_name: dict, context: int = 512, continua
 
     def outputs(settings):
         cache = CompressedCache(model=model, **settings)
-        model(ids[:, :context], past_key_values=cache)
+        model(ids[:, :context], **cache_argument(cache))
         captured.clear()
-        model(ids[:, context:], past_key_values=cache)
+        model(ids[:, context:], **cache_argument(cache))
         cache.detach()
         return list(captured)
 

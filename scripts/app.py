@@ -24,13 +24,12 @@ import queue
 import sys
 import threading
 import time
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 try:
-    import dlmcache  # noqa: F401
-except ImportError:  # a Space runs this file from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import dlmcache.kernels  # noqa: F401  (installed: the repository's kernels/ and vlm/ become dlmcache.*)
+except ImportError:
+    sys.exit("dlmcache is not installed: run `pip install .` in the repository (a Space lists `.` in requirements.txt)")
 
 import gradio as gr
 import torch
@@ -187,7 +186,6 @@ def stats_table(rows) -> str:
 
 class VLMDemo:
     """GUI-KV / PrefixKV / SnapKV / StreamingLLM on a screenshot sequence, shown as kept-token maps."""
-
 
     def __init__(self, vlm: str | None, device: str, dtype: torch.dtype):
         if vlm:

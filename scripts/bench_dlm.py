@@ -20,7 +20,7 @@ Guided modes name a guide as in `dlmcache.run_config`; `path=random` is a random
 over the same synthetic vocabulary (4 layers, hidden 256: 10M parameters, about 1/13 of the DLM, the
 ratio of a 0.5B guide to a 7B DLM). A random guide agrees with nothing, so measure the mechanism's upper
 bound with `top_k=VOCAB,relative=0`: every draft passes the rule, the guide still runs every forward.
-`path=smollm2` loads SmolLM2-135M-Instruct (see `offline_models.py`).
+`path=smollm2` loads SmolLM2-135M-Instruct (see `dlmcache.offline`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class GuideLoader:
             if name == "random":
                 self.models[name] = (random_guide(self.pipe.tokenizer, dtype, self.args.device), self.pipe.tokenizer)
             elif name == "smollm2":
-                from offline_models import load_smollm2
+                from dlmcache.offline import load_smollm2
 
                 model, tok = load_smollm2(dtype)
                 self.models[name] = (model.to(self.args.device), tok)

@@ -20,19 +20,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+from dlmcache.kernels import evaluation
+from dlmcache.kernels.cache import CompressedCache
+from dlmcache.kernels.policies import presets
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dlmcache.kernels import evaluation  # noqa: E402
-from dlmcache.kernels.cache import CompressedCache  # noqa: E402
-from dlmcache.kernels.policies import presets  # noqa: E402
-from offline_models import load_smollm2  # noqa: E402
-
-from dlmcache.evals.harness import ARGenerator  # noqa: E402
-from dlmcache.evals.tasks import read_jsonl  # noqa: E402
+from dlmcache.evals.harness import ARGenerator
+from dlmcache.evals.tasks import read_jsonl
+from dlmcache.offline import load_smollm2
 
 POLICIES = [
     "streaming_llm", "knorm", "snapkv", "h2o", "h2o_mean", "tova", "pyramidkv", "adakv", "cake", "d2o", "ems",

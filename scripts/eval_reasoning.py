@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from offline_models import load_guide, load_smollm2
 
 from dlmcache import DLMPipeline
 from dlmcache.evals.harness import ARGenerator, DLMGenerator, run_config, summarize
 from dlmcache.evals.sandbox import isolation
 from dlmcache.evals.tasks import get_task
 from dlmcache.locations import resolve_path
+from dlmcache.offline import load_guide, load_smollm2
 from dlmcache.run_config import RunConfig, split_configs
 
 

@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 import torch
-from offline_models import load_guide
 
 from dlmcache import DLMPipeline, tinytask
 from dlmcache.evals.harness import DLMGenerator
+from dlmcache.offline import load_guide
 from dlmcache.run_config import RunConfig, split_configs
 
 

@@ -10,16 +10,12 @@ each layer still holds (in any KV head).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
+from dlmcache.kernels import evaluation
+from dlmcache.kernels.cache import CompressedCache, cache_argument
+from dlmcache.kernels.policies import TOVA, KNorm, SnapKV
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dlmcache.kernels import evaluation  # noqa: E402
-from dlmcache.kernels.cache import CompressedCache  # noqa: E402
-from dlmcache.kernels.policies import TOVA, KNorm, SnapKV  # noqa: E402
-from offline_models import load_smollm2  # noqa: E402
+from dlmcache.offline import load_smollm2
 
 
 def main() -> None:
@@ -41,7 +37,7 @@ def main() -> None:
     }
     for name, policy in policies.items():
         cache = CompressedCache(policy=policy, budget=0.25, model=model)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        out = model.generate(ids, **cache_argument(cache), max_new_tokens=6, do_sample=False)
         cache.detach()
         kept = [sum(bool((layer.origin[0] == p).any()) for p in span) for layer in cache.layers]
         text = tok.decode(out[0, ids.shape[1] :])

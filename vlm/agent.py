@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from dlmcache.kernels.cache import CompressedCache
+from dlmcache.kernels.cache import CompressedCache, cache_argument
 from dlmcache.kernels.policies.base import BudgetAllocator, EvictionPolicy
 
 
@@ -261,7 +261,7 @@ class GUIAgentSession:
             pixel_values=segment["pixel_values"].to(device, self.model.dtype),
             image_grid_thw=segment["grid"].to(device),
             position_ids=positions.to(device),
-            past_key_values=self.cache,
+            **cache_argument(self.cache),
             use_cache=True,
         )
         self.cache.token_tags = None
@@ -284,7 +284,7 @@ class GUIAgentSession:
             out = self.model(
                 input_ids=torch.tensor([[token]], device=device),
                 position_ids=pos,
-                past_key_values=self.cache,
+                **cache_argument(self.cache),
                 use_cache=True,
             )
             self.next_position += 1

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from dlmcache.kernels.cache import CompressedCache
+from dlmcache.kernels.cache import CompressedCache, cache_argument
 from dlmcache.kernels.policies.base import BudgetAllocator, EvictionPolicy, ScoreInputs, check_positive, resolve_budget
 
 
@@ -181,7 +181,7 @@ def calibrate(model, processor, samples, budget: float, protect: int = 2) -> Pre
             raise ValueError("calibrate takes one prompt per sample (batch size 1)")
         cache = CompressedCache(budget=1.0, capture_queries=True, model=model)
         try:
-            model(**inputs, past_key_values=cache, use_cache=True)
+            model(**inputs, **cache_argument(cache), use_cache=True)
         finally:
             cache.detach()
         importance = []

@@ -42,8 +42,8 @@ class FreeCache(KVReuseCache):
     KV of that last forward, keeping those stale entries for the rest of the generation).
 
     With `refresh_drift=None`, the prompt's KV is that of the first step, computed while the whole
-    answer was masked: on the bundled tiny model that costs 2 points (97.0% vs 99.2% without cache,
-    500 problems); the default drift test brings it back (99.2%; `scripts/eval_tiny.py`, README).
+    answer was masked (the FlashDLM algorithm); the drift test exists to refresh it when that matters.
+    What each choice costs in accuracy and time is measured in docs/results.md.
     """
 
     name = "freecache"

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dlmcache.kernels.cache import cache_argument
+
 from .tasks import Sample, Task
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -52,7 +54,7 @@ class ARGenerator:
         tok = self.tokenizer
         texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        cache = {} if self.cache is None else {"past_key_values": self.cache()}
+        cache = {} if self.cache is None else cache_argument(self.cache())
         out = self.model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, **cache
         )

@@ -154,26 +154,6 @@ class DreamModel(DLMModelMixin, PreTrainedModel):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.config.num_key_value_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.hidden_size // self.config.num_attention_heads
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.config.mask_token_id
-
-    @property
-    def rope_theta(self) -> float:
-        return self.config.rope_theta
-
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 

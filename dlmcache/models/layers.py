@@ -189,12 +189,33 @@ class DLMModelMixin:
     """The forward pass and interface shared by every native diffusion LM (pipeline and caches use it).
 
     Subclasses set `logit_shift` (0: hidden state i predicts token i, as LLaDA; 1: hidden state i-1
-    predicts token i, as Dream), implement `_stack()` -> (embedding, layers, final norm, lm head) and
-    expose `num_layers`, `num_kv_heads`, `head_dim`, `mask_token_id` and `rope_theta`.
+    predicts token i, as Dream) and implement `_stack()` -> (embedding, layers, final norm, lm head);
+    their configs answer to transformers' standard names (`hidden_size`, `num_hidden_layers`,
+    `num_attention_heads`, `num_key_value_heads`) and hold `mask_token_id` and `rope_theta`.
     """
 
     logit_shift: int = 0
     attention_backend: str = "auto"
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def rope_theta(self) -> float:
+        return self.config.rope_theta
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -220,10 +241,10 @@ class DLMModelMixin:
         """Which matmul the model's projections and LM head use: "torch" (default) or "onednn".
 
         "onednn" multiplies CPU float32 (and bfloat16 where the CPU has it) activations by weights
-        prepacked once in oneDNN's blocked layout, under `torch.no_grad()`. On the 2-core AMD EPYC of the
-        README's benchmarks that is 1.9x torch's MKL matmul at the 16 rows of a cached denoising step and
-        1.35x at 512 rows (`scripts/bench_dlm.py --linear onednn`); the cost is a second copy of the
-        weights in memory, freed by going back to "torch". Results differ from torch's in float32
+        prepacked once in oneDNN's blocked layout, under `torch.no_grad()` (faster than torch's MKL matmul
+        at the few rows of a cached denoising step on CPUs where MKL is far from the bandwidth floor; see
+        docs/results.md and `scripts/step_floor.py`); the cost is a second copy of the weights in
+        memory, freed by going back to "torch". Results differ from torch's in float32
         rounding only. Other devices and dtypes keep torch's path.
         """
         if backend not in LINEAR_BACKENDS:

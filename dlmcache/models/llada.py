@@ -34,6 +34,13 @@ class LLaDAConfig(PretrainedConfig):
     """
 
     model_type = "llada"
+    # transformers' standard names for LLaDA's own fields (read and written through to them)
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+    }
     #: The fields config.json must hold (the rest have LLaDA-8B's values as defaults).
     architecture_fields = ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")
 
@@ -159,26 +166,6 @@ class LLaDAModelLM(DLMModelMixin, PreTrainedModel):
         super().__init__(config)
         self.model = LLaDABackbone(config)
         self.post_init()
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.n_layers
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.config.n_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.d_model // self.config.n_heads
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.config.mask_token_id
-
-    @property
-    def rope_theta(self) -> float:
-        return self.config.rope_theta
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.transformer.wte

