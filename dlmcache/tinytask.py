@@ -72,6 +72,24 @@ def test_problems(n: int = 500) -> list[Problem]:
     return make_problems(n, TEST_SEED)
 
 
+DISTRACTOR_SEED = 2_000_003
+
+
+def long_context_problems(n: int = 500, distractors: tuple[int, int] = (0, 40)) -> list[tuple[Problem, list[Problem]]]:
+    """The long-prompt task: each held-out problem of `test_problems(n)` preceded by k solved
+    distractor problems as earlier chat turns (k uniform in `distractors`, seeded), 1-2k tokens of
+    prompt at k = 40. The answer needs only the last question, wherever the KV of the distractors
+    goes; a compressed prompt must keep it (and the worked solutions around it must not mislead)."""
+    problems = test_problems(n)
+    rng = random.Random(DISTRACTOR_SEED)
+    pool = make_problems(n * distractors[1] + 1, DISTRACTOR_SEED, exclude={p.question for p in problems})
+    out = []
+    for p in problems:
+        k = rng.randint(*distractors)
+        out.append((p, [pool[rng.randrange(len(pool))] for _ in range(k)]))
+    return out
+
+
 _ANSWER = re.compile(r"answer is (-?\d+)")
 
 

@@ -3,7 +3,7 @@ CUDA), with awkward shapes, NaN-prefilled outputs, fp32 / bf16 / fp16 inputs and
 
 import pytest
 import torch
-from dlmcache.kernels.ops import attention, dequantize_kv, gather_kv, quantize_kv, quantized_attention
+from dlmcache.kernels.ops import attention, dequantize_kv, gather_kv, merge_attention, quantize_kv, quantized_attention
 from dlmcache.kernels.ops.attention import attention_reference
 from dlmcache.kernels.ops.backend import use_triton
 from dlmcache.kernels.ops.quantize import pack, unpack
@@ -87,6 +87,61 @@ def test_attention_reference_matches_sdpa():
     torch.testing.assert_close(attention(q, k, v, backend="torch"), want, rtol=1e-5, atol=1e-5)
 
 
+def _naive_attention(q, k, v, valid, scale=None):
+    """The rule written out per (row, query head): softmax over the valid keys of its KV head; float64;
+    valid [B, Hkv, Lq, Lk]; rows without a valid key are zero with log-sum-exp -inf."""
+    b, hq, lq, d = q.shape
+    g = hq // k.shape[1]
+    scale = scale or d**-0.5
+    out = torch.zeros(b, hq, lq, d, dtype=torch.float64)
+    lse = torch.full((b, hq, lq), float("-inf"), dtype=torch.float64)
+    for i in range(b):
+        for h in range(hq):
+            for j in range(lq):
+                keep = valid[i, h // g, j]
+                if keep.any():
+                    s = (k[i, h // g][keep].double() @ q[i, h, j].double()) * scale
+                    out[i, h, j] = s.softmax(0) @ v[i, h // g][keep].double()
+                    lse[i, h, j] = torch.logsumexp(s, 0)
+    return out, lse
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_attention_with_per_head_key_mask_and_lse(backend, splits):
+    """A [B, H_kv, L_k] key mask (compressed caches keep different tokens per head) and the rows'
+    log-sum-exp, against the rule written out; a row whose head keeps nothing is zero, lse -inf."""
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 3, 40, 32
+    q, k, v = rand(b, hq, lq, d, seed=21), rand(b, hkv, lk, d, seed=22), rand(b, hkv, lk, d, seed=23)
+    mask = torch.rand(b, hkv, lk, generator=torch.Generator().manual_seed(24)).to(DEVICE) > 0.4
+    mask[1, 0] = False  # this head attends to nothing
+    if backend == "torch":
+        out, lse = attention(q, k, v, key_mask=mask, return_lse=True, backend="torch")
+    else:
+        att, *_ = triton_ops()
+        out, lse = att.attention(q, k, v, key_mask=mask, return_lse=True, num_splits=splits)
+    want, want_lse = _naive_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu()[:, :, None].expand(-1, -1, lq, -1))
+    torch.testing.assert_close(out.double().cpu(), want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double().cpu(), want_lse, rtol=2e-5, atol=2e-5)
+    assert torch.isinf(lse[1, :2]).all() and (out[1, :2] == 0).all()
+
+
+def test_merge_attention_over_disjoint_key_sets_equals_attention_over_all():
+    b, hq, hkv, lq, d = 2, 4, 2, 5, 32
+    q, k, v = rand(b, hq, lq, d, seed=31), rand(b, hkv, 50, d, seed=32), rand(b, hkv, 50, d, seed=33)
+    mask = torch.rand(b, hkv, 50, generator=torch.Generator().manual_seed(34)).to(DEVICE) > 0.3
+    mask[0, 1, 30:] = False  # the second part has nothing for this head: it must not count
+    want = attention(q.double(), k.double(), v.double(), key_mask=mask, backend="torch")
+    parts = [
+        attention(q, k[:, :, a:e], v[:, :, a:e], key_mask=mask[..., a:e], return_lse=True, backend="torch")
+        for a, e in ((0, 30), (30, 50))
+    ]
+    out, lse = merge_attention(parts)
+    torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+    _, want_lse = attention(q, k, v, key_mask=mask, return_lse=True, backend="torch")
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("axis", ["channel", "token"])
@@ -149,6 +204,35 @@ def test_quantized_attention(bits, residual, case):
         qatt.quantized_attention(q, kq, vq, k_res, v_res, causal=causal, num_splits=splits, out=out)
         ref = quantized_attention(q.double(), kq, vq, k_res, v_res, causal=causal, backend="torch")
         torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("chunk", [32, 64, 1024])
+def test_quantized_attention_reference_works_a_chunk_at_a_time(causal, chunk):
+    """The torch path never dequantizes the whole cache: chunk by chunk, merged by log-sum-exp, it
+    equals attention over the fully dequantized keys, with a per-head key mask and causal queries."""
+    from dlmcache.kernels.ops.quantized_attention import reference as qaref
+
+    b, hq, hkv, lq, lz, r, d = 2, 4, 2, 3, 128, 9, 64
+    q, k, v = rand(b, hq, lq, d, seed=41), rand(b, hkv, lz, d, seed=42), rand(b, hkv, lz, d, seed=43)
+    kq, vq = qref.quantize_kv(k, 4, 32, "channel"), qref.quantize_kv(v, 4, 32, "token")
+    k_res, v_res = rand(b, hkv, r, d, seed=44), rand(b, hkv, r, d, seed=45)
+    mask = torch.rand(b, hkv, lz + r, generator=torch.Generator().manual_seed(46)).to(DEVICE) > 0.3
+    mask[..., -1] = True
+    keys = torch.cat([qref.dequantize_kv(kq, torch.float64), k_res.double()], 2)
+    values = torch.cat([qref.dequantize_kv(vq, torch.float64), v_res.double()], 2)
+    want, want_lse = attention(q.double(), keys, values, key_mask=mask, causal=causal, return_lse=True, backend="torch")
+    qaref.peak_dequantized_tokens = 0
+    got, lse = qaref.quantized_attention(
+        q, kq, vq, k_res, v_res, key_mask=mask, causal=causal, return_lse=True, chunk=chunk
+    )
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-5)
+    assert 0 < qaref.peak_dequantized_tokens <= min(chunk, lz)
+    *_, qatt, _ = triton_ops()
+    out, tlse = qatt.quantized_attention(q, kq, vq, k_res, v_res, key_mask=mask, causal=causal, return_lse=True)
+    torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(tlse.double(), want_lse, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("case", [(1, 1, 1, 1, 64), (2, 3, 50, 17, 64), (1, 2, 500, 63, 128)], ids=str)

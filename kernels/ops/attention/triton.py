@@ -4,7 +4,8 @@ One program handles BLOCK_M rows of the packed (query position, query head of th
 (batch, KV head) pair, so each key/value tile is loaded once for every query head that shares it
 (decode with GQA reads K/V once). `num_splits > 1` splits the keys over programs (flash-decoding):
 each writes a partial (max, sum, accumulator) that `_reduce_splits` combines, which keeps the GPU busy
-when B * H_kv is small. Softmax runs online in float32 with exp2.
+when B * H_kv is small. Softmax runs online in float32 with exp2; the row's log-sum-exp can be written
+too (natural log, for `merge_attention`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..backend import interpreting
 from .reference import check_attention_inputs
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -44,6 +46,7 @@ def _online_softmax_tile(b_q, b_k, b_v, valid, b_m, b_l, b_acc, qk_scale, DOT_FP
 @triton.jit
 def _store_rows(
     OUT,
+    LSE,
     O_PART,
     ML_PART,
     b_m,
@@ -64,12 +67,16 @@ def _store_rows(
     Lq,
     D,
     NUM_SPLITS: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
-    """Final rows (one split) or this split's partial state for `_reduce_splits`."""
+    """Final rows (one split; and their log-sum-exp) or this split's partial state for `_reduce_splits`."""
     if NUM_SPLITS == 1:
         out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
         p_o = OUT + i_b * stride_ob + o_h[:, None] * stride_oh + o_q[:, None] * stride_ol + o_d[None, :] * stride_od
         tl.store(p_o, out.to(OUT.dtype.element_ty), mask=m_rows[:, None] & m_d[None, :])
+        if RETURN_LSE:
+            lse = tl.where(b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0))) * LN2, float("-inf"))
+            tl.store(LSE + (i_b * Hq + o_h) * Lq + o_q, lse, mask=m_rows)
     else:
         row = (i_b * Hq + o_h) * Lq + o_q  # [BLOCK_M] row of the [B, Hq, Lq] output
         p_acc = O_PART + (row[:, None] * NUM_SPLITS + i_s) * D + o_d[None, :]
@@ -84,6 +91,7 @@ def _attention_fwd(
     K,
     V,
     OUT,
+    LSE,
     KV_LEN,
     KEY_MASK,
     O_PART,
@@ -105,6 +113,7 @@ def _attention_fwd(
     stride_ol,
     stride_od,
     stride_mb,
+    stride_mh,
     stride_ml,
     Hkv,
     Lq,
@@ -121,6 +130,7 @@ def _attention_fwd(
     CAUSAL: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hkv = i_bh // Hkv, i_bh % Hkv
@@ -151,13 +161,14 @@ def _attention_fwd(
         b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
         valid = m_n[None, :] & m_rows[:, None]
         if HAS_MASK:
-            keep = tl.load(KEY_MASK + i_b * stride_mb + o_n * stride_ml, mask=m_n, other=0)
+            keep = tl.load(KEY_MASK + i_b * stride_mb + i_hkv * stride_mh + o_n * stride_ml, mask=m_n, other=0)
             valid = valid & (keep != 0)[None, :]
         if CAUSAL:
             valid = valid & (o_n[None, :] <= q_pos[:, None])
         b_m, b_l, b_acc = _online_softmax_tile(b_q, b_k, b_v, valid, b_m, b_l, b_acc, qk_scale, DOT_FP32)
     _store_rows(
         OUT,
+        LSE,
         O_PART,
         ML_PART,
         b_m,
@@ -178,12 +189,14 @@ def _attention_fwd(
         Lq,
         D,
         NUM_SPLITS,
+        RETURN_LSE,
     )
 
 
 @triton.jit
 def _reduce_splits(
     OUT,
+    LSE,
     O_PART,
     ML_PART,
     stride_ob,
@@ -196,6 +209,7 @@ def _reduce_splits(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     """Combine the splits of one output row: out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M)."""
     row = tl.program_id(0).to(tl.int64)
@@ -217,6 +231,9 @@ def _reduce_splits(
     out = tl.sum(b_acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     p_o = OUT + i_b * stride_ob + i_h * stride_oh + i_q * stride_ol + o_d * stride_od
     tl.store(p_o, out.to(OUT.dtype.element_ty), mask=m_d)
+    if RETURN_LSE:
+        lse = tl.where(total > 0, (m_ref + tl.log2(tl.where(total > 0, total, 1.0))) * LN2, float("-inf"))
+        tl.store(LSE + row, lse)
 
 
 def default_num_splits(rows_programs: int, lk: int, device: torch.device) -> int:
@@ -240,10 +257,13 @@ def launch_config(q: torch.Tensor, groups: int, lk: int, num_splits: int | None,
     return block_m, block_n, block_d, num_splits, split_len, m_blocks
 
 
-def reduce_splits(out: torch.Tensor, o_part: torch.Tensor, ml_part: torch.Tensor, num_splits: int) -> None:
+def reduce_splits(
+    out: torch.Tensor, lse: torch.Tensor | None, o_part: torch.Tensor, ml_part: torch.Tensor, num_splits: int
+) -> None:
     b, hq, lq, d = out.shape
     _reduce_splits[(b * hq * lq,)](
         out,
+        lse if lse is not None else ml_part,
         o_part,
         ml_part,
         *out.stride(),
@@ -253,6 +273,7 @@ def reduce_splits(out: torch.Tensor, o_part: torch.Tensor, ml_part: torch.Tensor
         NUM_SPLITS=num_splits,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
         BLOCK_D=max(16, triton.next_power_of_2(d)),
+        RETURN_LSE=lse is not None,
     )
 
 
@@ -275,10 +296,11 @@ def attention(
     key_mask=None,
     causal: bool = False,
     scale: float | None = None,
+    return_lse: bool = False,
     num_splits: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+):
     """Triton version of `reference.attention` (same arguments and semantics); `out` may be a
     preallocated [B, Hq, Lq, D] tensor."""
     check_attention_inputs(q, k, v, kv_len, key_mask)
@@ -289,12 +311,14 @@ def attention(
     out = torch.empty_like(q) if out is None else out
     block_m, block_n, block_d, num_splits, split_len, m_blocks = launch_config(q, groups, lk, num_splits, block_n)
     o_part, ml_part = split_workspace(q, num_splits)
+    lse = q.new_empty((b, hq, lq), dtype=torch.float32) if return_lse else None
     mask = key_mask.view(torch.uint8) if key_mask is not None else q
     _attention_fwd[(m_blocks, b * hkv, num_splits)](
         q,
         k,
         v,
         out,
+        lse if lse is not None else ml_part,
         kv_len if kv_len is not None else q,
         mask,
         o_part,
@@ -303,7 +327,7 @@ def attention(
         *k.stride(),
         *v.stride(),
         *out.stride(),
-        *(key_mask.stride() if key_mask is not None else (0, 0)),
+        *_mask_strides(key_mask),
         hkv,
         lq,
         lk,
@@ -319,7 +343,17 @@ def attention(
         CAUSAL=causal,
         NUM_SPLITS=num_splits,
         DOT_FP32=interpreting() or q.dtype == torch.float32,
+        RETURN_LSE=return_lse,
     )
     if num_splits > 1:
-        reduce_splits(out, o_part, ml_part, num_splits)
-    return out
+        reduce_splits(out, lse, o_part, ml_part, num_splits)
+    return (out, lse) if return_lse else out
+
+
+def _mask_strides(key_mask: torch.Tensor | None) -> tuple[int, int, int]:
+    """(batch, head, key) strides of a [B, Lk] or [B, H, Lk] key mask (head stride 0 for the former)."""
+    if key_mask is None:
+        return 0, 0, 0
+    if key_mask.dim() == 2:
+        return key_mask.stride(0), 0, key_mask.stride(1)
+    return key_mask.stride(0), key_mask.stride(1), key_mask.stride(2)

@@ -41,6 +41,35 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
 
+    def tokens(self, start: int, end: int) -> QuantizedTensor:
+        """The codes of tokens start..end (views; with axis="channel" both ends must be multiples of
+        the group size, or `end` the length)."""
+        length = self.data.shape[2]
+        if self.axis == "token":
+            scale, zero = self.scale[:, :, start:end], self.zero[:, :, start:end]
+        else:
+            g = self.group_size
+            if start % g or (end % g and end != length):
+                raise ValueError(f"tokens({start}, {end}) must fall on groups of {g} tokens (axis='channel')")
+            scale, zero = self.scale[:, :, start // g : -(-end // g)], self.zero[:, :, start // g : -(-end // g)]
+        return QuantizedTensor(
+            self.data[:, :, start:end], scale, zero, self.bits, self.group_size, self.axis, self.dtype
+        )
+
+    @staticmethod
+    def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
+        """Parts of one tensor along the tokens (same bits, group and axis; channel-axis parts whole
+        groups)."""
+        first = parts[0]
+        for p in parts[1:]:
+            if (p.bits, p.group_size, p.axis) != (first.bits, first.group_size, first.axis):
+                raise ValueError("QuantizedTensor.cat: parts differ in bits, group size or axis")
+        cat = lambda ts: torch.cat(ts, dim=2)  # noqa: E731
+        return QuantizedTensor(
+            cat([p.data for p in parts]), cat([p.scale for p in parts]), cat([p.zero for p in parts]),
+            first.bits, first.group_size, first.axis, first.dtype,
+        )  # fmt: skip
+
 
 def check_quantize_args(x: torch.Tensor, bits: int, group_size: int, axis: str) -> None:
     if bits not in BITS:

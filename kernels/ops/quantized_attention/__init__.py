@@ -15,18 +15,22 @@ def quantized_attention(
     v_res=None,
     *,
     kv_len=None,
+    key_mask=None,
     causal: bool = False,
     scale: float | None = None,
+    return_lse: bool = False,
     backend: str = "auto",
 ):
     """Attention of q [B, Hq, Lq, D] over [dequant(k_q); k_res] / [dequant(v_q); v_res]: quantized
-    K/V [B, Hkv, Lz, D] (any axis, bits, group) and the most recent R tokens unquantized [B, Hkv, R, D].
-    On CUDA the codes are dequantized in registers inside the attention loop (no dequantized copy)."""
+    K/V [B, Hkv, Lz, D] (any axis, bits, group) and the most recent R tokens unquantized [B, Hkv, R, D];
+    key_mask [B, Lz + R] or [B, Hkv, Lz + R]. The codes are never dequantized whole: in registers
+    inside the attention loop on CUDA, a chunk at a time in the torch reference."""
+    kw = dict(kv_len=kv_len, key_mask=key_mask, causal=causal, scale=scale, return_lse=return_lse)
     if use_triton(backend, q):
         from .triton import quantized_attention as quantized_attention_triton
 
-        return quantized_attention_triton(q, k_q, v_q, k_res, v_res, kv_len=kv_len, causal=causal, scale=scale)
-    return quantized_attention_reference(q, k_q, v_q, k_res, v_res, kv_len=kv_len, causal=causal, scale=scale)
+        return quantized_attention_triton(q, k_q, v_q, k_res, v_res, **kw)
+    return quantized_attention_reference(q, k_q, v_q, k_res, v_res, **kw)
 
 
 __all__ = ["quantized_attention", "quantized_attention_reference"]

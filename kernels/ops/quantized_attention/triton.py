@@ -11,6 +11,7 @@ import triton.language as tl
 
 from ..attention.triton import (
     LOG2E,
+    _mask_strides,
     _online_softmax_tile,
     _store_rows,
     launch_config,
@@ -35,7 +36,9 @@ def _quantized_attention_fwd(
     K_RES,
     V_RES,
     OUT,
+    LSE,
     KV_LEN,
+    KEY_MASK,
     O_PART,
     ML_PART,
     stride_qb,
@@ -50,6 +53,9 @@ def _quantized_attention_fwd(
     stride_oh,
     stride_ol,
     stride_od,
+    stride_mb,
+    stride_mh,
+    stride_ml,
     Hkv,
     Lq,
     Lz,
@@ -68,9 +74,11 @@ def _quantized_attention_fwd(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_KV_LEN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hkv = i_bh // Hkv, i_bh % Hkv
@@ -102,6 +110,9 @@ def _quantized_attention_fwd(
         b_k = dequantize_tile(K_DATA, K_SCALE, K_ZERO, i_bh, o_n, o_d, tile, Lz, D, K_BITS, K_G, K_CHANNEL)
         b_v = dequantize_tile(V_DATA, V_SCALE, V_ZERO, i_bh, o_n, o_d, tile, Lz, D, V_BITS, V_G, V_CHANNEL)
         valid = m_n[None, :] & m_rows[:, None]
+        if HAS_MASK:
+            keep = tl.load(KEY_MASK + i_b * stride_mb + i_hkv * stride_mh + o_n * stride_ml, mask=m_n, other=0)
+            valid = valid & (keep != 0)[None, :]
         if CAUSAL:
             valid = valid & (o_n[None, :] <= q_pos[:, None])
         b_m, b_l, b_acc = _online_softmax_tile(
@@ -117,6 +128,9 @@ def _quantized_attention_fwd(
         b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
         b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
         valid = m_n[None, :] & m_rows[:, None]
+        if HAS_MASK:
+            keep = tl.load(KEY_MASK + i_b * stride_mb + i_hkv * stride_mh + o_n * stride_ml, mask=m_n, other=0)
+            valid = valid & (keep != 0)[None, :]
         if CAUSAL:
             valid = valid & (o_n[None, :] <= q_pos[:, None])
         b_m, b_l, b_acc = _online_softmax_tile(
@@ -124,6 +138,7 @@ def _quantized_attention_fwd(
         )
     _store_rows(
         OUT,
+        LSE,
         O_PART,
         ML_PART,
         b_m,
@@ -144,6 +159,7 @@ def _quantized_attention_fwd(
         Lq,
         D,
         NUM_SPLITS,
+        RETURN_LSE,
     )
 
 
@@ -155,14 +171,16 @@ def quantized_attention(
     v_res=None,
     *,
     kv_len=None,
+    key_mask=None,
     causal: bool = False,
     scale: float | None = None,
+    return_lse: bool = False,
     num_splits: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+):
     """Triton version of `reference.quantized_attention`; `out` may be a preallocated output."""
-    check_quantized_inputs(q, k_q, v_q, k_res, v_res)
+    check_quantized_inputs(q, k_q, v_q, k_res, v_res, key_mask)
     b, hq, lq, d = q.shape
     _, hkv, lz, _ = k_q.shape
     if q.shape[0] != b or q.shape[3] != d or hq % hkv:
@@ -177,6 +195,7 @@ def quantized_attention(
     out = torch.empty_like(q) if out is None else out
     block_m, block_n, block_d, num_splits, split_len, m_blocks = launch_config(q, groups, lz + r, num_splits, block_n)
     o_part, ml_part = split_workspace(q, num_splits)
+    lse = q.new_empty((b, hq, lq), dtype=torch.float32) if return_lse else None
     _quantized_attention_fwd[(m_blocks, b * hkv, num_splits)](
         q,
         k_q.data,
@@ -188,12 +207,15 @@ def quantized_attention(
         k_res,
         v_res,
         out,
+        lse if lse is not None else ml_part,
         kv_len if kv_len is not None else q,
+        key_mask.view(torch.uint8) if key_mask is not None else q,
         o_part,
         ml_part,
         *q.stride(),
         *k_res.stride(),
         *out.stride(),
+        *_mask_strides(key_mask),
         hkv,
         lq,
         lz,
@@ -212,10 +234,12 @@ def quantized_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         HAS_KV_LEN=kv_len is not None,
+        HAS_MASK=key_mask is not None,
         CAUSAL=causal,
         NUM_SPLITS=num_splits,
         DOT_FP32=interpreting() or q.dtype == torch.float32,
+        RETURN_LSE=return_lse,
     )
     if num_splits > 1:
-        reduce_splits(out, o_part, ml_part, num_splits)
-    return out
+        reduce_splits(out, lse, o_part, ml_part, num_splits)
+    return (out, lse) if return_lse else out
