@@ -134,7 +134,7 @@ class GUIAgentSession:
 
     def _save(self) -> dict:
         """What a step changes, to put back if it fails: the session's fields and, per cache layer, its
-        fields (a step replaces a layer's tensors, it never writes into them)."""
+        fields and a snapshot of its stored segment."""
         cache = self.cache
         state = {k: v for k, v in self.__dict__.items() if k != "cache"}
         state["history"], state["visual_tokens"], state["stats"] = (
@@ -142,7 +142,7 @@ class GUIAgentSession:
             dict(self.visual_tokens),
             list(self.stats),
         )
-        layers = None if cache is None else [dict(layer.__dict__) for layer in cache.layers]
+        layers = None if cache is None else [_layer_state(layer) for layer in cache.layers]
         return {"session": state, "cache": cache, "layers": layers}
 
     def _restore(self, saved: dict) -> None:
@@ -313,6 +313,13 @@ class GUIAgentSession:
             return
         cutoff = self.screenshots - self.max_screenshots
         self.cache.drop_tagged(lambda tags: (tags >= 0) & (tags < cutoff))
+
+
+def _layer_state(layer) -> dict:
+    state = dict(layer.__dict__)
+    if layer.segment is not None:
+        state["segment"] = layer.segment.snapshot()
+    return state
 
 
 def _compression_parts(compression, budget) -> tuple[EvictionPolicy | None, BudgetAllocator | None, float]:

@@ -10,33 +10,37 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.quantize import BITS, GROUP_SIZES, QuantizedTensor, dequantize_kv, quantize_kv
+from ..ops.quantized_attention import quantized_attention
+from ..store import DenseKV, KVData
 from .base import EvictionPolicy, QuantizationPolicy, ScoreInputs, check_positive
 from .eviction import H2O
 
 
-class KIVIStore:
-    """Quantized prefix (keys per channel, values per token) + a full-precision residual of recent
-    tokens; whenever the residual exceeds `residual` tokens, its oldest `group` tokens are quantized."""
+class KIVIStore(KVData):
+    """Quantized entries (keys per channel, values per token; one `QuantizedTensor` each) and a
+    full-precision residual of the newest; whenever the residual exceeds `residual` tokens, its oldest
+    whole groups are quantized. Attention reads the codes through `ops.quantized_attention`: dequantized
+    in registers (Triton) or a chunk at a time (torch), never a full-precision copy of the cache."""
 
     def __init__(self, policy: KIVI, keys: torch.Tensor, values: torch.Tensor):
         self.policy = policy
-        self.k_parts: list[QuantizedTensor] = []
-        self.v_parts: list[QuantizedTensor] = []
+        self.k_codes: QuantizedTensor | None = None
+        self.v_codes: QuantizedTensor | None = None
         self.k_res, self.v_res = keys[:, :, :0], values[:, :, :0]
         self.append(keys, values)
 
     @property
-    def length(self) -> int:
-        return sum(p.shape[2] for p in self.k_parts) + self.k_res.shape[2]
+    def quantized_length(self) -> int:
+        return 0 if self.k_codes is None else self.k_codes.shape[2]
 
     @property
-    def nbytes(self) -> int:
-        return self.nbytes_as(None)
+    def length(self) -> int:
+        return self.quantized_length + self.k_res.shape[2]
 
     def nbytes_as(self, element_bytes: int | None) -> int:
         """Codes and scales as stored; the residual at `element_bytes` per entry (None: its dtype's)."""
-        parts = sum(p.nbytes for p in self.k_parts + self.v_parts)
-        return parts + 2 * self.k_res.numel() * (element_bytes or self.k_res.element_size())
+        codes = 0 if self.k_codes is None else self.k_codes.nbytes + self.v_codes.nbytes
+        return codes + 2 * self.k_res.numel() * (element_bytes or self.k_res.element_size())
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         p = self.policy
@@ -45,17 +49,28 @@ class KIVIStore:
         spill = max(0, self.k_res.shape[2] - p.residual)
         spill -= spill % p.group_size
         if spill:
-            self.k_parts.append(quantize_kv(self.k_res[:, :, :spill], p.bits, p.group_size, "channel"))
+            k = quantize_kv(self.k_res[:, :, :spill], p.bits, p.group_size, "channel")
             value_group = min(p.group_size, self.v_res.shape[3])  # per-token groups cannot exceed the head dim
-            self.v_parts.append(quantize_kv(self.v_res[:, :, :spill], p.bits, value_group, "token"))
+            v = quantize_kv(self.v_res[:, :, :spill], p.bits, value_group, "token")
+            self.k_codes = k if self.k_codes is None else QuantizedTensor.cat([self.k_codes, k])
+            self.v_codes = v if self.v_codes is None else QuantizedTensor.cat([self.v_codes, v])
             self.k_res, self.v_res = self.k_res[:, :, spill:], self.v_res[:, :, spill:]
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-precision K/V (dequantized prefix + residual) for attention."""
+        """Full-precision K/V (a dequantized copy of the codes + the residual): for scoring, not attention."""
+        if self.k_codes is None:
+            return self.k_res, self.v_res
         dtype = self.k_res.dtype
-        keys = [dequantize_kv(p, dtype) for p in self.k_parts] + [self.k_res]
-        values = [dequantize_kv(p, dtype) for p in self.v_parts] + [self.v_res]
-        return torch.cat(keys, 2), torch.cat(values, 2)
+        keys = torch.cat([dequantize_kv(self.k_codes, dtype), self.k_res], 2)
+        return keys, torch.cat([dequantize_kv(self.v_codes, dtype), self.v_res], 2)
+
+    def attend(self, q, key_mask, scale=None, causal: bool = False, backend: str = "auto"):
+        if self.k_codes is None:
+            return DenseKV(self.k_res, self.v_res).attend(q, key_mask, scale, causal, backend)
+        return quantized_attention(
+            q, self.k_codes, self.v_codes, self.k_res, self.v_res, key_mask=key_mask, scale=scale, causal=causal,
+            return_lse=True, backend=backend,
+        )  # fmt: skip
 
 
 @dataclass
@@ -87,8 +102,9 @@ def _bytes(t: torch.Tensor, element_bytes: int | None) -> int:
     return t.numel() * (element_bytes or t.element_size()) if t.is_floating_point() else t.numel() * t.element_size()
 
 
-class _ResidualStore:
-    """Shared: a compressed prefix (built once) + new tokens kept in full precision."""
+class _ResidualStore(KVData):
+    """Shared: a compressed prefix (built once) + new tokens kept in full precision. Attention reads a
+    full-precision copy (`KVData.attend`): these stores save memory at rest, not reads."""
 
     def __init__(self, prefix_length: int, like: torch.Tensor):
         self.prefix_length = prefix_length

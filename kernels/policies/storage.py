@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..store import KVData
 from .base import QuantizationPolicy, ScoreInputs
 from .quant import _bytes, _ResidualStore
 
@@ -96,7 +97,7 @@ class MiniCache(QuantizationPolicy):
         return MergedView(shared, 0, lower), MergedView(shared, 1, upper)
 
 
-class PlainStore:
+class PlainStore(KVData):
     """Full-precision store (the starting point of layers MiniCache has not merged)."""
 
     def __init__(self, keys, values):
@@ -162,7 +163,7 @@ class MergedPair:
         return total
 
 
-class MergedView:
+class MergedView(KVData):
     """One layer's window on a `MergedPair`, plus its own new tokens; the pair's bytes are counted once
     (by the upper layer)."""
 

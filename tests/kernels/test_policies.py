@@ -218,7 +218,9 @@ def test_query_policies_need_the_model():
 def test_quantized_cache_generates_close_to_full():
     model = tiny_llama()
     ids = torch.randint(1, 200, (1, 96))
-    cache = CompressedCache(quantizer=KIVI(bits=8, group_size=32, residual=32))
+    with pytest.raises(ValueError, match="KIVI stores quantized entries: build the cache with"):
+        model(ids, **cache_argument(CompressedCache(quantizer=KIVI())))
+    cache = CompressedCache(quantizer=KIVI(bits=8, group_size=32, residual=32), model=model)
     with torch.no_grad():
         logits_q = model(ids, **cache_argument(cache)).logits
         step_q = model(torch.tensor([[5]]), **cache_argument(cache)).logits
