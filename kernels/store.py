@@ -46,6 +46,19 @@ class KVData:
     def nbytes_as(self, element_bytes: int | None) -> int:
         raise NotImplementedError
 
+    def zeros(self, n: int) -> torch.Tensor:
+        """Zeros [B, H, n, D] in the entries' full-precision dtype (fillers)."""
+        keys, _ = self.read()
+        return keys.new_zeros(*keys.shape[:2], n, keys.shape[3])
+
+    def select_rows(self, rows: torch.LongTensor) -> KVData:
+        """The data of these batch rows (the stores a diffusion-LM cache holds implement it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot select batch rows")
+
+    def with_rows(self, rows: torch.LongTensor, other: KVData) -> KVData:
+        """Data whose batch rows `rows` are `other`'s (same kind and length); self is left as it is."""
+        raise NotImplementedError(f"{type(self).__name__} cannot replace batch rows")
+
     @property
     def nbytes(self) -> int:
         return self.nbytes_as(None)
@@ -78,6 +91,12 @@ class DenseKV(KVData):
 
     def nbytes_as(self, element_bytes: int | None) -> int:
         return 2 * self.keys.numel() * (element_bytes or self.keys.element_size())
+
+    def select_rows(self, rows):
+        return DenseKV(self.keys[rows], self.values[rows])
+
+    def with_rows(self, rows, other):
+        return DenseKV(self.keys.index_copy(0, rows, other.keys), self.values.index_copy(0, rows, other.values))
 
     def attend(self, q, key_mask, scale=None, causal: bool = False, backend: str = "auto"):
         return attention(
@@ -138,6 +157,29 @@ class KVSegment:
         if given: e.g. a recall policy's choice for this step)."""
         mask = self.valid if key_mask is None else self.valid & key_mask
         return self.data.attend(q, mask, scale=scale, causal=causal, backend=backend)
+
+    def select_rows(self, rows: torch.LongTensor) -> KVSegment:
+        """A segment of these batch rows (sharing nothing that later changes to this one touch)."""
+        return KVSegment(self.data.select_rows(rows), self.valid[rows], self.origin[rows], self.tags[rows])
+
+    def set_rows(self, rows: torch.LongTensor, other: KVSegment) -> None:
+        """Replace batch rows `rows` by `other`'s [len(rows), H, S', D]; the shorter of the two is first
+        extended by invalid entries so both hold the same number of entries."""
+        if other.length > self.length:
+            self.pad(other.length - self.length)
+        elif other.length < self.length:
+            other = other.snapshot()
+            other.pad(self.length - other.length)
+        self.data = self.data.with_rows(rows, other.data)
+        self.valid = self.valid.index_copy(0, rows, other.valid)
+        self.origin = self.origin.index_copy(0, rows, other.origin)
+        self.tags = self.tags.index_copy(0, rows, other.tags)
+
+    def pad(self, n: int) -> None:
+        """`n` invalid entries at the end (zeros, origin -1)."""
+        zeros = self.data.zeros(n)
+        none = torch.zeros(zeros.shape[:3], dtype=torch.bool, device=zeros.device)
+        self.append(zeros, zeros, valid=none, origin=torch.full_like(none, -1, dtype=torch.long))
 
     def append(self, keys, values, valid=None, origin=None, tags=None) -> None:
         """New entries [B, H, n, D] at the end (valid by default; origin / tags [B, H, n] or [B, n])."""

@@ -6,6 +6,7 @@
     python scripts/bench_dlm.py --device cuda --dtype bfloat16 --model GSAI-ML/LLaDA-8B-Instruct
     python scripts/bench_dlm.py --modes \\
         "none;freecache:suffix_window=0;freecache:suffix_window=0+guide:path=random,top_k=32768,relative=0"
+    python scripts/bench_dlm.py --long --memory --out results/bench_long.json   # long prompts, compressed
 
 The default model is a random-weight LLaDA-architecture model built from a config (d_model 768,
 12 layers, 12 heads, SwiGLU 2048, vocab 32768: 135M parameters) fed random prompt ids. Every mode
@@ -15,6 +16,12 @@ load drift hits them alike), tokens/s, ms per step, forwards, tokens fed, KV-buf
 agreement with `none`, speedup over `none`; plus the time of a plain full forward (all logits) per
 step, the floor `none` must not exceed. --memory also runs each mode in a fresh process (one step per
 block: the same shapes, so the same peak) and reports its peak RSS (CPU) or peak allocated memory (CUDA).
+
+--long measures long prompts (--prompt-lens, default 1024,4096,8192) for FreeCache's token mode
+uncompressed and with its prompt KV compressed (--modes, default LONG_MODES); `none` would take hours
+there, so speedups are over the first mode. Per mode it also reports the first step alone (the
+prefill: the full forward and the compression) and the median step (a cached step), and writes a
+plot next to the JSON.
 
 Guided modes name a guide as in `dlmcache.run_config`; `path=random` is a random-weight Llama causal LM
 over the same synthetic vocabulary (4 layers, hidden 256: 10M parameters, about 1/13 of the DLM, the
@@ -28,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +60,14 @@ DEFAULT_MODES = [
     "dual+threshold=0.9",
     "freecache:suffix_window=0+threshold=0.9",
     "freecache:suffix_window=0+guide:path=random,top_k=32768,relative=0",
+]
+
+TOKEN_MODE = "freecache:suffix_window=0,freeze=token"
+LONG_MODES = [
+    TOKEN_MODE,
+    TOKEN_MODE + ",policy=maskkv,budget=0.25",
+    TOKEN_MODE + ",policy=maskkv,budget=0.1",
+    TOKEN_MODE + ",policy=maskkv,budget=0.25,quantizer=kivi4",
 ]
 
 
@@ -92,11 +106,16 @@ def build(args) -> tuple[DLMPipeline, torch.Tensor]:
         pipe = DLMPipeline.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     pipe.model.set_linear_backend(args.linear)
+    return pipe, prompt_ids(pipe, args.batch, args.prompt_len)
+
+
+def prompt_ids(pipe, batch: int, length: int) -> torch.Tensor:
+    """Random prompt ids [batch, length] (never the mask id), the same for every mode."""
     gen = torch.Generator().manual_seed(1)
     vocab = pipe.model.get_input_embeddings().num_embeddings
-    ids = torch.randint(3, min(vocab, len(pipe.tokenizer)), (args.batch, args.prompt_len), generator=gen)
+    ids = torch.randint(3, min(vocab, len(pipe.tokenizer)), (batch, length), generator=gen)
     ids[ids == pipe.mask_token_id] = 3
-    return pipe, ids
+    return ids
 
 
 def sync(device: str) -> None:
@@ -105,12 +124,24 @@ def sync(device: str) -> None:
 
 
 def run_mode(pipe, ids, mode: str, args, load_guide):
+    """(seconds, output) of one generation; `output.step_seconds` lists each step's duration."""
     RunConfig.parse(mode).apply(pipe, load_guide=load_guide)
+    marks = []
+
+    def mark(pipe, step, state):
+        sync(args.device)
+        marks.append(time.perf_counter())
+
     sync(args.device)
     t0 = time.perf_counter()
-    out = pipe(ids, max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps)
+    out = pipe(
+        ids, max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
+        callback_on_step_end=mark,
+    )  # fmt: skip
     sync(args.device)
-    return time.perf_counter() - t0, out
+    seconds = time.perf_counter() - t0
+    out.step_seconds = [b - a for a, b in zip([t0] + marks[:-1], marks, strict=True)]
+    return seconds, out
 
 
 def plain_forward_seconds(pipe, ids, args) -> float:
@@ -146,20 +177,30 @@ def child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
-        before = current_rss_mib()
-    run_mode(pipe, ids, args.child, args, pipe.scheduler, GuideLoader(pipe, args))
+        before = reset_peak_rss()
+    run_mode(pipe, ids, args.child, args, GuideLoader(pipe, args))
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = status_mib("VmHWM")
     print(json.dumps({"peak_mib": peak, "model_loaded_mib": before}))
 
 
-def current_rss_mib() -> float:
+def status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak_rss() -> float:
+    """Reset the process's peak RSS to its current RSS (Linux: writing 5 to clear_refs), so the peak
+    read later is that of decoding, not of building the model; returns the current RSS (MiB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # the peak then includes the model's construction
+    return status_mib("VmRSS")
 
 
 def main() -> None:
@@ -179,34 +220,67 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="peak memory per mode, each in a fresh process")
+    ap.add_argument("--long", action="store_true", help="long prompts (--prompt-lens), FreeCache compressed or not")
+    ap.add_argument("--prompt-lens", type=lambda t: [int(x) for x in t.split(",")], default=[1024, 4096, 8192])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
     torch.set_num_threads(args.threads)
+    if args.long and args.modes == ";".join(DEFAULT_MODES):
+        args.modes = ";".join(LONG_MODES)
     modes = split_configs(args.modes)
     pipe, ids = build(args)
     load_guide = GuideLoader(pipe, args)
 
-    # Correctness first: FreeCache refreshing every step must be the no-cache reference, bit for bit.
+    # Correctness first: FreeCache refreshing every step must be the no-cache reference, bit for bit
+    # (on at most 256 prompt tokens: `none` at a long prompt would take long).
     short = dict(max_new_tokens=2 * args.block_length, block_length=args.block_length)
+    check_ids = ids[:, -256:]
     pipe.set_cache("none")
-    ref = pipe(ids, **short)
+    ref = pipe(check_ids, **short)
     pipe.set_cache("freecache", refresh_every=1)
-    exact = torch.equal(pipe(ids, **short).sequences, ref.sequences)
+    exact = torch.equal(pipe(check_ids, **short).sequences, ref.sequences)
     print(f"check: freecache(refresh_every=1) == none: {exact}", flush=True)
     if not exact:
         raise SystemExit("FreeCache(refresh_every=1) differs from no cache")
 
+    meta = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "exact_check": exact,
+    }
+    if not args.long:
+        rows, meta["plain_forward_seconds"] = bench(pipe, ids, modes, args, load_guide)
+        results = {"meta": meta, "modes": rows}
+    else:
+        results = {"meta": meta, "prompt_lens": {}}
+        for length in args.prompt_lens:
+            print(f"\n## prompt of {length} tokens", flush=True)
+            args.prompt_len = length
+            rows, plain = bench(pipe, prompt_ids(pipe, args.batch, length), modes, args, load_guide)
+            results["prompt_lens"][length] = {"modes": rows, "plain_forward_seconds": plain}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        if args.long:
+            plot_long(results, args.out.with_suffix(".png"))
+
+
+def bench(pipe, ids, modes, args, load_guide) -> tuple[dict, float]:
+    """Every mode on `ids`, --repeats times interleaved: a row per mode, and the plain forward's time."""
     times = {m: [] for m in modes}
-    outputs, plain_times = {}, []
+    outputs, step_times, plain_times = {}, {m: [] for m in modes}, []
     for r in range(args.repeats):
         # The floor `none` must not exceed, timed within every repeat so load drift hits it alike.
         plain_times.append(plain_forward_seconds(pipe, ids, args))
         for mode in modes:
             seconds, out = run_mode(pipe, ids, mode, args, load_guide)
             times[mode].append(seconds)
+            step_times[mode].append(out.step_seconds)
             outputs[mode] = out
             print(f"repeat {r} {mode:45s} {seconds:8.2f} s  nfe {out.nfe}", flush=True)
     plain = statistics.median(plain_times)
@@ -220,10 +294,13 @@ def main() -> None:
             "seconds_all": times[mode],
             "tokens_per_second": generated / sec,
             "ms_per_step": 1000 * sec / out.nfe,
+            "first_step_seconds": statistics.median(steps[0] for steps in step_times[mode]),
+            "median_step_ms": 1000 * statistics.median(statistics.median(steps[1:]) for steps in step_times[mode]),
             "nfe": out.nfe,
             "fed_tokens": out.stats["fed_tokens"],
             "full_forwards": out.stats["full_forwards"],
             "drift_refreshes": out.stats.get("drift_refreshes", 0),
+            "canvas_refreshes": out.stats.get("canvas_refreshes", 0),
             "kv_bytes": out.stats.get("kv_bytes", 0),
             "agreement_with_first_mode": (out.sequences == ref_seq).float().mean().item(),
         }
@@ -231,34 +308,61 @@ def main() -> None:
             mem = peak_memory(mode, args)
             rows[mode]["peak_mib"] = mem["peak_mib"]
             rows[mode]["decode_extra_mib"] = mem["peak_mib"] - mem["model_loaded_mib"]
-    base = rows[modes[0]]["seconds_median"]
+    base = rows[modes[0]]
     for mode in modes:
-        rows[mode]["speedup"] = base / rows[mode]["seconds_median"]
+        rows[mode]["speedup"] = base["seconds_median"] / rows[mode]["seconds_median"]
+        rows[mode]["step_speedup"] = base["median_step_ms"] / rows[mode]["median_step_ms"]
+        rows[mode]["kv_ratio"] = rows[mode]["kv_bytes"] / base["kv_bytes"] if base["kv_bytes"] else float("nan")
     print(
         f"\nplain full forward (all logits): {1000 * plain:.1f} ms; x {rows[modes[0]]['nfe']} steps = "
         f"{plain * rows[modes[0]]['nfe']:.1f} s\n"
     )
     mem = " peak MiB (above loaded model) |" if args.memory else ""
-    print(f"| mode | seconds | speedup | ms/step | forwards | full + drift refreshes | tokens fed | agreement |{mem}")
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.memory else ""))
+    print(
+        "| mode | seconds | speedup | first step s | median step ms | step speedup | full + drift (canvas) refreshes"
+        f" | tokens fed | KV MiB | KV ratio | agreement |{mem}"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.memory else ""))
     for mode, r in rows.items():
         extra = f" {r['peak_mib']:.0f} ({r['decode_extra_mib']:+.0f}) |" if args.memory else ""
         print(
-            f"| {mode} | {r['seconds_median']:.1f} | {r['speedup']:.2f}x | {r['ms_per_step']:.1f} | {r['nfe']} | "
-            f"{r['full_forwards']} + {r['drift_refreshes']} | {r['fed_tokens']:.0f} | "
-            f"{100 * r['agreement_with_first_mode']:.0f}% |{extra}"
+            f"| {mode} | {r['seconds_median']:.1f} | {r['speedup']:.2f}x | {r['first_step_seconds']:.2f} | "
+            f"{r['median_step_ms']:.1f} | {r['step_speedup']:.2f}x | {r['full_forwards']} + {r['drift_refreshes']} "
+            f"({r['canvas_refreshes']:g}) | {r['fed_tokens']:.0f} | {r['kv_bytes'] / 2**20:.1f} | "
+            f"{r['kv_ratio']:.3f} | {100 * r['agreement_with_first_mode']:.0f}% |{extra}"
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "plain_forward_seconds": plain,
-            "exact_check": exact,
-        }
-        args.out.write_text(json.dumps({"meta": meta, "modes": rows}, indent=1))
+    return rows, plain
+
+
+def plot_long(results: dict, path: Path) -> None:
+    """Seconds, median step and KV bytes per prompt length, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted(results["prompt_lens"], key=int)
+    modes = list(results["prompt_lens"][lengths[0]]["modes"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = (("seconds_median", "end to end, s"), ("median_step_ms", "cached step, ms"), ("kv_bytes", "KV MiB"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for mode in modes:
+            ys = [results["prompt_lens"][n]["modes"][mode][key] for n in lengths]
+            ys = [y / 2**20 for y in ys] if key == "kv_bytes" else ys
+            ax.plot(
+                [int(n) for n in lengths],
+                ys,
+                marker="o",
+                label=mode.removeprefix(TOKEN_MODE).lstrip(",") or "uncompressed",
+            )
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(title)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("FreeCache token mode, prompt KV compressed or not (random 135M LLaDA, CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

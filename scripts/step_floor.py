@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dlmcache.cache import KVBuffer
+from dlmcache.cache import CanvasStore, Layout, Refresh, Window
 from dlmcache.testing import llada_135m
 
 
@@ -56,11 +56,15 @@ def main() -> None:
 
     x = torch.randint(3, 32768, (1, args.canvas))
     positions = torch.arange(args.canvas)[None]
-    kv = KVBuffer(model, None, 1, args.canvas)
     mid = args.canvas // 2
+    layout = Layout(torch.ones(1, args.canvas, dtype=torch.bool), positions, prompt_len=mid, block_length=16)
+    kv = CanvasStore(model, layout)
+
+    def refresh():
+        kv.begin(Refresh(), x, None, None)
 
     def cached(n_logits: int):
-        kv.plan(mid, mid + 16, args.canvas)
+        kv.begin(Window(mid, mid + 16, args.canvas), x, None, torch.arange(mid, mid + 16))
         fed = slice(mid, mid + 16)
         model(x[:, fed], positions=positions[:, fed], cache=kv, logits_index=torch.arange(n_logits))
 
@@ -73,7 +77,7 @@ def main() -> None:
             )
         h = torch.randn(16, head.in_features, dtype=dtype)
         rows.setdefault("LM head over 16 rows", {})[backend] = median_ms(lambda h=h: head(h), args.repeats)
-        kv.plan()
+        refresh()
         model(x, positions=positions, cache=kv)
         rows.setdefault("cached forward, 16 fed tokens, 16 logits", {})[backend] = median_ms(
             lambda: cached(16), args.repeats
@@ -82,7 +86,7 @@ def main() -> None:
             lambda: cached(0), args.repeats
         )
         rows.setdefault(f"full forward, {args.canvas} tokens, 16 logits", {})[backend] = median_ms(
-            lambda: (kv.plan(), model(x, positions=positions, cache=kv, logits_index=torch.arange(16))), 3
+            lambda: (refresh(), model(x, positions=positions, cache=kv, logits_index=torch.arange(16))), 3
         )
 
     print(f"{n_params / 1e6:.1f}M weights in the layers ({n_params * flat.element_size() / 2**20:.0f} MiB), {dtype}")

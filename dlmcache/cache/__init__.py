@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from .base import CacheStats, DenoisingCache, Layout, NoCache
-from .buffer import KVBuffer
 from .freecache import FreeCache
+from .plans import Refresh, Scatter, Window
 from .reuse import DualCache, KVReuseCache, PrefixCache
+from .rules import BlockFreeze, RefreshEvery, RefreshNever, RefreshOnDrift, TokenFreeze
+from .store import CanvasStore, prompt_compression
 
 CACHES: dict[str, type[DenoisingCache]] = {
     "none": NoCache,
@@ -30,15 +32,24 @@ def make_cache(cache: str | DenoisingCache = "none", **options) -> DenoisingCach
 
 
 __all__ = [
+    "BlockFreeze",
     "CACHES",
+    "CanvasStore",
     "CacheStats",
     "DenoisingCache",
     "DualCache",
     "FreeCache",
-    "KVBuffer",
     "KVReuseCache",
     "Layout",
     "NoCache",
     "PrefixCache",
+    "Refresh",
+    "RefreshEvery",
+    "RefreshNever",
+    "RefreshOnDrift",
+    "Scatter",
+    "TokenFreeze",
+    "Window",
     "make_cache",
+    "prompt_compression",
 ]

@@ -1,77 +1,124 @@
 """KV reuse across denoising steps: the shared loop and Fast-dLLM's prefix and dual caches.
 
-Every strategy here keeps one `KVBuffer` and, per step, either refreshes it with a full forward or
-feeds a window of positions that attends to cached KV for the rest. They differ only in `_plan`.
+Every strategy here keeps one `CanvasStore` and, per step, either refreshes it (`plans.Refresh`) or
+feeds some positions that attend to cached KV for the rest (`plans.Window`, `plans.Scatter`). They
+differ only in `_plan`. Each can also compress the prompt's KV with the shared policies
+(`store.prompt_compression`): evicted to a budget and / or stored in KIVI's packed codes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import DenoisingCache
-from .buffer import KVBuffer
-
-
-@dataclass
-class Plan:
-    """What the next forward computes: everything (`full`), or positions [start, end) (or the sorted
-    positions `index`) attending to [0, attend_end) with cached KV for the rest."""
-
-    full: bool
-    start: int = 0
-    end: int = 0
-    attend_end: int = 0
-    index: torch.LongTensor | None = None
-    write: torch.Tensor | None = None  # [b, len(index)]: rows that store each fed position's KV
-    rows: torch.LongTensor | None = None  # the batch rows this forward feeds (None: all)
+from .plans import Plan, Refresh, Scatter, Window
+from .store import CanvasStore, prompt_compression
 
 
 class KVReuseCache(DenoisingCache):
-    """Base of the KV-reusing strategies: allocation, the refresh/window dispatch and statistics."""
+    """Base of the KV-reusing strategies: the store, the plan dispatch and statistics.
+
+    Options every KV-reusing cache takes, to compress the prompt's KV after the first forward:
+      policy: an eviction policy by registry name or instance (None: keep every prompt entry);
+        budget: the fraction of each row's prompt kept, in (0, 1], or a token count; allocator: how
+        the budget splits over layers ("uniform", "pyramid"); quantizer: "kivi2" / "kivi4" / "kivi8"
+        or a `KIVI`. See `store.prompt_compression` for what is refused and why.
+      refresh_prompt: with a compressed prompt, whether a refresh after the first forward recomputes
+        the prompt too (and compresses it again). Default False: a refresh recomputes the generation
+        region against the compressed prompt, whose KV (that of the first forward, computed while the
+        whole answer was masked) stays; docs/results.md measures both.
+    """
+
+    def __init__(
+        self, policy=None, budget: float | int = 1.0, allocator=None, quantizer=None, refresh_prompt: bool = False
+    ):
+        super().__init__()
+        self.compression = prompt_compression(policy, budget, allocator, quantizer)
+        if not isinstance(refresh_prompt, bool):
+            raise TypeError(f"refresh_prompt={refresh_prompt!r} must be a bool")
+        self.refresh_prompt = refresh_prompt
+
+    def _compression_repr(self) -> str:
+        c = self.compression
+        if c is None:
+            return ""
+        policy = None if c.policy is None else c.policy.name
+        quantizer = None if c.quantizer is None else f"kivi{c.quantizer.bits}"
+        return f", policy={policy!r}, budget={c.budget}, quantizer={quantizer!r}, refresh_prompt={self.refresh_prompt}"
 
     def prepare(self, model, layout) -> None:
         super().prepare(model, layout)
-        self.kv = KVBuffer(model, self.attention_mask, batch=layout.key_mask.shape[0], length=layout.length)
+        self.store = CanvasStore(model, layout, self.compression)
         self.shift = model.logit_shift
-        self.stats.extra["kv_bytes"] = self.kv.nbytes
+        self.stats.extra.update(kv_bytes=self.store.nbytes, canvas_refreshes=0)
 
-    def _plan(self, targets: torch.LongTensor, start: int, end: int) -> Plan | list[Plan]:
-        """One plan for the batch, or several: the first for the whole batch, the next ones redo some
-        of its `rows` (one forward each; their logits replace those rows')."""
+    def _plan(self, canvas: torch.LongTensor, targets: torch.LongTensor, start: int, end: int) -> list[Plan]:
+        """The step's plans: the first for the whole batch, the next ones `Refresh` some of its rows
+        (one forward each; their logits replace those rows')."""
         raise NotImplementedError
 
     def _logits(self, x, targets, start, end):
-        self.canvas = x  # the plans of token-level strategies read it
-        plans = self._plan(targets, start, end)
-        if isinstance(plans, Plan):
-            return self._forward(x, targets, plans)
-        logits = self._forward(x, targets, plans[0])  # the whole batch first, then some of its rows
+        plans = self._plan(x, targets, start, end)
+        logits = self._forward(x, targets, plans[0])
         for plan in plans[1:]:
             logits[plan.rows] = self._forward(x, targets, plan)
+        self._after_step(x, plans)
+        self.stats.extra["kv_bytes"] = self.store.nbytes
         return logits
 
+    def _after_step(self, x: torch.LongTensor, plans: list[Plan]) -> None:
+        """Called once the step's forwards have run (the drift rule measures here)."""
+
+    def _refresh(self) -> Refresh:
+        """The whole batch's refresh: the first recomputes the prompt, later ones as `refresh_prompt` says."""
+        return Refresh(prompt=self.step == 0 or self.refresh_prompt)
+
+    def _refresh_lead(self) -> int:
+        """With a compressed prompt, how many of its last positions a refresh of the canvas alone feeds
+        as queries (their KV stays as compressed): Dream predicts its first target from the prompt's
+        last position."""
+        return self.shift
+
     def _forward(self, x, targets, plan: Plan) -> torch.Tensor:
-        self.kv.select(plan.rows)
-        rows = slice(None) if plan.rows is None else plan.rows
-        if plan.full:
-            self.kv.plan()
-            return self.full_forward(x[rows], targets, kv=self.kv, rows=plan.rows)
-        if plan.index is not None:  # scattered positions (token-level freezing)
-            self.kv.plan_index(plan.index, plan.attend_end, plan.write)
-            fed, n_fed, logits_index = plan.index, plan.index.numel(), torch.searchsorted(plan.index, targets)
+        if isinstance(plan, Refresh):
+            rows = plan.rows
+            if plan.prompt or not self.store.compressed:
+                self.store.begin(plan, x, rows, None)
+                logits = self.full_forward(x if rows is None else x[rows], targets, kv=self.store, rows=rows)
+                self._observe(x, plan, torch.arange(self.layout.length, device=x.device))
+                return logits
+            # The generation region only, against the compressed prompt.
+            self.stats.extra["canvas_refreshes"] += self._share(rows)
+            length = self.layout.length
+            start = max(self.store.base - self._refresh_lead(), 0)
+            return self._cached_forward(x, targets, Window(start, length, length), rows, refresh=plan)
+        return self._cached_forward(x, targets, plan, None)
+
+    def _observe(self, x, plan: Plan, fed: torch.LongTensor) -> None:
+        """Called after every forward with the plan it ran (a canvas-only refresh as its `Refresh`) and
+        the positions it fed; the store's `fresh_values` holds their last-layer values."""
+
+    def _cached_forward(self, x, targets, plan: Window | Scatter, rows, refresh: Refresh | None = None) -> torch.Tensor:
+        if isinstance(plan, Scatter):
+            fed = plan.index
+            logits_index = torch.searchsorted(fed, targets)
         else:
-            # Targets lie in [start, end) of the block; every plan's window starts at or before
-            # start - shift, since Dream predicts token i from hidden state i-1.
-            self.kv.plan(plan.start, plan.end, plan.attend_end)
-            fed, n_fed, logits_index = slice(plan.start, plan.end), plan.end - plan.start, targets - plan.start
+            # Targets lie in [start, end) of the block; a window starts at or before start - shift,
+            # since Dream predicts token i from hidden state i-1.
+            fed = slice(plan.start, plan.end)
+            logits_index = targets - plan.start
+        index = fed if isinstance(fed, torch.Tensor) else torch.arange(plan.start, plan.end, device=x.device)
+        self.store.begin(plan, x, rows, index)
+        n_fed, share = index.numel(), self._share(rows)
         self.stats.forwards += 1
-        self.stats.fed_tokens += n_fed * self._share(plan.rows)
-        self.stats.reused_tokens += (plan.attend_end - n_fed) * self._share(plan.rows)
-        return self.model(
-            x[rows][:, fed], positions=self.layout.positions[rows][:, fed], cache=self.kv, logits_index=logits_index
-        ).logits
+        self.stats.fed_tokens += n_fed * share
+        self.stats.reused_tokens += (plan.attend_end - n_fed) * share
+        xs, positions = x, self.layout.positions
+        if rows is not None:
+            xs, positions = x[rows], positions[rows]
+        logits = self.model(xs[:, fed], positions=positions[:, fed], cache=self.store, logits_index=logits_index).logits
+        self._observe(x, refresh or plan, index)
+        return logits
 
 
 class PrefixCache(KVReuseCache):
@@ -81,9 +128,8 @@ class PrefixCache(KVReuseCache):
 
     name = "prefix"
 
-    def __init__(self):
-        super().__init__()
-        self._block = None
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._compression_repr().removeprefix(', ')})"
 
     def prepare(self, model, layout) -> None:
         super().prepare(model, layout)
@@ -94,11 +140,11 @@ class PrefixCache(KVReuseCache):
         self._block = start
         return new
 
-    def _plan(self, targets, start, end):
+    def _plan(self, canvas, targets, start, end):
         if self._new_block(start):
-            return Plan(full=True)
+            return [self._refresh()]
         length = self.layout.length
-        return Plan(full=False, start=start - self.shift, end=length, attend_end=length)
+        return [Window(start - self.shift, length, length)]
 
 
 class DualCache(PrefixCache):
@@ -107,7 +153,7 @@ class DualCache(PrefixCache):
 
     name = "dual"
 
-    def _plan(self, targets, start, end):
+    def _plan(self, canvas, targets, start, end):
         if self._new_block(start):
-            return Plan(full=True)
-        return Plan(full=False, start=start - self.shift, end=end, attend_end=self.layout.length)
+            return [self._refresh()]
+        return [Window(start - self.shift, end, self.layout.length)]

@@ -58,16 +58,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVStore(Protocol):
-    """What attention needs from a KV cache (implemented in `dlmcache.cache`).
+    """What attention needs from a KV cache (implemented by `dlmcache.cache.CanvasStore`).
 
-    `update` stores the freshly computed keys/values of the fed tokens (already rotated) for layer
-    `layer_idx` and returns the keys/values every fed query must attend to, plus their key mask
-    [B, L_k] (True = attend; None = all).
+    `attend` stores the freshly computed keys/values of the fed tokens (already rotated) for layer
+    `layer_idx` where the cache's current plan says, and returns the fed queries' attention output
+    [B, Hq, n, D] over every key the plan makes them see (cached and fresh).
     """
 
-    def update(
-        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -84,21 +84,23 @@ class AttentionInputs:
     backend: str = "auto"
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, inputs: AttentionInputs):
-    """Bidirectional attention of q [B, Hq, n, D] over k/v [B, Hkv, n, D] (or the cache's view).
-
-    GQA: Hq must be a multiple of Hkv; keys are shared by consecutive query heads.
-    """
-    if inputs.cache is not None:
-        k, v, key_mask = inputs.cache.update(layer_idx, k, v)
-    else:
-        key_mask = inputs.key_mask
-    if inputs.backend == "triton" or (inputs.backend == "auto" and q.is_cuda):
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, backend: str):
+    """Bidirectional attention of q [B, Hq, n, D] over k/v [B, Hkv, L, D], key_mask [B, L] (None: every
+    key): the Triton kernel ("triton", or "auto" on CUDA) or torch SDPA. GQA: Hq must be a multiple of
+    Hkv; keys are shared by consecutive query heads."""
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
         from dlmcache.kernels.ops import attention
 
         return attention(q, k, v, key_mask=key_mask, backend="triton")
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, inputs: AttentionInputs):
+    """The attention of one layer: through the cache when there is one, else over the fed tokens."""
+    if inputs.cache is not None:
+        return inputs.cache.attend(layer_idx, q, k, v, inputs.backend)
+    return dense_attention(q, k, v, inputs.key_mask, inputs.backend)
 
 
 LINEAR_BACKENDS = ("torch", "onednn")

@@ -2,7 +2,7 @@
 
 from .base import BudgetAllocator, EvictionPolicy, QuantizationPolicy, ScoreInputs, resolve_budget
 from .budget import CAKEBudget, D2OBudget, Pyramid, Uniform
-from .eviction import H2O, TOVA, CAKEScore, KNorm, RandomEviction, SnapKV, StreamingLLM
+from .eviction import H2O, TOVA, CAKEScore, KNorm, MaskKV, RandomEviction, SnapKV, StreamingLLM
 from .heads import AdaKV, DuoAttention, HeadKV, ragged_topk
 from .merge import D2O, EMS, KVCrush, merge_into_nearest
 from .patterns import FastGen, LaCache
@@ -11,8 +11,8 @@ from .recall import RECALL, ClusterKV, EpiCache, RecallPolicy, RetrievalAttentio
 from .storage import MiniCache, ThinK
 
 EVICTION = (
-    StreamingLLM, KNorm, RandomEviction, SnapKV, H2O, TOVA, CAKEScore, D2O, EMS, KVCrush, LaCache, AdaKV, HeadKV,
-    DuoAttention, FastGen,
+    StreamingLLM, KNorm, RandomEviction, SnapKV, H2O, TOVA, CAKEScore, MaskKV, D2O, EMS, KVCrush, LaCache, AdaKV,
+    HeadKV, DuoAttention, FastGen,
 )  # fmt: skip
 BUDGETS = (Uniform, Pyramid, CAKEBudget, D2OBudget)
 STORAGE = (KIVI, MiKV, GEAR, ThinK, MiniCache)
@@ -60,6 +60,7 @@ __all__ = [
     "CAKEScore",
     "EvictionPolicy",
     "KNorm",
+    "MaskKV",
     "Pyramid",
     "QuantizationPolicy",
     "RandomEviction",

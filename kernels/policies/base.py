@@ -27,8 +27,10 @@ class ScoreInputs:
     keys / values: [B, H_kv, L, D] (keys after RoPE); queries: [B, H_q, W, D] the last W queries of the
     prefill (after RoPE), when the model is attached; hidden: [B, L, d] the attention input (after the
     layer norm), when a policy needs it; key_mask: [B, L] or [B, H_kv, L], True for real tokens;
-    token_ids: [B, L]; tags: [B, H_kv, L] integer labels of the stored tokens that a caller set
-    (e.g. which screenshot a visual token came from, -1 for text; see `CompressedCache.token_tags`);
+    token_ids: [B, L]; mask_queries: [B, H_q, M, D] a diffusion LM's queries at its M still-masked
+    answer positions (after RoPE), whose attention over these keys MaskKV scores by; tags: [B, H_kv, L]
+    integer labels of the stored tokens that a caller set (e.g. which screenshot a visual token came
+    from, -1 for text; see `CompressedCache.token_tags`);
     budget: how many tokens this layer keeps (for scores that depend on it, as GUI-KV's);
     layer_idx / num_layers; scale: the attention scale (1/sqrt(D) by default); extra: anything a
     caller adds for a specific policy.
@@ -42,6 +44,7 @@ class ScoreInputs:
     hidden: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
+    mask_queries: torch.Tensor | None = None
     tags: torch.Tensor | None = None
     budget: int | None = None
     scale: float | None = None
@@ -93,6 +96,20 @@ class ScoreInputs:
         qf = self._grouped_queries(window)
         return self._attention_rows(qf, 0, qf.shape[3])
 
+    def mask_attention(self) -> torch.Tensor:
+        """Softmax attention of the masked answer positions' queries over these keys (without padded
+        keys), [B, H_kv, G, M, L] in float32: every answer position sees the whole prompt (a diffusion
+        LM attends bidirectionally). Rows without masked positions are empty (M = 0)."""
+        if self.mask_queries is None:
+            raise ValueError("this policy needs the masked positions' queries: only a diffusion-LM cache has them")
+        b, hq, m, d = self.mask_queries.shape
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
+        qf = self.mask_queries.float().view(b, self.heads, hq // self.heads, m, d) * scale
+        scores = torch.einsum("bhgmd,bhld->bhgml", qf, self.keys.float())
+        if self.key_mask is not None:
+            scores.masked_fill_(~self.head_mask[:, :, None, None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+
     def attention_received(self, window: int | None = None, chunk: int = 256) -> torch.Tensor:
         """Attention each key receives, summed over the last `window` queries (all when None), as
         [B, H_kv, G, L] float32: `window_attention(window).sum(3)` computed `chunk` queries at a time,
@@ -108,7 +125,7 @@ class ScoreInputs:
 class EvictionPolicy:
     """Base of the eviction scorers (each a small dataclass). Subclasses implement `score` and set
     `needs` to the inputs they read: "queries" (the last `window` queries), "all_queries" (every
-    prefill query), "hidden", "token_ids"."""
+    prefill query), "mask_queries" (a diffusion LM's masked positions), "hidden", "token_ids"."""
 
     name: ClassVar[str] = "base"
     needs: ClassVar[frozenset[str]] = frozenset()

@@ -138,3 +138,27 @@ class CAKEScore(EvictionPolicy):
         attn = inputs.window_attention(self.window)  # [B, H, G, W, L]
         indicator = attn.mean(3) + self.gamma * attn.var(3, unbiased=False)
         return pool1d(indicator.mean(2), self.kernel, "avg", inputs.head_mask)
+
+
+@dataclass
+class MaskKV(EvictionPolicy):
+    """The attention a diffusion LM's still-masked answer positions pay each prompt token (after MaskKV,
+    github jianuo-huang/MaskKV: in a DLM the masked answer is the question that looks at the prompt,
+    present from the first step): every masked position's softmax over the prompt, summed over those
+    positions, averaged over each KV head's query group, smoothed by `pooling` with `kernel` as SnapKV
+    smooths; per KV head. Only a diffusion-LM cache (`dlmcache.cache`) can supply the queries."""
+
+    kernel: int = 5
+    pooling: str = "avg"
+    name = "maskkv"
+    needs = frozenset({"mask_queries"})
+
+    def __post_init__(self):
+        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel={self.kernel!r} must be an odd integer >= 1")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling={self.pooling!r}: expected 'avg' or 'max'")
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        attn = inputs.mask_attention()  # [B, H, G, M, L]
+        return pool1d(attn.sum(3).mean(2), self.kernel, self.pooling, inputs.head_mask)

@@ -56,6 +56,34 @@ class KIVIStore(KVData):
             self.v_codes = v if self.v_codes is None else QuantizedTensor.cat([self.v_codes, v])
             self.k_res, self.v_res = self.k_res[:, :, spill:], self.v_res[:, :, spill:]
 
+    def zeros(self, n: int) -> torch.Tensor:
+        return self.k_res.new_zeros(*self.k_res.shape[:2], n, self.k_res.shape[3])
+
+    def _with(self, k_codes, v_codes, k_res, v_res) -> KIVIStore:
+        other = KIVIStore.__new__(KIVIStore)
+        other.policy, other.k_codes, other.v_codes, other.k_res, other.v_res = (
+            self.policy,
+            k_codes,
+            v_codes,
+            k_res,
+            v_res,
+        )
+        return other
+
+    def select_rows(self, rows):
+        codes = (None, None) if self.k_codes is None else (self.k_codes.rows(rows), self.v_codes.rows(rows))
+        return self._with(*codes, self.k_res[rows], self.v_res[rows])
+
+    def with_rows(self, rows, other):
+        if (self.quantized_length, self.length) != (other.quantized_length, other.length):
+            raise ValueError("KIVIStore.with_rows: the rows must split into codes and residual alike")
+        codes = (None, None)
+        if self.k_codes is not None:
+            codes = (self.k_codes.with_rows(rows, other.k_codes), self.v_codes.with_rows(rows, other.v_codes))
+        return self._with(
+            *codes, self.k_res.index_copy(0, rows, other.k_res), self.v_res.index_copy(0, rows, other.v_res)
+        )
+
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision K/V (a dequantized copy of the codes + the residual): for scoring, not attention."""
         if self.k_codes is None:

@@ -4,7 +4,18 @@ import pytest
 import torch
 
 from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler, ThresholdScheduler
-from dlmcache.cache import CACHES, DualCache, FreeCache, KVBuffer, NoCache, PrefixCache, make_cache
+from dlmcache.cache import (
+    CACHES,
+    CanvasStore,
+    DualCache,
+    FreeCache,
+    NoCache,
+    PrefixCache,
+    Refresh,
+    Scatter,
+    Window,
+    make_cache,
+)
 from tests.helpers import tiny_dream, tiny_llada
 
 PROMPTS = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many eggs does Tom have now?", "Hi"]
@@ -106,11 +117,11 @@ def test_window_over_fresh_cache_equals_full_forward(arch, tiny_tokenizer):
     targets = torch.arange(start, end)
     shift = model.logit_shift
     with torch.no_grad():
-        kv = KVBuffer(model, layout.key_mask, x.shape[0], length)
-        kv.plan()
+        kv = CanvasStore(model, layout)
+        kv.begin(Refresh(), x, None, None)
         full = model(x, positions=layout.positions, cache=kv, logits_index=targets).logits
         for w_start, w_end in [(start - shift, end), (start - shift, length), (3, end + 4)]:
-            kv.plan(w_start, w_end, length)
+            kv.begin(Window(w_start, w_end, length), x, None, torch.arange(w_start, w_end))
             got = model(
                 x[:, w_start:w_end],
                 positions=layout.positions[:, w_start:w_end],
@@ -120,18 +131,16 @@ def test_window_over_fresh_cache_equals_full_forward(arch, tiny_tokenizer):
             torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-10)
         # Dropping what lies beyond the window = a full forward of the truncated canvas.
         cut = end + 4
-        kv.plan()
-        model(x[:, :cut], positions=layout.positions[:, :cut], attention_mask=layout.key_mask[:, :cut])
         trunc = model(
             x[:, :cut],
             positions=layout.positions[:, :cut],
             attention_mask=layout.key_mask[:, :cut],
             logits_index=targets,
         ).logits
-        kv = KVBuffer(model, layout.key_mask, x.shape[0], length)
-        kv.plan(0, cut, cut)
+        kv = CanvasStore(model, layout)
+        kv.begin(Window(0, cut, cut), x, None, torch.arange(cut))
         model(x[:, :cut], positions=layout.positions[:, :cut], cache=kv)
-        kv.plan(start - shift, cut, cut)
+        kv.begin(Window(start - shift, cut, cut), x, None, torch.arange(start - shift, cut))
         got = model(
             x[:, start - shift : cut],
             positions=layout.positions[:, start - shift : cut],
@@ -188,10 +197,9 @@ class PlanLog(FreeCache):
         super().__init__(**options)
         self.log = log
 
-    def _plan(self, targets, start, end):
-        canvas = self.canvas[0].clone()
-        plans = super()._plan(targets, start, end)
-        self.log.append((canvas, targets.clone(), end, plans))
+    def _plan(self, canvas, targets, start, end):
+        plans = super()._plan(canvas, targets, start, end)
+        self.log.append((canvas[0].clone(), targets.clone(), end, plans))
         return plans
 
 
@@ -204,10 +212,29 @@ def test_freecache_window_schedule(tiny_tokenizer):
     run(pipe, cache, prompts=[PROMPTS[0]], max_new_tokens=16, block_length=8, steps=4)
     plans = [entry[3] for entry in log]
     p = len(pipe.encode_prompts(PROMPTS[0])[0])
-    assert [pl.full for pl in plans] == [True, False, False, False]
-    assert (plans[1].start, plans[1].end, plans[1].attend_end) == (p, p + 12, p + 16)  # block 0, frozen prompt
-    assert (plans[2].start, plans[2].end) == (p, p + 16)  # block 1 + the finished block 0 once more
-    assert (plans[3].start, plans[3].end) == (p + 8, p + 16)
+    assert plans[0] == [Refresh(prompt=True)]
+    assert plans[1] == [Window(p, p + 12, p + 16)]  # block 0, frozen prompt
+    assert plans[2] == [Window(p, p + 16, p + 16)]  # block 1 + the finished block 0 once more
+    assert plans[3] == [Window(p + 8, p + 16, p + 16)]
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_flashdlm_is_one_option(arch, tiny_tokenizer):
+    """flashdlm=True: FlashDLM's FreeCache: each step feeds from the active block's start (minus
+    Dream's predecessor) to the end of the canvas, a finished block is frozen as its last step left it
+    (no delayed step), and nothing is refreshed after the first forward."""
+    pipe = make_pipe(tiny_tokenizer, arch, LowConfidenceScheduler())
+    log = []
+    run(pipe, PlanLog(log, flashdlm=True), prompts=[PROMPTS[0]], max_new_tokens=16, block_length=8, steps=4)
+    p, length, shift = len(pipe.encode_prompts(PROMPTS[0])[0]), None, pipe.model.logit_shift
+    length = p + 16
+    starts = [p, p, p + 8, p + 8]
+    assert [entry[3] for entry in log] == [[Refresh(prompt=True)]] + [
+        [Window(s - shift, length, length)] for s in starts[1:]
+    ]
+    with pytest.raises(ValueError, match=r"drop \['freeze', 'refresh_drift'\]"):
+        FreeCache(flashdlm=True, freeze="token", refresh_drift=0.1)
+    assert repr(FreeCache(flashdlm=True)) == "FreeCache(flashdlm=True)"
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
@@ -224,10 +251,11 @@ def test_token_freezing_feeds_what_is_not_final(arch, tiny_tokenizer):
     assert out.stats["fed_tokens"] < block.stats["fed_tokens"]
     mask, shift = tiny_tokenizer.mask_token_id, pipe.model.logit_shift
     final = None
-    for (x, targets, end), pl in zip(seen, plans, strict=True):
-        if pl.full:
+    for (x, targets, end), (pl,) in zip(seen, plans, strict=True):
+        if isinstance(pl, Refresh):
             final = x != mask
             continue
+        assert isinstance(pl, Scatter)
         need = ~final
         need[end:] = False
         need[targets] = True
@@ -238,9 +266,9 @@ def test_token_freezing_feeds_what_is_not_final(arch, tiny_tokenizer):
 
 
 class DriftSpy(FreeCache):
-    """Records every step's plans with the canvas and each row's canvas at its last refresh, and at
-    every drift measurement the probe mask, the fresh last-layer values, the reference and the drift
-    (in lists shared with the copy each pipeline call works on)."""
+    """Records every step's plans with each row's canvas at its last refresh, and at every drift
+    measurement the probes (fed index, probe mask), the fresh last-layer values, the reference and the
+    drift (in lists shared with the copy each pipeline call works on)."""
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -249,19 +277,22 @@ class DriftSpy(FreeCache):
     def prepare(self, model, layout):
         super().prepare(model, layout)
         self.layouts.append(layout)
-        measure = self.kv._measure_drift
+        rule, observe = self.refresher, self.refresher.observe
 
-        def spy(v):
-            measure(v)
-            kv = self.kv
-            self.records.append((kv.probe.clone(), v.clone(), kv.reference.clone(), kv.drift.clone()))
+        def spy(refresh, rows, fed, values, canvas):
+            probe = rule.probe
+            reference = None if rule.reference is None else rule.reference.clone()
+            observe(refresh, rows, fed, values, canvas)
+            if not refresh and probe is not None:
+                self.records.append((probe[0], probe[1].clone(), values.clone(), reference, rule.drift.clone()))
 
-        self.kv._measure_drift = spy
+        rule.observe = spy
 
-    def _plan(self, targets, start, end):
-        before = None if self.refreshed_tokens is None else self.refreshed_tokens.clone()
-        plans = super()._plan(targets, start, end)
-        self.plans.append((plans if isinstance(plans, list) else [plans], before))
+    def _plan(self, canvas, targets, start, end):
+        tokens = self.refresher.refreshed_tokens
+        before = None if tokens is None else tokens.clone()
+        plans = super()._plan(canvas, targets, start, end)
+        self.plans.append((plans, before))
         return plans
 
 
@@ -281,19 +312,21 @@ def test_drift_refresh_follows_its_rule(arch, tiny_tokenizer):
     refreshes = split_steps = 0
     for plans, refreshed in cache.plans[1:]:
         if stale.all():
-            assert len(plans) == 1 and plans[0].full and plans[0].rows is None
+            assert plans == [Refresh(prompt=False)]
         else:
-            assert not plans[0].full and plans[0].rows is None
+            assert isinstance(plans[0], Scatter)
             if stale.any():  # the stale rows are then recomputed whole, on their own
                 split_steps += 1
-                assert len(plans) == 2 and plans[1].full and torch.equal(plans[1].rows, stale.nonzero().flatten())
+                assert len(plans) == 2 and isinstance(plans[1], Refresh)
+                assert torch.equal(plans[1].rows, stale.nonzero().flatten())
             else:
                 assert len(plans) == 1
         refreshes += int(stale.sum())
         drift = torch.zeros(len(PROMPTS))
-        if not plans[0].full:
+        if isinstance(plans[0], Scatter):
             plan = plans[0]
-            probe, fresh, reference, got = next(measured)
+            index, probe, fresh, reference, got = next(measured)
+            assert torch.equal(index, plan.index)
             for b in range(len(PROMPTS)):
                 if stale[b]:
                     assert not probe[b].any()
@@ -334,12 +367,18 @@ def test_cache_options_are_validated():
     assert sorted(CACHES) == ["dual", "freecache", "none", "prefix"]
 
 
-def test_buffer_rejects_bad_window(tiny_tokenizer):
-    kv = KVBuffer(tiny_llada(tiny_tokenizer), None, 1, 10)
+def test_plans_reject_bad_windows(tiny_tokenizer):
     with pytest.raises(ValueError, match="bad window"):
-        kv.plan(4, 3, 10)
-    with pytest.raises(ValueError, match="bad window"):
-        kv.plan(0, 11, 11)
+        Window(4, 3, 10)
+    with pytest.raises(ValueError, match="bad fed positions"):
+        Scatter(torch.tensor([3, 2]), None, 10)
+    with pytest.raises(ValueError, match="bad fed positions"):
+        Scatter(torch.tensor([3, 10]), None, 10)
+    pipe = make_pipe(tiny_tokenizer, "llada", LowConfidenceScheduler())
+    x, layout = pipe.prepare_canvas(pipe.encode_prompts(PROMPTS[:1]), 8)
+    store = CanvasStore(pipe.model, layout)
+    with pytest.raises(ValueError, match="attends past the canvas"):
+        store.begin(Window(0, 2, layout.length + 1), x, None, torch.arange(2))
 
 
 def test_from_pretrained_with_cache_options(tiny_tokenizer, tmp_path):

@@ -225,7 +225,7 @@ def test_model_classes_are_registered():
 def test_kernels_attention_backend_matches_sdpa(arch, tiny_tokenizer):
     """The models' attention through `kernels.ops.attention` (Triton; the interpreter on CPU), with a
     padded batch and through a windowed KV cache, equals torch SDPA."""
-    from dlmcache.cache import KVBuffer
+    from dlmcache.cache import CanvasStore, Layout, Refresh, Window
 
     model = BUILDERS[arch](tiny_tokenizer)
     ids = torch.randint(5, 280, (2, 12))
@@ -234,10 +234,10 @@ def test_kernels_attention_backend_matches_sdpa(arch, tiny_tokenizer):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         want = model(ids, positions=pos, attention_mask=mask).logits
-        kv = KVBuffer(model, mask.bool(), 2, 12)
-        kv.plan()
+        kv = CanvasStore(model, Layout(mask.bool(), pos, prompt_len=6, block_length=6))
+        kv.begin(Refresh(), ids, None, None)
         model(ids, positions=pos, cache=kv)
-        kv.plan(6, 9, 12)
+        kv.begin(Window(6, 9, 12), ids, None, torch.arange(6, 9))
         want_window = model(ids[:, 6:9], positions=pos[:, 6:9], cache=kv).logits
         model.set_attention_backend("triton")
         got = model(ids, positions=pos, attention_mask=mask).logits

@@ -61,7 +61,15 @@ def _refusal(name: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("name", sorted(cls.name for cls in EVICTION))
+AR_EVICTION = sorted(cls.name for cls in EVICTION if "mask_queries" not in cls.needs)  # MaskKV: diffusion LMs only
+
+
+def test_maskkv_is_refused_by_an_autoregressive_cache():
+    with pytest.raises(ValueError, match="MaskKV reads the still-masked answer positions' queries"):
+        CompressedCache(policy=get_policy("maskkv"), budget=0.5)
+
+
+@pytest.mark.parametrize("name", AR_EVICTION)
 def test_compress_every_works_for_every_policy_it_accepts(name):
     """It used to raise a size mismatch for key-only policies with the model attached and to be
     ignored silently for query policies."""

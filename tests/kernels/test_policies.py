@@ -95,6 +95,42 @@ def test_snapkv_rule():
     assert torch.equal(kept[..., :3], rest)
 
 
+def test_maskkv_rule():
+    """MaskKV by hand, in float64: each masked position's softmax over the (unpadded) prompt keys,
+    summed over the masked positions, averaged over the KV head's query group, then averaged over the
+    real keys among each key's neighbours (kernel 3); padding is never kept."""
+    g = torch.Generator().manual_seed(3)
+    b, hkv, hq, length, m, d = 2, 2, 4, 12, 5, 8
+    keys, values = torch.randn(b, hkv, length, d, generator=g), torch.randn(b, hkv, length, d, generator=g)
+    mask_queries = torch.randn(b, hq, m, d, generator=g)
+    key_mask = torch.ones(b, length, dtype=torch.bool)
+    key_mask[0, :3] = False
+    inp = ScoreInputs(keys=keys, values=values, mask_queries=mask_queries, key_mask=key_mask)
+    want = torch.zeros(b, hkv, length, dtype=torch.float64)
+    for row in range(b):
+        real = key_mask[row].nonzero().flatten()
+        for head in range(hq):
+            k = keys[row, head // 2, real].double()
+            for pos in range(m):
+                p = torch.softmax(k @ mask_queries[row, head, pos].double() / math.sqrt(d), 0)
+                want[row, head // 2, real] += p / 2  # mean over the 2 query heads of the group
+    pooled = torch.zeros_like(want)
+    for row in range(b):
+        for i in range(length):
+            near = [j for j in (i - 1, i, i + 1) if 0 <= j < length and key_mask[row, j]]
+            pooled[row, :, i] = want[row][:, near].mean(-1) if near else 0.0
+    policy = get_policy("maskkv", kernel=3)
+    torch.testing.assert_close(policy.score(inp).double(), pooled, rtol=1e-5, atol=1e-6)
+    kept = policy.select(inp, 5)
+    assert (kept[0] >= 3).all()
+    ranking = pooled.masked_fill(~key_mask[:, None], float("-inf"))
+    assert torch.equal(kept, ranking.topk(5, -1).indices.sort(-1).values)
+    with pytest.raises(ValueError, match="masked positions' queries"):
+        policy.score(ScoreInputs(keys=keys, values=values))
+    with pytest.raises(ValueError, match="kernel=4"):
+        get_policy("maskkv", kernel=4)
+
+
 def test_h2o_rule():
     inp = inputs(w=12)  # every prefill query
     want = reference_window_attention(inp, 12).mean(2).view(2, 2, 2, 12).mean(2)
@@ -160,7 +196,7 @@ def test_kivi_store_round_trip():
     assert store.length == 101
 
 
-EVICTION_NAMES = [cls.name for cls in EVICTION]
+EVICTION_NAMES = [cls.name for cls in EVICTION if "mask_queries" not in cls.needs]  # MaskKV: test_maskkv_*
 
 
 @pytest.mark.parametrize("name", sorted(EVICTION_NAMES))

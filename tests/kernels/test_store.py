@@ -92,3 +92,33 @@ def test_compressed_cache_decodes_from_kivi_codes_without_reading_them_whole(mon
     # the same step with the entries dequantized up front (what the old store did): the same logits
     layer = cache.layers[0]
     assert layer.segment.data.quantized_length > 0 and layer.stored == 75 + 3
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_segment_rows_select_and_replace(quantized):
+    """select_rows gives those rows alone; set_rows replaces rows (growing whichever of the two is
+    shorter by invalid fillers) and leaves a snapshot taken before as it was."""
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 2, 64, 32, generator=g), torch.randn(3, 2, 64, 32, generator=g)
+    segment = KVSegment.dense(keys, values)
+    if quantized:
+        segment.store_with(KIVI(bits=8, group_size=32, residual=0))
+    before = segment.snapshot()
+    part = segment.select_rows(torch.tensor([2, 0]))
+    torch.testing.assert_close(part.read()[0], segment.read()[0][[2, 0]])
+    new_keys, new_values = torch.randn(1, 2, 96, 32, generator=g), torch.randn(1, 2, 96, 32, generator=g)
+    other = KVSegment.dense(new_keys, new_values, origin=torch.arange(100, 196)[None])
+    if quantized:
+        other.store_with(KIVI(bits=8, group_size=32, residual=0))
+    segment.set_rows(torch.tensor([1]), other)
+    assert segment.length == 96 and before.length == 64
+    got_keys, _ = segment.read()
+    torch.testing.assert_close(got_keys[1], other.read()[0][0])
+    torch.testing.assert_close(got_keys[[0, 2], :, :64], before.read()[0][[0, 2]])
+    assert segment.valid[[0, 2], :, 64:].sum() == 0 and segment.valid[1].all()
+    assert (segment.origin[[0, 2], :, 64:] == -1).all() and torch.equal(segment.origin[1, 0], torch.arange(100, 196))
+    shorter = KVSegment.dense(new_keys[:, :, :32], new_values[:, :, :32])
+    if quantized:
+        shorter.store_with(KIVI(bits=8, group_size=32, residual=0))
+    segment.set_rows(torch.tensor([0]), shorter)
+    assert segment.length == 96 and segment.valid[0].sum() == 2 * 32

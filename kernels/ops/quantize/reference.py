@@ -56,6 +56,24 @@ class QuantizedTensor:
             self.data[:, :, start:end], scale, zero, self.bits, self.group_size, self.axis, self.dtype
         )
 
+    def rows(self, rows: torch.LongTensor) -> QuantizedTensor:
+        """The codes of these batch rows."""
+        return QuantizedTensor(
+            self.data[rows], self.scale[rows], self.zero[rows], self.bits, self.group_size, self.axis, self.dtype
+        )
+
+    def with_rows(self, rows: torch.LongTensor, other: QuantizedTensor) -> QuantizedTensor:
+        """A copy whose batch rows `rows` are `other`'s (same layout and length)."""
+        if (other.bits, other.group_size, other.axis, other.data.shape[1:]) != (
+            self.bits, self.group_size, self.axis, self.data.shape[1:]
+        ):  # fmt: skip
+            raise ValueError("QuantizedTensor.with_rows: the rows differ in bits, group size, axis or shape")
+        put = lambda t, o: t.index_copy(0, rows, o)  # noqa: E731
+        return QuantizedTensor(
+            put(self.data, other.data), put(self.scale, other.scale), put(self.zero, other.zero),
+            self.bits, self.group_size, self.axis, self.dtype,
+        )  # fmt: skip
+
     @staticmethod
     def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
         """Parts of one tensor along the tokens (same bits, group and axis; channel-axis parts whole
