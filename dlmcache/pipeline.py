@@ -278,6 +278,8 @@ class DLMPipeline(DiffusionPipeline):
         cfg_scale: float = 0.0,
         return_dict: bool = True,
         callback_on_step_end=None,
+        scheduler: DLMScheduler | None = None,
+        cache: DenoisingCache | None = None,
     ) -> DLMPipelineOutput | tuple:
         """Generate `max_new_tokens` tokens after each prompt.
 
@@ -290,6 +292,8 @@ class DLMPipeline(DiffusionPipeline):
         callback_on_step_end: `fn(pipe, step, {"sequences": [B, G], "commit_step": [B, G]})` after
         every denoising step (masked positions hold the mask token; commit_step is -1 there); the
         tensors are the live buffers, so copy what you keep. Used by the demo's live view.
+        scheduler / cache: this call's own (instead of the pipeline's), e.g. a server's per-request
+        settings; the pipeline is left as it is.
         """
         # 1. Check inputs and encode the prompts.
         steps = max_new_tokens if steps is None else steps
@@ -300,7 +304,11 @@ class DLMPipeline(DiffusionPipeline):
         prompts = [ids for ids, _ in requests]
         # Per-call state lives on this call's own copies of the cache strategy and the scheduler, so
         # one pipeline may serve several threads (and `set_cache` during a call changes later calls).
-        cache, scheduler = copy.copy(self.cache), copy.copy(self.scheduler)
+        for name, value, cls in (("scheduler", scheduler, DLMScheduler), ("cache", cache, DenoisingCache)):
+            if value is not None and not isinstance(value, cls):
+                raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}: {value!r}")
+        cache = copy.copy(cache if cache is not None else self.cache)
+        scheduler = copy.copy(scheduler if scheduler is not None else self.scheduler)
         if stop_at_eos is None:
             stop_at_eos = scheduler.stops_at_eos
 

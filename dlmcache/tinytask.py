@@ -113,11 +113,12 @@ def messages(problem: Problem | str, shots: list[Problem] = ()) -> list[dict]:
     return chat + [{"role": "user", "content": q}]
 
 
-def evaluate(generate, problems: list[Problem], batch_size: int = 50, max_new_tokens: int = 64, shots=()) -> dict:
+def evaluate(generate, problems: list, batch_size: int = 50, max_new_tokens: int = 64, shots=()) -> dict:
     """Accuracy and speed of a generator on `problems`: `generate(chats, max_new_tokens) ->
     [Generation]`, any generator of `dlmcache.evals.harness` (a `DLMGenerator` over a pipeline, an
     `ARGenerator` over a causal LM, with or without a compressed cache). `shots`: solved problems
-    shown before each question (`messages`).
+    shown before each question (`messages`); a problem given as a pair (problem, its own shots), as
+    `long_context_problems` makes them, brings its own.
 
     Returns accuracy, tokens_per_second (answer tokens, i.e. before the first EOS, per second of
     decoding; the EOS fill a diffusion LM also denoises is not counted), forwards_per_token (model
@@ -128,11 +129,11 @@ def evaluate(generate, problems: list[Problem], batch_size: int = 50, max_new_to
     correct, row_forwards, seconds, answer_tokens = 0, 0, 0.0, 0
     completions = []
     for i in range(0, len(problems), batch_size):
-        chunk = problems[i : i + batch_size]
+        chunk = [item if isinstance(item, tuple) else (item, shots) for item in problems[i : i + batch_size]]
         t0 = time.perf_counter()
-        generations = generate([messages(p, shots) for p in chunk], max_new_tokens)
+        generations = generate([messages(p, own) for p, own in chunk], max_new_tokens)
         seconds += time.perf_counter() - t0
-        for p, g in zip(chunk, generations, strict=True):
+        for (p, _), g in zip(chunk, generations, strict=True):
             ok = is_correct(g.text, p)
             correct += ok
             answer_tokens += g.answer_tokens

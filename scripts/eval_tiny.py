@@ -2,10 +2,15 @@
 
     python scripts/eval_tiny.py --n 500 --configs none,prefix,dual,freecache,dual+threshold=0.9
     python scripts/eval_tiny.py --configs none,freecache,freecache+guide=dlmcache/tiny-guide
+    python scripts/eval_tiny.py --long --n 300 --configs "none;freecache;freecache:policy=maskkv,budget=0.25"
 
 Every config decodes the same problems (the first N of `tinytask.test_problems`) with the same
 schedule; the table gives accuracy, answer tokens/s (tokens before EOS, per second of decoding), DLM forwards
 per answer token and the speedup over `none`. Writes JSON (with every completion) when --out is given.
+
+--long: the long-prompt task (`tinytask.long_context_problems`: each problem after 0-40 solved
+distractors, up to ~2k prompt tokens) on the model trained for it, `dlmcache/tiny-long`; problems are
+batched in order of prompt length (less padding; every row decodes as it would alone).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from dlmcache.run_config import RunConfig, split_configs
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="dlmcache/tiny")
+    ap.add_argument("--model", default=None, help="default: dlmcache/tiny, or dlmcache/tiny-long with --long")
+    ap.add_argument("--long", action="store_true", help="the long-prompt task")
     ap.add_argument("--configs", default="none;prefix;dual;freecache", help="separated by ';' (or ',' if no ';')")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=100)
@@ -36,9 +42,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    args.model = args.model or ("dlmcache/tiny-long" if args.long else "dlmcache/tiny")
     pipe = DLMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    problems = tinytask.test_problems(args.n)
+    if args.long:
+        problems = sorted(tinytask.long_context_problems(args.n), key=lambda item: len(item[1]))
+    else:
+        problems = tinytask.test_problems(args.n)
     results, guides = {}, {}
 
     def cached_guide(name, options):

@@ -262,6 +262,30 @@ class DLMModelMixin:
     def _stack(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module, nn.Linear]:
         raise NotImplementedError
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVStore | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [B, n, d] of the fed tokens (arguments as in `forward`)."""
+        embed, layers, norm, _ = self._stack()
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        if positions is None:
+            positions = default_positions(input_ids, attention_mask)
+        x = embed(input_ids)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+        inputs = AttentionInputs(cos, sin, key_mask, cache, self.attention_backend)
+        for layer in layers:
+            x = layer(x, inputs)
+        return norm(x)
+
+    def logit_rows(self, logits_index: torch.Tensor) -> torch.Tensor:
+        """Which fed positions' hidden states predict the tokens at fed indices `logits_index`: the
+        same ones (LLaDA), or each one's predecessor (Dream; fed index 0 predicts from itself)."""
+        return (logits_index - self.logit_shift).clamp(min=0)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -281,20 +305,8 @@ class DLMModelMixin:
         caller feeds each target's predecessor right before it; fed token 0 then predicts from itself,
         as Dream's reference does for the very first position.
         """
-        embed, layers, norm, lm_head = self._stack()
-        key_mask = None if attention_mask is None else attention_mask.bool()
-        if positions is None:
-            positions = default_positions(input_ids, attention_mask)
-        x = embed(input_ids)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
-        inputs = AttentionInputs(cos, sin, key_mask, cache, self.attention_backend)
-        for layer in layers:
-            x = layer(x, inputs)
-        x = norm(x)
+        x = self.hidden_states(input_ids, positions, attention_mask, cache)
         if logits_index is None:
-            logits = lm_head(x)
-            if self.logit_shift:
-                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        else:
-            logits = lm_head(x[:, (logits_index - self.logit_shift).clamp(min=0)])
+            logits_index = torch.arange(input_ids.shape[1], device=input_ids.device)
+        logits = self._stack()[3](x[:, self.logit_rows(logits_index)])
         return DLMModelOutput(logits=logits, hidden_states=x if output_hidden_states else None)

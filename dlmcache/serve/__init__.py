@@ -1,0 +1,102 @@
+"""`dlmcache serve`: an OpenAI-compatible HTTP server over a diffusion LM, with continuous batching.
+
+    from dlmcache.serve import serve
+    serve("dlmcache/tiny", cache="freecache", port=8000)            # blocks; Ctrl-C / SIGTERM drains
+
+or from a shell: `dlmcache serve --model dlmcache/tiny --port 8000`. The pieces: `Engine` (continuous
+batching, `engine`), `create_app` (the routes, `api`), `load_pipeline` (the model as the CLI loads it).
+Needs the `serve` extra (fastapi, uvicorn, greenlet).
+"""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["DEFAULT_CACHE", "Engine", "create_app", "load_pipeline", "serve"]
+
+#: The server's default cache: FreeCache's token mode without a suffix window, the configuration
+#: that feeds the fewest tokens per step (what a batch of requests is bound by; docs/results.md).
+DEFAULT_CACHE = "freecache:suffix_window=0,freeze=token"
+
+
+def __getattr__(name):
+    if name == "Engine":
+        from .engine import Engine
+
+        return Engine
+    if name == "create_app":
+        from .api import create_app
+
+        return create_app
+    raise AttributeError(f"module 'dlmcache.serve' has no attribute {name!r}")
+
+
+def load_pipeline(model: str = "dlmcache/tiny", cache: str = DEFAULT_CACHE, guide: str | None = None,
+                  threshold: float | None = None, dtype: str = "float32", device: str = "cpu"):  # fmt: skip
+    """A `DLMPipeline` configured for serving: `cache` as a run-config cache string ("freecache",
+    "freecache:suffix_window=0", ...), an optional guide (path / hub id / bundled name) and threshold."""
+    import torch
+
+    from dlmcache import DLMPipeline
+    from dlmcache.run_config import RunConfig
+
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: expected a torch dtype name such as float32 or bfloat16")
+    text = cache + (f"+threshold={threshold}" if threshold is not None else "")
+    config = RunConfig.parse(text)
+    pipe = DLMPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device)
+    pipe.set_progress_bar_config(disable=True)
+    config.apply(pipe)
+    if guide is not None:
+        pipe.set_guide(guide, torch_dtype=getattr(torch, dtype))
+    return pipe
+
+
+def serve(model: str = "dlmcache/tiny", host: str = "127.0.0.1", port: int = 8000, cache: str = DEFAULT_CACHE,
+          guide: str | None = None, threshold: float | None = None, max_batch: int = 16, max_queue: int = 64,
+          threads: int | None = None, timeout: float = 600.0, drain_timeout: float = 600.0, dtype: str = "float32",
+          device: str = "cpu", model_name: str | None = None, log_level: str = "info") -> None:  # fmt: skip
+    """Load the model and serve it until SIGINT / SIGTERM: the first signal drains (running and queued
+    requests finish, new ones get 503, /health turns 503), then the process exits; a second SIGINT
+    exits at once."""
+    import uvicorn
+
+    from .api import create_app
+    from .engine import Engine
+
+    pipe = load_pipeline(model, cache, guide, threshold, dtype, device)
+    engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue, threads=threads).start()
+    app = create_app(engine, model_name or model, timeout=timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    DrainingServer(config, engine, drain_timeout).run()
+    engine.stop()
+
+
+def _server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, but a shutdown signal first drains the engine."""
+
+        def __init__(self, config, engine, drain_timeout: float):
+            super().__init__(config)
+            self.engine, self.drain_timeout = engine, drain_timeout
+            self._drain_started = False
+
+        def handle_exit(self, sig, frame) -> None:
+            if self._drain_started:  # a second signal: stop now
+                self.should_exit = self.force_exit = True
+                return
+            self._drain_started = True
+
+            def drain_then_exit():
+                self.engine.drain(self.drain_timeout)
+                self.should_exit = True
+
+            threading.Thread(target=drain_then_exit, name="dlmcache-drain", daemon=True).start()
+
+    return DrainingServer
+
+
+def DrainingServer(config, engine, drain_timeout: float):  # noqa: N802 (a class built on first use)
+    return _server_class()(config, engine, drain_timeout)

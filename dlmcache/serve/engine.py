@@ -1,0 +1,357 @@
+"""The serving engine: many requests, one model, one batched forward at a time.
+
+Every request runs the pipeline's own loop (`DLMPipeline.__call__`: its scheduler, its cache, its
+stopping rule), in a greenlet of the engine's thread. Where that loop calls the model, the greenlet
+hands the call to the engine and waits; once every running request is waiting, the engine runs all
+their forwards as one batch (`forward_together`: the fed tokens of every request padded to the same
+length, the projections and MLPs batched, each request's attention over its own KV through its own
+cache) and resumes each request with its logits. A request therefore computes exactly what it would
+alone, whoever else is in the batch (the batched matmuls give every row what they give it alone; the
+tests check the tokens), and:
+
+- a new request joins at the next step: it runs to its first forward, which goes with the others';
+- a finished (or cancelled) request leaves at once, and its KV, which lives in its own cache, goes
+  with it;
+- requests with different prompts, lengths, steps, block lengths, schedulers and caches mix freely;
+  forwards of very different sizes (a refresh of a whole canvas beside cached steps of a few tokens)
+  run as separate batches so short ones are not padded to long ones.
+
+The engine owns the compute threads (`ThreadPolicy`); admission is bounded (`max_batch` running,
+`max_queue` waiting, `QueueFull` beyond) and `drain()` lets the running and queued requests finish
+while refusing new ones.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from greenlet import greenlet
+
+from dlmcache.models.layers import DLMModelOutput, default_positions, dense_attention
+
+
+class QueueFull(RuntimeError):
+    """More requests than `max_batch` running plus `max_queue` waiting."""
+
+
+class Draining(RuntimeError):
+    """The engine is draining (shutting down): it takes no new request."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled (by its client, a timeout or a stop sequence)."""
+
+
+@dataclass
+class Job:
+    """One request: `pipe(prompt, **options)` with `on_step(sequences, commit_step)` after every step
+    (tensors [1, G], live: copy what you keep) and `on_done(output | exception)` at the end, both called
+    from the engine's thread."""
+
+    prompt: Any
+    options: dict
+    on_done: Any
+    on_step: Any = None
+    id: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class ForwardCall:
+    """A model call of one request, as `DLMModelMixin.forward` takes it."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    cache: Any
+    logits_index: torch.Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+class BatchingModel:
+    """Stands in for the model in a request's pipeline: a forward switches to the engine's loop, which
+    runs it with the other requests' and switches back with its output. Everything else (config,
+    device, parameters, ...) is the model's."""
+
+    def __init__(self, model, engine: Engine):
+        self._model, self._engine = model, engine
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, input_ids, positions=None, attention_mask=None, cache=None, logits_index=None, **kw):
+        if kw.get("output_hidden_states"):
+            raise ValueError("the serving engine does not return hidden states")
+        job = greenlet.getcurrent().job
+        if job.cancelled.is_set():
+            raise Cancelled(job.id)
+        result = self._engine.hub.switch(ForwardCall(input_ids, positions, attention_mask, cache, logits_index))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+
+class RowAttention:
+    """The `KVStore` of a batched forward: each request's rows attend through that request's own cache
+    (or, without one, over its own fed tokens with its attention mask); padding attends nowhere."""
+
+    def __init__(self, calls: list[ForwardCall]):
+        self.calls = calls
+        self.offsets = list(itertools.accumulate([c.rows for c in calls], initial=0))
+
+    def attend(self, layer_idx: int, q, k, v, backend: str):
+        out = q.new_zeros(q.shape)
+        for call, start in zip(self.calls, self.offsets, strict=False):
+            rows, n = slice(start, start + call.rows), call.tokens
+            qc, kc, vc = q[rows, :, :n], k[rows, :, :n], v[rows, :, :n]
+            if call.cache is not None:
+                out[rows, :, :n] = call.cache.attend(layer_idx, qc, kc, vc, backend)
+            else:
+                mask = None if call.attention_mask is None else call.attention_mask.bool()
+                out[rows, :, :n] = dense_attention(qc, kc, vc, mask, backend)
+        return out
+
+
+def forward_together(model, calls: list[ForwardCall]) -> list[DLMModelOutput]:
+    """The forwards of several requests as one: their fed tokens right-padded to the longest, the
+    layers run on the batch with `RowAttention`, the LM head on every request's requested rows at once."""
+    n = max(c.tokens for c in calls)
+    device = calls[0].input_ids.device
+    ids = torch.zeros(sum(c.rows for c in calls), n, dtype=torch.long, device=device)
+    positions = torch.zeros_like(ids)
+    gathered, start = [], 0
+    for c in calls:
+        rows = slice(start, start + c.rows)
+        ids[rows, : c.tokens] = c.input_ids
+        positions[rows, : c.tokens] = c.positions if c.positions is not None else default_positions(
+            c.input_ids, c.attention_mask
+        )
+        index = c.logits_index if c.logits_index is not None else torch.arange(c.tokens, device=device)
+        gathered.append((rows, model.logit_rows(index)))
+        start += c.rows
+    x = model.hidden_states(ids, positions, cache=RowAttention(calls))
+    picked = torch.cat([x[rows, index].flatten(0, 1) for rows, index in gathered])
+    logits = model.get_output_embeddings()(picked)
+    outputs, at = [], 0
+    for c, (_, index) in zip(calls, gathered, strict=True):
+        size = c.rows * index.numel()
+        outputs.append(DLMModelOutput(logits=logits[at : at + size].view(c.rows, index.numel(), -1)))
+        at += size
+    return outputs
+
+
+def size_groups(calls: list, slack: float = 1.25, extra: int = 32) -> list[list]:
+    """Calls grouped so that padding every call of a group to its longest costs at most `slack` times
+    the group's real tokens (+ `extra`): refreshes of whole canvases go apart from cached steps."""
+    groups = []
+    for c in sorted(calls, key=lambda c: -c.tokens):
+        if groups:
+            g = groups[-1]
+            rows = sum(x.rows for x in g) + c.rows
+            real = sum(x.rows * x.tokens for x in g) + c.rows * c.tokens
+            if rows * g[0].tokens <= slack * real + extra:
+                g.append(c)
+                continue
+        groups.append([c])
+    return groups
+
+
+@dataclass
+class ThreadPolicy:
+    """The compute threads of the engine's forwards: `threads` (None: torch's default, every core).
+    The CLI also sets OMP_WAIT_POLICY=PASSIVE before torch starts, so idle OpenMP threads sleep instead
+    of spinning: a CPU shared with other jobs then slows the engine down in proportion instead of
+    collapsing it (measured in docs/results.md)."""
+
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads={self.threads!r} must be None or a positive integer")
+
+    def apply(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+
+@dataclass
+class EngineStats:
+    """Counters the metrics endpoint reads (written only by the engine's thread)."""
+
+    forwards: int = 0  # batched forwards run
+    forward_rows: int = 0  # request forwards they carried
+    forward_tokens: int = 0  # fed tokens (padding excluded)
+    padded_tokens: int = 0  # fed tokens including padding
+    finished: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    forward_seconds: float = 0.0
+
+
+class Engine:
+    """Continuous batching over one pipeline (see the module docstring).
+
+    pipe: a `DLMPipeline` (its model, tokenizer, default scheduler and cache); max_batch: requests
+    decoding at once; max_queue: requests waiting beyond them; threads: a `ThreadPolicy` or a count.
+    `submit(job)` returns at once (raises `QueueFull` or `Draining`); the job's callbacks report.
+    """
+
+    def __init__(self, pipe, max_batch: int = 16, max_queue: int = 64, threads: ThreadPolicy | int | None = None):
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        self.pipe = pipe
+        self.model = pipe.model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.threads = threads if isinstance(threads, ThreadPolicy) else ThreadPolicy(threads)
+        self.stats = EngineStats()
+        # The pipeline every request runs: the same components, with the batching stand-in as model.
+        self._pipe = copy.copy(pipe)
+        object.__setattr__(self._pipe, "model", BatchingModel(pipe.model, self))
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: set[greenlet] = set()
+        self._draining = self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.hub: greenlet | None = None
+
+    # ------------------------------------------------------------------ the caller's side
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dlmcache-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._draining:
+                raise Draining("the server is shutting down")
+            if len(self._running) + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.max_batch} requests running and {len(self._waiting)} waiting (--max-queue)")
+            self._waiting.append(job)
+            self._lock.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new requests and wait until the running and queued ones are done (True) or
+        `timeout` seconds have passed (False)."""
+        with self._lock:
+            self._draining = True
+            return self._lock.wait_for(lambda: not self._running and not self._waiting, timeout)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ------------------------------------------------------------------ the engine's thread
+
+    def _loop(self) -> None:
+        self.hub = greenlet.getcurrent()
+        torch.set_grad_enabled(False)
+        self.threads.apply()
+        resume: dict[greenlet, Any] = {}
+        while True:
+            with self._lock:
+                while self._waiting and len(self._running) < self.max_batch:
+                    job = self._waiting.popleft()
+                    g = greenlet(self._run_job)
+                    g.job = job
+                    self._running.add(g)
+                    resume[g] = job
+                if not resume:
+                    if self._stopping:
+                        return
+                    self._lock.wait()
+                    continue
+            calls = {}
+            for g, value in resume.items():
+                out = g.switch(value)
+                if isinstance(out, ForwardCall):
+                    calls[g] = out
+                else:
+                    with self._lock:
+                        self._running.discard(g)
+                        self._lock.notify_all()
+            resume = self._forward(calls) if calls else {}
+
+    def _forward(self, calls: dict[greenlet, ForwardCall]) -> dict[greenlet, Any]:
+        owner = {id(c): g for g, c in calls.items()}
+        results = {}
+        for group in size_groups(list(calls.values())):
+            t0 = time.perf_counter()
+            try:
+                outputs = forward_together(self.model, group)
+            except Exception as e:  # every request of the group fails with it; the others go on
+                outputs = [e] * len(group)
+            self.stats.forward_seconds += time.perf_counter() - t0
+            self.stats.forwards += 1
+            self.stats.forward_rows += sum(c.rows for c in group)
+            self.stats.forward_tokens += sum(c.rows * c.tokens for c in group)
+            self.stats.padded_tokens += sum(c.rows for c in group) * group[0].tokens
+            for c, out in zip(group, outputs, strict=True):
+                results[owner[id(c)]] = out
+        return results
+
+    def _run_job(self, job: Job):
+        job.started = time.perf_counter()
+        result: Any
+        try:
+            if job.cancelled.is_set():
+                raise Cancelled(job.id)
+            result = self._pipe(job.prompt, callback_on_step_end=self._step_callback(job), **job.options)
+            self.stats.finished += 1
+        except Cancelled as e:
+            result = e
+            self.stats.cancelled += 1
+        except Exception as e:  # reported to the request; the engine goes on
+            result = e
+            self.stats.failed += 1
+        try:
+            job.on_done(result)
+        except Exception:  # a callback's failure must not stop the engine
+            pass
+        return None
+
+    @staticmethod
+    def _step_callback(job: Job):
+        def callback(pipe, step, state):
+            if job.cancelled.is_set():
+                raise Cancelled(job.id)
+            if job.on_step is not None:
+                job.on_step(state["sequences"], state["commit_step"])
+
+        return callback

@@ -1,0 +1,197 @@
+"""The serving engine in-process: every request gets exactly what the pipeline gives it alone."""
+
+import threading
+
+import pytest
+import torch
+
+from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler, tinytask
+from dlmcache.cache import FreeCache, make_cache
+from dlmcache.serve.engine import Cancelled, Engine, ForwardCall, Job, QueueFull, forward_together, size_groups
+from tests.helpers import tiny_dream, tiny_llada
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = DLMPipeline.from_pretrained("dlmcache/tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_cache("freecache", suffix_window=0, freeze="token")
+    return pipe
+
+
+class Results:
+    """Collects `on_done` results by key; `wait(n)` blocks until n have arrived."""
+
+    def __init__(self):
+        self.items, self.cv = {}, threading.Condition()
+
+    def callback(self, key):
+        def done(result):
+            with self.cv:
+                self.items[key] = result
+                self.cv.notify_all()
+
+        return done
+
+    def wait(self, n, timeout=120):
+        with self.cv:
+            assert self.cv.wait_for(lambda: len(self.items) >= n, timeout), f"{len(self.items)} of {n} finished"
+        return self.items
+
+
+def requests_mix():
+    """Requests that differ in prompt, length, schedule, scheduler, sampling and cache."""
+    problems = tinytask.test_problems(8)
+    chat = [tinytask.messages(p) for p in problems]
+    return [
+        (chat[0], dict(max_new_tokens=64, block_length=32)),
+        (chat[1], dict(max_new_tokens=32, block_length=32, steps=16)),
+        (chat[2], dict(max_new_tokens=64, block_length=16, scheduler=ThresholdScheduler(threshold=0.9))),
+        (chat[3], dict(max_new_tokens=64, block_length=32, cache=make_cache("none"))),
+        (chat[4], dict(max_new_tokens=64, block_length=32, cache=FreeCache())),
+        (chat[5], dict(max_new_tokens=48, block_length=16, cache=make_cache("dual"))),
+        (chat[6], dict(max_new_tokens=64, block_length=32, scheduler=LowConfidenceScheduler(temperature=0.7),
+                       generator=torch.Generator().manual_seed(5))),  # fmt: skip
+        (chat[7], dict(max_new_tokens=64, block_length=32, stop_at_eos=False)),
+    ]
+
+
+def alone(pipe, prompt, options):
+    options = dict(options)
+    if "generator" in options:
+        options["generator"] = torch.Generator().manual_seed(5)
+    return pipe(prompt, **{"stop_at_eos": True, **options})
+
+
+def submit_all(engine, items, results, start=0):
+    for i, (prompt, options) in enumerate(items, start):
+        options = {"stop_at_eos": True, **options}
+        if "generator" in options:
+            options["generator"] = torch.Generator().manual_seed(5)
+        engine.submit(Job(prompt, options, results.callback(i), id=str(i)))
+
+
+def test_requests_batched_together_equal_each_alone(pipe):
+    items = requests_mix()
+    engine = Engine(pipe, max_batch=16).start()
+    try:
+        results = Results()
+        submit_all(engine, items, results)
+        got = results.wait(len(items))
+    finally:
+        engine.stop()
+    for i, (prompt, options) in enumerate(items):
+        want = alone(pipe, prompt, options)
+        assert torch.equal(got[i].sequences, want.sequences), i
+        assert got[i].nfe == want.nfe
+    assert engine.stats.forward_rows > engine.stats.forwards  # forwards really carried several requests
+    assert engine.running == 0
+
+
+def test_requests_join_a_running_batch_at_the_next_step(pipe):
+    """Half of the requests arrive while the first half is decoding (at its 5th step): they join the
+    running batch and still get what they would alone."""
+    items = requests_mix()
+    engine = Engine(pipe, max_batch=16).start()
+    results = Results()
+    joined = threading.Event()
+    first, rest = items[:4], items[4:]
+
+    def on_step(sequences, commit_step):
+        if int((commit_step >= 0).sum()) >= 5 and not joined.is_set():
+            joined.set()
+            submit_all(engine, rest, results, start=len(first))
+
+    try:
+        prompt, options = first[0]
+        engine.submit(Job(prompt, {"stop_at_eos": True, **options}, results.callback(0), on_step=on_step))
+        submit_all(engine, first[1:], results, start=1)
+        got = results.wait(len(items))
+    finally:
+        engine.stop()
+    assert joined.is_set()
+    for i, (prompt, options) in enumerate(items):
+        assert torch.equal(got[i].sequences, alone(pipe, prompt, options).sequences), i
+
+
+def test_cancel_frees_the_slot_and_errors_stay_with_their_request(pipe):
+    engine = Engine(pipe, max_batch=2, max_queue=1).start()
+    results = Results()
+    chat = [tinytask.messages(p) for p in tinytask.test_problems(4)]
+    try:
+        long_job = Job(chat[0], dict(max_new_tokens=256, block_length=32, stop_at_eos=False), results.callback("long"))
+        engine.submit(long_job)
+        # block_length does not divide max_new_tokens: this request fails inside the pipeline ...
+        engine.submit(Job(chat[1], dict(max_new_tokens=64, block_length=48), results.callback("bad")))
+        engine.submit(Job(chat[2], dict(max_new_tokens=64, block_length=32), results.callback("ok")))
+        with pytest.raises(QueueFull):  # 2 running + 1 waiting
+            engine.submit(Job(chat[3], dict(max_new_tokens=64), results.callback("over")))
+        long_job.cancel()
+        got = results.wait(3)
+    finally:
+        engine.stop()
+    assert isinstance(got["long"], Cancelled)
+    assert isinstance(got["bad"], ValueError) and "block_length=48" in str(got["bad"])
+    want = pipe(chat[2], max_new_tokens=64, block_length=32, stop_at_eos=True)
+    assert torch.equal(got["ok"].sequences, want.sequences)  # ... and the others go on
+    assert engine.running == 0 and engine.queued == 0
+    assert (engine.stats.cancelled, engine.stats.failed, engine.stats.finished) == (1, 1, 1)
+
+
+def test_drain_finishes_the_running_and_refuses_new(pipe):
+    from dlmcache.serve.engine import Draining
+
+    engine = Engine(pipe, max_batch=4).start()
+    results = Results()
+    chat = tinytask.messages(tinytask.test_problems(1)[0])
+    try:
+        engine.submit(Job(chat, dict(max_new_tokens=64, block_length=32), results.callback(0)))
+        assert engine.drain(timeout=120)
+        with pytest.raises(Draining):
+            engine.submit(Job(chat, dict(max_new_tokens=64), results.callback(1)))
+    finally:
+        engine.stop()
+    assert set(results.items) == {0} and not isinstance(results.items[0], Exception)
+
+
+@pytest.mark.parametrize("build", [tiny_llada, tiny_dream])
+def test_forward_together_equals_each_forward(build, tiny_tokenizer):
+    """Calls of different lengths and rows, with and without a cache, logits for some or all fed
+    positions (Dream's shifted ones too): one batched forward gives each call its own forward's logits."""
+    model = build(tiny_tokenizer).double()
+    g = torch.Generator().manual_seed(0)
+    calls = [
+        ForwardCall(torch.randint(5, 200, (1, 9), generator=g), None, None, None, None),
+        ForwardCall(torch.randint(5, 200, (2, 4), generator=g), torch.arange(10, 14).expand(2, 4), None, None,
+                    torch.tensor([1, 3])),  # fmt: skip
+        ForwardCall(torch.randint(5, 200, (1, 6), generator=g), None, torch.tensor([[0, 0, 1, 1, 1, 1]]), None,
+                    torch.tensor([0, 5])),  # fmt: skip
+    ]
+    with torch.no_grad():
+        got = forward_together(model, calls)
+        for c, out in zip(calls, got, strict=True):
+            want = model(c.input_ids, positions=c.positions, attention_mask=c.attention_mask,
+                         logits_index=c.logits_index).logits  # fmt: skip
+            if c.attention_mask is not None:  # padded positions' outputs are not defined
+                keep = c.attention_mask[0].bool()[c.logits_index]
+                out, want = out.logits[:, keep], want[:, keep]
+            else:
+                out = out.logits
+            torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_size_groups_keep_refreshes_apart_from_cached_steps():
+    def call(n, rows=1):
+        return ForwardCall(torch.zeros(rows, n, dtype=torch.long), None, None, None, None)
+
+    groups = size_groups([call(3), call(300), call(5), call(290), call(4, rows=2)])
+    assert [[c.tokens for c in g] for g in groups] == [[300, 290], [5, 4, 3]]
+
+
+def test_engine_arguments_are_validated(pipe):
+    with pytest.raises(ValueError, match="max_batch=0"):
+        Engine(pipe, max_batch=0)
+    with pytest.raises(ValueError, match="max_queue=-1"):
+        Engine(pipe, max_queue=-1)
+    with pytest.raises(ValueError, match="threads=0"):
+        Engine(pipe, threads=0)
