@@ -142,8 +142,8 @@ def forward_together(model, calls: list[ForwardCall]) -> list[DLMModelOutput]:
     for c in calls:
         rows = slice(start, start + c.rows)
         ids[rows, : c.tokens] = c.input_ids
-        positions[rows, : c.tokens] = c.positions if c.positions is not None else default_positions(
-            c.input_ids, c.attention_mask
+        positions[rows, : c.tokens] = (
+            c.positions if c.positions is not None else default_positions(c.input_ids, c.attention_mask)
         )
         index = c.logits_index if c.logits_index is not None else torch.arange(c.tokens, device=device)
         gathered.append((rows, model.logit_rows(index)))

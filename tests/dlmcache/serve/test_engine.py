@@ -50,8 +50,15 @@ def requests_mix():
         (chat[3], dict(max_new_tokens=64, block_length=32, cache=make_cache("none"))),
         (chat[4], dict(max_new_tokens=64, block_length=32, cache=FreeCache())),
         (chat[5], dict(max_new_tokens=48, block_length=16, cache=make_cache("dual"))),
-        (chat[6], dict(max_new_tokens=64, block_length=32, scheduler=LowConfidenceScheduler(temperature=0.7),
-                       generator=torch.Generator().manual_seed(5))),  # fmt: skip
+        (
+            chat[6],
+            dict(
+                max_new_tokens=64,
+                block_length=32,
+                scheduler=LowConfidenceScheduler(temperature=0.7),
+                generator=torch.Generator().manual_seed(5),
+            ),
+        ),  # fmt: skip
         (chat[7], dict(max_new_tokens=64, block_length=32, stop_at_eos=False)),
     ]
 
@@ -162,10 +169,20 @@ def test_forward_together_equals_each_forward(build, tiny_tokenizer):
     g = torch.Generator().manual_seed(0)
     calls = [
         ForwardCall(torch.randint(5, 200, (1, 9), generator=g), None, None, None, None),
-        ForwardCall(torch.randint(5, 200, (2, 4), generator=g), torch.arange(10, 14).expand(2, 4), None, None,
-                    torch.tensor([1, 3])),  # fmt: skip
-        ForwardCall(torch.randint(5, 200, (1, 6), generator=g), None, torch.tensor([[0, 0, 1, 1, 1, 1]]), None,
-                    torch.tensor([0, 5])),  # fmt: skip
+        ForwardCall(
+            torch.randint(5, 200, (2, 4), generator=g),
+            torch.arange(10, 14).expand(2, 4),
+            None,
+            None,
+            torch.tensor([1, 3]),
+        ),  # fmt: skip
+        ForwardCall(
+            torch.randint(5, 200, (1, 6), generator=g),
+            None,
+            torch.tensor([[0, 0, 1, 1, 1, 1]]),
+            None,
+            torch.tensor([0, 5]),
+        ),  # fmt: skip
     ]
     with torch.no_grad():
         got = forward_together(model, calls)
