@@ -12,7 +12,11 @@ import re
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
-BUNDLED = {"dlmcache/tiny": ASSETS / "tiny", "dlmcache/tiny-guide": ASSETS / "tiny-guide"}
+BUNDLED = {
+    "dlmcache/tiny": ASSETS / "tiny",
+    "dlmcache/tiny-guide": ASSETS / "tiny-guide",
+    "dlmcache/tiny-long": ASSETS / "tiny-long",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 

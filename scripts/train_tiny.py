@@ -7,11 +7,23 @@ The bundled models were made with exactly these commands (seeded; about 50 + 15 
     python scripts/train_tiny.py ar --tokenizer /tmp/tiny --out /tmp/tiny-guide --steps 1000 --layers 4
 
 then copying /tmp/tiny and /tmp/tiny-guide to dlmcache/assets/tiny and dlmcache/assets/tiny-guide.
-The long-prompt model (`dlmcache/tiny-long`: the same model fine-tuned on questions preceded by 0-40
-solved problems as earlier chat turns, prompts of up to ~2k tokens) was made with
+The long-prompt model (`dlmcache/tiny-long`: the same model fine-tuned on questions preceded by solved
+problems as earlier chat turns) was made in four stages, each starting from the last (about 90 minutes
+on 2 CPU cores in all; the first two, on 0-40 distractors and prompts up to 2k tokens, lost the
+arithmetic: the bundled model had never seen more than one turn, its loss started at 5.6, and after
+1,000 steps it copied operands but got 0% of the answers; on 0-12 distractors it recovered):
 
-    python scripts/train_tiny.py dlm --init dlmcache/tiny --tokenizer dlmcache/assets/tiny --out /tmp/tiny-long \
-        --distractors 0-40 --max-length 2048 --batch-size 8 --lr 3e-4 --steps STEPS
+    python scripts/train_tiny.py dlm --init dlmcache/tiny --tokenizer dlmcache/assets/tiny --out /tmp/tl1 \
+        --distractors 0-40 --max-length 2048 --batch-size 8 --lr 3e-4 --steps 800 --threads 1
+    python scripts/train_tiny.py dlm --init /tmp/tl1 --tokenizer dlmcache/assets/tiny --out /tmp/tl2 \
+        --distractors 0-40 --max-length 2048 --batch-size 16 --lr 2e-4 --steps 1200 --save-every 200 --threads 1 --bf16
+    python scripts/train_tiny.py dlm --init /tmp/tl2/checkpoint-200 --tokenizer dlmcache/assets/tiny --out /tmp/tl3 \
+        --distractors 0-12 --max-length 1024 --batch-size 16 --lr 2e-4 --steps 1500 --bf16
+    python scripts/train_tiny.py dlm --init /tmp/tl3 --tokenizer dlmcache/assets/tiny --out /tmp/tl4 \
+        --distractors 0-12 --max-length 1024 --batch-size 16 --lr 1.5e-4 --steps 1200 --bf16
+
+(the second stage was stopped after its step-200 checkpoint, which the third started from; copy a
+stage's tokenizer files next to a checkpoint to load it as a pipeline).
 
 `dlm` trains a masked diffusion LM with the LLaDA architecture (d_model 128, 6 layers, 1.65M parameters)
 by LLaDA's SFT recipe (Nie et al., arXiv 2502.09992, Sec. 2.3): the prompt stays clean, every answer

@@ -71,3 +71,22 @@ def test_tiny_guide_solves_its_task_and_guides(pipe, problems):
     out = guided(prompts, **GEN)
     assert out.nfe <= 16  # vs 64 one token per step: drafts are accepted many at a time
     assert accuracy(out.texts, problems) >= 0.5
+
+
+def test_tiny_long_solves_the_long_prompt_task():
+    """The second bundled model answers the last question after up to 12 solved distractors."""
+    long = DLMPipeline.from_pretrained("dlmcache/tiny-long", cache="freecache")
+    long.set_progress_bar_config(disable=True)
+    items = tinytask.long_context_problems(16)
+    chats = [tinytask.messages(p, shots) for p, shots in items]
+    lengths = [
+        len(
+            long.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        for c in chats
+    ]
+    assert max(lengths) > 250  # the distractors make the prompt many times the question
+    out = long(chats, **GEN)
+    assert accuracy(out.texts, [p for p, _ in items]) >= 0.5, out.texts[:4]
