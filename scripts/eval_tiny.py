@@ -63,23 +63,42 @@ def main() -> None:
         generate = DLMGenerator(pipe, block_length=args.block_length, steps=args.steps)
         results[text] = tinytask.evaluate(generate, problems, args.batch_size, args.max_new_tokens)
         r = results[text]
+        if args.long:
+            r["by_distractors"] = by_distractors(problems, r["completions"])
         print(
             f"{text:40s} acc {r['accuracy']:.3f}  tok/s {r['tokens_per_second']:8.1f}  "
-            f"fwd/token {r['forwards_per_token']:.3f}",
+            f"fwd/token {r['forwards_per_token']:.3f}  {r.get('by_distractors', '')}",
             flush=True,
         )
     base = results.get("none")
-    print("\n| config | accuracy | tokens/s | forwards / answer token | speedup vs none |")
-    print("|---|---|---|---|---|")
+    buckets = list(next(iter(results.values())).get("by_distractors", {}))
+    extra = "".join(f" {b} distractors |" for b in buckets)
+    print(f"\n| config | accuracy |{extra} tokens/s | forwards / answer token | speedup vs none |")
+    print("|---|---|" + "---|" * len(buckets) + "---|---|---|")
     for text, r in results.items():
         speedup = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
+        cells = "".join(f" {100 * r['by_distractors'][b]:.1f}% |" for b in buckets)
         print(
-            f"| {text} | {100 * r['accuracy']:.1f}% | {r['tokens_per_second']:.0f} | "
+            f"| {text} | {100 * r['accuracy']:.1f}% |{cells} {r['tokens_per_second']:.0f} | "
             f"{r['forwards_per_token']:.3f} | {speedup} |"
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results}, indent=1))
+
+
+BUCKETS = ((0, 4), (5, 8), (9, 12))
+
+
+def by_distractors(problems, completions) -> dict[str, float]:
+    """Accuracy per range of distractor counts (the prompt's length): a fraction kept of a short
+    prompt is a few tokens of the question itself."""
+    out = {}
+    for lo, hi in BUCKETS:
+        hits = [c["correct"] for (_, shots), c in zip(problems, completions, strict=True) if lo <= len(shots) <= hi]
+        if hits:
+            out[f"{lo}-{hi}"] = sum(hits) / len(hits)
+    return out
 
 
 if __name__ == "__main__":

@@ -119,16 +119,26 @@ def test_maskkv_rule():
         for i in range(length):
             near = [j for j in (i - 1, i, i + 1) if 0 <= j < length and key_mask[row, j]]
             pooled[row, :, i] = want[row][:, near].mean(-1) if near else 0.0
-    policy = get_policy("maskkv", kernel=3)
+    policy = get_policy("maskkv", kernel=3, window=0)
     torch.testing.assert_close(policy.score(inp).double(), pooled, rtol=1e-5, atol=1e-6)
     kept = policy.select(inp, 5)
     assert (kept[0] >= 3).all()
     ranking = pooled.masked_fill(~key_mask[:, None], float("-inf"))
     assert torch.equal(kept, ranking.topk(5, -1).indices.sort(-1).values)
+    # The default keeps the last `window` prompt tokens first, inside the budget.
+    tail = get_policy("maskkv", kernel=3, window=2).select(inp, 5)
+    assert torch.equal(
+        tail,
+        torch.cat([ranking[..., :-2].topk(3, -1).indices, torch.tensor([10, 11]).expand(b, hkv, 2)], -1)
+        .sort(-1)
+        .values,
+    )
     with pytest.raises(ValueError, match="masked positions' queries"):
         policy.score(ScoreInputs(keys=keys, values=values))
     with pytest.raises(ValueError, match="kernel=4"):
         get_policy("maskkv", kernel=4)
+    with pytest.raises(ValueError, match="window=-1"):
+        get_policy("maskkv", window=-1)
 
 
 def test_h2o_rule():
