@@ -242,6 +242,14 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def check_pooling(kernel, pooling) -> None:
+    """The smoothing of `pool1d`: an odd kernel >= 1, "avg" or "max"."""
+    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel={kernel!r} must be an odd integer >= 1")
+    if pooling not in ("avg", "max"):
+        raise ValueError(f"pooling={pooling!r}: expected 'avg' or 'max'")
+
+
 def resolve_budget(budget: float | int, length: int) -> int:
     """Tokens kept out of `length`: a float in (0, 1] is the fraction *kept*; an int is a count."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EvictionPolicy, ScoreInputs, check_positive, pool1d
+from .base import EvictionPolicy, ScoreInputs, check_pooling, check_positive, pool1d
 
 
 @dataclass
@@ -65,10 +65,7 @@ class SnapKV(EvictionPolicy):
 
     def __post_init__(self):
         check_positive("window", self.window)
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel={self.kernel} must be an odd integer >= 1")
-        if self.pooling not in ("avg", "max"):
-            raise ValueError(f"pooling={self.pooling!r}: expected 'avg' or 'max'")
+        check_pooling(self.kernel, self.pooling)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         attn = inputs.window_attention(self.window)  # [B, H, G, W, L]
@@ -161,10 +158,7 @@ class MaskKV(EvictionPolicy):
 
     def __post_init__(self):
         check_positive("window", self.window, allow_zero=True)
-        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel={self.kernel!r} must be an odd integer >= 1")
-        if self.pooling not in ("avg", "max"):
-            raise ValueError(f"pooling={self.pooling!r}: expected 'avg' or 'max'")
+        check_pooling(self.kernel, self.pooling)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         attn = inputs.mask_attention()  # [B, H, G, M, L]
