@@ -144,10 +144,15 @@ class EvictionPolicy:
         return None if "all_queries" in self.needs else max(self.window, 1)
 
     def ranking(self, inputs: ScoreInputs) -> torch.Tensor:
-        """`score` made ready for top-k: the observation window at +inf, padding at -inf. [B, H_kv, L]"""
+        """`score` made ready for top-k: the observation window above every other token, its most
+        recent first (a budget smaller than the window keeps the window's newest tokens, not an
+        arbitrary tie-break among them), padding at -inf. [B, H_kv, L]"""
         scores = self.score(inputs).to(torch.float32, copy=True)
         if self.window:
-            scores[..., max(0, inputs.length - self.window) :] = float("inf")
+            start = max(0, inputs.length - self.window)
+            top = scores.amax(-1, keepdim=True)
+            recency = torch.arange(1, inputs.length - start + 1, device=scores.device, dtype=scores.dtype)
+            scores[..., start:] = top + recency * (top.abs() + 1)
         if inputs.key_mask is not None:
             scores = scores.masked_fill(~inputs.head_mask, float("-inf"))
         return scores

@@ -93,6 +93,8 @@ def test_snapkv_rule():
     assert (kept[..., -4:] == torch.arange(8, 12)).all()  # the observation window
     rest = pooled[..., :8].topk(3).indices.sort().values
     assert torch.equal(kept[..., :3], rest)
+    # A budget below the window keeps the window's newest tokens (not a tie-break among them).
+    assert (pol.select(inp, 3) == torch.arange(9, 12)).all()
 
 
 def test_maskkv_rule():
