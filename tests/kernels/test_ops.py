@@ -72,6 +72,31 @@ def test_attention_low_precision(dtype, case):
     torch.testing.assert_close(out.double(), ref, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_fused_cpu_path(case, causal, dtype):
+    """`backend="auto"` on CPU runs torch's tiled attention (with the log-sum-exp) instead of the
+    reference: the same rule, every mask kind, GQA, causal, lengths."""
+    from dlmcache.kernels.ops.attention import fused_cpu_available
+
+    b, hq, hkv, lq, lk, d = case
+    q, k, v = (rand(b, hq, lq, d, seed=31), rand(b, hkv, lk, d, seed=32), rand(b, hkv, lk, d, seed=33))
+    q, k, v = q.cpu().to(dtype), k.cpu().to(dtype), v.cpu().to(dtype)
+    assert fused_cpu_available(q)
+    kv_len = torch.tensor([lk, max(lq, lk - 7)][:b])
+    key_mask = torch.rand(b, hkv, lk, generator=torch.Generator().manual_seed(34)) > 0.25
+    key_mask[..., -1] = True
+    out, lse = attention(q, k, v, kv_len=kv_len, key_mask=key_mask, causal=causal, return_lse=True)
+    ref, ref_lse = attention_reference(
+        q.double(), k.double(), v.double(), kv_len=kv_len, key_mask=key_mask, causal=causal, return_lse=True
+    )
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+
+
 def test_attention_row_without_keys_is_zero():
     q, k, v = rand(1, 2, 2, 64), rand(1, 1, 20, 64), rand(1, 1, 20, 64)
     mask = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
@@ -106,7 +131,7 @@ def _naive_attention(q, k, v, valid, scale=None):
     return out, lse
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_attention_with_per_head_key_mask_and_lse(backend, splits):
     """A [B, H_kv, L_k] key mask (compressed caches keep different tokens per head) and the rows'
@@ -115,8 +140,8 @@ def test_attention_with_per_head_key_mask_and_lse(backend, splits):
     q, k, v = rand(b, hq, lq, d, seed=21), rand(b, hkv, lk, d, seed=22), rand(b, hkv, lk, d, seed=23)
     mask = torch.rand(b, hkv, lk, generator=torch.Generator().manual_seed(24)).to(DEVICE) > 0.4
     mask[1, 0] = False  # this head attends to nothing
-    if backend == "torch":
-        out, lse = attention(q, k, v, key_mask=mask, return_lse=True, backend="torch")
+    if backend != "triton":  # "auto" on CPU: torch's tiled CPU attention
+        out, lse = attention(q, k, v, key_mask=mask, return_lse=True, backend=backend)
     else:
         att, *_ = triton_ops()
         out, lse = att.attention(q, k, v, key_mask=mask, return_lse=True, num_splits=splits)

@@ -3,9 +3,11 @@ active keys; merge_attention: one attention from attentions over disjoint key se
 
 from __future__ import annotations
 
+import torch
+
 from ..backend import use_triton
 from .reference import attention as attention_reference
-from .reference import masked_attention, merge_attention
+from .reference import attention_mask, check_attention_inputs, masked_attention, merge_attention
 
 
 def attention(
@@ -30,7 +32,41 @@ def attention(
         from .triton import attention as attention_triton
 
         return attention_triton(q, k, v, **kw)
+    if backend == "auto" and fused_cpu_available(q):
+        check_attention_inputs(q, k, v, kv_len, key_mask)
+        valid = attention_mask(q.shape[2], k.shape[2], kv_len, key_mask, causal, q.device)
+        out, lse = fused_cpu_attention(q, k, v, valid, scale)
+        return (out, lse) if return_lse else out
     return attention_reference(q, k, v, **kw)
+
+
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_cpu_available(q: torch.Tensor) -> bool:
+    """Whether torch's tiled CPU attention (the kernel behind SDPA on CPU) can serve `q`."""
+    return _FUSED_CPU is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def fused_cpu_attention(q, k, v, valid: torch.Tensor, scale: float | None = None):
+    """`masked_attention` through torch's tiled CPU attention, which also returns the log-sum-exp
+    (what SDPA's public call drops): no [Lq, Lk] score matrix per head, several times faster than the
+    reference at thousands of keys. `valid` [B or 1, Hkv or 1, Lq or 1, Lk] becomes an additive mask
+    (per query head); a query with no valid key gets zeros and a log-sum-exp of -inf, as in the
+    reference."""
+    b, hq, lq, _ = q.shape
+    if valid.shape[1] > 1 and valid.shape[1] != hq:
+        valid = valid.repeat_interleave(hq // valid.shape[1], dim=1)
+    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+    out, lse = _FUSED_CPU(q, k, v, attn_mask=bias, scale=scale)
+    empty = ~valid.any(-1).expand(b, hq, lq)
+    if empty.any():
+        out = out.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+    return out, lse
 
 
 __all__ = ["attention", "attention_reference", "masked_attention", "merge_attention"]
