@@ -131,8 +131,15 @@ def quantize_kv(
 def dequantize_kv(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dequantized tensor [B, H, L, D] (in the original dtype unless `dtype` is given)."""
     codes = unpack(qt.data, qt.bits).float()
-    s, z = _expand(qt.scale.float(), qt.zero.float(), qt.axis, qt.group_size)
-    return (codes * s + z).to(dtype or qt.dtype)
+    b, h, length, d = codes.shape
+    g = qt.group_size
+    if qt.axis == "channel":  # groups of g tokens: [B, H, L/g, g, D] against [B, H, L/g, 1, D]
+        grouped = codes.view(b, h, length // g, g, d)
+        out = grouped * qt.scale.float()[:, :, :, None] + qt.zero.float()[:, :, :, None]
+    else:  # groups of g channels: [B, H, L, D/g, g] against [B, H, L, D/g, 1]
+        grouped = codes.view(b, h, length, d // g, g)
+        out = grouped * qt.scale.float()[..., None] + qt.zero.float()[..., None]
+    return out.view(b, h, length, d).to(dtype or qt.dtype)
 
 
 def _expand(scale, zero, axis, group_size):
@@ -152,5 +159,7 @@ def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
     """bytes [..., P] -> uint8 codes [..., P * 8 / bits]."""
     per = 8 // bits
     shifts = torch.arange(per, device=data.device, dtype=torch.int32) * bits
-    codes = (data.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)
-    return codes.reshape(*data.shape[:-1], data.shape[-1] * per).to(torch.uint8)
+    if per == 1:
+        return data.clone()
+    codes = (data[..., None] >> shifts.to(torch.uint8)) & (2**bits - 1)
+    return codes.reshape(*data.shape[:-1], data.shape[-1] * per)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..attention import fused_cpu_attention, fused_cpu_available
 from ..backend import use_triton
 from ..quantize.reference import QuantizedTensor
 from .reference import quantized_attention as quantized_attention_reference
@@ -30,6 +31,8 @@ def quantized_attention(
         from .triton import quantized_attention as quantized_attention_triton
 
         return quantized_attention_triton(q, k_q, v_q, k_res, v_res, **kw)
+    if backend == "auto" and fused_cpu_available(q):
+        kw["attend"] = fused_cpu_attention
     return quantized_attention_reference(q, k_q, v_q, k_res, v_res, **kw)
 
 

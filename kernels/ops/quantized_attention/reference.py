@@ -44,11 +44,13 @@ def quantized_attention(
     scale: float | None = None,
     return_lse: bool = False,
     chunk: int = DEFAULT_CHUNK,
+    attend=masked_attention,
 ):
     """Attention over keys [dequantize(k_q); k_res] and values [dequantize(v_q); v_res] (the residual
     window holds the most recent tokens in full precision, as KIVI keeps them); `key_mask` [B, Lz + R]
     or [B, H_kv, Lz + R] as in `attention`. Chunks of `chunk` tokens (a multiple of the channel-axis
-    group size) are dequantized one at a time."""
+    group size) are dequantized one at a time, each attended by `attend` (`masked_attention`'s
+    signature: the reference, or torch's tiled CPU attention)."""
     global peak_dequantized_tokens
     check_quantized_inputs(q, k_q, v_q, k_res, v_res, key_mask)
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -65,7 +67,7 @@ def quantized_attention(
         k, v = _keys_values(k_q, v_q, k_res, v_res, start, end, acc)
         peak_dequantized_tokens = max(peak_dequantized_tokens, min(end, lz) - min(start, lz))
         valid = _chunk_mask(key_mask, kv_len, qpos, causal, start, end)
-        parts.append(masked_attention(q.to(acc), k, v, valid, scale))
+        parts.append(attend(q.to(acc), k, v, valid, scale))
     if not parts:
         empty = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         return empty if return_lse else empty[0]
