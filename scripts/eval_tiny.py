@@ -9,7 +9,7 @@ schedule; the table gives accuracy, answer tokens/s (tokens before EOS, per seco
 per answer token and the speedup over `none`. Writes JSON (with every completion) when --out is given.
 
 --long: the long-prompt task (`tinytask.long_context_problems`: each problem after 0-12 solved
-distractors, up to ~450 prompt tokens) on the model trained for it, `dlmcache/tiny-long`; problems are
+distractors, up to ~580 prompt tokens) on the model trained for it, `dlmcache/tiny-long`; problems are
 batched in order of prompt length (less padding; every row decodes as it would alone).
 """
 
