@@ -80,7 +80,8 @@ def long_context_problems(n: int = 500, distractors: tuple[int, int] = (0, 12)) 
     distractor problems as earlier chat turns (k uniform in `distractors`, seeded): 19 prompt tokens
     at k = 0 (the question alone), ~490 at k = 12 (up to ~580). The answer needs only the last
     question, wherever the KV of the distractors goes; a compressed prompt must keep it, and the
-    worked solutions around it, full of the same kind of numbers, must not mislead. `dlmcache/tiny-long` is trained for it."""
+    worked solutions around it, full of the same kind of numbers, must not mislead.
+    `dlmcache/tiny-long` is trained for it."""
     problems = test_problems(n)
     rng = random.Random(DISTRACTOR_SEED)
     pool = make_problems(n * distractors[1] + 1, DISTRACTOR_SEED, exclude={p.question for p in problems})
