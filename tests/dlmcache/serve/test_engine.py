@@ -41,7 +41,7 @@ class Results:
 
 def requests_mix():
     """Requests that differ in prompt, length, schedule, scheduler, sampling and cache."""
-    problems = tinytask.test_problems(8)
+    problems = tinytask.test_problems(10)
     chat = [tinytask.messages(p) for p in problems]
     return [
         (chat[0], dict(max_new_tokens=64, block_length=32)),
@@ -60,6 +60,12 @@ def requests_mix():
             ),
         ),  # fmt: skip
         (chat[7], dict(max_new_tokens=64, block_length=32, stop_at_eos=False)),
+        # The prompt's KV compressed (issue 16's caches): MaskKV, and MaskKV + int4 codes.
+        (chat[8], dict(max_new_tokens=64, block_length=32, cache=FreeCache(policy="maskkv", budget=12))),
+        (
+            chat[9],
+            dict(max_new_tokens=32, block_length=32, cache=FreeCache(policy="maskkv", budget=0.5, quantizer="kivi4")),
+        ),
     ]
 
 
