@@ -7,7 +7,7 @@ import torch
 
 from ..backend import use_triton
 from .reference import attention as attention_reference
-from .reference import attention_mask, check_attention_inputs, masked_attention, merge_attention
+from .reference import masked_attention, merge_attention
 
 
 def attention(
@@ -26,29 +26,25 @@ def attention(
     and bottom-right causal masking; float32 accumulation whatever the input dtype. Shapes: q [B, Hq,
     Lq, D], k / v [B, Hkv, Lk, D], kv_len [B] (keys at or after it are ignored), key_mask [B, Lk] or
     [B, Hkv, Lk] bool. `return_lse`: also each row's log-sum-exp [B, Hq, Lq] (for `merge_attention`).
-    `backend`: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"."""
+    `backend`: "auto" (Triton on CUDA; on CPU torch's tiled attention kernel, which also returns the
+    log-sum-exp), "triton" or "torch" (the reference)."""
     kw = dict(kv_len=kv_len, key_mask=key_mask, causal=causal, scale=scale, return_lse=return_lse)
     if use_triton(backend, q, k, v):
         from .triton import attention as attention_triton
 
         return attention_triton(q, k, v, **kw)
     if backend == "auto" and fused_cpu_available(q):
-        check_attention_inputs(q, k, v, kv_len, key_mask)
-        valid = attention_mask(q.shape[2], k.shape[2], kv_len, key_mask, causal, q.device)
-        out, lse = fused_cpu_attention(q, k, v, valid, scale)
-        return (out, lse) if return_lse else out
+        kw["attend"] = fused_cpu_attention
     return attention_reference(q, k, v, **kw)
 
 
 _FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def fused_cpu_available(q: torch.Tensor) -> bool:
     """Whether torch's tiled CPU attention (the kernel behind SDPA on CPU) can serve `q`."""
     return _FUSED_CPU is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
-
-
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def fused_cpu_attention(q, k, v, valid: torch.Tensor, scale: float | None = None):

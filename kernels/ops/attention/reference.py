@@ -51,7 +51,16 @@ def attention_mask(lq: int, lk: int, kv_len, key_mask, causal: bool, device) -> 
 
 
 def attention(
-    q, k, v, *, kv_len=None, key_mask=None, causal: bool = False, scale: float | None = None, return_lse: bool = False
+    q,
+    k,
+    v,
+    *,
+    kv_len=None,
+    key_mask=None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    attend=None,
 ):
     """softmax(q k^T * scale) v with GQA (query head h uses key head h // (Hq // Hkv)).
 
@@ -60,11 +69,12 @@ def attention(
     Computed in float32 (float64 for float64 inputs), the queries of a KV-head group stacked against
     its keys (no per-head copy of K / V); a query with no valid key returns zeros. Output in q's
     dtype; with `return_lse` also the log-sum-exp of each row's scaled scores [B, Hq, Lq] (float32 or
-    wider; -inf for a row with no valid key), what `merge_attention` combines.
+    wider; -inf for a row with no valid key), what `merge_attention` combines. `attend`: what computes
+    it from the validity mask (`masked_attention`'s signature; None: `masked_attention` itself).
     """
     check_attention_inputs(q, k, v, kv_len, key_mask)
     valid = attention_mask(q.shape[2], k.shape[2], kv_len, key_mask, causal, q.device)
-    out, lse = masked_attention(q, k, v, valid, scale)
+    out, lse = (attend or masked_attention)(q, k, v, valid, scale)
     return (out, lse) if return_lse else out
 
 
