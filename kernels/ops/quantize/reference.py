@@ -112,39 +112,32 @@ def quantize_kv(
 ) -> QuantizedTensor:
     """Quantize x [B, H, L, D]; axis="channel" for keys (KIVI), "token" for values."""
     check_quantize_args(x, bits, group_size, axis)
-    b, h, length, d = x.shape
     levels = 2**bits - 1
-    xf = x.float()
-    if axis == "token":
-        grouped = xf.view(b, h, length, d // group_size, group_size)
-        lo, hi = grouped.amin(-1), grouped.amax(-1)
-    else:
-        grouped = xf.view(b, h, length // group_size, group_size, d)
-        lo, hi = grouped.amin(3), grouped.amax(3)
+    grouped, dim = _groups(x.float(), axis, group_size)
+    lo, hi = grouped.amin(dim), grouped.amax(dim)
     scale = ((hi - lo) / levels).to(scale_dtype)
     zero = lo.to(scale_dtype)
-    s, z = _expand(scale.float(), zero.float(), axis, group_size)
-    codes = torch.floor((xf - z) / torch.where(s > 0, s, 1.0) + 0.5).clamp(0, levels).to(torch.uint8)
-    return QuantizedTensor(pack(codes, bits), scale, zero, bits, group_size, axis, x.dtype)
+    s, z = scale.float().unsqueeze(dim), zero.float().unsqueeze(dim)
+    codes = torch.floor((grouped - z) / torch.where(s > 0, s, 1.0) + 0.5).clamp(0, levels).to(torch.uint8)
+    return QuantizedTensor(pack(codes.view(x.shape), bits), scale, zero, bits, group_size, axis, x.dtype)
 
 
 def dequantize_kv(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dequantized tensor [B, H, L, D] (in the original dtype unless `dtype` is given)."""
     codes = unpack(qt.data, qt.bits).float()
-    b, h, length, d = codes.shape
-    g = qt.group_size
-    if qt.axis == "channel":  # groups of g tokens: [B, H, L/g, g, D] against [B, H, L/g, 1, D]
-        grouped = codes.view(b, h, length // g, g, d)
-        out = grouped * qt.scale.float()[:, :, :, None] + qt.zero.float()[:, :, :, None]
-    else:  # groups of g channels: [B, H, L, D/g, g] against [B, H, L, D/g, 1]
-        grouped = codes.view(b, h, length, d // g, g)
-        out = grouped * qt.scale.float()[..., None] + qt.zero.float()[..., None]
-    return out.view(b, h, length, d).to(dtype or qt.dtype)
+    grouped, dim = _groups(codes, qt.axis, qt.group_size)
+    out = grouped * qt.scale.float().unsqueeze(dim) + qt.zero.float().unsqueeze(dim)
+    return out.view(codes.shape).to(dtype or qt.dtype)
 
 
-def _expand(scale, zero, axis, group_size):
-    dim = 2 if axis == "channel" else 3
-    return scale.repeat_interleave(group_size, dim), zero.repeat_interleave(group_size, dim)
+def _groups(x: torch.Tensor, axis: str, group_size: int) -> tuple[torch.Tensor, int]:
+    """x [B, H, L, D] viewed as its quantization groups, and the dim a group spans (where the scale
+    and zero [B, H, L/g, D] or [B, H, L, D/g] broadcast once unsqueezed): axis "channel" groups g
+    tokens, [B, H, L/g, g, D]; axis "token" groups g channels, [B, H, L, D/g, g]."""
+    b, h, length, d = x.shape
+    if axis == "channel":
+        return x.view(b, h, length // group_size, group_size, d), 3
+    return x.view(b, h, length, d // group_size, group_size), 4
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
