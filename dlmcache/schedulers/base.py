@@ -58,6 +58,17 @@ class DLMScheduler(SchedulerMixin, ConfigMixin):
     config_name = "scheduler_config.json"
     order = 1
     stops_at_eos: bool = False
+    #: `_select` takes per-row `step_index` / `num_steps` tensors [B] and draws no random numbers for
+    #: this configuration, so the batched engine runs every row of the same configuration in one call
+    #: (see `batched`).
+    batched_steps: bool = False
+
+    @property
+    def batched(self) -> bool:
+        """Whether `_select` may serve rows at different steps, padded to one block width, at once:
+        it is row-wise, vectorised over per-row steps, and draws no random numbers (draws depend on
+        the shape they are drawn in, so a sampling row runs alone to get what it gets alone)."""
+        return self.batched_steps
 
     def step(
         self,
@@ -121,7 +132,7 @@ def transfer_quota(mask_index: torch.BoolTensor, step_index: int, num_steps: int
     exactly its quota, the remaining count after s steps is base*(S-s) + max(rem-s, 0).
     """
     remaining = mask_index.sum(-1)
-    steps_left = num_steps - step_index
+    steps_left = num_steps - step_index  # ints, or per-row tensors [B]
     return torch.div(remaining + steps_left - 1, steps_left, rounding_mode="floor")
 
 

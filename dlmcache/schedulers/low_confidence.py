@@ -25,6 +25,12 @@ class LowConfidenceScheduler(DLMScheduler):
     guidance is the pipeline's `cfg_scale`, available with every scheduler.)
     """
 
+    batched_steps = True
+
+    @property
+    def batched(self) -> bool:
+        return self.config.temperature == 0 and self.config.remasking == "low_confidence"
+
     @register_to_config
     def __init__(self, remasking: str = "low_confidence", temperature: float = 0.0):
         if remasking not in ("low_confidence", "random"):

@@ -21,6 +21,8 @@ class ThresholdScheduler(DLMScheduler):
     exactly Fast-dLLM's rule; fewer steps bound the number of forwards per block.
     """
 
+    batched_steps = True
+
     @register_to_config
     def __init__(self, threshold: float = 0.9):
         if not 0 <= threshold <= 1:

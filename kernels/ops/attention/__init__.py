@@ -65,4 +65,6 @@ def fused_cpu_attention(q, k, v, valid: torch.Tensor, scale: float | None = None
     return out, lse
 
 
-__all__ = ["attention", "attention_reference", "masked_attention", "merge_attention"]
+from .paged import paged_attention  # noqa: E402  (it calls `attention` above)
+
+__all__ = ["attention", "attention_reference", "masked_attention", "merge_attention", "paged_attention"]

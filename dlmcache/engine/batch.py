@@ -1,0 +1,404 @@
+"""The state of every running generation as padded tensors, planned and committed in one go.
+
+A request is data: its canvas, its place in the schedule, its scheduler and the state of its cache's
+rules are rows of `GenerationBatch`'s tensors (row r = request r, canvas column p = its position p;
+a request never shares a row, so no left padding). Per step:
+
+- `plan()` -> `StepInput`: for every row at once, whether it refreshes and which positions it feeds
+  (the freeze rules of `dlmcache.cache.rules`, written as masks over [R, W]), flattened into one list
+  of tokens with their pool slots, and the keys each row attends;
+- the runner computes the logits of the rows' still-masked block positions in one forward;
+- `commit(logits, values)` runs the schedulers (one call per scheduler configuration, rows padded to
+  the widest block), writes the committed tokens, fills after EOS, updates the drift test, moves rows
+  to their next block and returns the finished rows.
+
+Ops per step do not depend on the number of rows, and the device-to-host copies are counted
+(`host_reads`): one in `plan`, one in `commit` (plus one per scheduler that must run row by row).
+Membership changes (`add`, `remove`) rebuild the tensors; they happen between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dlmcache.schedulers import DLMScheduler
+from dlmcache.schedulers.base import StepContext
+
+from .rules import BLOCK, DUAL, NONE, PREFIX, TOKEN, CacheRule
+
+
+@dataclass
+class Request:
+    """One generation: prompt ids, the schedule, and this request's own scheduler and cache rule.
+
+    on_step(sequence, commit_step): after each of its steps, with host copies [G] of its generated
+    region (masks where nothing is committed yet) and of each token's commit step (-1: not yet).
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    block_length: int
+    steps: int
+    scheduler: DLMScheduler
+    rule: CacheRule
+    stop_at_eos: bool = False
+    generator: torch.Generator | None = None
+    on_step: object = None
+    id: str = ""
+    chat: object = None  # what the prompt came from (a scheduler's `begin` may read it)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + self.max_new_tokens
+
+
+@dataclass
+class Finished:
+    """A finished request: its generated ids [G], commit steps [G] and counters."""
+
+    request: Request
+    sequence: torch.LongTensor
+    commit_step: torch.LongTensor
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepInput:
+    """One flattened forward for every running request.
+
+    input_ids, positions, slots, query_row, query_rank: [T], one entry per fed token (row-major:
+    row by row, positions ascending); max_queries: the most tokens a row feeds (a host int);
+    key_slots, key_valid: [R, W] the pool slots of each row's positions and which it attends;
+    logit_index: [M] the fed token whose hidden state predicts each still-masked block position
+    (row `target_row` [M], block column `target_col` [M])."""
+
+    input_ids: torch.LongTensor
+    positions: torch.LongTensor
+    slots: torch.LongTensor
+    query_row: torch.LongTensor
+    query_rank: torch.LongTensor
+    max_queries: int
+    key_slots: torch.LongTensor
+    key_valid: torch.BoolTensor
+    logit_index: torch.LongTensor
+    target_row: torch.LongTensor
+    target_col: torch.LongTensor
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def _pad_cols(t: torch.Tensor, width: int, value) -> torch.Tensor:
+    """t [R, w, ...] padded with `value` to [R, width, ...]."""
+    if t.shape[1] >= width:
+        return t[:, :width]
+    pad = t.new_full((t.shape[0], width - t.shape[1], *t.shape[2:]), value)
+    return torch.cat([t, pad], 1)
+
+
+class GenerationBatch:
+    """Every running generation of one model (see the module docstring).
+
+    mask_token_id, eos_token_id: the model's; shift: its logit shift (Dream 1, LLaDA 0); kv_heads,
+    head_dim, dtype: the shape of the drift test's reference values; device: where the state lives.
+    """
+
+    #: Per-row tensors [R] / [R, W, ...] and the value a new row (or a padded column) starts with.
+    ROW_STATE = {
+        "length": 0, "prompt_len": 0, "block_len": 1, "steps_per_block": 1, "num_blocks": 1, "block": 0,
+        "step_in_block": 0, "forwards": 0, "fed": 0, "full_forwards": 0, "drift_refreshes": 0, "stop_at_eos": False,
+        "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
+        "probe_tokens": 0, "last_start": -1, "frozen_end": 0, "stale": False,
+    }  # fmt: skip
+    COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
+
+    def __init__(self, mask_token_id: int, eos_token_id: int | None, shift: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):  # fmt: skip
+        self.mask_id, self.eos_id, self.shift = mask_token_id, eos_token_id, shift
+        self.kv_heads, self.head_dim, self.dtype, self.device = kv_heads, head_dim, dtype, torch.device(device)
+        self.requests: list[Request] = []
+        self.key_slots = torch.zeros(0, 1, dtype=torch.long, device=self.device)
+        self.width = 1
+        self.host_reads = 0  # device-to-host copies made by plan / commit, for tests and metrics
+        self._build_rows()
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    # ------------------------------------------------------------------ membership
+
+    def add(self, request: Request, slots: torch.LongTensor) -> None:
+        """Start `request`, whose positions [0, length) live at pool `slots` [length]."""
+        g = request.max_new_tokens
+        r = request.rule
+        row = {
+            "length": request.length, "prompt_len": len(request.prompt), "block_len": request.block_length,
+            "steps_per_block": request.steps // (g // request.block_length), "num_blocks": g // request.block_length,
+            "stop_at_eos": request.stop_at_eos, "mode": r.mode, "suffix_window": r.suffix_window,
+            "drop_beyond": r.drop_beyond, "delay": r.delay, "refresh_every": r.refresh_every, "drift": r.drift,
+            "probe_tokens": r.probe_tokens,
+        }  # fmt: skip
+        canvas = torch.tensor(request.prompt + [self.mask_id] * g, dtype=torch.long, device=self.device)
+        old = self._state
+        # Wide enough that every row's block columns (start + j, j < the widest block) are in the canvas.
+        everyone = self.requests + [request]
+        width = max(self.width, max(r.length for r in everyone) + max(r.block_length for r in everyone))
+        state = {}
+        for name, default in self.ROW_STATE.items():
+            value = torch.tensor([row.get(name, default)], device=self.device, dtype=old[name].dtype)
+            state[name] = torch.cat([old[name], value])
+        for name, default in self.COLUMN_STATE.items():
+            fill = self.mask_id if default is None else default
+            new = _pad_cols(canvas[None], width, self.mask_id) if name == "canvas" else None
+            if new is None:
+                shape = (1, width, *old[name].shape[2:])
+                new = torch.full(shape, fill, dtype=old[name].dtype, device=self.device)
+            state[name] = torch.cat([_pad_cols(old[name], width, fill), new])
+        key_slots = _pad_cols(slots.to(self.device)[None], width, 0)
+        self.key_slots = torch.cat([_pad_cols(self.key_slots, width, 0), key_slots])
+        self.width, self._state = width, state
+        self.requests.append(request)
+        request.scheduler.begin([request.prompt], [request.chat], canvas[None], len(request.prompt))
+        self._regroup()
+
+    def remove(self, rows: list[int]) -> list[Request]:
+        """Drop `rows` (finished or cancelled); returns their requests."""
+        if not rows:
+            return []
+        gone = set(rows)
+        keep = [i for i in range(len(self.requests)) if i not in gone]
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._state = {name: t.index_select(0, index) for name, t in self._state.items()}
+        self.key_slots = self.key_slots.index_select(0, index)
+        removed = [self.requests[i] for i in rows]
+        self.requests = [self.requests[i] for i in keep]
+        self._regroup()
+        return removed
+
+    def _build_rows(self) -> None:
+        self._state = {}
+        for name, default in self.ROW_STATE.items():
+            dtype = {bool: torch.bool, float: torch.float64, int: torch.long}[type(default)]
+            self._state[name] = torch.zeros(0, dtype=dtype, device=self.device)
+        for name in self.COLUMN_STATE:
+            dtype = {"final": torch.bool, "reference": self.dtype}.get(name, torch.long)
+            shape = (0, 1, self.kv_heads, self.head_dim) if name == "reference" else (0, 1)
+            self._state[name] = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._groups = []
+
+    def _regroup(self) -> None:
+        """Rows by scheduler configuration: batched configurations share one `_select` call."""
+        groups: dict = {}
+        self._alone = []
+        for i, req in enumerate(self.requests):
+            s = req.scheduler
+            if s.batched and req.generator is None:
+                key = (type(s), tuple(sorted((k, repr(v)) for k, v in s.config.items() if not k.startswith("_"))))
+                groups.setdefault(key, (s, []))[1].append(i)
+            else:
+                self._alone.append(i)
+        self._groups = [(s, torch.tensor(rows, device=self.device)) for s, rows in groups.values()]
+
+    # ------------------------------------------------------------------ one step
+
+    def _block_columns(self) -> tuple[torch.LongTensor, torch.BoolTensor, int]:
+        """The active block of every row: canvas columns [R, Bmax], which are inside it, and Bmax."""
+        bmax = max(r.block_length for r in self.requests)
+        j = torch.arange(bmax, device=self.device)
+        s = self._state
+        start = s["prompt_len"] + s["block"] * s["block_len"]
+        return start[:, None] + j, j < s["block_len"][:, None], bmax
+
+    def plan(self) -> StepInput:
+        """Decide every row's step and flatten it (see the module docstring)."""
+        s, shift, mask_id = self._state, self.shift, self.mask_id
+        canvas, mode, length = s["canvas"], s["mode"], s["length"]
+        pos = torch.arange(self.width, device=self.device)[None]  # [1, W]
+        start = s["prompt_len"] + s["block"] * s["block_len"]
+        end = start + s["block_len"]
+        in_len = pos < length[:, None]
+        is_token, is_block = mode == TOKEN, mode == BLOCK
+        freecache = is_token | is_block
+
+        # Which rows refresh: every step (none), at a new block (prefix, dual), or FreeCache's refresh
+        # rule (the first forward, every k-th, or drifted at the last step).
+        first = s["forwards"] == 0
+        every = (s["refresh_every"] > 0) & (s["forwards"] % s["refresh_every"].clamp(min=1) == 0)
+        periodic = first | every
+        refresh = (mode == NONE) | ((mode != NONE) & ~freecache & (start != s["last_start"]))
+        refresh |= freecache & (periodic | s["stale"])
+        s["drift_refreshes"] += (freecache & s["stale"] & ~periodic).long()
+
+        # What a cached step feeds: a window (prefix, dual, block freeze) or token freeze's positions.
+        window_end = torch.where(s["suffix_window"] < 0, length, torch.minimum(length, end + s["suffix_window"]))
+        frozen = torch.where(s["delay"], s["frozen_end"], torch.maximum(s["frozen_end"], start))
+        win_start = torch.where(is_block, torch.minimum(frozen, start - shift), start - shift)
+        win_end = torch.where(mode == PREFIX, length, torch.where(mode == DUAL, end, window_end))
+        attend_end = torch.where(freecache & s["drop_beyond"], window_end, length)
+        window = (pos >= win_start[:, None]) & (pos < win_end[:, None])
+        masked = (canvas == mask_id) & (pos >= start[:, None]) & (pos < end[:, None])
+        token = ~s["final"] & (pos < window_end[:, None]) | masked
+        if shift:
+            token[:, :-shift] |= masked[:, shift:]
+        committed = canvas != mask_id
+        cached = (~refresh & is_token)[:, None]
+        renewed = refresh[:, None] & is_token[:, None]
+        s["final"] = torch.where(renewed, committed, s["final"] | (token & committed & cached))
+        s["frozen_end"] = torch.where(is_block, torch.maximum(s["frozen_end"], start), s["frozen_end"])
+        need = torch.where(refresh[:, None], in_len, torch.where(is_token[:, None], token, window))
+        attend_end = torch.where(refresh, length, attend_end)
+
+        # The drift test's probes: per cached row, its `probe_tokens` positions closest before the
+        # first it feeds whose tokens were committed at its last refresh.
+        drift_rows = (s["drift"] > 0) & ~refresh
+        row_first = torch.where(need.any(-1), need.int().argmax(-1), 0)
+        ready = (s["refreshed_tokens"] != mask_id) & in_len & (pos < row_first[:, None])
+        rank = ready.flip(-1).cumsum(-1).flip(-1)
+        self._probe = ready & (rank <= s["probe_tokens"][:, None]) & drift_rows[:, None]
+        need |= self._probe
+
+        # Flatten: one host read gives the sizes, then everything stays on the device.
+        counts = need.sum(-1)
+        block_cols, in_block, bmax = self._block_columns()
+        targets = (canvas.gather(1, block_cols) == mask_id) & in_block  # [R, Bmax] still masked
+        total, widest, n_targets = (int(v) for v in torch.stack([counts.sum(), counts.max(), targets.sum()]).tolist())
+        self.host_reads += 1
+        row, col = torch.nonzero_static(need, size=total).unbind(1)
+        offsets = counts.cumsum(0) - counts
+        rank = torch.arange(total, device=self.device) - offsets[row]
+        flat = torch.full_like(canvas, -1)
+        flat[row, col] = torch.arange(total, device=self.device)
+        t_row, t_col = torch.nonzero_static(targets, size=n_targets).unbind(1)
+        predictor = (block_cols[t_row, t_col] - shift).clamp(min=0)
+        self._step = dict(
+            refresh=refresh,
+            row=row,
+            col=col,
+            targets=targets,
+            block_cols=block_cols,
+            bmax=bmax,
+            target_row=t_row,
+            target_col=t_col,
+        )
+        s["fed"] += counts
+        s["full_forwards"] += refresh.long()
+        return StepInput(
+            input_ids=canvas[row, col], positions=col, slots=self.key_slots[row, col], query_row=row,
+            query_rank=rank, max_queries=widest, key_slots=self.key_slots, key_valid=pos < attend_end[:, None],
+            logit_index=flat[t_row, predictor], target_row=t_row, target_col=t_col,
+        )  # fmt: skip
+
+    def commit(self, logits: torch.Tensor, values: torch.Tensor | None) -> list[Finished]:
+        """Apply the step's logits [M, V] (and the last layer's fresh values [T, Hkv, D] of the fed
+        tokens, for the drift test); returns the rows that finished (still in the batch: `remove` them)."""
+        s, step = self._state, self._step
+        canvas, targets, block_cols = s["canvas"], step["targets"], step["block_cols"]
+        if values is not None and bool(s["drift"].any()):
+            self._observe_drift(values)
+
+        # The schedulers: rows of one configuration together, padded to the widest block.
+        rows_n = len(self.requests)
+        padded = logits.new_zeros(rows_n, step["bmax"], logits.shape[-1])
+        padded[step["target_row"], step["target_col"]] = logits
+        sample = canvas.gather(1, block_cols)
+        x0 = torch.empty_like(sample)
+        transfer = torch.zeros_like(targets)
+        for scheduler, rows in self._groups:
+            gx, _, gt = scheduler._select(
+                padded[rows], targets[rows], s["step_in_block"][rows], s["steps_per_block"][rows], None, None
+            )
+            x0[rows], transfer[rows] = gx, gt
+        if self._alone:
+            self._select_alone(padded, targets, sample, x0, transfer)
+        transfer &= targets
+        new = torch.where(transfer, x0, sample)
+        canvas.scatter_(1, block_cols, new)
+        when = torch.where(transfer, s["forwards"][:, None], s["commit"].gather(1, block_cols))
+        s["commit"].scatter_(1, block_cols, when)
+
+        pos = torch.arange(self.width, device=self.device)[None]
+        generated = (pos >= s["prompt_len"][:, None]) & (pos < s["length"][:, None])
+        if bool(s["stop_at_eos"].any()):
+            # Rows whose text up to an EOS is committed get EOS in every masked position after it.
+            masked = (canvas == self.mask_id) & generated
+            clean_eos = (canvas == self.eos_id) & generated & (masked.long().cumsum(-1) == 0)
+            fill = (clean_eos.long().cumsum(-1) > 0) & masked & s["stop_at_eos"][:, None]
+            canvas.masked_fill_(fill, self.eos_id)
+            s["commit"] = torch.where(fill, s["forwards"][:, None], s["commit"])
+        s["last_start"] = s["prompt_len"] + s["block"] * s["block_len"]
+        s["forwards"] += 1
+        s["step_in_block"] += 1
+
+        # Next block: the first with a masked position (blocks fill in order).
+        masked = (canvas == self.mask_id) & generated
+        left = masked.any(-1)
+        first_masked = torch.where(left, masked.int().argmax(-1), s["length"])
+        block = torch.div(first_masked - s["prompt_len"], s["block_len"], rounding_mode="floor")
+        moved = left & (block > s["block"])
+        s["block"] = torch.where(moved, block, s["block"])
+        s["step_in_block"] = torch.where(moved, 0, s["step_in_block"])
+
+        # One host read: which rows finished, and every row's canvas and commit steps for its callback.
+        snapshot = torch.cat([(~left).long()[:, None], canvas, s["commit"]], 1).cpu()
+        self.host_reads += 1
+        done = snapshot[:, 0].tolist()
+        finished = []
+        for i, req in enumerate(self.requests):
+            p, length = len(req.prompt), req.length
+            seq = snapshot[i, 1 + p : 1 + length]
+            commit = snapshot[i, 1 + self.width + p : 1 + self.width + length]
+            if req.on_step is not None:
+                req.on_step(seq, commit)
+            if done[i]:
+                finished.append((i, Finished(req, seq.clone(), commit.clone())))
+        if finished:
+            stats = torch.stack([s["forwards"], s["fed"], s["full_forwards"], s["drift_refreshes"]], 1).tolist()
+            for i, f in finished:
+                forwards, fed, full, drift = stats[i]
+                f.stats = {
+                    "steps": forwards, "full_forwards": full, "fed_tokens": fed, "drift_refreshes": drift,
+                    "tokens_per_step": f.request.max_new_tokens / max(forwards, 1),
+                }  # fmt: skip
+        self.finished_rows = [i for i, _ in finished]
+        return [f for _, f in finished]
+
+    def _select_alone(self, padded, targets, sample, x0, transfer) -> None:
+        """Rows whose scheduler draws random numbers (or is not vectorised): each alone, on exactly the
+        logits it would get alone (its still-masked positions), with its own generator."""
+        s = self._state
+        index = torch.tensor(self._alone, device=self.device)
+        info = torch.stack([s["block"][index], s["step_in_block"][index], s["steps_per_block"][index]], 1).tolist()
+        self.host_reads += 1
+        for i, (block, step_index, num_steps) in zip(self._alone, info, strict=True):
+            req = self.requests[i]
+            cols = targets[i].nonzero().flatten()
+            start = len(req.prompt) + block * req.block_length
+            context = StepContext(
+                x=s["canvas"][i : i + 1, : req.length], targets=start + cols, start=start,
+                end=start + req.block_length, prompt_len=len(req.prompt), mask_token_id=self.mask_id,
+            )  # fmt: skip
+            gx, _, gt = req.scheduler._select(
+                padded[i : i + 1, cols], targets[i : i + 1, cols], step_index, num_steps, req.generator, context
+            )
+            x0[i, cols], transfer[i, cols] = gx[0], gt[0]
+
+    def _observe_drift(self, values: torch.Tensor) -> None:
+        """RefreshOnDrift per row: a refreshing row records its fresh last-layer values as the
+        reference; a cached row's drift is the largest cosine distance of its probes' fresh values
+        from that reference; rows beyond the threshold refresh at their next step."""
+        s, step = self._state, self._step
+        row, col, refresh = step["row"], step["col"], step["refresh"]
+        drift_rows = s["drift"] > 0
+        keep = refresh[row] & drift_rows[row]
+        s["reference"][row[keep], col[keep]] = values[keep]
+        refreshing = refresh & drift_rows
+        s["refreshed_tokens"] = torch.where(refreshing[:, None], s["canvas"], s["refreshed_tokens"])
+        probe = self._probe[row, col]
+        cos = torch.nn.functional.cosine_similarity(values.float(), s["reference"][row, col].float(), dim=-1)
+        distance = ((1 - cos).amax(-1)).masked_fill(~probe, 0)
+        drift = torch.zeros(len(self.requests), device=self.device).scatter_reduce(0, row, distance, "amax")
+        # compared in float32, as RefreshOnDrift compares its float32 drift with the threshold
+        s["stale"] = (drift > s["drift"].float()) & ~refreshing & drift_rows

@@ -1,0 +1,60 @@
+"""A request's cache strategy as numbers, so that one set of tensor ops plans every request's step.
+
+`CacheRule` is what the vectorised planner (`batch.GenerationBatch.plan`) reads of a
+`DenoisingCache`: which freeze rule (`dlmcache.cache.rules`), its window, and its refresh rule. The
+planner implements, per row and without a loop over rows, exactly what those rule objects do for a
+batch of one (tested token for token against `DLMPipeline` with the same cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dlmcache.cache import DenoisingCache, DualCache, FreeCache, NoCache, PrefixCache
+from dlmcache.cache.rules import RefreshOnDrift
+
+#: Freeze modes: what a step that does not refresh feeds.
+NONE, PREFIX, DUAL, BLOCK, TOKEN = range(5)
+
+
+@dataclass(frozen=True)
+class CacheRule:
+    """mode: NONE (refresh every step) | PREFIX / DUAL (refresh at every block start; feed the block
+    and what follows it / the block alone) | BLOCK / TOKEN (FreeCache's freeze rules);
+    suffix_window: later positions fed with the block (-1: all); drop_beyond: positions after the
+    window are not attended; delay: BlockFreeze's delayed freeze; refresh_every: k (0: never);
+    drift: RefreshOnDrift's threshold (0: off); probe_tokens: its probes per row."""
+
+    mode: int
+    suffix_window: int = -1
+    drop_beyond: bool = False
+    delay: bool = True
+    refresh_every: int = 0
+    drift: float = 0.0
+    probe_tokens: int = 0
+
+
+def cache_rule(cache: DenoisingCache) -> CacheRule | None:
+    """The rule of `cache`, or None when the batched engine does not run it (a compressed prompt, or
+    a strategy it does not know)."""
+    if getattr(cache, "compression", None) is not None:
+        return None
+    if type(cache) is NoCache:
+        return CacheRule(NONE)
+    if type(cache) is PrefixCache:
+        return CacheRule(PREFIX)
+    if type(cache) is DualCache:
+        return CacheRule(DUAL)
+    if type(cache) is not FreeCache:
+        return None
+    refresh = cache.refresh_rule()
+    drift = isinstance(refresh, RefreshOnDrift)
+    return CacheRule(
+        mode=TOKEN if cache.freeze == "token" else BLOCK,
+        suffix_window=-1 if cache.suffix_window is None else cache.suffix_window,
+        drop_beyond=cache.beyond_window == "drop",
+        delay=not cache.flashdlm,
+        refresh_every=cache.refresh_every or 0,
+        drift=float(cache.refresh_drift) if drift else 0.0,
+        probe_tokens=cache.probe_tokens if drift else 0,
+    )

@@ -1,0 +1,120 @@
+"""The runner: one flattened forward for every running request, over one paged KV pool.
+
+`BatchedDecoder` owns a `KVPool` and a `GenerationBatch`. Each `step()` asks the batch for its
+`StepInput`, runs the model once on all fed tokens ([1, T]: the projections, MLPs and LM head see
+every request's tokens as rows of one matrix), and per layer `PagedStore` writes the fresh K/V with
+one slot-mapped copy and runs one `paged_attention` call for all requests; then the batch commits.
+No request calls the model itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlmcache.kernels.ops import paged_attention
+from dlmcache.kernels.pool import KVPool, PoolFull
+
+from .batch import Finished, GenerationBatch, Request, StepInput
+
+
+class PagedStore:
+    """The `KVStore` of a flattened forward: per layer, store the fed tokens' K/V at their slots and
+    attend each request's queries over its own keys (`paged_attention`). Keeps the last layer's fresh
+    values (the drift test reads them)."""
+
+    def __init__(self, pool: KVPool, step: StepInput):
+        self.pool, self.step = pool, step
+        self.values: torch.Tensor | None = None
+
+    def attend(self, layer_idx: int, q, k, v, backend: str):
+        # q [1, Hq, T, D], k / v [1, Hkv, T, D]: the fed tokens of every request, in a row.
+        step = self.step
+        k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, Hkv, D]
+        self.pool.write(layer_idx, step.slots, k, v)
+        if layer_idx == self.pool.num_layers - 1:
+            self.values = v
+        out = paged_attention(
+            q[0].transpose(0, 1), self.pool.k[layer_idx], self.pool.v[layer_idx], step.key_slots, step.key_valid,
+            step.query_row, step.query_rank, step.max_queries, backend=backend,
+        )  # fmt: skip
+        return out.transpose(0, 1)[None]
+
+
+class BatchedDecoder:
+    """Continuous batching of denoising generations over one model.
+
+    model: a native DLM (`DLMModelMixin`); eos_token_id: the tokenizer's; pool: a `KVPool` (default:
+    `kv_bytes` bytes of it, or room for `max_tokens` positions); block_size: the pool's page size.
+    `add(request)` admits a request (raises `PoolFull` when its KV does not fit now), `step()` runs one
+    denoising step of every running request and returns those that finished (their blocks are free
+    again), `cancel(ids)` drops requests at once.
+    """
+
+    def __init__(self, model, eos_token_id: int | None, pool: KVPool | None = None, kv_bytes: int | None = None,
+                 max_tokens: int = 8192, block_size: int = 16):  # fmt: skip
+        self.model = model
+        dtype = next(model.parameters()).dtype
+        if pool is None:
+            shape = (model.num_layers, model.num_kv_heads, model.head_dim)
+            if kv_bytes is not None:
+                pool = KVPool.for_bytes(kv_bytes, *shape, block_size=block_size, dtype=dtype, device=model.device)
+            else:
+                blocks = -(-max_tokens // block_size)
+                pool = KVPool(*shape, num_blocks=blocks, block_size=block_size, dtype=dtype, device=model.device)
+        self.pool = pool
+        self.batch = GenerationBatch(
+            model.mask_token_id, eos_token_id, model.logit_shift, model.num_kv_heads, model.head_dim, dtype,
+            model.device,
+        )  # fmt: skip
+        self.blocks: dict[int, list[int]] = {}  # id(request in the batch) -> its pool blocks
+        self.forwards = 0
+        self.fed_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def fits(self, request: Request) -> bool:
+        """Whether the pool could ever hold `request` (when empty)."""
+        return self.pool.blocks_for(request.length) <= self.pool.num_blocks
+
+    def can_add(self, request: Request) -> bool:
+        return self.pool.can_allocate(request.length)
+
+    def add(self, request: Request) -> None:
+        blocks = self.pool.allocate(request.length)
+        try:
+            self.batch.add(request, self.pool.slots(blocks, request.length))
+        except Exception:
+            self.pool.free(blocks)
+            raise
+        self.blocks[id(self.batch.requests[-1])] = blocks
+
+    def cancel(self, ids: set[str]) -> list[Request]:
+        """Drop the running requests whose `id` is in `ids`; returns them."""
+        rows = [i for i, r in enumerate(self.batch.requests) if r.id in ids]
+        return self._remove(rows)
+
+    def _remove(self, rows: list[int]) -> list[Request]:
+        removed = self.batch.remove(rows)
+        for r in removed:
+            self.pool.free(self.blocks.pop(id(r)))
+        return removed
+
+    @torch.no_grad()
+    def step(self) -> list[Finished]:
+        """One denoising step of every running request (nothing when none runs)."""
+        if not len(self.batch):
+            return []
+        step = self.batch.plan()
+        store = PagedStore(self.pool, step)
+        model = self.model
+        hidden = model.hidden_states(step.input_ids[None], step.positions[None], cache=store)
+        logits = model.get_output_embeddings()(hidden[0, step.logit_index])
+        self.forwards += 1
+        self.fed_tokens += step.tokens
+        finished = self.batch.commit(logits, store.values)
+        self._remove(self.batch.finished_rows)
+        return finished
+
+
+__all__ = ["BatchedDecoder", "PagedStore", "PoolFull"]
