@@ -188,6 +188,7 @@ class GenerationBatch:
             shape = (0, 1, self.kv_heads, self.head_dim) if name == "reference" else (0, 1)
             self._state[name] = torch.zeros(shape, dtype=dtype, device=self.device)
         self._groups = []
+        self._regroup()
 
     def _regroup(self) -> None:
         """Rows by scheduler configuration: batched configurations share one `_select` call."""
@@ -201,6 +202,11 @@ class GenerationBatch:
             else:
                 self._alone.append(i)
         self._groups = [(s, torch.tensor(rows, device=self.device)) for s, rows in groups.values()]
+        # What the running rows use, known on the host: plan and commit skip the rest.
+        self._modes = {r.rule.mode for r in self.requests}
+        self._drift = any(r.rule.drift > 0 for r in self.requests)
+        self._stop_at_eos = any(r.stop_at_eos for r in self.requests)
+        self._positions = torch.arange(self.width, device=self.device)[None]
 
     # ------------------------------------------------------------------ one step
 
@@ -213,52 +219,27 @@ class GenerationBatch:
         return start[:, None] + j, j < s["block_len"][:, None], bmax
 
     def plan(self) -> StepInput:
-        """Decide every row's step and flatten it (see the module docstring)."""
-        s, shift, mask_id = self._state, self.shift, self.mask_id
+        """Decide every row's step and flatten it (see the module docstring). The rules that no
+        running row uses are skipped (known on the host, from the requests)."""
+        s, shift, mask_id, modes = self._state, self.shift, self.mask_id, self._modes
         canvas, mode, length = s["canvas"], s["mode"], s["length"]
-        pos = torch.arange(self.width, device=self.device)[None]  # [1, W]
+        pos = self._positions  # [1, W]
         start = s["prompt_len"] + s["block"] * s["block_len"]
         end = start + s["block_len"]
         in_len = pos < length[:, None]
-        is_token, is_block = mode == TOKEN, mode == BLOCK
-        freecache = is_token | is_block
-
-        # Which rows refresh: every step (none), at a new block (prefix, dual), or FreeCache's refresh
-        # rule (the first forward, every k-th, or drifted at the last step).
-        first = s["forwards"] == 0
-        every = (s["refresh_every"] > 0) & (s["forwards"] % s["refresh_every"].clamp(min=1) == 0)
-        periodic = first | every
-        refresh = (mode == NONE) | ((mode != NONE) & ~freecache & (start != s["last_start"]))
-        refresh |= freecache & (periodic | s["stale"])
-        s["drift_refreshes"] += (freecache & s["stale"] & ~periodic).long()
-
-        # What a cached step feeds: a window (prefix, dual, block freeze) or token freeze's positions.
-        window_end = torch.where(s["suffix_window"] < 0, length, torch.minimum(length, end + s["suffix_window"]))
-        frozen = torch.where(s["delay"], s["frozen_end"], torch.maximum(s["frozen_end"], start))
-        win_start = torch.where(is_block, torch.minimum(frozen, start - shift), start - shift)
-        win_end = torch.where(mode == PREFIX, length, torch.where(mode == DUAL, end, window_end))
-        attend_end = torch.where(freecache & s["drop_beyond"], window_end, length)
-        window = (pos >= win_start[:, None]) & (pos < win_end[:, None])
-        masked = (canvas == mask_id) & (pos >= start[:, None]) & (pos < end[:, None])
-        token = ~s["final"] & (pos < window_end[:, None]) | masked
-        if shift:
-            token[:, :-shift] |= masked[:, shift:]
-        committed = canvas != mask_id
-        cached = (~refresh & is_token)[:, None]
-        renewed = refresh[:, None] & is_token[:, None]
-        s["final"] = torch.where(renewed, committed, s["final"] | (token & committed & cached))
-        s["frozen_end"] = torch.where(is_block, torch.maximum(s["frozen_end"], start), s["frozen_end"])
-        need = torch.where(refresh[:, None], in_len, torch.where(is_token[:, None], token, window))
-        attend_end = torch.where(refresh, length, attend_end)
-
-        # The drift test's probes: per cached row, its `probe_tokens` positions closest before the
-        # first it feeds whose tokens were committed at its last refresh.
-        drift_rows = (s["drift"] > 0) & ~refresh
-        row_first = torch.where(need.any(-1), need.int().argmax(-1), 0)
-        ready = (s["refreshed_tokens"] != mask_id) & in_len & (pos < row_first[:, None])
-        rank = ready.flip(-1).cumsum(-1).flip(-1)
-        self._probe = ready & (rank <= s["probe_tokens"][:, None]) & drift_rows[:, None]
-        need |= self._probe
+        refresh = self._refresh_rows(start)
+        need, attend_end = in_len, length
+        if modes != {NONE}:
+            # What a cached step feeds: a window (prefix, dual, block freeze) or token freeze's positions.
+            window_end = torch.where(s["suffix_window"] < 0, length, torch.minimum(length, end + s["suffix_window"]))
+            attend_end = torch.where(refresh | ~s["drop_beyond"], length, window_end)
+            if modes & {PREFIX, DUAL, BLOCK}:
+                need = torch.where(refresh[:, None], need, self._window(start, end, window_end, pos))
+            if TOKEN in modes:
+                token = self._token_positions(refresh, start, end, window_end, pos)
+                need = torch.where((mode == TOKEN)[:, None] & ~refresh[:, None], token, need)
+        if self._drift:
+            need = need | self._probes(need, refresh, in_len, pos)
 
         # Flatten: one host read gives the sizes, then everything stays on the device.
         counts = need.sum(-1)
@@ -284,19 +265,70 @@ class GenerationBatch:
             target_col=t_col,
         )
         s["fed"] += counts
-        s["full_forwards"] += refresh.long()
         return StepInput(
             input_ids=canvas[row, col], positions=col, slots=self.key_slots[row, col], query_row=row,
             query_rank=rank, max_queries=widest, key_slots=self.key_slots, key_valid=pos < attend_end[:, None],
             logit_index=flat[t_row, predictor], target_row=t_row, target_col=t_col,
         )  # fmt: skip
 
+    def _refresh_rows(self, start: torch.LongTensor) -> torch.BoolTensor:
+        """Which rows refresh: every step (none), at a new block (prefix, dual), or FreeCache's refresh
+        rule (the first forward, every k-th, or drifted at the last step)."""
+        s, mode = self._state, self._state["mode"]
+        freecache = (mode == TOKEN) | (mode == BLOCK)
+        first = s["forwards"] == 0
+        every = (s["refresh_every"] > 0) & (s["forwards"] % s["refresh_every"].clamp(min=1) == 0)
+        periodic = first | every
+        refresh = (mode == NONE) | (~freecache & (start != s["last_start"])) | (freecache & (periodic | s["stale"]))
+        if self._drift:
+            s["drift_refreshes"] += (freecache & s["stale"] & ~periodic).long()
+        s["full_forwards"] += refresh.long()
+        return refresh
+
+    def _window(self, start, end, window_end, pos) -> torch.BoolTensor:
+        """The positions a window plan feeds [R, W]: from the block start (prefix: to the end; dual: the
+        block), or block freeze's from the frozen boundary through the suffix window."""
+        s, mode, shift = self._state, self._state["mode"], self.shift
+        is_block = mode == BLOCK
+        frozen = torch.where(s["delay"], s["frozen_end"], torch.maximum(s["frozen_end"], start))
+        win_start = torch.where(is_block, torch.minimum(frozen, start - shift), start - shift)
+        win_end = torch.where(mode == PREFIX, s["length"], torch.where(mode == DUAL, end, window_end))
+        # Every position before the active block is final once this forward has run.
+        s["frozen_end"] = torch.where(is_block, torch.maximum(s["frozen_end"], start), s["frozen_end"])
+        return (pos >= win_start[:, None]) & (pos < win_end[:, None])
+
+    def _token_positions(self, refresh, start, end, window_end, pos) -> torch.BoolTensor:
+        """Token freeze [R, W]: the window's positions whose KV is not final, the still-masked block
+        positions (and each one's predecessor, for a shifted model); the committed ones among them are
+        final after this forward, and a refresh makes every committed position final."""
+        s, mask_id = self._state, self.mask_id
+        canvas, is_token = s["canvas"], (s["mode"] == TOKEN)[:, None]
+        masked = (canvas == mask_id) & (pos >= start[:, None]) & (pos < end[:, None])
+        token = ~s["final"] & (pos < window_end[:, None]) | masked
+        if self.shift:
+            token[:, : -self.shift] |= masked[:, self.shift :]
+        committed = canvas != mask_id
+        renewed = refresh[:, None] & is_token
+        s["final"] = torch.where(renewed, committed, s["final"] | (token & committed & is_token & ~refresh[:, None]))
+        return token
+
+    def _probes(self, need, refresh, in_len, pos) -> torch.BoolTensor:
+        """The drift test's probes [R, W]: per cached drift row, its `probe_tokens` positions closest
+        before the first it feeds whose tokens were committed at its last refresh."""
+        s = self._state
+        drift_rows = (s["drift"] > 0) & ~refresh
+        row_first = torch.where(need.any(-1), need.int().argmax(-1), 0)
+        ready = (s["refreshed_tokens"] != self.mask_id) & in_len & (pos < row_first[:, None])
+        rank = ready.flip(-1).cumsum(-1).flip(-1)
+        self._probe = ready & (rank <= s["probe_tokens"][:, None]) & drift_rows[:, None]
+        return self._probe
+
     def commit(self, logits: torch.Tensor, values: torch.Tensor | None) -> list[Finished]:
         """Apply the step's logits [M, V] (and the last layer's fresh values [T, Hkv, D] of the fed
         tokens, for the drift test); returns the rows that finished (still in the batch: `remove` them)."""
         s, step = self._state, self._step
         canvas, targets, block_cols = s["canvas"], step["targets"], step["block_cols"]
-        if values is not None and bool(s["drift"].any()):
+        if self._drift:
             self._observe_drift(values)
 
         # The schedulers: rows of one configuration together, padded to the widest block.
@@ -321,7 +353,7 @@ class GenerationBatch:
 
         pos = torch.arange(self.width, device=self.device)[None]
         generated = (pos >= s["prompt_len"][:, None]) & (pos < s["length"][:, None])
-        if bool(s["stop_at_eos"].any()):
+        if self._stop_at_eos:
             # Rows whose text up to an EOS is committed get EOS in every masked position after it.
             masked = (canvas == self.mask_id) & generated
             clean_eos = (canvas == self.eos_id) & generated & (masked.long().cumsum(-1) == 0)

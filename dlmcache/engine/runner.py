@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dlmcache.kernels.ops import paged_attention
+from dlmcache.kernels.ops import paged_attention, paged_layout
 from dlmcache.kernels.pool import KVPool, PoolFull
 
 from .batch import Finished, GenerationBatch, Request, StepInput
@@ -22,8 +22,11 @@ class PagedStore:
     attend each request's queries over its own keys (`paged_attention`). Keeps the last layer's fresh
     values (the drift test reads them)."""
 
-    def __init__(self, pool: KVPool, step: StepInput):
+    def __init__(self, pool: KVPool, step: StepInput, dtype: torch.dtype):
         self.pool, self.step = pool, step
+        self.layout = paged_layout(
+            step.key_slots, step.key_valid, step.query_row, step.query_rank, step.max_queries, dtype
+        )
         self.values: torch.Tensor | None = None
 
     def attend(self, layer_idx: int, q, k, v, backend: str):
@@ -34,9 +37,8 @@ class PagedStore:
         if layer_idx == self.pool.num_layers - 1:
             self.values = v
         out = paged_attention(
-            q[0].transpose(0, 1), self.pool.k[layer_idx], self.pool.v[layer_idx], step.key_slots, step.key_valid,
-            step.query_row, step.query_rank, step.max_queries, backend=backend,
-        )  # fmt: skip
+            q[0].transpose(0, 1), self.pool.k[layer_idx], self.pool.v[layer_idx], self.layout, backend=backend
+        )
         return out.transpose(0, 1)[None]
 
 
@@ -106,7 +108,7 @@ class BatchedDecoder:
         if not len(self.batch):
             return []
         step = self.batch.plan()
-        store = PagedStore(self.pool, step)
+        store = PagedStore(self.pool, step, self.pool.k[0].dtype)
         model = self.model
         hidden = model.hidden_states(step.input_ids[None], step.positions[None], cache=store)
         logits = model.get_output_embeddings()(hidden[0, step.logit_index])

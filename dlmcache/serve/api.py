@@ -100,7 +100,8 @@ def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults
                 if tokens is not None:
                     loop.call_soon_threadsafe(events.put_nowait, ("tokens", tokens))
 
-        job = Job(parsed.prompt, parsed.options(), on_done, on_step, id=request_id)
+        job = Job(parsed.prompt, parsed.options(), on_done, on_step, id=request_id,
+                  tokens=parsed.prompt_tokens + parsed.max_tokens)  # fmt: skip
         try:
             engine.submit(job)
         except QueueFull as e:

@@ -1,20 +1,19 @@
-"""The serving engine: many requests, one model, one batched forward at a time.
+"""The serving engine: many requests, one model, one flattened forward per step.
 
-Every request runs the pipeline's own loop (`DLMPipeline.__call__`: its scheduler, its cache, its
-stopping rule), in a greenlet of the engine's thread. Where that loop calls the model, the greenlet
-hands the call to the engine and waits; once every running request is waiting, the engine runs all
-their forwards as one batch (`forward_together`: the fed tokens of every request padded to the same
-length, the projections and MLPs batched, each request's attention over its own KV through its own
-cache) and resumes each request with its logits. A request therefore computes exactly what it would
-alone, whoever else is in the batch (the batched matmuls give every row what they give it alone; the
-tests check the tokens), and:
+Requests whose decoding the batched engine runs (the caches none / prefix / dual / FreeCache with an
+uncompressed prompt, every scheduler but the guided one, no CFG) are rows of one
+`dlmcache.engine.BatchedDecoder`: each step plans every row at once, runs one forward over all of
+their fed tokens with their KV in one paged pool, and commits every row at once. So:
 
-- a new request joins at the next step: it runs to its first forward, which goes with the others';
-- a finished (or cancelled) request leaves at once, and its KV, which lives in its own cache, goes
-  with it;
-- requests with different prompts, lengths, steps, block lengths, schedulers and caches mix freely;
-  forwards of very different sizes (a refresh of a whole canvas beside cached steps of a few tokens)
-  run as separate batches so short ones are not padded to long ones.
+- a new request joins at the next step (when its KV fits in the pool: admission is by free blocks as
+  well as by count, and a request bigger than the whole pool is refused at `submit`);
+- a finished or cancelled request leaves at once and its pool blocks are free for the next;
+- requests with different prompts, lengths, steps, block lengths, schedulers and caches mix freely,
+  and each gets exactly the tokens it gets alone (tested against `DLMPipeline`).
+
+The other requests (guided unmasking, CFG, a compressed prompt) still run the pipeline's own loop in a
+greenlet of the engine's thread, their forwards batched together (`forward_together`: each request's
+attention through its own cache) until the batched engine runs them too.
 
 The engine owns the compute threads (`ThreadPolicy`); admission is bounded (`max_batch` running,
 `max_queue` waiting, `QueueFull` beyond) and `drain()` lets the running and queued requests finish
@@ -34,7 +33,9 @@ from typing import Any
 import torch
 from greenlet import greenlet
 
+from dlmcache.engine import BatchedDecoder, Finished, Request, cache_rule
 from dlmcache.models.layers import DLMModelOutput, default_positions, dense_attention
+from dlmcache.schedulers import GuidedScheduler
 
 
 class QueueFull(RuntimeError):
@@ -60,6 +61,7 @@ class Job:
     on_done: Any
     on_step: Any = None
     id: str = ""
+    tokens: int = 0  # prompt + completion tokens, when known at submit (checked against the KV pool)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
@@ -211,11 +213,14 @@ class Engine:
     """Continuous batching over one pipeline (see the module docstring).
 
     pipe: a `DLMPipeline` (its model, tokenizer, default scheduler and cache); max_batch: requests
-    decoding at once; max_queue: requests waiting beyond them; threads: a `ThreadPolicy` or a count.
+    decoding at once; max_queue: requests waiting beyond them; threads: a `ThreadPolicy` or a count;
+    kv_bytes: the KV pool's size in bytes (default: room for `max_batch` requests of the model's
+    longest sequence); block_size: the pool's page size in tokens.
     `submit(job)` returns at once (raises `QueueFull` or `Draining`); the job's callbacks report.
     """
 
-    def __init__(self, pipe, max_batch: int = 16, max_queue: int = 64, threads: ThreadPolicy | int | None = None):
+    def __init__(self, pipe, max_batch: int = 16, max_queue: int = 64, threads: ThreadPolicy | int | None = None,
+                 kv_bytes: int | None = None, block_size: int = 16):  # fmt: skip
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
@@ -224,12 +229,19 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.threads = threads if isinstance(threads, ThreadPolicy) else ThreadPolicy(threads)
         self.stats = EngineStats()
-        # The pipeline every request runs: the same components, with the batching stand-in as model.
+        config = self.model.config
+        longest = getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", 4096)
+        self.decoder = BatchedDecoder(
+            self.model, pipe.tokenizer.eos_token_id, kv_bytes=kv_bytes, max_tokens=max_batch * longest,
+            block_size=block_size,
+        )  # fmt: skip
+        # The pipeline the fallback requests run: the same components, with the batching stand-in as model.
         self._pipe = copy.copy(pipe)
         object.__setattr__(self._pipe, "model", BatchingModel(pipe.model, self))
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: set[greenlet] = set()
+        self._rows: dict[str, Job] = {}  # the batched decoder's requests by request key
         self._draining = self._stopping = False
         self._thread: threading.Thread | None = None
         self.hub: greenlet | None = None
@@ -243,10 +255,13 @@ class Engine:
         return self
 
     def submit(self, job: Job) -> None:
+        capacity = self.decoder.pool.num_blocks * self.decoder.pool.block_size
+        if job.tokens > capacity:
+            raise QueueFull(f"the request needs {job.tokens} tokens of KV; the pool holds {capacity} in all")
         with self._lock:
             if self._draining:
                 raise Draining("the server is shutting down")
-            if len(self._running) + len(self._waiting) >= self.max_batch + self.max_queue:
+            if self.running + len(self._waiting) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{self.max_batch} requests running and {len(self._waiting)} waiting (--max-queue)")
             self._waiting.append(job)
             self._lock.notify()
@@ -257,7 +272,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._rows)
 
     @property
     def draining(self) -> bool:
@@ -268,7 +283,7 @@ class Engine:
         `timeout` seconds have passed (False)."""
         with self._lock:
             self._draining = True
-            return self._lock.wait_for(lambda: not self._running and not self._waiting, timeout)
+            return self._lock.wait_for(lambda: not self.running and not self._waiting, timeout)
 
     def stop(self) -> None:
         with self._lock:
@@ -286,17 +301,17 @@ class Engine:
         resume: dict[greenlet, Any] = {}
         while True:
             with self._lock:
-                while self._waiting and len(self._running) < self.max_batch:
-                    job = self._waiting.popleft()
-                    g = greenlet(self._run_job)
-                    g.job = job
-                    self._running.add(g)
-                    resume[g] = job
-                if not resume:
+                admitted = self._admissions()
+                if not resume and not self._rows and not admitted:
                     if self._stopping:
                         return
                     self._lock.wait()
                     continue
+            for job in admitted:
+                self._admit(job, resume)
+            self._drop_cancelled()
+            if self._rows:
+                self._decode_step()
             calls = {}
             for g, value in resume.items():
                 out = g.switch(value)
@@ -307,6 +322,119 @@ class Engine:
                         self._running.discard(g)
                         self._lock.notify_all()
             resume = self._forward(calls) if calls else {}
+
+    def _admissions(self) -> list[Job]:
+        """The waiting jobs that start now, in order, while there is room (called under the lock)."""
+        admitted = []
+        free = self.decoder.pool.free_blocks
+        while self._waiting and self.running + len(admitted) < self.max_batch:
+            job = self._waiting[0]
+            need = self.decoder.pool.blocks_for(job.tokens)
+            if need > free:  # its KV does not fit yet: it waits for finished requests' blocks
+                break
+            free -= need
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _admit(self, job: Job, resume) -> None:
+        """Start `job`: a row of the batched decoder, or the pipeline's loop in a greenlet."""
+        job.started = time.perf_counter()
+        try:
+            if job.cancelled.is_set():
+                raise Cancelled(job.id)
+            request = self._request(job)
+            if request is not None:
+                self.decoder.add(request)
+                self._rows[request.id] = job
+                return
+        except Exception as e:  # reported to the request; the engine goes on
+            self._finish(job, e)
+            return
+        g = greenlet(self._run_job)
+        g.job = job
+        with self._lock:
+            self._running.add(g)
+        resume[g] = job
+
+    def _request(self, job: Job) -> Request | None:
+        """The batched decoder's request for `job`, or None when only the pipeline's loop runs it."""
+        options = dict(job.options)
+        unknown = set(options) - {
+            "max_new_tokens", "block_length", "steps", "generator", "chat_template", "stop_at_eos", "scheduler",
+            "cache", "cfg_scale",
+        }  # fmt: skip
+        if unknown:
+            raise TypeError(f"unexpected options {sorted(unknown)}")
+        pipe = self.pipe
+        scheduler = options.get("scheduler") or pipe.scheduler
+        cache = options.get("cache") or pipe.cache
+        rule = cache_rule(cache)
+        if options.get("cfg_scale") or isinstance(scheduler, GuidedScheduler) or rule is None:
+            return None
+        max_new = options.get("max_new_tokens", 128)
+        block_length = options.get("block_length", 32)
+        steps = options.get("steps") or max_new
+        pipe.check_inputs(max_new, block_length, steps)
+        (ids, chat), = pipe._prompt_requests(job.prompt, options.get("chat_template"))
+        stop = options.get("stop_at_eos")
+        scheduler = copy.copy(scheduler)
+        key = f"{id(job)}"
+        on_step = None if job.on_step is None else (lambda seq, commit: job.on_step(seq[None], commit[None]))
+        return Request(
+            ids, max_new, block_length, steps, scheduler, rule,
+            stop_at_eos=scheduler.stops_at_eos if stop is None else stop, generator=options.get("generator"),
+            on_step=on_step, id=key, chat=chat,
+        )  # fmt: skip
+
+    def _drop_cancelled(self) -> None:
+        gone = {key for key, job in self._rows.items() if job.cancelled.is_set()}
+        if gone:
+            for request in self.decoder.cancel(gone):
+                job = self._rows.pop(request.id)
+                self._finish(job, Cancelled(job.id))
+
+    def _decode_step(self) -> None:
+        t0 = time.perf_counter()
+        tokens = self.decoder.fed_tokens
+        try:
+            finished = self.decoder.step()
+        except Exception as e:  # every request of the step fails with it; the engine goes on
+            for request in self.decoder.cancel(set(self._rows)):
+                self._finish(self._rows.pop(request.id), e)
+            return
+        finally:
+            self.stats.forward_seconds += time.perf_counter() - t0
+        self.stats.forwards += 1
+        self.stats.forward_rows += len(self._rows)
+        fed = self.decoder.fed_tokens - tokens
+        self.stats.forward_tokens += fed
+        self.stats.padded_tokens += fed
+        for f in finished:
+            self._finish(self._rows.pop(f.request.id), self._output(f))
+
+    def _output(self, f: Finished):
+        from dlmcache.pipeline import DLMPipelineOutput
+
+        seq = f.sequence[None].to(self.model.device)
+        stats = {**f.stats, "forwards": f.stats["steps"], "cache": "batched"}
+        return DLMPipelineOutput(
+            texts=self.pipe.decode(seq), sequences=seq, nfe=f.stats["steps"], commit_step=f.commit_step[None],
+            stats=stats,
+        )  # fmt: skip
+
+    def _finish(self, job: Job, result) -> None:
+        if isinstance(result, Cancelled):
+            self.stats.cancelled += 1
+        elif isinstance(result, Exception):
+            self.stats.failed += 1
+        else:
+            self.stats.finished += 1
+        try:
+            job.on_done(result)
+        except Exception:  # a callback's failure must not stop the engine
+            pass
+        with self._lock:
+            self._lock.notify_all()
 
     def _forward(self, calls: dict[greenlet, ForwardCall]) -> dict[greenlet, Any]:
         owner = {id(c): g for g, c in calls.items()}
@@ -327,23 +455,12 @@ class Engine:
         return results
 
     def _run_job(self, job: Job):
-        job.started = time.perf_counter()
         result: Any
         try:
-            if job.cancelled.is_set():
-                raise Cancelled(job.id)
             result = self._pipe(job.prompt, callback_on_step_end=self._step_callback(job), **job.options)
-            self.stats.finished += 1
-        except Cancelled as e:
+        except Exception as e:  # reported to the request (Cancelled included); the engine goes on
             result = e
-            self.stats.cancelled += 1
-        except Exception as e:  # reported to the request; the engine goes on
-            result = e
-            self.stats.failed += 1
-        try:
-            job.on_done(result)
-        except Exception:  # a callback's failure must not stop the engine
-            pass
+        self._finish(job, result)
         return None
 
     @staticmethod

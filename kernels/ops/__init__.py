@@ -1,18 +1,20 @@
 """Shared ops, one directory each: `triton.py` (kernel + launcher), `reference.py` (plain torch), and the
 dispatching function in `__init__.py` (Triton on CUDA, the reference on CPU; `backend=` overrides)."""
 
-from .attention import attention, merge_attention, paged_attention
+from .attention import PagedLayout, attention, merge_attention, paged_attention, paged_layout
 from .gather import gather_kv
 from .quantize import QuantizedTensor, dequantize_kv, quantize_kv
 from .quantized_attention import quantized_attention
 
 __all__ = [
+    "PagedLayout",
     "QuantizedTensor",
     "attention",
     "dequantize_kv",
     "gather_kv",
     "merge_attention",
     "paged_attention",
+    "paged_layout",
     "quantize_kv",
     "quantized_attention",
 ]

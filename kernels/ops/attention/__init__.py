@@ -65,6 +65,14 @@ def fused_cpu_attention(q, k, v, valid: torch.Tensor, scale: float | None = None
     return out, lse
 
 
-from .paged import paged_attention  # noqa: E402  (it calls `attention` above)
+from .paged import PagedLayout, paged_attention, paged_layout  # noqa: E402  (it calls `attention` above)
 
-__all__ = ["attention", "attention_reference", "masked_attention", "merge_attention", "paged_attention"]
+__all__ = [
+    "PagedLayout",
+    "attention",
+    "attention_reference",
+    "masked_attention",
+    "merge_attention",
+    "paged_attention",
+    "paged_layout",
+]

@@ -2,47 +2,91 @@
 
 The queries of R requests come flattened, q [T, Hq, D] (request `query_row[t]`, its `query_rank[t]`-th
 fed token); request r attends to the keys at pool slots `key_slots[r]` where `key_valid[r]` holds.
-The call gathers each request's keys once, lays its queries out at their ranks and runs one batched
-`attention` (so every backend of that op serves it), then puts the outputs back in flattened order.
-A request's result does not depend on the others: its padded queries and keys are masked out.
+`PagedLayout` holds what does not change from layer to layer (where each query goes, the key mask),
+built once per step; `paged_attention` then gathers each request's keys from one layer of the pool,
+lays its queries out at their ranks and runs one batched attention, and puts the outputs back in
+flattened order. A request's result does not depend on the others: its padded queries and keys are
+masked out.
+
+Backends, as the other ops: "auto" (torch's fused attention kernel, on CPU its tiled flash kernel),
+"torch" (the float32 reference, `reference.masked_attention`), "triton" (the `attention` op's kernel
+on the gathered keys).
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from . import attention
+import torch
+import torch.nn.functional as F
+
+from ..backend import BACKENDS
+from .reference import masked_attention
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    """One step's varlen batch: query_row / query_rank [T], max_queries (a host int, so no
+    device-to-host copy is needed), key_slots / key_valid [R, K]; `at` [T] each query's place in the
+    padded [R * max_queries] layout and `bias` [R, 1, 1, K] the additive key mask."""
+
+    query_row: torch.LongTensor
+    query_rank: torch.LongTensor
+    max_queries: int
+    key_slots: torch.LongTensor
+    key_valid: torch.BoolTensor
+    at: torch.LongTensor
+    bias: torch.Tensor
+
+
+def paged_layout(
+    key_slots: torch.LongTensor,
+    key_valid: torch.BoolTensor,
+    query_row: torch.LongTensor,
+    query_rank: torch.LongTensor,
+    max_queries: int,
+    dtype: torch.dtype,
+) -> PagedLayout:
+    """The layout of one step (see `PagedLayout`); `dtype` is the queries'."""
+    if key_slots.shape != key_valid.shape or key_slots.dim() != 2:
+        raise ValueError(f"key_slots {tuple(key_slots.shape)} and key_valid {tuple(key_valid.shape)} must be [R, K]")
+    if query_row.shape != query_rank.shape or query_row.dim() != 1:
+        raise ValueError(f"query_row {tuple(query_row.shape)} and query_rank {tuple(query_rank.shape)} must be [T]")
+    if not isinstance(max_queries, int) or max_queries < 1:
+        raise ValueError(f"max_queries={max_queries!r} must be a positive int")
+    bias = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device).masked_fill_(~key_valid, float("-inf"))
+    at = query_row * max_queries + query_rank
+    return PagedLayout(query_row, query_rank, max_queries, key_slots, key_valid, at, bias[:, None, None, :])
 
 
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    key_slots: torch.LongTensor,
-    key_valid: torch.BoolTensor,
-    query_row: torch.LongTensor,
-    query_rank: torch.LongTensor,
-    max_queries: int,
+    layout: PagedLayout,
     *,
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Attention of the flattened queries q [T, Hq, D] over their own request's keys.
-
-    k_cache / v_cache: one layer of the pool [S, Hkv, D]; key_slots [R, K]: the slot of each request's
-    k-th key (any slot where `key_valid` [R, K] is False); query_row / query_rank [T]: the request of
-    each query and its index among that request's queries (< `max_queries`, a host int, so the call
-    needs no device-to-host copy). Returns [T, Hq, D]. GQA: Hq a multiple of Hkv.
-    """
+    """Attention of the flattened queries q [T, Hq, D] over their own request's keys in one layer of
+    the pool, k_cache / v_cache [S, Hkv, D], laid out by `layout`. Returns [T, Hq, D]. GQA: Hq a
+    multiple of Hkv (query head h reads KV head h // (Hq / Hkv)). Every request needs one valid key."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {tuple(q.shape)} must be [T, Hq, D], the caches [S, Hkv, D], got {tuple(k_cache.shape)}")
-    if key_slots.shape != key_valid.shape or key_slots.dim() != 2:
-        raise ValueError(f"key_slots {tuple(key_slots.shape)} and key_valid {tuple(key_valid.shape)} must be [R, K]")
-    rows, t = key_slots.shape[0], q.shape[0]
-    k = k_cache[key_slots].transpose(1, 2)  # [R, Hkv, K, D]
-    v = v_cache[key_slots].transpose(1, 2)
-    at = query_row * max_queries + query_rank  # [T]
-    padded = q.new_zeros(rows * max_queries, *q.shape[1:]).index_copy_(0, at, q)
-    padded = padded.view(rows, max_queries, *q.shape[1:]).transpose(1, 2)  # [R, Hq, N, D]
-    out = attention(padded, k, v, key_mask=key_valid, scale=scale, backend=backend)
-    return out.transpose(1, 2).reshape(rows * max_queries, *q.shape[1:])[at].view(t, *q.shape[1:])
+    rows, n = layout.key_slots.shape[0], layout.max_queries
+    k = k_cache[layout.key_slots].transpose(1, 2)  # [R, Hkv, K, D]
+    v = v_cache[layout.key_slots].transpose(1, 2)
+    padded = q.new_zeros(rows * n, *q.shape[1:]).index_copy_(0, layout.at, q)
+    padded = padded.view(rows, n, *q.shape[1:]).transpose(1, 2)  # [R, Hq, N, D]
+    if backend == "torch":
+        out, _ = masked_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
+    elif backend == "triton" or (backend == "auto" and q.is_cuda):
+        from . import attention
+
+        out = attention(padded, k, v, key_mask=layout.key_valid, scale=scale, backend="triton")
+    else:
+        gqa = padded.shape[1] != k.shape[1]
+        out = F.scaled_dot_product_attention(padded, k, v, attn_mask=layout.bias, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(rows * n, *q.shape[1:])[layout.at]
