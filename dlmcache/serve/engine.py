@@ -375,7 +375,7 @@ class Engine:
         block_length = options.get("block_length", 32)
         steps = options.get("steps") or max_new
         pipe.check_inputs(max_new, block_length, steps)
-        (ids, chat), = pipe._prompt_requests(job.prompt, options.get("chat_template"))
+        ((ids, chat),) = pipe._prompt_requests(job.prompt, options.get("chat_template"))
         stop = options.get("stop_at_eos")
         scheduler = copy.copy(scheduler)
         key = f"{id(job)}"

@@ -1,0 +1,210 @@
+"""The batched engine against each request decoded alone by `DLMPipeline`: token for token, with mixed
+prompts, schedules, schedulers and caches, joins mid-flight and cancels; its pool, ops and host reads."""
+
+import copy
+import random
+
+import pytest
+import torch
+from dlmcache.kernels.pool import PoolFull
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler, ThresholdScheduler
+from dlmcache.cache import FreeCache, make_cache
+from dlmcache.engine import BatchedDecoder, Request, cache_rule
+from tests.helpers import tiny_dream, tiny_llada
+
+PROMPTS = [
+    "Mia has 3 pens.",
+    "Tom has 10 eggs. He buys 4 more eggs. How many eggs does Tom have now?",
+    "Hi",
+    "Compute 45+38-27.",
+]
+CACHES = {
+    "none": lambda: make_cache("none"),
+    "prefix": lambda: make_cache("prefix"),
+    "dual": lambda: make_cache("dual"),
+    "freecache": lambda: FreeCache(),
+    "token": lambda: FreeCache(freeze="token", suffix_window=0),
+    "flashdlm": lambda: FreeCache(flashdlm=True),
+    "every2_drop": lambda: FreeCache(refresh_every=2, refresh_drift=None, suffix_window=2, beyond_window="drop"),
+    "token_every3": lambda: FreeCache(freeze="token", refresh_every=3, probe_tokens=2),
+}
+SCHEDULERS = {
+    "low_confidence": lambda: LowConfidenceScheduler(),
+    "threshold": lambda: ThresholdScheduler(threshold=0.1),
+    "sampled": lambda: LowConfidenceScheduler(temperature=0.8),  # draws: runs alone, with its generator
+    "dream_origin": lambda: DreamScheduler(alg="origin", temperature=0.5),
+    "dream_maskgit": lambda: DreamScheduler(alg="maskgit_plus", temperature=0.0),
+}
+# (max_new_tokens, block_length, steps) per prompt: different lengths, blocks and steps per block
+SCHEDULES = [(24, 8, 12), (16, 16, 16), (24, 12, 6), (16, 4, 8)]
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def pipe(request, tiny_tokenizer):
+    build = tiny_llada if request.param == "llada" else tiny_dream
+    model = build(tiny_tokenizer).double()
+    pipe = DLMPipeline(model=model, tokenizer=tiny_tokenizer, scheduler=LowConfidenceScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(i):
+    return torch.Generator().manual_seed(100 + i)
+
+
+def request(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
+    ids = pipe.encode_prompts(PROMPTS[i % len(PROMPTS)])[0]
+    g, b, s = schedule or SCHEDULES[i % len(SCHEDULES)]
+    generator = seeded(i) if not scheduler.batched else None
+    return Request(ids, g, b, s, copy.copy(scheduler), cache_rule(cache), stop_at_eos=stop_at_eos,
+                   generator=generator, id=str(i))  # fmt: skip
+
+
+def alone(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
+    g, b, s = schedule or SCHEDULES[i % len(SCHEDULES)]
+    generator = seeded(i) if not scheduler.batched else None
+    out = pipe(PROMPTS[i % len(PROMPTS)], max_new_tokens=g, block_length=b, steps=s, scheduler=scheduler,
+               cache=cache, generator=generator, stop_at_eos=stop_at_eos)  # fmt: skip
+    return out.sequences[0], out.nfe
+
+
+def run(decoder, requests, on_step=None):
+    """Decode `requests` (added at once); `on_step(decoder, step)` may add or cancel between steps."""
+    for r in requests:
+        decoder.add(r)
+    done, step = {}, 0
+    while len(decoder):
+        for f in decoder.step():
+            done[f.request.id] = f
+        step += 1
+        if on_step is not None:
+            on_step(decoder, step)
+    return done
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_a_batch_equals_each_request_alone_for_every_cache(pipe, cache):
+    """Rows of one batch with different schedules and schedulers (the sampling ones with their own
+    generators), one cache strategy: every row gets the pipeline's tokens and forwards for it alone."""
+    schedulers = [SCHEDULERS[name]() for name in ("low_confidence", "threshold", "sampled", "dream_origin")]
+    decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
+    requests = [request(pipe, i, s, CACHES[cache]()) for i, s in enumerate(schedulers)]
+    done = run(decoder, requests)
+    for i, s in enumerate(schedulers):
+        sequence, nfe = alone(pipe, i, s, CACHES[cache]())
+        assert torch.equal(done[str(i)].sequence, sequence), (cache, i)
+        assert done[str(i)].stats["steps"] == nfe
+    assert decoder.pool.free_blocks == decoder.pool.num_blocks
+
+
+def test_mixed_caches_and_eos_stops_in_one_batch(pipe):
+    """Every cache strategy and scheduler in the same batch, half the rows stopping at EOS."""
+    items = [(c, s) for c in CACHES for s in ("low_confidence", "threshold", "dream_maskgit")]
+    requests = [
+        request(pipe, i, SCHEDULERS[s](), CACHES[c](), stop_at_eos=bool(i % 2)) for i, (c, s) in enumerate(items)
+    ]
+    done = run(BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id), requests)
+    for i, (c, s) in enumerate(items):
+        sequence, _ = alone(pipe, i, SCHEDULERS[s](), CACHES[c](), stop_at_eos=bool(i % 2))
+        assert torch.equal(done[str(i)].sequence, sequence), (c, s)
+
+
+def test_requests_join_mid_flight_and_cancels_leave_the_others_alone(pipe):
+    decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
+    names = ("freecache", "token", "dual")
+    make = [lambda i, c=c: request(pipe, i, LowConfidenceScheduler(), CACHES[c]()) for c in names]
+    first = [make[i % 3](i) for i in range(3)]
+    later = [make[i % 3](i) for i in range(3, 6)]
+    victims = [request(pipe, 6, LowConfidenceScheduler(), FreeCache(), schedule=(64, 8, 64))]
+
+    def on_step(decoder, step):
+        if step == 2:
+            for r in later + victims:
+                decoder.add(r)
+        if step == 5:
+            assert [r.id for r in decoder.cancel({"6"})] == ["6"]
+
+    done = run(decoder, first, on_step)
+    assert sorted(done, key=int) == [str(i) for i in range(6)]
+    for i in range(6):
+        sequence, _ = alone(pipe, i, LowConfidenceScheduler(), CACHES[names[i % 3]]())
+        assert torch.equal(done[str(i)].sequence, sequence), i
+    assert decoder.pool.free_blocks == decoder.pool.num_blocks
+
+
+def test_a_thousand_requests_with_random_cancels_free_every_block(tiny_tokenizer):
+    model = tiny_llada(tiny_tokenizer)
+    decoder = BatchedDecoder(model, tiny_tokenizer.eos_token_id, max_tokens=16 * 48, block_size=8)
+    rng = random.Random(0)
+    waiting = [
+        Request(
+            [5 + rng.randrange(100) for _ in range(rng.randrange(1, 30))],
+            8,
+            8,
+            2,
+            ThresholdScheduler(0.5),
+            cache_rule(FreeCache(freeze="token")),
+            id=str(i),
+        )  # fmt: skip
+        for i in range(1000)
+    ]
+    finished = cancelled = 0
+    while waiting or len(decoder):
+        while waiting and decoder.can_add(waiting[0]) and len(decoder) < 16:
+            decoder.add(waiting.pop(0))
+        running = [r.id for r in decoder.batch.requests]
+        if rng.random() < 0.3:
+            cancelled += len(decoder.cancel({rng.choice(running)}))
+        finished += len(decoder.step())
+    assert finished + cancelled == 1000 and cancelled >= 30
+    assert decoder.pool.free_blocks == decoder.pool.num_blocks
+
+
+def test_admission_is_by_free_blocks(tiny_tokenizer):
+    model = tiny_llada(tiny_tokenizer)
+    decoder = BatchedDecoder(model, tiny_tokenizer.eos_token_id, max_tokens=64, block_size=16)
+    big = Request(list(range(5, 45)), 16, 16, 16, LowConfidenceScheduler(), cache_rule(FreeCache()))  # 56 tokens
+    decoder.add(big)
+    assert not decoder.can_add(big) and decoder.fits(big)
+    with pytest.raises(PoolFull, match="free"):
+        decoder.add(big)
+    huge = Request(list(range(5, 100)), 16, 16, 16, LowConfidenceScheduler(), cache_rule(FreeCache()))
+    assert not decoder.fits(huge)
+
+
+class DispatchCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cache", ["token", "freecache", "dual"])
+def test_ops_and_host_reads_per_step_do_not_grow_with_the_batch(tiny_tokenizer, cache):
+    """Dispatched ops of one step at 16 requests are at most 1.5x those at 1; host reads <= 3."""
+    model = tiny_llada(tiny_tokenizer)
+    counts = {}
+    for rows in (1, 16):
+        decoder = BatchedDecoder(model, tiny_tokenizer.eos_token_id)
+        for i in range(rows):
+            ids = [5 + (7 * i + j) % 90 for j in range(10 + i)]
+            decoder.add(Request(ids, 32, 16, 32, LowConfidenceScheduler(), cache_rule(CACHES[cache]()), id=str(i)))
+        for _ in range(3):  # past the first (refreshing) forward
+            decoder.step()
+        reads = decoder.batch.host_reads
+        with DispatchCount() as count:
+            decoder.step()
+        counts[rows] = count.ops
+        assert decoder.batch.host_reads - reads <= 3
+    assert counts[16] <= 1.5 * counts[1], counts
+
+
+def test_unsupported_caches_have_no_rule():
+    assert cache_rule(FreeCache(policy="snapkv", budget=0.5)) is None
+    assert cache_rule(make_cache("dual", quantizer="kivi4")) is None
+    assert cache_rule(FreeCache()).drift > 0

@@ -1,0 +1,108 @@
+"""The paged KV pool (blocks, slots, admission) and paged attention over it, against attention over
+each request's own keys alone in float64."""
+
+import pytest
+import torch
+from dlmcache.kernels.ops import attention, paged_attention, paged_layout
+from dlmcache.kernels.pool import KVPool, PoolFull, bytes_per_token
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_blocks_are_allocated_freed_and_bounded():
+    pool = KVPool(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=4, block_size=16)
+    a = pool.allocate(17)  # two blocks
+    b = pool.allocate(16)
+    assert len(a) == 2 and len(b) == 1 and pool.free_blocks == 1 and not set(a) & set(b)
+    assert pool.can_allocate(16) and not pool.can_allocate(17)
+    with pytest.raises(PoolFull, match="1 of 4 are free"):
+        pool.allocate(20)
+    with pytest.raises(PoolFull, match="4 in all"):
+        pool.allocate(65)
+    pool.free(a)
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.free(a)  # twice
+    pool.free(b)
+    assert pool.free_blocks == 4
+
+
+def test_slots_follow_the_block_table():
+    pool = KVPool(1, 1, 4, num_blocks=8, block_size=4)
+    slots = pool.slots([5, 2, 7], 10)
+    assert slots.tolist() == [20, 21, 22, 23, 8, 9, 10, 11, 28, 29]
+    with pytest.raises(ValueError, match="fewer than"):
+        pool.slots([5], 10)
+
+
+def test_pool_sized_by_bytes():
+    per_token = bytes_per_token(3, 2, 16, torch.bfloat16)
+    assert per_token == 2 * 3 * 2 * 16 * 2
+    pool = KVPool.for_bytes(per_token * 16 * 5 + 7, 3, 2, 16, block_size=16, dtype=torch.bfloat16)
+    assert pool.num_blocks == 5 and pool.nbytes == per_token * 16 * 5
+    with pytest.raises(ValueError, match="does not hold one block"):
+        KVPool.for_bytes(10, 3, 2, 16)
+    with pytest.raises(ValueError, match="num_blocks=0"):
+        KVPool(1, 1, 1, num_blocks=0)
+
+
+# per request: (queries fed, keys stored, keys attended)
+CASES = [
+    [(1, 1, 1)],
+    [(17, 63, 63), (1, 500, 480), (5, 40, 33)],
+    [(63, 63, 63), (2, 17, 17)],
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto", "triton"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("heads", [(4, 4, 64), (7, 1, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_equals_each_request_alone(backend, case, heads, dtype):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from dlmcache.kernels.ops.backend import interpreting
+
+        if DEVICE == "cpu" and not interpreting():
+            pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    hq, hkv, d = heads
+    g = torch.Generator().manual_seed(0)
+    block = 16
+    pool = KVPool(1, hkv, d, num_blocks=64, block_size=block, dtype=dtype, device=DEVICE)
+    # Slots nobody owns hold garbage (finite: the pool only ever holds written K/V) that must not leak.
+    pool.k[0].copy_(1e4 * torch.randn(pool.k[0].shape, generator=g))
+    pool.v[0].copy_(1e4 * torch.randn(pool.v[0].shape, generator=g))
+    width = max(k for _, k, _ in case)
+    queries, key_slots, key_valid, row_ids, ranks, reference = [], [], [], [], [], []
+    pool.allocate(3 * block)  # requests do not start at slot 0
+    for r, (n, stored, attended) in enumerate(case):
+        slots = pool.slots(pool.allocate(stored)[::-1] if r % 2 else pool.allocate(stored), stored)
+        k = torch.randn(stored, hkv, d, generator=g).to(dtype)
+        v = torch.randn(stored, hkv, d, generator=g).to(dtype)
+        pool.write(0, slots, k.to(DEVICE), v.to(DEVICE))
+        q = torch.randn(n, hq, d, generator=g).to(dtype)
+        queries.append(q)
+        key_slots.append(torch.nn.functional.pad(slots, (0, width - stored)))
+        key_valid.append(torch.arange(width, device=DEVICE) < attended)
+        row_ids.append(torch.full((n,), r))
+        ranks.append(torch.arange(n))
+        one = attention(
+            q.double().transpose(0, 1)[None], k[:attended].double().transpose(0, 1)[None],
+            v[:attended].double().transpose(0, 1)[None], backend="torch",
+        )  # fmt: skip
+        reference.append(one[0].transpose(0, 1))
+    layout = paged_layout(
+        torch.stack(key_slots), torch.stack(key_valid), torch.cat(row_ids).to(DEVICE), torch.cat(ranks).to(DEVICE),
+        max(n for n, _, _ in case), dtype,
+    )  # fmt: skip
+    out = paged_attention(torch.cat(queries).to(DEVICE), pool.k[0], pool.v[0], layout, backend=backend)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double().cpu(), torch.cat(reference), rtol=tol, atol=tol)
+
+
+def test_paged_layout_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="must be \\[R, K\\]"):
+        paged_layout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool), torch.zeros(1),
+                     torch.zeros(1), 1, torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="max_queries=0"):
+        paged_layout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
+                     torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 0, torch.float32)  # fmt: skip
