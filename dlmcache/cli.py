@@ -17,6 +17,10 @@ def _positive(kind):
     return parse
 
 
+def _threads(text: str):
+    return "auto" if text == "auto" else _positive(int)(text)
+
+
 def serve_parser(sub) -> None:
     from dlmcache.serve import DEFAULT_CACHE
 
@@ -35,7 +39,11 @@ def serve_parser(sub) -> None:
     p.add_argument("--max-batch", type=_positive(int), default=16, help="requests decoded at once")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond them (then 429)")
     p.add_argument("--timeout", type=_positive(float), default=600.0, help="per-request timeout, seconds (then 504)")
-    p.add_argument("--threads", type=_positive(int), default=None, help="compute threads (default: every core)")
+    p.add_argument("--kv-cache-gb", type=_positive(float), default=None,
+                   help="the KV pool's size (default: room for --max-batch requests of the model's longest sequence, "
+                   "at most a quarter of the device's memory); requests beyond it wait")  # fmt: skip
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="compute threads: a count, or 'auto' (default): per forward, from its FLOPs")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="float32")
@@ -66,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             cache += ("," if ":" in cache else ":") + args.cache_options
         serve(
             args.model, host=args.host, port=args.port, cache=cache, guide=args.guide, threshold=args.threshold,
-            max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads, timeout=args.timeout,
+            max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
+            kv_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30), timeout=args.timeout,
             dtype=args.dtype, device=args.device, model_name=args.model_name, log_level=args.log_level,
         )  # fmt: skip
 

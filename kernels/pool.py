@@ -8,6 +8,11 @@ each request's keys back through its slots, whoever else is running.
 
 Admission is by free blocks: `allocate` raises `PoolFull` instead of growing, so a server that checks
 `can_allocate` first never runs out of memory mid-step, and `free` returns the blocks at once.
+
+Block 0 is the null block: zeros, never handed out. Readers point every padding key at it (slot 0),
+so what they read where they mask is always finite (a NaN there would survive a masked softmax as
+NaN x 0). The other blocks are left uninitialised: their memory is only touched, and only resident,
+once a request writes it, and a request writes every position it reads before reading it.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ class PoolFull(RuntimeError):
 class KVPool:
     """Per-layer paged K/V storage.
 
-    num_layers, num_kv_heads, head_dim: the model's KV shape; num_blocks: blocks per layer (every
-    layer has the same table); block_size: tokens per block. `for_bytes` sizes the pool from a byte
-    budget. Slots of freed blocks keep stale values: readers mask keys by position, never by content.
+    num_layers, num_kv_heads, head_dim: the model's KV shape; num_blocks: blocks per layer that
+    requests can hold (plus the null block 0); block_size: tokens per block. `for_bytes` sizes the
+    pool from a byte budget. Slots of freed blocks keep stale values: readers mask keys by position.
     """
 
     def __init__(
@@ -47,20 +52,22 @@ class KVPool:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest ids are handed out first
+        shape = ((num_blocks + 1) * block_size, num_kv_heads, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for t in self.k + self.v:
+            t[:block_size].zero_()  # the null block
+        self._free = list(range(num_blocks, 0, -1))  # a stack: the lowest ids are handed out first
         self._taken: set[int] = set()
 
     @classmethod
     def for_bytes(cls, budget: int, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int = 16,
                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> KVPool:  # fmt: skip
-        """The largest pool whose K and V fit in `budget` bytes."""
+        """The largest pool whose K and V (null block included) fit in `budget` bytes."""
         per_block = bytes_per_token(num_layers, num_kv_heads, head_dim, dtype) * block_size
-        if budget < per_block:
-            raise ValueError(f"a KV budget of {budget} bytes does not hold one block ({per_block} bytes)")
-        return cls(num_layers, num_kv_heads, head_dim, budget // per_block, block_size, dtype, device)
+        if budget < 2 * per_block:
+            raise ValueError(f"a KV budget of {budget} bytes does not hold two blocks ({per_block} bytes each)")
+        return cls(num_layers, num_kv_heads, head_dim, budget // per_block - 1, block_size, dtype, device)
 
     # ------------------------------------------------------------------ blocks
 
@@ -70,6 +77,7 @@ class KVPool:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of K and V storage (resident only where written)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def blocks_for(self, tokens: int) -> int:

@@ -9,12 +9,21 @@ No request calls the model itself.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dlmcache.kernels.ops import paged_attention, paged_layout
-from dlmcache.kernels.pool import KVPool, PoolFull
+from dlmcache.kernels.pool import KVPool, PoolFull, bytes_per_token
 
 from .batch import Finished, GenerationBatch, Request, StepInput
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of `device` in bytes (the machine's RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class PagedStore:
@@ -46,7 +55,8 @@ class BatchedDecoder:
     """Continuous batching of denoising generations over one model.
 
     model: a native DLM (`DLMModelMixin`); eos_token_id: the tokenizer's; pool: a `KVPool` (default:
-    `kv_bytes` bytes of it, or room for `max_tokens` positions); block_size: the pool's page size.
+    `kv_bytes` bytes of it, or room for `max_tokens` positions but at most a quarter of the memory of
+    the model's device); block_size: the pool's page size.
     `add(request)` admits a request (raises `PoolFull` when its KV does not fit now), `step()` runs one
     denoising step of every running request and returns those that finished (their blocks are free
     again), `cancel(ids)` drops requests at once.
@@ -61,7 +71,9 @@ class BatchedDecoder:
             if kv_bytes is not None:
                 pool = KVPool.for_bytes(kv_bytes, *shape, block_size=block_size, dtype=dtype, device=model.device)
             else:
-                blocks = -(-max_tokens // block_size)
+                per_token = bytes_per_token(*shape, dtype)
+                tokens = min(max_tokens, device_memory(model.device) // 4 // per_token)
+                blocks = max(1, tokens // block_size)
                 pool = KVPool(*shape, num_blocks=blocks, block_size=block_size, dtype=dtype, device=model.device)
         self.pool = pool
         self.batch = GenerationBatch(

@@ -198,6 +198,8 @@ class DLMModelMixin:
 
     logit_shift: int = 0
     attention_backend: str = "auto"
+    #: a `dlmcache.threads.ThreadPolicy` that sets torch's threads before each forward (None: leave them)
+    thread_policy = None
 
     @property
     def num_layers(self) -> int:
@@ -214,6 +216,12 @@ class DLMModelMixin:
     @property
     def mask_token_id(self) -> int:
         return self.config.mask_token_id
+
+    @functools.cached_property
+    def flops_per_token(self) -> int:
+        """2 x the parameters a fed token multiplies (the embedding table is read, not multiplied)."""
+        embed = self.get_input_embeddings().weight.numel()
+        return 2 * (sum(p.numel() for p in self.parameters()) - embed)
 
     @property
     def rope_theta(self) -> float:
@@ -271,6 +279,8 @@ class DLMModelMixin:
     ) -> torch.Tensor:
         """The final-norm hidden states [B, n, d] of the fed tokens (arguments as in `forward`)."""
         embed, layers, norm, _ = self._stack()
+        if self.thread_policy is not None:
+            self.thread_policy.apply(self.flops_per_token * input_ids.numel())
         key_mask = None if attention_mask is None else attention_mask.bool()
         if positions is None:
             positions = default_positions(input_ids, attention_mask)

@@ -54,8 +54,9 @@ def load_pipeline(model: str = "dlmcache/tiny", cache: str = DEFAULT_CACHE, guid
 
 def serve(model: str = "dlmcache/tiny", host: str = "127.0.0.1", port: int = 8000, cache: str = DEFAULT_CACHE,
           guide: str | None = None, threshold: float | None = None, max_batch: int = 16, max_queue: int = 64,
-          threads: int | None = None, timeout: float = 600.0, drain_timeout: float = 600.0, dtype: str = "float32",
-          device: str = "cpu", model_name: str | None = None, log_level: str = "info") -> None:  # fmt: skip
+          threads: int | str | None = "auto", timeout: float = 600.0, drain_timeout: float = 600.0,
+          dtype: str = "float32", device: str = "cpu", model_name: str | None = None,
+          log_level: str = "info", kv_bytes: int | None = None) -> None:  # fmt: skip
     """Load the model and serve it until SIGINT / SIGTERM: the first signal drains (running and queued
     requests finish, new ones get 503, /health turns 503), then the process exits; a second SIGINT
     exits at once."""
@@ -65,7 +66,7 @@ def serve(model: str = "dlmcache/tiny", host: str = "127.0.0.1", port: int = 800
     from .engine import Engine
 
     pipe = load_pipeline(model, cache, guide, threshold, dtype, device)
-    engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue, threads=threads).start()
+    engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue, threads=threads, kv_bytes=kv_bytes).start()
     app = create_app(engine, model_name or model, timeout=timeout)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     DrainingServer(config, engine, drain_timeout).run()

@@ -36,6 +36,7 @@ from greenlet import greenlet
 from dlmcache.engine import BatchedDecoder, Finished, Request, cache_rule
 from dlmcache.models.layers import DLMModelOutput, default_positions, dense_attention
 from dlmcache.schedulers import GuidedScheduler
+from dlmcache.threads import ThreadPolicy
 
 
 class QueueFull(RuntimeError):
@@ -178,24 +179,6 @@ def size_groups(calls: list, slack: float = 1.25, extra: int = 32) -> list[list]
 
 
 @dataclass
-class ThreadPolicy:
-    """The compute threads of the engine's forwards: `threads` (None: torch's default, every core).
-    The CLI also sets OMP_WAIT_POLICY=PASSIVE before torch starts, so idle OpenMP threads sleep instead
-    of spinning: a CPU shared with other jobs then slows the engine down in proportion instead of
-    collapsing it (measured in docs/results.md)."""
-
-    threads: int | None = None
-
-    def __post_init__(self):
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads={self.threads!r} must be None or a positive integer")
-
-    def apply(self) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-
-
-@dataclass
 class EngineStats:
     """Counters the metrics endpoint reads (written only by the engine's thread)."""
 
@@ -213,14 +196,16 @@ class Engine:
     """Continuous batching over one pipeline (see the module docstring).
 
     pipe: a `DLMPipeline` (its model, tokenizer, default scheduler and cache); max_batch: requests
-    decoding at once; max_queue: requests waiting beyond them; threads: a `ThreadPolicy` or a count;
+    decoding at once; max_queue: requests waiting beyond them; threads: the model's `ThreadPolicy` (or
+    its `threads`: a count, None or "auto", the default: per forward, from its FLOPs);
     kv_bytes: the KV pool's size in bytes (default: room for `max_batch` requests of the model's
     longest sequence); block_size: the pool's page size in tokens.
     `submit(job)` returns at once (raises `QueueFull` or `Draining`); the job's callbacks report.
     """
 
-    def __init__(self, pipe, max_batch: int = 16, max_queue: int = 64, threads: ThreadPolicy | int | None = None,
-                 kv_bytes: int | None = None, block_size: int = 16):  # fmt: skip
+    def __init__(self, pipe, max_batch: int = 16, max_queue: int = 64,
+                 threads: ThreadPolicy | int | str | None = "auto", kv_bytes: int | None = None,
+                 block_size: int = 16):  # fmt: skip
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
@@ -228,6 +213,7 @@ class Engine:
         self.model = pipe.model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.threads = threads if isinstance(threads, ThreadPolicy) else ThreadPolicy(threads)
+        pipe.model.thread_policy = self.threads
         self.stats = EngineStats()
         config = self.model.config
         longest = getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", 4096)
@@ -297,7 +283,6 @@ class Engine:
     def _loop(self) -> None:
         self.hub = greenlet.getcurrent()
         torch.set_grad_enabled(False)
-        self.threads.apply()
         resume: dict[greenlet, Any] = {}
         while True:
             with self._lock:

@@ -28,6 +28,7 @@ def test_blocks_are_allocated_freed_and_bounded():
 
 def test_slots_follow_the_block_table():
     pool = KVPool(1, 1, 4, num_blocks=8, block_size=4)
+    assert pool.allocate(1) == [1]  # block 0 is the null block
     slots = pool.slots([5, 2, 7], 10)
     assert slots.tolist() == [20, 21, 22, 23, 8, 9, 10, 11, 28, 29]
     with pytest.raises(ValueError, match="fewer than"):
@@ -37,9 +38,10 @@ def test_slots_follow_the_block_table():
 def test_pool_sized_by_bytes():
     per_token = bytes_per_token(3, 2, 16, torch.bfloat16)
     assert per_token == 2 * 3 * 2 * 16 * 2
-    pool = KVPool.for_bytes(per_token * 16 * 5 + 7, 3, 2, 16, block_size=16, dtype=torch.bfloat16)
-    assert pool.num_blocks == 5 and pool.nbytes == per_token * 16 * 5
-    with pytest.raises(ValueError, match="does not hold one block"):
+    pool = KVPool.for_bytes(per_token * 16 * 6 + 7, 3, 2, 16, block_size=16, dtype=torch.bfloat16)
+    assert pool.num_blocks == 5 and pool.nbytes == per_token * 16 * 6  # with the null block
+    assert all(bool((t[:16] == 0).all()) for t in pool.k + pool.v)
+    with pytest.raises(ValueError, match="does not hold two blocks"):
         KVPool.for_bytes(10, 3, 2, 16)
     with pytest.raises(ValueError, match="num_blocks=0"):
         KVPool(1, 1, 1, num_blocks=0)
