@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from dlmcache.kernels.compression import Compression, score_inputs
-from dlmcache.kernels.ops import attention, merge_attention
+from dlmcache.kernels.ops import attention, dense_attention, merge_attention
 from dlmcache.kernels.policies import KIVI, BudgetAllocator, EvictionPolicy, QuantizationPolicy, get_policy
 from dlmcache.kernels.policies.budget import Pyramid, Uniform
 from dlmcache.kernels.store import DenseKV, KVSegment
-from dlmcache.models.layers import dense_attention
 
 from .plans import Plan, Refresh, Scatter
 

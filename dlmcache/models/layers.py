@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from dlmcache.kernels.ops import dense_attention
 from dlmcache.kernels.ops.backend import BACKENDS
 
 
@@ -82,18 +83,6 @@ class AttentionInputs:
     key_mask: torch.Tensor | None
     cache: KVStore | None
     backend: str = "auto"
-
-
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, backend: str):
-    """Bidirectional attention of q [B, Hq, n, D] over k/v [B, Hkv, L, D], key_mask [B, L] (None: every
-    key): the Triton kernel ("triton", or "auto" on CUDA) or torch SDPA. GQA: Hq must be a multiple of
-    Hkv; keys are shared by consecutive query heads."""
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        from dlmcache.kernels.ops import attention
-
-        return attention(q, k, v, key_mask=key_mask, backend="triton")
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, inputs: AttentionInputs):

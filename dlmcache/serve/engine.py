@@ -34,7 +34,8 @@ import torch
 from greenlet import greenlet
 
 from dlmcache.engine import BatchedDecoder, Finished, Request, cache_rule
-from dlmcache.models.layers import DLMModelOutput, default_positions, dense_attention
+from dlmcache.kernels.ops import dense_attention
+from dlmcache.models.layers import DLMModelOutput, default_positions
 from dlmcache.schedulers import GuidedScheduler
 from dlmcache.threads import ThreadPolicy
 

@@ -4,6 +4,7 @@ active keys; merge_attention: one attention from attentions over disjoint key se
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..backend import use_triton
 from .reference import attention as attention_reference
@@ -65,12 +66,24 @@ def fused_cpu_attention(q, k, v, valid: torch.Tensor, scale: float | None = None
     return out, lse
 
 
+def dense_attention(q, k, v, key_mask, backend: str = "auto"):
+    """Bidirectional attention of q [B, Hq, n, D] over k / v [B, Hkv, L, D] with key_mask [B, L] (None:
+    every key), as a cache-free forward computes it: the Triton kernel ("triton", or "auto" on CUDA)
+    or torch's SDPA (bit for bit what the reference models compute on CPU). GQA: Hq a multiple of
+    Hkv, keys shared by consecutive query heads."""
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        return attention(q, k, v, key_mask=key_mask, backend="triton")
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 from .paged import PagedLayout, paged_attention, paged_layout  # noqa: E402  (it calls `attention` above)
 
 __all__ = [
     "PagedLayout",
     "attention",
     "attention_reference",
+    "dense_attention",
     "masked_attention",
     "merge_attention",
     "paged_attention",
