@@ -9,19 +9,56 @@ import sys
 
 def _positive(kind):
     def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
         return value
 
     return parse
+
+
+def _at_least_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..65535")
+    return value
 
 
 def _threads(text: str):
     return "auto" if text == "auto" else _positive(int)(text)
 
 
-def serve_parser(sub) -> None:
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1]")
+    return value
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def serve_parser(sub) -> argparse.ArgumentParser:
     from dlmcache.serve import DEFAULT_CACHE
 
     p = sub.add_parser(
@@ -35,20 +72,47 @@ def serve_parser(sub) -> None:
     p.add_argument("--cache", default=DEFAULT_CACHE, help="a cache with options, as in run configs")
     p.add_argument("--cache-options", default=None, help="extra cache options k=v,k=v (appended to --cache)")
     p.add_argument("--guide", default=None, help="guided unmasking with this causal LM (path / hub id / bundled)")
-    p.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit tokens above it")
+    p.add_argument("--threshold", type=_threshold, default=None, help="parallel decoding: commit tokens above it")
     p.add_argument("--max-batch", type=_positive(int), default=16, help="requests decoded at once")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond them (then 429)")
+    p.add_argument("--max-queue", type=_at_least_zero, default=64, help="requests waiting beyond them (then 429)")
     p.add_argument("--timeout", type=_positive(float), default=600.0, help="per-request timeout, seconds (then 504)")
     p.add_argument("--kv-cache-gb", type=_positive(float), default=None,
                    help="the KV pool's size (default: room for --max-batch requests of the model's longest sequence, "
                    "at most a quarter of the device's memory); requests beyond it wait")  # fmt: skip
     p.add_argument("--threads", type=_threads, default="auto",
                    help="compute threads: a count, or 'auto' (default): per forward, from its FLOPs")  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (a non-loopback one wants --api-key)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--api-key", action="append", default=None,
+                   help="a key clients must send as 'Authorization: Bearer <key>' (repeatable; default: the "
+                   "DLMCACHE_API_KEY environment variable, else none)")  # fmt: skip
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
+    p.add_argument("--max-body-mb", type=_positive(float), default=8.0, help="larger request bodies get 413")
+    p.add_argument("--max-prompt-chars", type=_positive(int), default=1_000_000,
+                   help="longer prompts get 400 before they are tokenized")  # fmt: skip
+    p.add_argument("--max-connections", type=_positive(int), default=1024, help="open connections at most")
+    p.add_argument("--header-timeout", type=_positive(float), default=10.0,
+                   help="seconds a new connection has to send its request head")  # fmt: skip
+    p.add_argument("--keep-alive-timeout", type=_positive(float), default=5.0,
+                   help="seconds an idle keep-alive connection stays open")  # fmt: skip
+    return p
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """--device names a device this machine has (before the model loads)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        parser.error(f"argument --device: {device!r} is not a device name (cpu, cuda, cuda:N)")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        parser.error(f"argument --device: {device!r}, but this machine has no such CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: {device!r}: only cpu and cuda are supported")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,9 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ap = argparse.ArgumentParser(prog="dlmcache", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
-    serve_parser(sub)
+    serve_p = serve_parser(sub)
     args = ap.parse_args(argv)
     if args.command == "serve":
+        check_device(serve_p, args.device)
+        keys = args.api_key or ([os.environ["DLMCACHE_API_KEY"]] if os.environ.get("DLMCACHE_API_KEY") else [])
+        if any(not k or k != k.strip() for k in keys):
+            serve_p.error("argument --api-key: a key must be non-empty, without surrounding spaces")
         try:
             import fastapi  # noqa: F401
             import greenlet  # noqa: F401
@@ -77,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
             max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
             kv_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30), timeout=args.timeout,
             dtype=args.dtype, device=args.device, model_name=args.model_name, log_level=args.log_level,
+            api_keys=keys, metrics_public=args.metrics_public, max_body_mb=args.max_body_mb,
+            max_prompt_chars=args.max_prompt_chars, max_connections=args.max_connections,
+            header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
         )  # fmt: skip
 
 

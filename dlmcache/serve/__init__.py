@@ -10,7 +10,10 @@ Needs the `serve` extra (fastapi, uvicorn, greenlet).
 
 from __future__ import annotations
 
+import logging
 import threading
+
+log = logging.getLogger("dlmcache.serve")
 
 __all__ = ["DEFAULT_CACHE", "Engine", "create_app", "load_pipeline", "serve"]
 
@@ -56,21 +59,45 @@ def serve(model: str = "dlmcache/tiny", host: str = "127.0.0.1", port: int = 800
           guide: str | None = None, threshold: float | None = None, max_batch: int = 16, max_queue: int = 64,
           threads: int | str | None = "auto", timeout: float = 600.0, drain_timeout: float = 600.0,
           dtype: str = "float32", device: str = "cpu", model_name: str | None = None,
-          log_level: str = "info", kv_bytes: int | None = None) -> None:  # fmt: skip
+          log_level: str = "info", kv_bytes: int | None = None, api_keys: list[str] | tuple = (),
+          metrics_public: bool = False, max_body_mb: float = 8.0, max_prompt_chars: int = 1_000_000,
+          max_connections: int = 1024, header_timeout: float = 10.0,
+          keep_alive_timeout: float = 5.0) -> None:  # fmt: skip
     """Load the model and serve it until SIGINT / SIGTERM: the first signal drains (running and queued
     requests finish, new ones get 503, /health turns 503), then the process exits; a second SIGINT
-    exits at once."""
+    exits at once. api_keys: bearer keys clients must present (`guard.ApiKeys`); a non-loopback host
+    without one is served with a warning. max_body_mb, max_prompt_chars: request limits checked before
+    parsing / tokenizing; max_connections, header_timeout, keep_alive_timeout: what one client may hold."""
     import uvicorn
 
     from .api import create_app
     from .engine import Engine
+    from .guard import protocol
 
+    if not api_keys and not is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who reaches it may use and cancel requests "
+                    "(set --api-key or DLMCACHE_API_KEY)", host)  # fmt: skip
     pipe = load_pipeline(model, cache, guide, threshold, dtype, device)
     engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue, threads=threads, kv_bytes=kv_bytes).start()
-    app = create_app(engine, model_name or model, timeout=timeout)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    app = create_app(engine, model_name or model, timeout=timeout, defaults={"max_prompt_chars": max_prompt_chars},
+                     api_keys=api_keys, metrics_public=metrics_public,
+                     max_body_bytes=int(max_body_mb * 2**20))  # fmt: skip
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                            http=protocol(max_connections, header_timeout),
+                            timeout_keep_alive=keep_alive_timeout)  # fmt: skip
     DrainingServer(config, engine, drain_timeout).run()
     engine.stop()
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _server_class():

@@ -6,13 +6,16 @@ in the first streamed chunk too, and the `x-request-id` header), `GET /health` (
 draining), `GET /ready`, `GET /metrics` (Prometheus text).
 
 Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for an invalid field
-(named in `param`), 404 for an unknown route or request id, 429 when the queue is full, 503 while
-draining, 504 past the per-request timeout. A client that disconnects cancels its request.
+(named in `param`), 401 without a valid API key (when the server has keys), 404 for an unknown route
+or request id (or one made with another key), 413 for a body over the limit, 429 when the queue is
+full, 503 while draining, 504 past the per-request timeout. A client that disconnects cancels its
+request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 import uuid
@@ -22,21 +25,30 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Cancelled, Draining, Engine, Job, QueueFull
+from .guard import ApiKeys, BodyLimit
 from .metrics import Metrics
 from .requests import ApiError, ParsedRequest, parse
 
-DEFAULTS = {"max_tokens": 64, "block_length": 32}
+DEFAULTS = {"max_tokens": 64, "block_length": 32, "max_prompt_chars": 1_000_000}
 
 
-def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults: dict | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name`; requests past `timeout` seconds get 504."""
+def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults: dict | None = None,
+               api_keys: list[str] | tuple = (), metrics_public: bool = False,
+               max_body_bytes: int = 8 * 2**20) -> FastAPI:  # fmt: skip
+    """The FastAPI app serving `engine` under `model_name`; requests past `timeout` seconds get 504.
+    api_keys: the accepted bearer keys (none: no authentication); metrics_public: /metrics without a
+    key; max_body_bytes: larger bodies get 413 before they are read (`guard`)."""
     app = FastAPI(title="dlmcache", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(ApiKeys, keys=list(api_keys), metrics_public=metrics_public)
     app.state.engine = engine
     pipe = engine.pipe
     tokenizer = pipe.tokenizer
     defaults = {**DEFAULTS, **(defaults or {})}
     metrics = Metrics(engine)
     live: dict[str, Job] = {}
+    # Validation and tokenizing run here, never on the event loop: a long prompt delays only itself.
+    parser = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlmcache-parse")
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -48,10 +60,13 @@ def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults
         return JSONResponse(ApiError(e.status_code, str(e.detail), None, kind).body(), status_code=e.status_code)
 
     async def body_of(request: Request):
+        raw = await request.body()
         try:
-            return json.loads(await request.body())
+            return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
 
     @app.get("/health")
     async def health():
@@ -74,15 +89,16 @@ def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults
         return {"object": "list", "data": [entry]}
 
     @app.delete("/v1/requests/{request_id}")
-    async def cancel(request_id: str):
+    async def cancel(request_id: str, request: Request):
         job = live.get(request_id)
-        if job is None:
+        if job is None or job.api_key != request.scope.get("state", {}).get("api_key"):  # only its own key
             raise ApiError(404, f"no running or queued request {request_id!r}", "request_id", "not_found_error")
         job.cancel()
         return {"id": request_id, "object": "request.cancelled", "cancelled": True}
 
     async def generate(request: Request, kind: str):
-        parsed = parse(kind, await body_of(request), pipe, model_name, defaults)
+        body = await body_of(request)
+        parsed = await asyncio.get_running_loop().run_in_executor(parser, parse, kind, body, pipe, model_name, defaults)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         loop = asyncio.get_running_loop()
@@ -101,7 +117,8 @@ def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults
                     loop.call_soon_threadsafe(events.put_nowait, ("tokens", tokens))
 
         job = Job(parsed.prompt, parsed.options(), on_done, on_step, id=request_id,
-                  tokens=parsed.prompt_tokens + parsed.max_tokens)  # fmt: skip
+                  tokens=parsed.prompt_tokens + parsed.max_tokens,
+                  api_key=request.scope.get("state", {}).get("api_key"))  # fmt: skip
         try:
             engine.submit(job)
         except QueueFull as e:

@@ -64,6 +64,7 @@ class Job:
     on_step: Any = None
     id: str = ""
     tokens: int = 0  # prompt + completion tokens, when known at submit (checked against the KV pool)
+    api_key: str | None = None  # the key it was made with: only that key may cancel it
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
@@ -229,6 +230,7 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: set[greenlet] = set()
         self._rows: dict[str, Job] = {}  # the batched decoder's requests by request key
+        self._starting = 0  # jobs taken from the queue and not placed yet (still running, for drain)
         self._draining = self._stopping = False
         self._thread: threading.Thread | None = None
         self.hub: greenlet | None = None
@@ -259,7 +261,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._running) + len(self._rows)
+        return len(self._running) + len(self._rows) + self._starting
 
     @property
     def draining(self) -> bool:
@@ -295,6 +297,8 @@ class Engine:
                     continue
             for job in admitted:
                 self._admit(job, resume)
+            with self._lock:
+                self._starting = 0
             self._drop_cancelled()
             if self._rows:
                 self._decode_step()
@@ -320,6 +324,7 @@ class Engine:
                 break
             free -= need
             admitted.append(self._waiting.popleft())
+        self._starting = len(admitted)
         return admitted
 
     def _admit(self, job: Job, resume) -> None:

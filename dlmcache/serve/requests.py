@@ -44,10 +44,16 @@ COMMON = {
 FIELDS = {"completions": COMMON | {"prompt"}, "chat": COMMON | {"messages", "max_completion_tokens"}}
 
 
+#: The most characters of an error message (a message quoting a huge value is cut, saying so).
+MAX_MESSAGE = 500
+
+
 class ApiError(Exception):
-    """An HTTP error with OpenAI's error body."""
+    """An HTTP error with OpenAI's error body; messages longer than `MAX_MESSAGE` are cut."""
 
     def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[:MAX_MESSAGE]}... ({len(message)} characters in all)"
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type_
 
@@ -102,7 +108,9 @@ def _number(body: dict, name: str, low: float, high: float, default=None):
 
 
 def parse(kind: str, body, pipe, model_name: str, defaults: dict) -> ParsedRequest:
-    """Validate an OpenAI request body for `kind` ("completions" / "chat") against the served pipeline."""
+    """Validate an OpenAI request body for `kind` ("completions" / "chat") against the served pipeline.
+    `defaults`: max_tokens, block_length, and max_prompt_chars (a prompt longer than this many
+    characters is refused before it is tokenized)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - FIELDS[kind])
@@ -136,6 +144,11 @@ def parse(kind: str, body, pipe, model_name: str, defaults: dict) -> ParsedReque
         raise ApiError(400, f"seed={seed!r} must be a non-negative integer", "seed")
 
     prompt, chat_template, param = _prompt(kind, body)
+    chars = _characters(prompt)
+    limit_chars = defaults.get("max_prompt_chars")
+    if limit_chars is not None and chars > limit_chars:
+        raise ApiError(400, f"the prompt has {chars} characters; this server takes at most {limit_chars} "
+                       "(--max-prompt-chars)", param)  # fmt: skip
     try:
         requests = pipe._prompt_requests(prompt, chat_template)
     except (ValueError, TypeError) as e:
@@ -161,6 +174,8 @@ def parse(kind: str, body, pipe, model_name: str, defaults: dict) -> ParsedReque
         raise ApiError(400, f"block_length={block_length} does not divide {max_name}={max_tokens}", "block_length")
     blocks = max_tokens // block_length
     steps = _int(body, "steps", default=max_tokens)
+    if steps > max_tokens:  # a block's steps beyond its tokens would commit nothing: refused, not capped
+        raise ApiError(400, f"steps={steps} is more than {max_name}={max_tokens} (at most one step per token)", "steps")
     if steps % blocks:
         raise ApiError(400, f"steps={steps} is not divisible by the number of blocks ({blocks})", "steps")
 
@@ -198,6 +213,13 @@ def _prompt(kind: str, body: dict):
     ):
         raise ApiError(400, "prompt must be a non-empty string or a list of token ids", "prompt")
     return prompt, False, "prompt"
+
+
+def _characters(prompt) -> int:
+    """Characters of a prompt (a string, a chat's contents, or token ids: one each)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), str) else 1 for m in prompt)
 
 
 def _scheduler(body: dict, pipe):
