@@ -32,8 +32,11 @@ def resolve_path(name_or_path: str | os.PathLike) -> str:
     text = os.fspath(name_or_path)
     if text in BUNDLED:
         return str(BUNDLED[text])
-    if Path(text).expanduser().exists():
-        return str(Path(text).expanduser())
+    local = Path(text).expanduser()
+    if local.is_file():
+        raise NotADirectoryError(f"{text!r} is a file; a checkpoint is a directory (config.json, safetensors, ...)")
+    if local.exists():
+        return str(local)
     if isinstance(name_or_path, os.PathLike) or text.startswith((".", "~", "/")) or not _HUB_ID.match(text):
         raise FileNotFoundError(f"{text!r}: no such local file or directory (and not a hub repo id)")
     return text
@@ -41,20 +44,27 @@ def resolve_path(name_or_path: str | os.PathLike) -> str:
 
 def read_json(path_or_id: str, filename: str) -> dict | None:
     """`filename` parsed from a local directory or (online only) a hub repo; None when the directory
-    or repo has no such file. Errors name the file."""
+    or repo has no such file. It must hold a JSON object; errors name the file."""
     local = Path(path_or_id)
     if local.is_dir():
         f = local / filename
-        if not f.is_file():
-            return None
-        try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not valid JSON ({e})") from None
+        return json_object(f) if f.is_file() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError
 
     try:
-        return json.loads(Path(hf_hub_download(path_or_id, filename)).read_text())
+        return json_object(Path(hf_hub_download(path_or_id, filename)))
     except EntryNotFoundError:
         return None
+
+
+def json_object(path: Path) -> dict:
+    """The JSON object in file `path`; `ValueError` naming the file when it is not valid JSON, not
+    UTF-8, or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value

@@ -97,7 +97,13 @@ class DLMPipeline(DiffusionPipeline):
         """
         path = resolve_path(pretrained_model_name_or_path)
         dtype = kwargs.pop("dtype", None) or torch_dtype or torch.float32
-        if read_json(path, "model_index.json") is not None:
+        index = read_json(path, "model_index.json")
+        if index is not None:
+            if index.get("_class_name") != cls.__name__:
+                raise ValueError(
+                    f"{Path(path) / 'model_index.json'}: _class_name={index.get('_class_name')!r}, expected "
+                    f"{cls.__name__!r} (a pipeline saved by {cls.__name__}.save_pretrained)"
+                )
             pipe = super().from_pretrained(path, dtype=dtype, **kwargs)
         else:
             config = read_json(path, "config.json")
@@ -354,6 +360,8 @@ class DLMPipeline(DiffusionPipeline):
                         logits = uncond + (cfg_scale + 1) * (cond - uncond)
                     else:
                         logits = cache.step_logits(x, targets, start, end)
+                    if not bool(torch.isfinite(logits).all()):
+                        raise FloatingPointError(non_finite_message(nfe))
                     context = StepContext(
                         x=x, targets=targets, start=start, end=end, prompt_len=p_len, mask_token_id=mask_id
                     )
@@ -417,6 +425,13 @@ class DLMPipeline(DiffusionPipeline):
                 row = row[: row.index(eos)]
             texts.append(self.tokenizer.decode([t for t in row if t != self.mask_token_id], skip_special_tokens=True))
         return texts
+
+
+def non_finite_message(step: int) -> str:
+    return (
+        f"the model's logits at denoising step {step} are not finite (NaN or infinity): broken weights, "
+        "or an overflow in this dtype"
+    )
 
 
 def default_scheduler(path: str, model_type: str) -> DLMScheduler:

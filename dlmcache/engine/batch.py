@@ -62,6 +62,7 @@ class Finished:
     sequence: torch.LongTensor
     commit_step: torch.LongTensor
     stats: dict = field(default_factory=dict)
+    error: Exception | None = None  # set when the request failed (its logits were not finite)
 
 
 @dataclass
@@ -373,12 +374,19 @@ class GenerationBatch:
         s["block"] = torch.where(moved, block, s["block"])
         s["step_in_block"] = torch.where(moved, 0, s["step_in_block"])
 
-        # One host read: which rows finished, and every row's canvas and commit steps for its callback.
-        snapshot = torch.cat([(~left).long()[:, None], canvas, s["commit"]], 1).cpu()
+        # One host read: which rows finished or failed, every row's canvas and commit steps.
+        finite = torch.ones(rows_n, dtype=torch.long, device=self.device).scatter_reduce(
+            0, step["target_row"], torch.isfinite(logits).all(-1).long(), "amin"
+        )
+        snapshot = torch.cat([(~left).long()[:, None], canvas, s["commit"], finite[:, None]], 1).cpu()
         self.host_reads += 1
-        done = snapshot[:, 0].tolist()
+        done, ok = snapshot[:, 0].tolist(), snapshot[:, -1].tolist()
         finished = []
         for i, req in enumerate(self.requests):
+            if not ok[i]:
+                error = FloatingPointError(f"the model's logits at step {int(s['forwards'][i]) - 1} are not finite")
+                finished.append((i, Finished(req, snapshot[i, 1:1], snapshot[i, 1:1], error=error)))
+                continue
             p, length = len(req.prompt), req.length
             seq = snapshot[i, 1 + p : 1 + length]
             commit = snapshot[i, 1 + self.width + p : 1 + self.width + length]
@@ -386,9 +394,11 @@ class GenerationBatch:
                 req.on_step(seq, commit)
             if done[i]:
                 finished.append((i, Finished(req, seq.clone(), commit.clone())))
-        if finished:
+        if any(f.error is None for _, f in finished):
             stats = torch.stack([s["forwards"], s["fed"], s["full_forwards"], s["drift_refreshes"]], 1).tolist()
             for i, f in finished:
+                if f.error is not None:
+                    continue
                 forwards, fed, full, drift = stats[i]
                 f.stats = {
                     "steps": forwards, "full_forwards": full, "fed_tokens": fed, "drift_refreshes": drift,

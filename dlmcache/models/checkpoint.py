@@ -10,10 +10,12 @@ a randomly initialised layer, a warning, or a 7B-parameter model built from defa
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import torch
+
+from ..locations import json_object
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
@@ -44,7 +46,10 @@ def read_tensor_headers(directory: Path) -> dict[str, tuple[tuple[int, ...], str
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
@@ -52,7 +57,7 @@ def read_tensor_headers(directory: Path) -> dict[str, tuple[tuple[int, ...], str
     headers = {}
     for name in files:
         if not (directory / name).is_file():
-            raise ValueError(f"{directory}: the index names {name}, which is missing")
+            raise ValueError(f"{index}: names the shard {name}, which is missing")
         with safe_open(str(directory / name), framework="pt") as f:
             for key in f.keys():
                 part = f.get_slice(key)
@@ -106,6 +111,46 @@ def check_tensors(model_class, config, directory: Path) -> None:
             )
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{directory}: tensor {name!r} is {dtype}, weights must be floating point")
+
+
+#: Fields whose values must be positive integers / positive finite numbers, by their standard names.
+_POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+_POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps")
+
+
+def check_config_values(config, where: str) -> None:
+    """Architecture values in range, before anything is built: positive sizes, heads that divide the
+    width and KV heads that divide the heads, a positive finite RoPE base and norm epsilon, and an
+    MLP width and a context length that are positive."""
+    fields = _POSITIVE_INTS + tuple(
+        f for f in ("mlp_hidden_size", "intermediate_size", "max_sequence_length", "max_position_embeddings")
+        if getattr(config, f, None) is not None
+    )  # fmt: skip
+    for field in fields:
+        value = getattr(config, field, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: config.json {field}={value!r} must be a positive integer")
+    for field in _POSITIVE_NUMBERS:
+        value = getattr(config, field, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{where}: config.json {field}={value!r} must be a finite number > 0")
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if config.hidden_size % heads:
+        raise ValueError(f"{where}: config.json hidden size {config.hidden_size} is not divisible by {heads} heads")
+    if heads % kv:
+        raise ValueError(f"{where}: config.json {heads} attention heads are not a multiple of {kv} KV heads")
+
+
+def check_finite(model, where: str) -> None:
+    """Every parameter finite (one pass over the weights as loaded): a NaN or an infinity, as in a
+    corrupted safetensors file, is named instead of decoding to garbage."""
+    for name, p in model.named_parameters():
+        bad = ~torch.isfinite(p)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{where}: tensor {name!r} has {int(bad.sum())} non-finite values of {p.numel()} "
+                "(a corrupted checkpoint? from_pretrained(..., verify=False) loads it anyway)"
+            )
 
 
 def check_token_ids(config, vocab: int, where: str) -> None:

@@ -8,7 +8,6 @@ functional so each model keeps the module names (and therefore the checkpoint ke
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -217,17 +216,29 @@ class DLMModelMixin:
         return self.config.rope_theta
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, verify: bool = True, **kwargs):
         """transformers' `from_pretrained`, strict: before any weight is allocated, config.json and
-        the safetensors headers must describe exactly this architecture (see `checkpoint`)."""
-        from .checkpoint import check_config_fields, check_tensors, local_checkpoint
+        the safetensors headers must describe exactly this architecture, with values in range (see
+        `checkpoint`); once loaded, every weight must be finite (`verify=False` skips that pass)."""
+        from ..locations import json_object
+        from .checkpoint import (
+            check_config_fields,
+            check_config_values,
+            check_finite,
+            check_tensors,
+            local_checkpoint,
+        )
 
         directory = local_checkpoint(pretrained_model_name_or_path, kwargs.pop("subfolder", None))
-        raw = json.loads((directory / "config.json").read_text())
+        raw = json_object(directory / "config.json")
         check_config_fields(cls.config_class, raw, str(directory))
         config = kwargs.get("config") or cls.config_class.from_pretrained(directory)
+        check_config_values(config, str(directory))
         check_tensors(cls, config, directory)
-        return super().from_pretrained(directory, *args, **kwargs)
+        model = super().from_pretrained(directory, *args, **kwargs)
+        if verify:
+            check_finite(model, str(directory))
+        return model
 
     def set_attention_backend(self, backend: str) -> None:
         """ "auto" (the Triton kernel on CUDA, torch SDPA elsewhere), "torch" (SDPA) or "triton" (the

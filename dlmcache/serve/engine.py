@@ -401,7 +401,7 @@ class Engine:
         self.stats.forward_tokens += fed
         self.stats.padded_tokens += fed
         for f in finished:
-            self._finish(self._rows.pop(f.request.id), self._output(f))
+            self._finish(self._rows.pop(f.request.id), f.error or self._output(f))
 
     def _output(self, f: Finished):
         from dlmcache.pipeline import DLMPipelineOutput
