@@ -229,8 +229,7 @@ class DLMPipeline(DiffusionPipeline):
     def _apply_template(self, chat: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:
             raise ValueError("a chat prompt needs a tokenizer with a chat template")
-        out = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if not isinstance(out, list) else out)
+        return chat_template_ids(self.tokenizer, chat)
 
     def check_inputs(self, max_new_tokens: int, block_length: int, steps: int) -> int:
         """Validate the schedule; returns the number of blocks."""
@@ -425,6 +424,13 @@ class DLMPipeline(DiffusionPipeline):
                 row = row[: row.index(eos)]
             texts.append(self.tokenizer.decode([t for t in row if t != self.mask_token_id], skip_special_tokens=True))
         return texts
+
+
+def chat_template_ids(tokenizer, chat: list[dict]) -> list[int]:
+    """The token ids of `chat` through the tokenizer's chat template, with the generation prompt
+    (transformers 5 returns a `BatchEncoding`, a mapping whose len() counts its keys, not a list)."""
+    out = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    return list(out if isinstance(out, list) else out["input_ids"])
 
 
 def non_finite_message(step: int) -> str:

@@ -88,8 +88,10 @@ class GuideLoader:
             if name == "random":
                 self.models[name] = (random_guide(self.pipe.tokenizer, dtype, self.args.device), self.pipe.tokenizer)
             elif name == "smollm2":
-                from dlmcache.offline import load_smollm2
+                from dlmcache.offline import load_smollm2, smollm2_missing
 
+                if smollm2_missing():
+                    raise SystemExit(f"bench_dlm.py: {smollm2_missing()}")
                 model, tok = load_smollm2(dtype)
                 self.models[name] = (model.to(self.args.device), tok)
         if name in self.models:

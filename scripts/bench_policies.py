@@ -29,7 +29,8 @@ from dlmcache.kernels.policies import presets
 
 from dlmcache.evals.harness import ARGenerator
 from dlmcache.evals.tasks import read_jsonl
-from dlmcache.offline import load_smollm2
+from dlmcache.offline import load_smollm2, smollm2_missing
+from dlmcache.pipeline import chat_template_ids
 
 POLICIES = [
     "streaming_llm", "knorm", "snapkv", "h2o", "h2o_mean", "tova", "pyramidkv", "adakv", "cake", "d2o", "ems",
@@ -54,8 +55,7 @@ def tiny_few_shot_accuracy(names: list[str], fraction: float, n: int, shots: int
     tok = AutoTokenizer.from_pretrained(path)
     problems = tinytask.test_problems(n)
     examples = tinytask.make_problems(shots, seed=12345, exclude={p.question for p in problems})
-    prompt = tok.apply_chat_template(tinytask.messages(problems[0], examples), add_generation_prompt=True)
-    result = {"prompt_tokens": len(prompt["input_ids"] if isinstance(prompt, dict) else prompt)}
+    result = {"prompt_tokens": len(chat_template_ids(tok, tinytask.messages(problems[0], examples)))}
     settings_by_name = {name: presets.at_bytes(name, fraction, result["prompt_tokens"]) for name in names}
     for name, settings in ({"full": {}} | settings_by_name).items():
         if settings is None:
@@ -96,6 +96,8 @@ def main() -> None:
     names = args.policies.split(",")
     for name in names:  # every name checked before any work
         presets.at_bytes(name, 0.25, 1000)
+    if not args.tiny_only and smollm2_missing():
+        raise SystemExit(f"bench_policies.py: {smollm2_missing()} (or --tiny-only)")
     if args.tiny_only:
         result = json.loads(json_path.read_text())
         result["tiny_few_shot_at_25"] = tiny_few_shot_accuracy(names, 0.25, args.tiny_n)

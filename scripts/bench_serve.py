@@ -114,12 +114,12 @@ def tiny_requests(n: int, args) -> list[dict]:
 
     from dlmcache import tinytask
     from dlmcache.locations import resolve_path
+    from dlmcache.pipeline import chat_template_ids
 
     tok = AutoTokenizer.from_pretrained(resolve_path("dlmcache/tiny"))
     bodies = []
     for p in tinytask.test_problems(n):
-        ids = tok.apply_chat_template(tinytask.messages(p), add_generation_prompt=True, tokenize=True)
-        ids = ids if isinstance(ids, list) else ids["input_ids"]
+        ids = chat_template_ids(tok, tinytask.messages(p))
         bodies.append({"model": "tiny", "prompt": ids, "max_tokens": args.max_tokens, "stream": True,
                        "stream_options": {"include_usage": True}})  # fmt: skip
     return bodies

