@@ -14,8 +14,9 @@ library only) that confines the program in one of two ways, chosen once per mach
   directory, HOME and TMPDIR) and /tmp, with read-only bind mounts of /usr, /etc, the interpreter's
   prefix and five /dev nodes, and a fresh /proc that shows only the run's processes. Host sockets,
   other runs' files and the host's /proc are not in its view; the old root is detached.
-- as root, the program runs as `nobody`; otherwise as an unprivileged user of its user namespace
-  (the evaluator's own user outside), without capabilities.
+- as root, the program runs as a user id of its own, picked per run (no other process on the machine
+  has it, so its process count and its user keyring are the run's alone); otherwise as an
+  unprivileged user of its user namespace (the evaluator's own user outside), without capabilities.
 
 "fallback" (kernels without user or PID namespaces, e.g. containers whose seccomp forbids
 `unshare`): the launcher is a child subreaper, so every descendant that outlives its parent is
@@ -23,10 +24,15 @@ re-parented to it, and it kills them all when the program ends or the evaluator 
 program runs in a fresh directory on the host filesystem. What the fallback cannot give: a private
 /proc, hiding pathname Unix sockets, and a bound on disk use beyond `file_size_mb` per file.
 
-Both add, where the kernel has them: resource limits (address space, CPU seconds, file size, open
-files, processes: a pids cgroup per run as root, RLIMIT_NPROC otherwise), Landlock (writes only
-under the working directory; no TCP from ABI 4; no signals to, nor abstract Unix sockets of,
-processes outside the run from ABI 6), `no_new_privs`, and a network namespace.
+Both add, where the kernel has them: a cgroup per run (v2, or v1's memory and pids controllers,
+where writable: as root) whose memory limit (`Limits.memory_mb`, swap 0) counts every page the run
+touches, memfd and tmpfs included, and whose pids limit counts its processes; resource limits
+(address space per process, CPU seconds, file size, open files, processes); a fresh session keyring
+and a seccomp filter that refuses `memfd_create`, SysV `shmget` and the keyring calls (`keyctl`,
+`add_key`, `request_key`), so memory outside the accounting and the evaluator's keys are out of
+reach even without cgroups; Landlock (writes only under the working directory; no TCP from ABI 4; no
+signals to, nor abstract Unix sockets of, processes outside the run from ABI 6), `no_new_privs`, and
+a network namespace.
 
 Output is read as it arrives and capped (`Limits.output_mb`, the last 4000 characters are kept), so
 the evaluator's memory stays flat. `run_program` returns within `timeout` plus about a second in
@@ -86,7 +92,18 @@ _FS_WRITE_RIGHTS = {
 _LANDLOCK_NET_BIND_TCP, _LANDLOCK_NET_CONNECT_TCP = 1, 2
 _LANDLOCK_SCOPE_ABSTRACT_UNIX, _LANDLOCK_SCOPE_SIGNAL = 1, 2
 _DEV_NODES = ("null", "zero", "full", "random", "urandom")
-_PIDS_CGROUP = "/sys/fs/cgroup/pids"
+_CGROUP_ROOT = "/sys/fs/cgroup"
+_RUN_UIDS = (0x60000000, 0x70000000)  # as root, each run gets a user id of its own from this range
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+# seccomp: syscalls refused with EPERM (x86_64, aarch64): memory outside the run's accounting
+# (memfd_create, SysV shmget) and the kernel keyrings (keyctl, add_key, request_key)
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}
+_SECCOMP_DENY = {
+    "x86_64": {"memfd_create": 319, "shmget": 29, "keyctl": 250, "add_key": 248, "request_key": 249},
+    "aarch64": {"memfd_create": 279, "shmget": 194, "keyctl": 219, "add_key": 217, "request_key": 218},
+}
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 # The program runs through this: it reads the sentinel from stdin (then stdin is /dev/null), runs
 # program.py as __main__, and prints the sentinel only if the program returned.
 _RUNNER = (
@@ -123,7 +140,7 @@ class Limits:
     """Per-program resource limits."""
 
     timeout: float = 10.0  # wall clock, seconds
-    memory_mb: int = 1024  # address space
+    memory_mb: int = 1024  # the run's memory (a memory cgroup), else each process's address space
     cpu_seconds: int = 10
     file_size_mb: int = 16
     disk_mb: int = 64  # the private filesystem (namespaces mode)
@@ -277,10 +294,12 @@ def isolation() -> dict:
         "private_filesystem": mode == "namespaces",
         "private_proc": mode == "namespaces",
         "network_namespace": mode == "namespaces",
-        "runs_as": ("nobody" if root else "an unprivileged user of its own user namespace")
+        "runs_as": ("a user id of its own" if root else "an unprivileged user of its own user namespace")
         if mode == "namespaces"
-        else ("nobody" if root and _nobody_python() else "the evaluator's user"),
-        "process_cap": "pids cgroup" if root and os.access(_PIDS_CGROUP, os.W_OK) else "RLIMIT_NPROC",
+        else ("a user id of its own" if root and _nobody_python() else "the evaluator's user"),
+        "process_cap": "pids cgroup" if "pids" in _cgroup_controllers() else "RLIMIT_NPROC",
+        "memory_cap": "memory cgroup" if "memory" in _cgroup_controllers() else "RLIMIT_AS per process",
+        "seccomp": platform.machine() in _SECCOMP_DENY,
         "landlock_abi": abi,
         "writes_confined": mode == "namespaces" or abi >= 1,
         "tcp_blocked_by_landlock": abi >= 4,
@@ -341,7 +360,8 @@ def _run(source: str, limits: Limits, python: str | None, mode: str) -> SandboxR
         "workdir": workdir,
         "limits": limits.__dict__,
         "python": python,
-        "drop_to_nobody": drop,
+        "drop": drop,
+        "uid": _RUN_UIDS[0] + secrets.randbelow(_RUN_UIDS[1] - _RUN_UIDS[0]) if os.geteuid() == 0 else None,
         "mode": mode,
         "sentinel": sentinel,
     }
@@ -393,7 +413,8 @@ def _run(source: str, limits: Limits, python: str | None, mode: str) -> SandboxR
     if stopped:
         _stop(proc, streams)
     proc.wait()
-    _empty_cgroup(f"{_PIDS_CGROUP}/dlmcache-sandbox-{proc.pid}")
+    for path in _run_cgroups(proc.pid):
+        _empty_cgroup(path)
     _remove_workdir(workdir)
     os.close(status_r)
     proc.stdout.close()
@@ -452,7 +473,7 @@ def _remove_workdir(path: str | None) -> None:
 
 
 def _empty_cgroup(path: str) -> None:
-    """Kill whatever is left in a run's pids cgroup (nothing can leave it), then remove it."""
+    """Kill whatever is left in a run's cgroup (nothing can leave it), then remove it."""
     if not os.path.isdir(path):
         return
     for _ in range(200):
@@ -508,21 +529,26 @@ def _exec_program(
     workdir: str,
     python: str,
     stdin_fd: int,
-    drop_to_nobody: bool,
+    uid: int | None,
     nproc: int,
     writable: list[str],
     readable: list[str] | None = None,
 ) -> None:
-    """In the forked program process: its own process group, limits, user, Landlock, then exec the
-    runner. Never returns."""
+    """In the forked program process: its own process group, limits, a fresh session keyring, its
+    user (`uid`; None: stay), Landlock, seccomp, then exec the runner. Never returns."""
     try:
         os.setpgid(0, 0)
         os.dup2(stdin_fd, 0)
         os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the status pipe above all
         lim = cfg["limits"]
         mb = 1024 * 1024
+        # With a memory cgroup the run's real memory is bounded there; each process keeps an address
+        # space of 4x the run's memory, so one allocation far past the budget is a MemoryError at once
+        # while threads still fit (glibc reserves 64 MB of address space per thread arena).
+        scale = 4 if "memory" in cfg.get("cgroups", ()) else 1
+        address_space = int(scale * lim["memory_mb"] * mb)
         for res, value in (
-            (resource.RLIMIT_AS, int(lim["memory_mb"] * mb)),
+            (resource.RLIMIT_AS, address_space),
             (resource.RLIMIT_FSIZE, int(lim["file_size_mb"] * mb)),
             (resource.RLIMIT_NOFILE, int(lim["max_open_files"])),
             (resource.RLIMIT_CORE, 0),
@@ -532,14 +558,16 @@ def _exec_program(
         # SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later
         cpu = int(lim["cpu_seconds"])
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        if drop_to_nobody:
+        _join_fresh_session_keyring()
+        if uid is not None:
             os.setgroups([])
-            os.setgid(_NOBODY)
-            os.setuid(_NOBODY)
+            os.setgid(uid)
+            os.setuid(uid)
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
         abi = landlock_abi()
         if abi >= 1:
             _landlock_confine(writable, readable, abi)
+        _seccomp_deny()
         os.chdir(workdir)
         env = {
             "PATH": "/usr/bin:/bin",
@@ -567,11 +595,10 @@ def _launch_namespaces(cfg: dict) -> None:
     uid, gid = os.geteuid(), os.getegid()
     python = os.path.realpath(cfg["python"] or sys._base_executable)
     prefix = os.path.dirname(os.path.dirname(python))
-    # RLIMIT_NPROC counts the user's processes in the user namespace: as root, all of nobody's on the
-    # machine; otherwise the launcher, the init and the run in the new namespace.
-    nproc = int(cfg["limits"]["max_processes"]) + (_count_processes(_NOBODY) if root else 2)
-    if root:
-        _join_pids_cgroup(cfg)
+    # RLIMIT_NPROC counts the user's processes: as root, the run's own user id has no others; otherwise
+    # the launcher, the init and the run in the new user namespace.
+    nproc = int(cfg["limits"]["max_processes"]) + (0 if root else 2)
+    _join_cgroups(cfg)
     _check(_libc().unshare(ctypes.c_int(_namespace_flags(root))), "unshare")
     if not root:  # map the evaluator's user to an unprivileged user inside
         with open("/proc/self/setgroups", "w") as f:
@@ -592,21 +619,123 @@ def _launch_namespaces(cfg: dict) -> None:
     os.waitpid(init, 0)  # the evaluator removes the cgroup once this launcher is gone
 
 
-def _join_pids_cgroup(cfg: dict) -> None:
-    """As root with the cgroup-v1 pids controller: a cgroup of this run named after the launcher,
-    capped at max_processes (plus the launcher and an init), which the launcher joins, so everything
-    forked later is counted (and can be killed by the evaluator whatever it does)."""
-    if not os.access(_PIDS_CGROUP, os.W_OK):
-        return
-    path = os.path.join(_PIDS_CGROUP, f"dlmcache-sandbox-{os.getpid()}")
+def _cgroup_controllers() -> dict[str, str]:
+    """controller -> the directory under which a run's cgroup is made ("memory", "pids"; only those
+    this process may write): cgroup v2's unified hierarchy when it offers them, else v1's, under this
+    process's own cgroup so the machine's limits still apply above the run's."""
+    found = {}
+    unified = os.path.join(_CGROUP_ROOT, "cgroup.controllers")
+    own = _own_cgroups()
+    if os.path.isfile(unified):
+        with open(unified) as f:
+            available = f.read().split()
+        base = os.path.join(_CGROUP_ROOT, own.get("", "/").lstrip("/"))
+        if os.access(base, os.W_OK):
+            found.update({c: base for c in ("memory", "pids") if c in available})
+        return found
+    for controller in ("memory", "pids"):
+        base = os.path.join(_CGROUP_ROOT, controller, own.get(controller, "/").lstrip("/"))
+        if os.path.isdir(base) and os.access(base, os.W_OK):
+            found[controller] = base
+    return found
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per v1 controller ("" for v2's unified hierarchy)."""
+    paths = {}
     try:
-        os.mkdir(path)
-        with open(os.path.join(path, "pids.max"), "w") as f:
-            f.write(str(int(cfg["limits"]["max_processes"]) + 2))
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                for c in controllers.split(",") if controllers else [""]:
+                    paths[c] = path
     except OSError:
         pass
+    return paths
+
+
+def _run_cgroups(launcher: int) -> list[str]:
+    """The cgroup directories of the run whose launcher is `launcher` (one per hierarchy)."""
+    return sorted({os.path.join(base, f"dlmcache-sandbox-{launcher}") for base in _cgroup_controllers().values()})
+
+
+def _join_cgroups(cfg: dict) -> None:
+    """A cgroup of this run (per hierarchy) named after the launcher, which the launcher joins, so
+    everything forked later is counted and can be killed by the evaluator whatever it does: memory
+    at most `memory_mb` (swap 0; every page the run touches counts, memfd and tmpfs pages
+    included) and processes at most `max_processes` (plus the launcher and an init). The joined
+    controllers go in `cfg["cgroups"]`."""
+    limits = cfg["limits"]
+    memory = str(int(limits["memory_mb"] * 1024 * 1024))
+    pids = str(int(limits["max_processes"]) + 2)
+    settings = {
+        "memory": [("memory.max", memory), ("memory.swap.max", "0"), ("memory.limit_in_bytes", memory),
+                   ("memory.memsw.limit_in_bytes", memory), ("memory.swappiness", "0")],
+        "pids": [("pids.max", pids)],
+    }  # fmt: skip
+    joined = []
+    for controller, base in _cgroup_controllers().items():
+        path = os.path.join(base, f"dlmcache-sandbox-{os.getpid()}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            for name, value in settings[controller]:
+                if os.path.exists(os.path.join(path, name)):
+                    with open(os.path.join(path, name), "w") as f:
+                        f.write(value)
+            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+            joined.append(controller)
+        except OSError:
+            pass
+    cfg["cgroups"] = joined
+
+
+def _join_fresh_session_keyring() -> None:
+    """Replace the inherited session keyring (an SSH / PAM login's or a service's, holding the
+    evaluator's keys) by a new anonymous one."""
+    number = _SYS_KEYCTL.get(platform.machine())
+    if number is not None:
+        _libc().syscall(ctypes.c_long(number), ctypes.c_long(_KEYCTL_JOIN_SESSION_KEYRING), ctypes.c_void_p(None))
+
+
+def _seccomp_deny() -> None:
+    """A seccomp filter (after no_new_privs) that answers EPERM to the calls in `_SECCOMP_DENY`, and
+    kills a process that calls through another architecture's table (x32, 32-bit compat) to get
+    around it."""
+    arch = platform.machine()
+    if arch not in _SECCOMP_DENY:
+        return
+    ld_w_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, kill, eperm = 0x7FFF0000, 0x80000000, 0x00050000 | errno.EPERM
+    numbers = list(_SECCOMP_DENY[arch].values())
+    x32 = arch == "x86_64"  # x86_64 also has the x32 table: syscall numbers from 0x40000000
+    # layout: [ld arch, jeq arch, ret kill, ld nr, (jge x32), jeq nr_0 .. jeq nr_n-1, ret allow,
+    # ret kill, ret eperm]; a jump's offset counts the instructions after it
+    first_jeq = 4 + x32
+    kill_at = first_jeq + len(numbers) + 1
+    eperm_at = kill_at + 1
+    program = [
+        (ld_w_abs, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 1, 0, _AUDIT_ARCH[arch]),
+        (ret, 0, 0, kill),
+        (ld_w_abs, 0, 0, 0),  # seccomp_data.nr
+    ]
+    if x32:
+        program.append((jge, kill_at - 5, 0, 0x40000000))
+    for i, number in enumerate(numbers):
+        pc = first_jeq + i
+        program.append((jeq, eperm_at - pc - 1, 0, number))
+    program += [(ret, 0, 0, allow), (ret, 0, 0, kill), (ret, 0, 0, eperm)]
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    filters = (SockFilter * len(program))(*[SockFilter(*op) for op in program])
+    prog = SockFprog(len(program), filters)
+    _check(_libc().prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
 
 
 def _init(cfg: dict, launcher_alive: int, python: str, prefix: str, root: bool, nproc: int) -> None:
@@ -636,7 +765,7 @@ def _init(cfg: dict, launcher_alive: int, python: str, prefix: str, root: bool, 
     stdin_fd = _sentinel_pipe(cfg["sentinel"])
     program = os.fork()
     if program == 0:
-        _exec_program(cfg, "/work", python, stdin_fd, root, nproc, writable=["/work", "/tmp"])
+        _exec_program(cfg, "/work", python, stdin_fd, cfg["uid"], nproc, writable=["/work", "/tmp"])
     os.close(stdin_fd)
     while True:
         pid, status = os.waitpid(-1, 0)
@@ -687,25 +816,24 @@ def _build_root(cfg: dict, python: str, prefix: str, root: bool) -> str:
     os.makedirs(work, mode=0o700)
     with open(os.path.join(work, "program.py"), "w") as f:
         f.write(cfg["source"])
-    owner = _NOBODY if root else _INNER_UID
+    owner = cfg["uid"] if root else _INNER_UID
     for path in (work, os.path.join(work, "program.py")):
         os.chown(path, owner, owner)
     return new_root
 
 
 def _launch_fallback(cfg: dict) -> None:
-    drop = cfg["drop_to_nobody"]
+    uid = cfg["uid"] if cfg["drop"] else None
     python = cfg["python"] or os.path.realpath(sys._base_executable)
-    nproc = int(cfg["limits"]["max_processes"]) + _count_processes(_NOBODY if drop else os.geteuid())
-    if os.geteuid() == 0:
-        _join_pids_cgroup(cfg)
+    nproc = int(cfg["limits"]["max_processes"]) + (0 if uid is not None else _count_processes(os.geteuid()))
+    _join_cgroups(cfg)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     workdir = cfg["workdir"]
     with open(os.path.join(workdir, "program.py"), "w") as f:
         f.write(cfg["source"])
-    if drop:
+    if uid is not None:
         for path in (workdir, os.path.join(workdir, "program.py")):
-            os.chown(path, _NOBODY, _NOBODY)
+            os.chown(path, uid, uid)
 
     def end(status: int | None) -> None:
         _kill_descendants(program)
@@ -722,7 +850,7 @@ def _launch_fallback(cfg: dict) -> None:
         # libraries, /etc, /dev, the interpreter and its directory (not /proc, /tmp, /home, ...).
         prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
         readable = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/dev", prefix]
-        _exec_program(cfg, workdir, python, stdin_fd, drop, nproc, writable=[workdir], readable=readable)
+        _exec_program(cfg, workdir, python, stdin_fd, uid, nproc, writable=[workdir], readable=readable)
     os.close(stdin_fd)
     while True:
         pid, status = os.waitpid(-1, 0)

@@ -386,3 +386,114 @@ def test_isolation_reports_the_namespaces_mode():
         pytest.skip(NAMESPACES_MISSING)
     info = isolation()
     assert info["mode"] == "namespaces" and info["private_filesystem"] and info["process_tree"] == "PID namespace"
+
+
+# ------------------------------------------------------------------------------ issue 24: memory, processes, keyrings
+
+
+MEMFD = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+number = {"x86_64": 319, "aarch64": 279}[os.uname().machine]
+fd = libc.syscall(number, b"hog", 0)
+assert fd < 0 and ctypes.get_errno() == 1, f"memfd_create gave {fd}"
+"""
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("mode", MODES)
+def test_memfd_create_is_refused(mode, evaluator):
+    r = run(MEMFD, mode=mode, evaluator=evaluator)
+    assert r.passed, r.stderr
+
+
+@pytest.mark.skipif(not isolation()["memory_cap"] == "memory cgroup", reason="no writable memory cgroup here")
+@pytest.mark.parametrize("mode", MODES)
+def test_memory_is_bounded_per_run_not_per_process(mode):
+    """Four processes of 120 MB each under memory_mb=200: each fits its own address-space limit, the
+    run does not fit its cgroup: the run is killed instead of taking 480 MB."""
+    hog = (
+        "import os, time\n"
+        "kids = []\n"
+        "for _ in range(4):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        block = bytearray(120 * 2**20)\n"
+        "        for i in range(0, len(block), 4096): block[i] = 1\n"
+        "        time.sleep(3)\n"
+        "        os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "codes = [os.waitpid(p, 0)[1] for p in kids]\n"
+        "assert all(c == 0 for c in codes), codes\n"
+    )
+    limits = Limits(timeout=20.0, cpu_seconds=10, memory_mb=200)
+    r = run(hog, limits=limits, mode=mode)
+    assert not r.passed, r
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fork_bomb_beside_does_not_starve_a_threaded_program(mode):
+    """Two runs at once (as code_pass's workers run them): one exhausts its process limit, the other
+    starts 8 threads; the process count is per run, so the threaded one passes."""
+    bomb = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.05)\n"
+    threads = (
+        "import threading, time\n"
+        "time.sleep(1.0)\n"
+        "ts = [threading.Thread(target=time.sleep, args=(0.05,)) for _ in range(8)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print('ok')\n"
+    )
+    limits = Limits(timeout=6.0, cpu_seconds=5, max_processes=32)
+    with ThreadPoolExecutor(2) as pool:
+        bombed = pool.submit(run, bomb, limits, mode)
+        time.sleep(0.3)
+        threaded = pool.submit(run, threads, limits, mode)
+        assert threaded.result().passed, threaded.result()
+        assert not bombed.result().passed
+
+
+def _add_session_key(secret: str) -> int | None:
+    """A 'user' key in this process's session keyring (what an SSH / PAM login holds); None where
+    the kernel has no keyrings."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    number = {"x86_64": 248, "aarch64": 217}.get(os.uname().machine)
+    if number is None:
+        return None
+    serial = libc.syscall(number, b"user", b"dlmcache-sandbox-test", secret.encode(), len(secret), -3)
+    return serial if serial > 0 else None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_evaluators_keyring_is_out_of_reach(mode):
+    secret = "keyring-secret-4242"
+    serial = _add_session_key(secret)
+    if serial is None:
+        pytest.skip("no kernel keyrings here")
+    probe = f"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+keyctl = {{"x86_64": 250, "aarch64": 219}}[os.uname().machine]
+buf = ctypes.create_string_buffer(256)
+n = libc.syscall(keyctl, 11, {serial}, buf, 256)  # KEYCTL_READ of the evaluator's key
+assert n < 0, buf.raw[:n]
+assert libc.syscall(keyctl, 0, -3, 0) < 0  # KEYCTL_GET_KEYRING_ID of the session keyring
+try:
+    keys = open("/proc/keys").read()
+except OSError:
+    keys = ""
+assert "dlmcache-sandbox-test" not in keys, keys
+"""
+    r = run(probe, mode=mode)
+    assert r.passed, r.stderr
+    assert secret not in r.stdout + r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root, each run gets a user id of its own")
+@pytest.mark.parametrize("mode", MODES)
+def test_each_run_has_a_user_id_of_its_own(mode):
+    if mode == "fallback" and sandbox._nobody_python() is None:
+        pytest.skip("no Python another user can run")
+    uids = {run("print(__import__('os').getuid())", mode=mode).stdout.strip() for _ in range(3)}
+    assert len(uids) == 3 and "0" not in uids and "65534" not in uids, uids
