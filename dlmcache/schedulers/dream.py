@@ -93,6 +93,17 @@ class DreamScheduler(DLMScheduler):
             alg_temp=generation_config.get("alg_temp"),
         )
 
+    @classmethod
+    def diffusion_generate_default(cls) -> DreamScheduler:
+        """What the official `model.diffusion_generate(input_ids)` call, with no sampling arguments,
+        runs (transformers 4.46.3 code): its settings come from config.json with transformers' global
+        generation defaults, and generation_config.json is never read: alg "origin", eps 1e-3,
+        temperature 1.0, top_k 50, top_p 1.0 (sampling). `DLMPipeline`'s default for a Dream
+        checkpoint reads generation_config.json instead (`from_generation_config`), as the checkpoint's
+        authors wrote it: for the released Instruct model that is greedy decoding. Pass
+        `scheduler=DreamScheduler.diffusion_generate_default()` to get the official call's behaviour."""
+        return cls(alg="origin", eps=1e-3, temperature=1.0, top_p=None, top_k=50)
+
     def transfer_ratio(self, step_index: int, num_steps: int) -> float:
         """1 - s/t for this step (1 on the last step)."""
         if step_index == num_steps - 1:

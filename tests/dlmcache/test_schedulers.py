@@ -259,3 +259,13 @@ def test_save_pretrained_round_trip(sched, tmp_path):
     sched.save_pretrained(tmp_path)
     loaded = type(sched).from_pretrained(tmp_path)
     assert dict(loaded.config) == dict(sched.config)
+
+
+def test_dream_official_default_call_is_available_and_differs_from_ours():
+    """The official `diffusion_generate(input_ids)` call never reads generation_config.json: it samples
+    (origin, temperature 1.0, top_k 50, top_p 1.0); ours reads the file, greedy for Dream-Instruct."""
+    official = DreamScheduler.diffusion_generate_default().config
+    assert (official.alg, official.eps, official.temperature, official.top_k, official.top_p) == (
+        "origin", 1e-3, 1.0, 50, None)  # fmt: skip
+    ours = DreamScheduler.from_generation_config({"temperature": 0.0, "top_k": None, "alg": "origin"}).config
+    assert ours.temperature == 0.0 and official.temperature == 1.0
