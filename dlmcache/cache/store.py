@@ -47,7 +47,8 @@ def prompt_compression(policy=None, budget: float | int = 1.0, allocator=None, q
     (default), "pyramid" or a non-cascading `BudgetAllocator`; quantizer: "kivi2" / "kivi4" / "kivi8"
     or a `KIVI` (its attention reads the codes: never a full-precision copy). The prompt is static, so
     KIVI's full-precision window of recent tokens does not apply: every kept entry is quantized
-    (residual=0).
+    (residual=0). A policy at budget=1.0 without a quantizer keeps everything: that is no compression
+    (None), so it equals the uncompressed cache token for token.
     """
     if isinstance(policy, str):
         policy = get_policy(policy)
@@ -88,6 +89,10 @@ def prompt_compression(policy=None, budget: float | int = 1.0, allocator=None, q
     if policy is None and quantizer is None:
         if budget != 1.0 or allocator is not None:
             raise ValueError(f"budget={budget!r} / allocator={allocator!r} given without a policy to evict with")
+        return None
+    if quantizer is None and isinstance(budget, float) and budget == 1.0 and not isinstance(allocator, Pyramid):
+        # Keeping every entry in full precision is no compression: the cache runs uncompressed, so it
+        # decodes token for token as without the option (DESIGN's invariant), refreshes included.
         return None
     if policy is None and budget != 1.0:
         raise ValueError(f"budget={budget!r} given without a policy to evict with")

@@ -94,7 +94,7 @@ def test_window_over_compressed_prompt_equals_full_forward(arch, quantizer, tiny
     gen[torch.rand(gen.shape) < 0.5] = 7
     p, length, shift = layout.prompt_len, layout.length, model.logit_shift
     targets = torch.arange(p + 8, p + 16)
-    store = CanvasStore(model, layout, prompt_compression("knorm", 1.0, quantizer=quantizer))
+    store = CanvasStore(model, layout, prompt_compression("knorm", 10_000, quantizer=quantizer))  # keeps all
     with torch.no_grad():
         store.begin(Refresh(), x, None, None)
         full = model(x, positions=layout.positions, cache=store, logits_index=targets).logits
@@ -260,3 +260,30 @@ def test_every_registry_eviction_policy_compresses_a_prompt(name, tiny_tokenizer
     full = run(pipe, "freecache", prompts=PROMPTS[1:2], max_new_tokens=16, steps=8)
     assert out.stats["kv_bytes"] < full.stats["kv_bytes"]
     assert not (out.sequences == tiny_tokenizer.mask_token_id).any()
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # block freeze, drift refresh (the default)
+        {"freeze": "token"},
+        {"freeze": "token", "suffix_window": 0},
+        {"refresh_drift": None},
+        {"refresh_every": 3},
+        {"flashdlm": True},
+    ],
+)
+def test_keeping_everything_is_no_compression(arch, options, tiny_tokenizer):
+    """A policy at budget=1.0 (no quantizer) decodes token for token as the uncompressed cache, in every
+    freeze and refresh mode (issue 24: the drift refresh gave other tokens on every prompt)."""
+    model = (tiny_llada if arch == "llada" else tiny_dream)(tiny_tokenizer).double()
+    pipe = DLMPipeline(model=model, tokenizer=tiny_tokenizer, scheduler=LowConfidenceScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many eggs?", "Hi"]
+    kw = dict(max_new_tokens=24, block_length=8, steps=24)
+    plain = pipe(prompts, cache=FreeCache(**options), **kw)
+    for policy in ("snapkv", "maskkv"):
+        kept = pipe(prompts, cache=FreeCache(policy=policy, budget=1.0, **options), **kw)
+        assert torch.equal(kept.sequences, plain.sequences), (policy, options)
+        assert kept.nfe == plain.nfe
