@@ -810,6 +810,10 @@ def _build_root(cfg: dict, python: str, prefix: str, root: bool) -> str:
         _mount("proc", new_root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     except OSError:
         pass  # e.g. a container that masks parts of its /proc: the program then has no /proc at all
+    for masked in ("keys", "key-users"):  # keys of the evaluator's uid are listed there (as Docker does)
+        target = f"{new_root}/proc/{masked}"
+        if os.path.exists(target):
+            _mount(f"{new_root}/dev/null", target, None, _MS_BIND)
     os.makedirs(new_root + "/tmp", mode=0o1777)
     os.chmod(new_root + "/tmp", 0o1777)
     work = new_root + "/work"

@@ -431,8 +431,9 @@ def test_memory_is_bounded_per_run_not_per_process(mode):
     assert not r.passed, r
 
 
+@pytest.mark.parametrize("evaluator", EVALUATORS)
 @pytest.mark.parametrize("mode", MODES)
-def test_a_fork_bomb_beside_does_not_starve_a_threaded_program(mode):
+def test_a_fork_bomb_beside_does_not_starve_a_threaded_program(mode, evaluator):
     """Two runs at once (as code_pass's workers run them): one exhausts its process limit, the other
     starts 8 threads; the process count is per run, so the threaded one passes."""
     bomb = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.05)\n"
@@ -445,38 +446,37 @@ def test_a_fork_bomb_beside_does_not_starve_a_threaded_program(mode):
     )
     limits = Limits(timeout=6.0, cpu_seconds=5, max_processes=32)
     with ThreadPoolExecutor(2) as pool:
-        bombed = pool.submit(run, bomb, limits, mode)
+        bombed = pool.submit(run, bomb, limits, mode, evaluator)
         time.sleep(0.3)
-        threaded = pool.submit(run, threads, limits, mode)
+        threaded = pool.submit(run, threads, limits, mode, evaluator)
         assert threaded.result().passed, threaded.result()
         assert not bombed.result().passed
 
 
-def _add_session_key(secret: str) -> int | None:
-    """A 'user' key in this process's session keyring (what an SSH / PAM login holds); None where
-    the kernel has no keyrings."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    number = {"x86_64": 248, "aarch64": 217}.get(os.uname().machine)
-    if number is None:
-        return None
-    serial = libc.syscall(number, b"user", b"dlmcache-sandbox-test", secret.encode(), len(secret), -3)
-    return serial if serial > 0 else None
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_the_evaluators_keyring_is_out_of_reach(mode):
-    secret = "keyring-secret-4242"
-    serial = _add_session_key(secret)
-    if serial is None:
-        pytest.skip("no kernel keyrings here")
-    probe = f"""
+# The evaluator (root, or the unprivileged one): a session keyring of its own holding a 'user' key, as
+# an SSH / PAM login or a systemd service has, then the probe in the sandbox (told the key's serial).
+KEYRING_EVALUATOR = """
+import ctypes, json, os, sys
+sys.path.insert(0, HOME)
+import sandbox
+libc = ctypes.CDLL(None, use_errno=True)
+keyctl, add_key = {"x86_64": (250, 248), "aarch64": (219, 217)}[os.uname().machine]
+libc.syscall(keyctl, 1, None)  # KEYCTL_JOIN_SESSION_KEYRING
+secret = b"keyring-secret-4242"
+serial = libc.syscall(add_key, b"user", b"dlmcache-sandbox-test", secret, len(secret), -3)
+if serial < 0:
+    print(json.dumps({"skip": "no kernel keyrings here"}))
+    sys.exit(0)
+source = f"SERIAL = {serial}\\n" + sys.stdin.read()
+r = sandbox.run_program(source, sandbox.Limits(timeout=5.0, cpu_seconds=3), containment=MODE)
+print(json.dumps(r.__dict__))
+"""
+KEYRING_PROBE = """
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
-keyctl = {{"x86_64": 250, "aarch64": 219}}[os.uname().machine]
+keyctl = {"x86_64": 250, "aarch64": 219}[os.uname().machine]
 buf = ctypes.create_string_buffer(256)
-n = libc.syscall(keyctl, 11, {serial}, buf, 256)  # KEYCTL_READ of the evaluator's key
+n = libc.syscall(keyctl, 11, SERIAL, buf, 256)  # KEYCTL_READ of the evaluator's key
 assert n < 0, buf.raw[:n]
 assert libc.syscall(keyctl, 0, -3, 0) < 0  # KEYCTL_GET_KEYRING_ID of the session keyring
 try:
@@ -485,9 +485,33 @@ except OSError:
     keys = ""
 assert "dlmcache-sandbox-test" not in keys, keys
 """
-    r = run(probe, mode=mode)
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="keyctl numbers for x86_64 / aarch64")
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("mode", MODES)
+def test_the_evaluators_keyring_is_out_of_reach(mode, evaluator):
+    """The evaluator holds a key in its session keyring; the program can neither read it, nor reach
+    the keyring, nor see it in /proc/keys."""
+    home = Path(f"/tmp/dlmcache-keyring-evaluator-{os.getpid()}")
+    home.mkdir(mode=0o755, exist_ok=True)
+    shutil.copy(sandbox.__file__, home / "sandbox.py")
+    os.chmod(home / "sandbox.py", 0o644)
+    code = f"HOME, MODE = {str(home)!r}, {mode!r}\n" + KEYRING_EVALUATOR
+    user = {} if evaluator == "self" else dict(user=65534, group=65534, extra_groups=[])
+    python = sys.executable if evaluator == "self" else _unprivileged_python()
+    try:
+        out = subprocess.run([python, "-I", "-c", code], input=KEYRING_PROBE, capture_output=True, text=True,
+                             cwd="/", timeout=120, **user)  # fmt: skip
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    r = SandboxResult(**result)
     assert r.passed, r.stderr
-    assert secret not in r.stdout + r.stderr
+    assert "keyring-secret-4242" not in r.stdout + r.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root, each run gets a user id of its own")
