@@ -208,3 +208,23 @@ def test_unsupported_caches_have_no_rule():
     assert cache_rule(FreeCache(policy="snapkv", budget=0.5)) is None
     assert cache_rule(make_cache("dual", quantizer="kivi4")) is None
     assert cache_rule(FreeCache()).drift > 0
+
+
+def test_the_triton_paged_kernel_decodes_the_same_tokens(tiny_tokenizer):
+    """The engine with the paged Triton kernel (the interpreter on CPU) against its torch path."""
+    pytest.importorskip("triton")
+    from dlmcache.kernels.ops.backend import interpreting
+
+    if not torch.cuda.is_available() and not interpreting():
+        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    model = tiny_llada(tiny_tokenizer).double()
+    pipe = DLMPipeline(model=model, tokenizer=tiny_tokenizer, scheduler=LowConfidenceScheduler())
+    outs = {}
+    for backend in ("torch", "triton"):
+        model.set_attention_backend(backend)
+        decoder = BatchedDecoder(model, tiny_tokenizer.eos_token_id)
+        requests = [request(pipe, i, LowConfidenceScheduler(), FreeCache(freeze="token"), schedule=(8, 8, 8))
+                    for i in range(2)]  # fmt: skip
+        outs[backend] = {k: f.sequence for k, f in run(decoder, requests).items()}
+    model.set_attention_backend("auto")
+    assert all(torch.equal(outs["torch"][k], outs["triton"][k]) for k in outs["torch"])

@@ -8,9 +8,10 @@ lays its queries out at their ranks and runs one batched attention, and puts the
 flattened order. A request's result does not depend on the others: its padded queries and keys are
 masked out.
 
-Backends, as the other ops: "auto" (torch's fused attention kernel, on CPU its tiled flash kernel),
-"torch" (the float32 reference, `reference.masked_attention`), "triton" (the `attention` op's kernel
-on the gathered keys).
+Backends, as the other ops: "auto" (the Triton kernel on CUDA; torch's fused attention on CPU, its
+tiled flash kernel), "torch" (the float32 reference, `reference.masked_attention` on the gathered
+keys), "triton" (`paged_triton`: reads K / V through the slot table, no gathered copy; it needs each
+row's queries contiguous and the rows in order, as `GenerationBatch` flattens them).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .reference import masked_attention
 class PagedLayout:
     """One step's varlen batch: query_row / query_rank [T], max_queries (a host int, so no
     device-to-host copy is needed), key_slots / key_valid [R, K]; `at` [T] each query's place in the
-    padded [R * max_queries] layout and `bias` [R, 1, 1, K] the additive key mask."""
+    padded [R * max_queries] layout, `bias` [R, 1, 1, K] the additive key mask, `cu_q` [R + 1] where
+    each row's queries start in the flattened order (for the Triton kernel)."""
 
     query_row: torch.LongTensor
     query_rank: torch.LongTensor
@@ -37,6 +39,7 @@ class PagedLayout:
     key_valid: torch.BoolTensor
     at: torch.LongTensor
     bias: torch.Tensor
+    cu_q: torch.Tensor
 
 
 def paged_layout(
@@ -56,7 +59,10 @@ def paged_layout(
         raise ValueError(f"max_queries={max_queries!r} must be a positive int")
     bias = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device).masked_fill_(~key_valid, float("-inf"))
     at = query_row * max_queries + query_rank
-    return PagedLayout(query_row, query_rank, max_queries, key_slots, key_valid, at, bias[:, None, None, :])
+    rows = key_slots.shape[0]
+    cu_q = torch.zeros(rows + 1, dtype=torch.int32, device=key_valid.device)
+    cu_q[1:] = torch.bincount(query_row, minlength=rows).cumsum(0)
+    return PagedLayout(query_row, query_rank, max_queries, key_slots, key_valid, at, bias[:, None, None, :], cu_q)
 
 
 def paged_attention(
@@ -75,6 +81,11 @@ def paged_attention(
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {tuple(q.shape)} must be [T, Hq, D], the caches [S, Hkv, D], got {tuple(k_cache.shape)}")
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from .paged_triton import paged_attention as paged_triton
+
+        valid = layout.key_valid.to(torch.int8)
+        return paged_triton(q, k_cache, v_cache, layout.cu_q, layout.key_slots, valid, layout.max_queries, scale)
     rows, n = layout.key_slots.shape[0], layout.max_queries
     k = k_cache[layout.key_slots].transpose(1, 2)  # [R, Hkv, K, D]
     v = v_cache[layout.key_slots].transpose(1, 2)
@@ -82,10 +93,6 @@ def paged_attention(
     padded = padded.view(rows, n, *q.shape[1:]).transpose(1, 2)  # [R, Hq, N, D]
     if backend == "torch":
         out, _ = masked_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
-    elif backend == "triton" or (backend == "auto" and q.is_cuda):
-        from . import attention
-
-        out = attention(padded, k, v, key_mask=layout.key_valid, scale=scale, backend="triton")
     else:
         gqa = padded.shape[1] != k.shape[1]
         out = F.scaled_dot_product_attention(padded, k, v, attn_mask=layout.bias, scale=scale, enable_gqa=gqa)
