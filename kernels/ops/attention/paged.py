@@ -89,11 +89,13 @@ def paged_attention(
     rows, n = layout.key_slots.shape[0], layout.max_queries
     k = k_cache[layout.key_slots].transpose(1, 2)  # [R, Hkv, K, D]
     v = v_cache[layout.key_slots].transpose(1, 2)
-    padded = q.new_zeros(rows * n, *q.shape[1:]).index_copy_(0, layout.at, q)
+    dense = rows * n == q.shape[0]  # every row feeds max_queries tokens (one row, say): no padding
+    padded = q if dense else q.new_zeros(rows * n, *q.shape[1:]).index_copy_(0, layout.at, q)
     padded = padded.view(rows, n, *q.shape[1:]).transpose(1, 2)  # [R, Hq, N, D]
     if backend == "torch":
         out, _ = masked_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
     else:
         gqa = padded.shape[1] != k.shape[1]
         out = F.scaled_dot_product_attention(padded, k, v, attn_mask=layout.bias, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2).reshape(rows * n, *q.shape[1:])[layout.at]
+    out = out.transpose(1, 2).reshape(rows * n, *q.shape[1:])
+    return out if dense else out[layout.at]
