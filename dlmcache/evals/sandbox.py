@@ -37,11 +37,13 @@ a network namespace.
 Output is read as it arrives and capped (`Limits.output_mb`, the last 4000 characters are kept), so
 the evaluator's memory stays flat. `run_program` returns within `timeout` plus about a second in
 every case. A program "passes" only if it exits with status 0 *after* its last line ran: the
-launcher runs it through a small runner that prints a per-run random sentinel (handed over through
-a pipe, not the source or the environment) once the program returns, so `sys.exit(0)`, `exit()`,
-`os._exit(0)` or `unittest.main()` before the reference asserts is a failure. (A program written to
-find the sentinel in the runner's memory could forge a pass; the sentinel guards against generated
-code that exits early, not against code written against this sandbox.)
+launcher runs it through a small runner whose last act, once the program has returned, is to write
+"end" to a pipe whose other end the run's init (the fallback's launcher) holds; that process, not the
+program's, reports to the evaluator whether it came. No secret lives in the program's process, so
+`sys.exit(0)`, `exit()`, `os._exit(0)` or `unittest.main()` before the reference asserts is a
+failure, and so is a program that searches the runner's frames for a token to print. (Code written
+against this sandbox can still write "end" to that pipe itself: nothing in the program's own process
+can tell the runner's instructions after the program from the program's own.)
 """
 
 from __future__ import annotations
@@ -104,16 +106,15 @@ _SECCOMP_DENY = {
 }
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
-# The program runs through this: it reads the sentinel from stdin (then stdin is /dev/null), runs
-# program.py as __main__, and prints the sentinel only if the program returned.
+# The program runs through this: program.py as __main__, then, only if it returned, "end" on fd 3 (a
+# pipe read by the run's init or the fallback's launcher, never by the program's process).
+_END_FD = 3
 _RUNNER = (
     "import os, runpy, sys\n"
-    "def _main(sentinel=sys.stdin.readline().strip()):\n"
-    "    fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd)\n"
-    "    sys.argv = ['program.py']\n"
-    "    runpy.run_path('program.py', run_name='__main__')\n"
-    "    sys.stdout.flush(); sys.stdout.write('\\n' + sentinel + '\\n'); sys.stdout.flush()\n"
-    "_main()\n"
+    "sys.argv = ['program.py']\n"
+    "runpy.run_path('program.py', run_name='__main__')\n"
+    "sys.stdout.flush(); sys.stderr.flush()\n"
+    "os.write(3, b'end')\n"
 )
 
 
@@ -331,25 +332,19 @@ def run_program(
 
 
 class _Tail:
-    """The last `_TAIL` bytes of a stream, and whether `needle` appeared in it (across chunk edges)."""
+    """The last `_TAIL` bytes of a stream."""
 
-    def __init__(self, needle: bytes | None = None):
+    def __init__(self):
         self.data = b""
-        self.needle = needle
-        self.found = False
 
     def feed(self, chunk: bytes) -> None:
-        keep = max(_TAIL, len(self.needle or b"")) * 2
-        self.data = (self.data + chunk)[-keep:]
-        if self.needle is not None and self.needle in self.data:
-            self.found = True
+        self.data = (self.data + chunk)[-2 * _TAIL :]
 
     def text(self) -> str:
         return self.data[-_TAIL:].decode(errors="replace")
 
 
 def _run(source: str, limits: Limits, python: str | None, mode: str) -> SandboxResult:
-    sentinel = secrets.token_hex(16)
     drop = False
     if mode == "fallback" and python is None:
         python = _nobody_python() if os.geteuid() == 0 else None
@@ -363,7 +358,6 @@ def _run(source: str, limits: Limits, python: str | None, mode: str) -> SandboxR
         "drop": drop,
         "uid": _RUN_UIDS[0] + secrets.randbelow(_RUN_UIDS[1] - _RUN_UIDS[0]) if os.geteuid() == 0 else None,
         "mode": mode,
-        "sentinel": sentinel,
     }
     status_r, status_w = os.pipe()
     t0 = time.monotonic()
@@ -388,7 +382,7 @@ def _run(source: str, limits: Limits, python: str | None, mode: str) -> SandboxR
         proc.stdin.close()
     except BrokenPipeError:
         pass
-    out, err, status = _Tail(f"\n{sentinel}\n".encode()), _Tail(), _Tail()
+    out, err, status = _Tail(), _Tail(), _Tail()
     streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: status}
     deadline = t0 + limits.timeout
     budget = int(limits.output_mb * 1024 * 1024)
@@ -422,7 +416,7 @@ def _run(source: str, limits: Limits, python: str | None, mode: str) -> SandboxR
     seconds = time.monotonic() - t0
     report = _last_json(status.text())
     returncode = report.get("returncode")
-    stdout = out.text().replace(f"\n{sentinel}\n", "")
+    stdout = out.text()
     if "setup_error" in report:
         return SandboxResult("error", None, seconds, stdout, f"sandbox setup failed: {report['setup_error']}", "setup")
     if stopped == "wall-clock timeout":
@@ -436,7 +430,7 @@ def _run(source: str, limits: Limits, python: str | None, mode: str) -> SandboxR
     if returncode != 0:
         why = f"killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
         return SandboxResult("failed", returncode, seconds, stdout, err.text(), why)
-    if not out.found:
+    if not report.get("finished"):
         return SandboxResult("failed", 0, seconds, stdout, err.text(), "exited before the end of the program")
     return SandboxResult("passed", 0, seconds, stdout, err.text(), "ran to its end")
 
@@ -528,7 +522,7 @@ def _exec_program(
     cfg: dict,
     workdir: str,
     python: str,
-    stdin_fd: int,
+    end_fd: int,
     uid: int | None,
     nproc: int,
     writable: list[str],
@@ -538,8 +532,12 @@ def _exec_program(
     user (`uid`; None: stay), Landlock, seccomp, then exec the runner. Never returns."""
     try:
         os.setpgid(0, 0)
-        os.dup2(stdin_fd, 0)
-        os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the status pipe above all
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        if end_fd != _END_FD:
+            os.dup2(end_fd, _END_FD)
+        os.set_inheritable(_END_FD, True)
+        os.closerange(_END_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the status pipe above all
         lim = cfg["limits"]
         mb = 1024 * 1024
         # With a memory cgroup the run's real memory is bounded there; each process keeps an address
@@ -583,11 +581,15 @@ def _exec_program(
     os._exit(127)
 
 
-def _sentinel_pipe(sentinel: str) -> int:
-    r, w = os.pipe()
-    os.write(w, (sentinel + "\n").encode())
-    os.close(w)
-    return r
+def _ran_to_the_end(end_r: int) -> bool:
+    """Whether the runner wrote "end" (read once the program has exited)."""
+    os.set_blocking(end_r, False)
+    try:
+        data = os.read(end_r, 16)
+    except BlockingIOError:
+        data = b""
+    os.close(end_r)
+    return data == b"end"
 
 
 def _launch_namespaces(cfg: dict) -> None:
@@ -762,15 +764,17 @@ def _init(cfg: dict, launcher_alive: int, python: str, prefix: str, root: bool, 
     except BaseException as e:  # noqa: BLE001
         _report(setup_error=str(e))
         os._exit(1)
-    stdin_fd = _sentinel_pipe(cfg["sentinel"])
+    end_r, end_w = os.pipe()
     program = os.fork()
     if program == 0:
-        _exec_program(cfg, "/work", python, stdin_fd, cfg["uid"], nproc, writable=["/work", "/tmp"])
-    os.close(stdin_fd)
+        os.close(end_r)
+        _exec_program(cfg, "/work", python, end_w, cfg["uid"], nproc, writable=["/work", "/tmp"])
+    os.close(end_w)
     while True:
         pid, status = os.waitpid(-1, 0)
         if pid == program:
             break
+    finished = _ran_to_the_end(end_r)
     try:
         os.kill(-1, signal.SIGKILL)  # everything else in this PID namespace
     except ProcessLookupError:
@@ -780,7 +784,7 @@ def _init(cfg: dict, launcher_alive: int, python: str, prefix: str, root: bool, 
             os.waitpid(-1, 0)
         except ChildProcessError:
             break
-    _report(returncode=_returncode(status))
+    _report(returncode=_returncode(status), finished=finished)
     os._exit(0)
 
 
@@ -840,22 +844,24 @@ def _launch_fallback(cfg: dict) -> None:
             os.chown(path, uid, uid)
 
     def end(status: int | None) -> None:
+        finished = status is not None and _ran_to_the_end(end_r)
         _kill_descendants(program)
         if status is not None:
-            _report(returncode=_returncode(status))
+            _report(returncode=_returncode(status), finished=finished)
         os._exit(0)
 
     program = 0
     signal.signal(signal.SIGTERM, lambda *_: end(None))  # the evaluator stops the run
-    stdin_fd = _sentinel_pipe(cfg["sentinel"])
+    end_r, end_w = os.pipe()
     program = os.fork()
     if program == 0:
         # Without a filesystem of its own, Landlock limits what it may read: the system's programs and
         # libraries, /etc, /dev, the interpreter and its directory (not /proc, /tmp, /home, ...).
         prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
         readable = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/dev", prefix]
-        _exec_program(cfg, workdir, python, stdin_fd, uid, nproc, writable=[workdir], readable=readable)
-    os.close(stdin_fd)
+        os.close(end_r)
+        _exec_program(cfg, workdir, python, end_w, uid, nproc, writable=[workdir], readable=readable)
+    os.close(end_w)
     while True:
         pid, status = os.waitpid(-1, 0)
         if pid == program:

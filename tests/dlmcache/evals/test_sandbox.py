@@ -120,6 +120,37 @@ def test_exiting_before_the_reference_asserts_is_not_a_pass(mode, early_exit):
     assert r.status == "failed" and r.reason == "exited before the end of the program", r
 
 
+# The forged pass of issue 24: find whatever token the runner holds in its frames, print it, exit 0.
+FORGE = """
+import gc, os, sys
+seen = set()
+frame = sys._getframe()
+while frame is not None:
+    for scope in (frame.f_locals, frame.f_globals):
+        for value in list(scope.values()):
+            if isinstance(value, str) and 16 <= len(value) <= 64:
+                seen.add(value)
+    for default in getattr(frame.f_code, "co_consts", ()):
+        if isinstance(default, str) and 16 <= len(default) <= 64:
+            seen.add(default)
+    frame = frame.f_back
+for obj in gc.get_objects():
+    if callable(obj) and getattr(obj, "__defaults__", None):
+        seen.update(v for v in obj.__defaults__ if isinstance(v, str))
+for token in seen:
+    print()
+    print(token)
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_program_cannot_forge_a_pass_from_the_runners_frames(mode):
+    r = run(f"def solve(x):\n    return x\n{FORGE}\nassert solve(2) == 3\n", mode=mode)
+    assert r.status == "failed" and r.reason == "exited before the end of the program", r
+
+
 def test_mbpp_metric_scores_an_early_exit_as_wrong():
     import evaluate
 
