@@ -3,55 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 
-def _positive(kind):
+def _number(kind, ok, rule: str):
+    """An argparse type: a finite `kind` for which `ok(value)` holds, else an error saying `rule`."""
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+        if not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {rule}")
         return value
 
     return parse
 
 
-def _at_least_zero(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+def _positive(kind):
+    return _number(kind, lambda v: v > 0, "must be a finite number > 0")
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is outside 1..65535")
-    return value
+_at_least_zero = _number(int, lambda v: v >= 0, "must be >= 0")
+_port = _number(int, lambda v: 1 <= v <= 65535, "is outside 1..65535")
+_threshold = _number(float, lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 
 def _threads(text: str):
     return "auto" if text == "auto" else _positive(int)(text)
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1]")
-    return value
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
