@@ -109,7 +109,7 @@ class GenerationBatch:
 
     #: Per-row tensors [R] / [R, W, ...] and the value a new row (or a padded column) starts with.
     ROW_STATE = {
-        "length": 0, "prompt_len": 0, "block_len": 1, "steps_per_block": 1, "num_blocks": 1, "block": 0,
+        "length": 0, "prompt_len": 0, "block_len": 1, "steps_per_block": 1, "block": 0,
         "step_in_block": 0, "forwards": 0, "fed": 0, "full_forwards": 0, "drift_refreshes": 0, "stop_at_eos": False,
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "last_start": -1, "frozen_end": 0, "stale": False,
@@ -134,13 +134,13 @@ class GenerationBatch:
     def add(self, request: Request, slots: torch.LongTensor) -> None:
         """Start `request`, whose positions [0, length) live at pool `slots` [length]."""
         g = request.max_new_tokens
-        r = request.rule
+        rule = request.rule
         row = {
             "length": request.length, "prompt_len": len(request.prompt), "block_len": request.block_length,
-            "steps_per_block": request.steps // (g // request.block_length), "num_blocks": g // request.block_length,
-            "stop_at_eos": request.stop_at_eos, "mode": r.mode, "suffix_window": r.suffix_window,
-            "drop_beyond": r.drop_beyond, "delay": r.delay, "refresh_every": r.refresh_every, "drift": r.drift,
-            "probe_tokens": r.probe_tokens,
+            "steps_per_block": request.steps // (g // request.block_length), "stop_at_eos": request.stop_at_eos,
+            "mode": rule.mode, "suffix_window": rule.suffix_window, "drop_beyond": rule.drop_beyond,
+            "delay": rule.delay, "refresh_every": rule.refresh_every, "drift": rule.drift,
+            "probe_tokens": rule.probe_tokens,
         }  # fmt: skip
         canvas = torch.tensor(request.prompt + [self.mask_id] * g, dtype=torch.long, device=self.device)
         old = self._state
@@ -153,10 +153,10 @@ class GenerationBatch:
             state[name] = torch.cat([old[name], value])
         for name, default in self.COLUMN_STATE.items():
             fill = self.mask_id if default is None else default
-            new = _pad_cols(canvas[None], width, self.mask_id) if name == "canvas" else None
-            if new is None:
-                shape = (1, width, *old[name].shape[2:])
-                new = torch.full(shape, fill, dtype=old[name].dtype, device=self.device)
+            if name == "canvas":
+                new = _pad_cols(canvas[None], width, self.mask_id)
+            else:
+                new = torch.full((1, width, *old[name].shape[2:]), fill, dtype=old[name].dtype, device=self.device)
             state[name] = torch.cat([_pad_cols(old[name], width, fill), new])
         key_slots = _pad_cols(slots.to(self.device)[None], width, 0)
         self.key_slots = torch.cat([_pad_cols(self.key_slots, width, 0), key_slots])
@@ -188,7 +188,6 @@ class GenerationBatch:
             dtype = {"final": torch.bool, "reference": self.dtype}.get(name, torch.long)
             shape = (0, 1, self.kv_heads, self.head_dim) if name == "reference" else (0, 1)
             self._state[name] = torch.zeros(shape, dtype=dtype, device=self.device)
-        self._groups = []
         self._regroup()
 
     def _regroup(self) -> None:
@@ -352,7 +351,7 @@ class GenerationBatch:
         when = torch.where(transfer, s["forwards"][:, None], s["commit"].gather(1, block_cols))
         s["commit"].scatter_(1, block_cols, when)
 
-        pos = torch.arange(self.width, device=self.device)[None]
+        pos = self._positions
         generated = (pos >= s["prompt_len"][:, None]) & (pos < s["length"][:, None])
         if self._stop_at_eos:
             # Rows whose text up to an EOS is committed get EOS in every masked position after it.
