@@ -1,0 +1,114 @@
+"""The batched engine in-process against `DLMPipeline`, on the bundled tiny model (one thread).
+
+    python scripts/bench_engine.py --out results/bench_engine.json
+
+One run, ratios within it, medians of `--repeats`:
+- one request at a time: ms per request through `DLMPipeline` and through `BatchedDecoder` (R = 1),
+  and the check that both give the same tokens;
+- all `--requests` at once through the engine: answer tokens per second against one at a time;
+- dispatched ops per step at R = 1 and R = `--requests` (a dispatch counter), and host reads per step.
+The cache is the server's default (FreeCache token mode, suffix window 0, drift refresh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dlmcache import DLMPipeline, tinytask
+from dlmcache.cache import make_cache
+from dlmcache.engine import BatchedDecoder, Request, cache_rule
+
+
+class DispatchCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    pipe = DLMPipeline.from_pretrained("dlmcache/tiny")
+    pipe.set_progress_bar_config(disable=True)
+    cache = make_cache("freecache", freeze="token", suffix_window=0)
+    prompts = [pipe.encode_prompts([tinytask.messages(p)])[0] for p in tinytask.test_problems(args.requests)]
+    g = args.max_new_tokens
+
+    def request(ids, i):
+        return Request(ids, g, 32, g, copy.copy(pipe.scheduler), cache_rule(cache), stop_at_eos=True, id=str(i))
+
+    def engine(batch: int):
+        decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
+        out, seconds = {}, []
+        for first in range(0, len(prompts), batch):
+            t = time.perf_counter()
+            for i in range(first, min(first + batch, len(prompts))):
+                decoder.add(request(prompts[i], i))
+            while len(decoder):
+                for f in decoder.step():
+                    out[f.request.id] = f.sequence
+            seconds.append(time.perf_counter() - t)
+        return out, seconds
+
+    rows = []
+    for _ in range(args.repeats):
+        t_pipe, seqs = [], []
+        for ids in prompts:
+            t = time.perf_counter()
+            seqs.append(pipe([ids], max_new_tokens=g, block_length=32, cache=cache, stop_at_eos=True).sequences[0])
+            t_pipe.append(time.perf_counter() - t)
+        alone, t_one = engine(1)
+        batched, t_all = engine(len(prompts))
+        same = all(torch.equal(alone[str(i)], s) and torch.equal(batched[str(i)], s) for i, s in enumerate(seqs))
+        answer = sum(int((s != pipe.tokenizer.eos_token_id).cumprod(0).sum()) for s in seqs)
+        rows.append({
+            "pipeline_ms_per_request": 1e3 * statistics.median(t_pipe),
+            "engine_ms_per_request": 1e3 * statistics.median(t_one),
+            "engine_over_pipeline": statistics.median(t_one) / statistics.median(t_pipe),
+            "one_at_a_time_answer_tokens_per_s": answer / sum(t_pipe),
+            "batched_answer_tokens_per_s": answer / sum(t_all),
+            "batched_over_one_at_a_time": sum(t_pipe) / sum(t_all),
+            "same_tokens": same,
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    ops = {}
+    for batch in (1, len(prompts)):
+        decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
+        for i in range(batch):
+            decoder.add(request(prompts[i], i))
+        for _ in range(3):
+            decoder.step()
+        reads = decoder.batch.host_reads
+        with DispatchCount() as count:
+            decoder.step()
+        ops[batch] = {"ops_per_step": count.ops, "host_reads_per_step": decoder.batch.host_reads - reads}
+    result = {
+        "medians": {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "same_tokens"},
+        "same_tokens": all(r["same_tokens"] for r in rows), "ops": ops, "runs": rows, "args": vars(args) | {
+            "out": str(args.out)},
+    }  # fmt: skip
+    print(json.dumps({k: result[k] for k in ("medians", "same_tokens", "ops")}, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
