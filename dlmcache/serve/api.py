@@ -23,6 +23,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .engine import Cancelled, Draining, Engine, Job, QueueFull
 from .guard import ApiKeys, BodyLimit
@@ -60,7 +61,10 @@ def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults
         return JSONResponse(ApiError(e.status_code, str(e.detail), None, kind).body(), status_code=e.status_code)
 
     async def body_of(request: Request):
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the client left, or `BodyLimit` cut the body off (its 413 is sent)
+            raise ApiError(499, "the client closed the request") from None
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -133,6 +133,21 @@ def test_connections_that_never_finish_their_headers_are_closed(guarded):
     assert r.status_code == 200
 
 
+def test_after_all_of_it_the_log_has_no_traceback(guarded):
+    """Runs last against the guarded server (it stops it): every refusal above was a log line at most."""
+    url, proc = guarded
+
+    def chunks():
+        for _ in range(40):
+            yield b"a" * 2**16
+
+    assert httpx.post(url + "/v1/completions", content=chunks(), headers=auth(), timeout=30).status_code == 413
+    proc.terminate()
+    proc.wait(60)
+    log = proc.stdout.read()
+    assert "Traceback" not in log, log[-3000:]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
