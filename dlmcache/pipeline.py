@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .batching import left_pad
 from .cache import DenoisingCache, Layout, make_cache
+from .engine import Request, cache_rule
 from .locations import read_json, resolve_path
 from .models import MODEL_CLASSES
 from .schedulers import (
@@ -300,22 +301,16 @@ class DLMPipeline(DiffusionPipeline):
         scheduler / cache: this call's own (instead of the pipeline's), e.g. a server's per-request
         settings; the pipeline is left as it is.
         """
-        # 1. Check inputs and encode the prompts.
-        steps = max_new_tokens if steps is None else steps
-        num_blocks = self.check_inputs(max_new_tokens, block_length, steps)
-        check_number("cfg_scale", cfg_scale)
+        # 1. Check inputs and encode the prompts. Per-call state lives on this call's own copies of the
+        # cache strategy and the scheduler, so one pipeline may serve several threads (and `set_cache`
+        # during a call changes later calls).
+        steps, scheduler, cache, stop_at_eos = self._call_settings(
+            max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
+        )
+        num_blocks = max_new_tokens // block_length
         steps_per_block = steps // num_blocks
         requests = self._prompt_requests(prompt, chat_template)
         prompts = [ids for ids, _ in requests]
-        # Per-call state lives on this call's own copies of the cache strategy and the scheduler, so
-        # one pipeline may serve several threads (and `set_cache` during a call changes later calls).
-        for name, value, cls in (("scheduler", scheduler, DLMScheduler), ("cache", cache, DenoisingCache)):
-            if value is not None and not isinstance(value, cls):
-                raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}: {value!r}")
-        cache = copy.copy(cache if cache is not None else self.cache)
-        scheduler = copy.copy(scheduler if scheduler is not None else self.scheduler)
-        if stop_at_eos is None:
-            stop_at_eos = scheduler.stops_at_eos
 
         # 2. The canvas: left-padded prompts followed by masks.
         x, layout = self.prepare_canvas(prompts, max_new_tokens)
@@ -405,6 +400,58 @@ class DLMPipeline(DiffusionPipeline):
         if not return_dict:
             return texts, sequences, nfe, commit_step, stats
         return DLMPipelineOutput(texts=texts, sequences=sequences, nfe=nfe, commit_step=commit_step, stats=stats)
+
+    def _call_settings(self, max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos):
+        """A call's checked schedule and its own copies of the scheduler and the cache strategy:
+        (steps, scheduler, cache, stop_at_eos)."""
+        steps = max_new_tokens if steps is None else steps
+        self.check_inputs(max_new_tokens, block_length, steps)
+        check_number("cfg_scale", cfg_scale)
+        for name, value, cls in (("scheduler", scheduler, DLMScheduler), ("cache", cache, DenoisingCache)):
+            if value is not None and not isinstance(value, cls):
+                raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}: {value!r}")
+        cache = copy.copy(cache if cache is not None else self.cache)
+        scheduler = copy.copy(scheduler if scheduler is not None else self.scheduler)
+        return steps, scheduler, cache, scheduler.stops_at_eos if stop_at_eos is None else stop_at_eos
+
+    def make_requests(
+        self,
+        prompt,
+        max_new_tokens: int = 128,
+        block_length: int = 32,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        chat_template: bool | None = None,
+        stop_at_eos: bool | None = None,
+        cfg_scale: float = 0.0,
+        scheduler: DLMScheduler | None = None,
+        cache: DenoisingCache | None = None,
+    ) -> list[Request] | None:
+        """The batched engine's requests (`dlmcache.engine`, one per prompt, each with its own copy of
+        the scheduler) for what `__call__` with these arguments decodes, checked as `__call__` checks
+        them; None when the engine does not run this configuration yet (guided unmasking, CFG, a
+        compressed prompt). A generator is shared by the prompts' requests. Run them with
+        `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`."""
+        steps, scheduler, cache, stop_at_eos = self._call_settings(
+            max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
+        )
+        rule = cache_rule(cache)
+        if cfg_scale or isinstance(scheduler, GuidedScheduler) or rule is None:
+            return None
+        return [
+            Request(
+                ids,
+                max_new_tokens,
+                block_length,
+                steps,
+                copy.copy(scheduler),
+                rule,
+                stop_at_eos=stop_at_eos,
+                generator=generator,
+                chat=chat,
+            )  # fmt: skip
+            for ids, chat in self._prompt_requests(prompt, chat_template)
+        ]
 
     def _fill_after_eos(self, gen: torch.LongTensor) -> torch.BoolTensor:
         """Rows whose text up to an EOS is fully committed get EOS in every masked position after it

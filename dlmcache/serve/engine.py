@@ -33,10 +33,9 @@ from typing import Any
 import torch
 from greenlet import greenlet
 
-from dlmcache.engine import BatchedDecoder, Finished, Request, cache_rule
+from dlmcache.engine import BatchedDecoder, Finished, Request
 from dlmcache.kernels.ops import dense_attention
 from dlmcache.models.layers import DLMModelOutput, default_positions
-from dlmcache.schedulers import GuidedScheduler
 from dlmcache.threads import ThreadPolicy
 
 
@@ -349,33 +348,14 @@ class Engine:
 
     def _request(self, job: Job) -> Request | None:
         """The batched decoder's request for `job`, or None when only the pipeline's loop runs it."""
-        options = dict(job.options)
-        unknown = set(options) - {
-            "max_new_tokens", "block_length", "steps", "generator", "chat_template", "stop_at_eos", "scheduler",
-            "cache", "cfg_scale",
-        }  # fmt: skip
-        if unknown:
-            raise TypeError(f"unexpected options {sorted(unknown)}")
-        pipe = self.pipe
-        scheduler = options.get("scheduler") or pipe.scheduler
-        cache = options.get("cache") or pipe.cache
-        rule = cache_rule(cache)
-        if options.get("cfg_scale") or isinstance(scheduler, GuidedScheduler) or rule is None:
+        requests = self.pipe.make_requests(job.prompt, **job.options)
+        if requests is None:
             return None
-        max_new = options.get("max_new_tokens", 128)
-        block_length = options.get("block_length", 32)
-        steps = options.get("steps") or max_new
-        pipe.check_inputs(max_new, block_length, steps)
-        ((ids, chat),) = pipe._prompt_requests(job.prompt, options.get("chat_template"))
-        stop = options.get("stop_at_eos")
-        scheduler = copy.copy(scheduler)
-        key = f"{id(job)}"
-        on_step = None if job.on_step is None else (lambda seq, commit: job.on_step(seq[None], commit[None]))
-        return Request(
-            ids, max_new, block_length, steps, scheduler, rule,
-            stop_at_eos=scheduler.stops_at_eos if stop is None else stop, generator=options.get("generator"),
-            on_step=on_step, id=key, chat=chat,
-        )  # fmt: skip
+        (request,) = requests
+        request.id = f"{id(job)}"
+        if job.on_step is not None:
+            request.on_step = lambda seq, commit: job.on_step(seq[None], commit[None])
+        return request
 
     def _drop_cancelled(self) -> None:
         gone = {key for key, job in self._rows.items() if job.cancelled.is_set()}

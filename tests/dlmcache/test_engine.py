@@ -228,3 +228,22 @@ def test_the_triton_paged_kernel_decodes_the_same_tokens(tiny_tokenizer):
         outs[backend] = {k: f.sequence for k, f in run(decoder, requests).items()}
     model.set_attention_backend("auto")
     assert all(torch.equal(outs["torch"][k], outs["triton"][k]) for k in outs["torch"])
+
+
+def test_make_requests_decodes_what_the_call_decodes(pipe):
+    """`DLMPipeline.make_requests` takes `__call__`'s arguments: the engine decodes each prompt as the
+    call does alone, bad arguments fail as the call's do, and what the engine does not run is None."""
+    kw = dict(max_new_tokens=24, block_length=8, steps=12, cache=FreeCache(freeze="token"), stop_at_eos=True)
+    requests = pipe.make_requests(PROMPTS[:3], **kw)
+    decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
+    for i, r in enumerate(requests):
+        r.id = str(i)
+    done = run(decoder, requests)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        assert torch.equal(done[str(i)].sequence, pipe(prompt, **kw).sequences[0]), i
+    with pytest.raises(ValueError, match="not divisible by block_length=5"):
+        pipe.make_requests("Hi", max_new_tokens=24, block_length=5)
+    with pytest.raises(TypeError, match="cache must be a DenoisingCache"):
+        pipe.make_requests("Hi", cache="dual")
+    assert pipe.make_requests("Hi", cfg_scale=1.0) is None
+    assert pipe.make_requests("Hi", cache=FreeCache(policy="snapkv", budget=0.5)) is None
