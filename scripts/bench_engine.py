@@ -6,7 +6,8 @@ One run, ratios within it, medians of `--repeats`:
 - one request at a time: ms per request through `DLMPipeline` and through `BatchedDecoder` (R = 1),
   and the check that both give the same tokens;
 - all `--requests` at once through the engine: answer tokens per second against one at a time;
-- dispatched ops per step at R = 1 and R = `--requests` (a dispatch counter), and host reads per step.
+- dispatched ops per step at R = 1 and R = `--requests` (a dispatch counter), and host reads per step;
+  `DLMPipeline`'s ops per step for one request beside them.
 The cache is the server's default (FreeCache token mode, suffix window 0, drift refresh).
 """
 
@@ -35,6 +36,22 @@ class DispatchCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         return func(*args, **(kwargs or {}))
+
+
+def pipeline_ops_per_step(pipe, ids, max_new_tokens, cache) -> int:
+    """Dispatched ops of `DLMPipeline`'s 4th denoising step for one request (counted between the
+    step callbacks of steps 3 and 4)."""
+    count = DispatchCount()
+
+    def callback(_, step, state):
+        if step == 3:
+            count.__enter__()
+        elif step == 4:
+            count.__exit__(None, None, None)
+
+    pipe([ids], max_new_tokens=max_new_tokens, block_length=32, cache=cache, stop_at_eos=True,
+         callback_on_step_end=callback)  # fmt: skip
+    return count.ops
 
 
 def main() -> None:
@@ -99,6 +116,7 @@ def main() -> None:
         with DispatchCount() as count:
             decoder.step()
         ops[batch] = {"ops_per_step": count.ops, "host_reads_per_step": decoder.batch.host_reads - reads}
+    ops["pipeline_one_request"] = {"ops_per_step": pipeline_ops_per_step(pipe, prompts[0], g, cache)}
     result = {
         "medians": {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "same_tokens"},
         "same_tokens": all(r["same_tokens"] for r in rows), "ops": ops, "runs": rows, "args": vars(args) | {
