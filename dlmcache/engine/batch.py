@@ -207,6 +207,7 @@ class GenerationBatch:
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._stop_at_eos = any(r.stop_at_eos for r in self.requests)
         self._positions = torch.arange(self.width, device=self.device)[None]
+        self._longest = max((r.length for r in self.requests), default=1)  # keys past it: nobody's
 
     # ------------------------------------------------------------------ one step
 
@@ -267,7 +268,8 @@ class GenerationBatch:
         s["fed"] += counts
         return StepInput(
             input_ids=canvas[row, col], positions=col, slots=self.key_slots[row, col], query_row=row,
-            query_rank=rank, max_queries=widest, key_slots=self.key_slots, key_valid=pos < attend_end[:, None],
+            query_rank=rank, max_queries=widest, key_slots=self.key_slots[:, : self._longest],
+            key_valid=(pos < attend_end[:, None])[:, : self._longest],
             logit_index=flat[t_row, predictor], target_row=t_row, target_col=t_col,
         )  # fmt: skip
 
@@ -336,15 +338,18 @@ class GenerationBatch:
         padded = logits.new_zeros(rows_n, step["bmax"], logits.shape[-1])
         padded[step["target_row"], step["target_col"]] = logits
         sample = canvas.gather(1, block_cols)
-        x0 = torch.empty_like(sample)
-        transfer = torch.zeros_like(targets)
-        for scheduler, rows in self._groups:
-            gx, _, gt = scheduler._select(
-                padded[rows], targets[rows], s["step_in_block"][rows], s["steps_per_block"][rows], None, None
-            )
-            x0[rows], transfer[rows] = gx, gt
-        if self._alone:
-            self._select_alone(padded, targets, sample, x0, transfer)
+        if len(self._groups) == 1 and not self._alone:  # one configuration for every row: no row gathers
+            scheduler, _ = self._groups[0]
+            x0, _, transfer = scheduler._select(padded, targets, s["step_in_block"], s["steps_per_block"], None, None)
+        else:
+            x0, transfer = torch.empty_like(sample), torch.zeros_like(targets)
+            for scheduler, rows in self._groups:
+                gx, _, gt = scheduler._select(
+                    padded[rows], targets[rows], s["step_in_block"][rows], s["steps_per_block"][rows], None, None
+                )
+                x0[rows], transfer[rows] = gx, gt
+            if self._alone:
+                self._select_alone(padded, targets, sample, x0, transfer)
         transfer &= targets
         new = torch.where(transfer, x0, sample)
         canvas.scatter_(1, block_cols, new)
