@@ -45,9 +45,13 @@ class PagedStore:
         self.pool.write(layer_idx, step.slots, k, v)
         if layer_idx == self.pool.num_layers - 1:
             self.values = v
-        out = paged_attention(
-            q[0].transpose(0, 1), self.pool.k[layer_idx], self.pool.v[layer_idx], self.layout, backend=backend
-        )
+        pool, layout = self.pool, self.layout
+        if layout.dense:  # no padding: the queries go as rows, [R, Hq, N, D] (for one row, q itself)
+            rows, hq = layout.key_slots.shape[0], q.shape[1]
+            q_rows = q if rows == 1 else q[0].view(hq, rows, layout.max_queries, -1).transpose(0, 1)
+            out = paged_attention(q_rows, pool.k[layer_idx], pool.v[layer_idx], layout, backend=backend)
+            return out if rows == 1 else out.transpose(0, 1).reshape(hq, -1, out.shape[-1])[None]
+        out = paged_attention(q[0].transpose(0, 1), pool.k[layer_idx], pool.v[layer_idx], layout, backend=backend)
         return out.transpose(0, 1)[None]
 
 

@@ -108,3 +108,34 @@ def test_paged_layout_rejects_bad_shapes():
     with pytest.raises(ValueError, match="max_queries=0"):
         paged_layout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
                      torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 0, torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto", "triton"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_dense_queries_may_come_as_rows(backend, rows):
+    """With every row feeding the same count, queries as rows [R, Hq, N, D] give the flattened result."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from dlmcache.kernels.ops.backend import interpreting
+
+        if DEVICE == "cpu" and not interpreting():
+            pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(1)
+    pool = KVPool(1, 2, 16, num_blocks=16, block_size=8, device=DEVICE)
+    pool.k[0].copy_(torch.randn(pool.k[0].shape, generator=g))
+    pool.v[0].copy_(torch.randn(pool.v[0].shape, generator=g))
+    n, width = 5, 20
+    key_slots = torch.stack([pool.slots(pool.allocate(width), width) for _ in range(rows)])
+    key_valid = torch.arange(width, device=DEVICE)[None] < torch.tensor([[20], [13], [7]][:rows], device=DEVICE)
+    layout = paged_layout(key_slots, key_valid, torch.arange(rows).repeat_interleave(n).to(DEVICE),
+                          torch.arange(n).repeat(rows).to(DEVICE), n, torch.float32)  # fmt: skip
+    assert layout.dense
+    flat = torch.randn(rows * n, 4, 16, generator=g).to(DEVICE)
+    want = paged_attention(flat, pool.k[0], pool.v[0], layout, backend=backend)
+    as_rows = flat.view(rows, n, 4, 16).transpose(1, 2)
+    got = paged_attention(as_rows, pool.k[0], pool.v[0], layout, backend=backend)
+    torch.testing.assert_close(got.transpose(1, 2).reshape(rows * n, 4, 16), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="need a dense layout"):
+        sparse = paged_layout(key_slots, key_valid, torch.zeros(2, dtype=torch.long, device=DEVICE),
+                              torch.arange(2, device=DEVICE), 3, torch.float32)  # fmt: skip
+        paged_attention(as_rows, pool.k[0], pool.v[0], sparse, backend=backend)

@@ -30,7 +30,8 @@ class PagedLayout:
     """One step's varlen batch: query_row / query_rank [T], max_queries (a host int, so no
     device-to-host copy is needed), key_slots / key_valid [R, K]; `at` [T] each query's place in the
     padded [R * max_queries] layout, `bias` [R, 1, 1, K] the additive key mask, `cu_q` [R + 1] where
-    each row's queries start in the flattened order (for the Triton kernel)."""
+    each row's queries start in the flattened order (for the Triton kernel); `dense`: every row feeds
+    max_queries tokens, so the queries need no padding and may come as rows [R, Hq, N, D]."""
 
     query_row: torch.LongTensor
     query_rank: torch.LongTensor
@@ -40,6 +41,7 @@ class PagedLayout:
     at: torch.LongTensor
     bias: torch.Tensor
     cu_q: torch.Tensor
+    dense: bool
 
 
 def paged_layout(
@@ -62,7 +64,10 @@ def paged_layout(
     rows = key_slots.shape[0]
     cu_q = torch.zeros(rows + 1, dtype=torch.int32, device=key_valid.device)
     cu_q[1:] = torch.bincount(query_row, minlength=rows).cumsum(0)
-    return PagedLayout(query_row, query_rank, max_queries, key_slots, key_valid, at, bias[:, None, None, :], cu_q)
+    dense = rows * max_queries == query_row.numel()
+    return PagedLayout(
+        query_row, query_rank, max_queries, key_slots, key_valid, at, bias[:, None, None, :], cu_q, dense
+    )
 
 
 def paged_attention(
@@ -75,27 +80,40 @@ def paged_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of the flattened queries q [T, Hq, D] over their own request's keys in one layer of
-    the pool, k_cache / v_cache [S, Hkv, D], laid out by `layout`. Returns [T, Hq, D]. GQA: Hq a
-    multiple of Hkv (query head h reads KV head h // (Hq / Hkv)). Every request needs one valid key."""
+    the pool, k_cache / v_cache [S, Hkv, D], laid out by `layout`; returns [T, Hq, D]. With a dense
+    layout the queries may come as rows, [R, Hq, N, D] (what a model's [1, Hq, T, D] is for one
+    row), and the result is shaped so too. GQA: Hq a multiple of Hkv (query head h reads KV head
+    h // (Hq / Hkv)). Every request needs one valid key."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-    if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"q {tuple(q.shape)} must be [T, Hq, D], the caches [S, Hkv, D], got {tuple(k_cache.shape)}")
+    as_rows = q.dim() == 4
+    if (q.dim() != 3 and not as_rows) or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} must be [T, Hq, D] or [R, Hq, N, D], the caches [S, Hkv, D], "
+                         f"got {tuple(k_cache.shape)}")  # fmt: skip
+    if as_rows and not layout.dense:
+        raise ValueError("queries as rows [R, Hq, N, D] need a dense layout (every row feeds max_queries tokens)")
+    rows, n = layout.key_slots.shape[0], layout.max_queries
+    hq, d = q.shape[-3] if as_rows else q.shape[1], q.shape[-1]
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         from .paged_triton import paged_attention as paged_triton
 
+        flat = q.transpose(1, 2).reshape(rows * n, hq, d) if as_rows else q
         valid = layout.key_valid.to(torch.int8)
-        return paged_triton(q, k_cache, v_cache, layout.cu_q, layout.key_slots, valid, layout.max_queries, scale)
-    rows, n = layout.key_slots.shape[0], layout.max_queries
+        out = paged_triton(flat, k_cache, v_cache, layout.cu_q, layout.key_slots, valid, layout.max_queries, scale)
+        return out.view(rows, n, hq, d).transpose(1, 2) if as_rows else out
     k = k_cache[layout.key_slots].transpose(1, 2)  # [R, Hkv, K, D]
     v = v_cache[layout.key_slots].transpose(1, 2)
-    dense = rows * n == q.shape[0]  # every row feeds max_queries tokens (one row, say): no padding
-    padded = q if dense else q.new_zeros(rows * n, *q.shape[1:]).index_copy_(0, layout.at, q)
-    padded = padded.view(rows, n, *q.shape[1:]).transpose(1, 2)  # [R, Hq, N, D]
+    if as_rows:
+        padded = q
+    else:
+        padded = q if layout.dense else q.new_zeros(rows * n, hq, d).index_copy_(0, layout.at, q)
+        padded = padded.view(rows, n, hq, d).transpose(1, 2)  # [R, Hq, N, D]
     if backend == "torch":
         out, _ = masked_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
     else:
         gqa = padded.shape[1] != k.shape[1]
         out = F.scaled_dot_product_attention(padded, k, v, attn_mask=layout.bias, scale=scale, enable_gqa=gqa)
-    out = out.transpose(1, 2).reshape(rows * n, *q.shape[1:])
-    return out if dense else out[layout.at]
+    if as_rows:
+        return out
+    out = out.transpose(1, 2).reshape(rows * n, hq, d)
+    return out if layout.dense else out[layout.at]
