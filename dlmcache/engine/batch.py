@@ -205,6 +205,7 @@ class GenerationBatch:
         # What the running rows use, known on the host: plan and commit skip the rest.
         self._modes = {r.rule.mode for r in self.requests}
         self._drift = any(r.rule.drift > 0 for r in self.requests)
+        self._every = any(r.rule.refresh_every > 0 for r in self.requests)
         self._stop_at_eos = any(r.stop_at_eos for r in self.requests)
         self._positions = torch.arange(self.width, device=self.device)[None]
         self._longest = max((r.length for r in self.requests), default=1)  # keys past it: nobody's
@@ -278,9 +279,9 @@ class GenerationBatch:
         rule (the first forward, every k-th, or drifted at the last step)."""
         s, mode = self._state, self._state["mode"]
         freecache = (mode == TOKEN) | (mode == BLOCK)
-        first = s["forwards"] == 0
-        every = (s["refresh_every"] > 0) & (s["forwards"] % s["refresh_every"].clamp(min=1) == 0)
-        periodic = first | every
+        periodic = s["forwards"] == 0
+        if self._every:
+            periodic = periodic | (s["refresh_every"] > 0) & (s["forwards"] % s["refresh_every"].clamp(min=1) == 0)
         refresh = (mode == NONE) | (~freecache & (start != s["last_start"])) | (freecache & (periodic | s["stale"]))
         if self._drift:
             s["drift_refreshes"] += (freecache & s["stale"] & ~periodic).long()
@@ -438,8 +439,8 @@ class GenerationBatch:
         s, step = self._state, self._step
         row, col, refresh = step["row"], step["col"], step["refresh"]
         drift_rows = s["drift"] > 0
-        keep = refresh[row] & drift_rows[row]
-        s["reference"][row[keep], col[keep]] = values[keep]
+        keep = (refresh & drift_rows)[row][:, None, None]
+        s["reference"][row, col] = torch.where(keep, values, s["reference"][row, col])
         refreshing = refresh & drift_rows
         s["refreshed_tokens"] = torch.where(refreshing[:, None], s["canvas"], s["refreshed_tokens"])
         probe = self._probe[row, col]

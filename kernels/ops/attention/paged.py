@@ -16,6 +16,7 @@ row's queries contiguous and the rows in order, as `GenerationBatch` flattens th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,20 +29,36 @@ from .reference import masked_attention
 @dataclass(frozen=True)
 class PagedLayout:
     """One step's varlen batch: query_row / query_rank [T], max_queries (a host int, so no
-    device-to-host copy is needed), key_slots / key_valid [R, K]; `at` [T] each query's place in the
-    padded [R * max_queries] layout, `bias` [R, 1, 1, K] the additive key mask, `cu_q` [R + 1] where
-    each row's queries start in the flattened order (for the Triton kernel); `dense`: every row feeds
-    max_queries tokens, so the queries need no padding and may come as rows [R, Hq, N, D]."""
+    device-to-host copy is needed), key_slots / key_valid [R, K], and `dense`: every row feeds
+    max_queries tokens, so the queries need no padding and may come as rows [R, Hq, N, D]. Built on
+    first use, once per step: `at` [T] each query's place in the padded [R * max_queries] layout,
+    `bias` [R, 1, 1, K] the additive key mask, `cu_q` [R + 1] where each row's queries start in the
+    flattened order (for the Triton kernel)."""
 
     query_row: torch.LongTensor
     query_rank: torch.LongTensor
     max_queries: int
     key_slots: torch.LongTensor
     key_valid: torch.BoolTensor
-    at: torch.LongTensor
-    bias: torch.Tensor
-    cu_q: torch.Tensor
+    dtype: torch.dtype
     dense: bool
+
+    @functools.cached_property
+    def at(self) -> torch.LongTensor:
+        return self.query_row * self.max_queries + self.query_rank
+
+    @functools.cached_property
+    def bias(self) -> torch.Tensor:
+        valid = self.key_valid
+        bias = torch.zeros(valid.shape, dtype=self.dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+        return bias[:, None, None, :]
+
+    @functools.cached_property
+    def cu_q(self) -> torch.Tensor:
+        rows = self.key_slots.shape[0]
+        cu_q = torch.zeros(rows + 1, dtype=torch.int32, device=self.key_slots.device)
+        cu_q[1:] = torch.bincount(self.query_row, minlength=rows).cumsum(0)
+        return cu_q
 
 
 def paged_layout(
@@ -59,15 +76,8 @@ def paged_layout(
         raise ValueError(f"query_row {tuple(query_row.shape)} and query_rank {tuple(query_rank.shape)} must be [T]")
     if not isinstance(max_queries, int) or max_queries < 1:
         raise ValueError(f"max_queries={max_queries!r} must be a positive int")
-    bias = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device).masked_fill_(~key_valid, float("-inf"))
-    at = query_row * max_queries + query_rank
-    rows = key_slots.shape[0]
-    cu_q = torch.zeros(rows + 1, dtype=torch.int32, device=key_valid.device)
-    cu_q[1:] = torch.bincount(query_row, minlength=rows).cumsum(0)
-    dense = rows * max_queries == query_row.numel()
-    return PagedLayout(
-        query_row, query_rank, max_queries, key_slots, key_valid, at, bias[:, None, None, :], cu_q, dense
-    )
+    dense = key_slots.shape[0] * max_queries == query_row.numel()
+    return PagedLayout(query_row, query_rank, max_queries, key_slots, key_valid, dtype, dense)
 
 
 def paged_attention(
