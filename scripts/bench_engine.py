@@ -4,7 +4,8 @@
 
 One run, ratios within it, medians of `--repeats`:
 - one request at a time: ms per request through `DLMPipeline` and through `BatchedDecoder` (R = 1),
-  and the check that both give the same tokens;
+  interleaved request by request, the median of the per-request ratios, and the check that both give
+  the same tokens;
 - all `--requests` at once through the engine: answer tokens per second against one at a time;
 - dispatched ops per step at R = 1 and R = `--requests` (a dispatch counter), and host reads per step;
   `DLMPipeline`'s ops per step for one request beside them.
@@ -71,34 +72,38 @@ def main() -> None:
     def request(ids, i):
         return Request(ids, g, 32, g, copy.copy(pipe.scheduler), cache_rule(cache), stop_at_eos=True, id=str(i))
 
-    def engine(batch: int):
-        decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
-        out, seconds = {}, []
-        for first in range(0, len(prompts), batch):
-            t = time.perf_counter()
-            for i in range(first, min(first + batch, len(prompts))):
-                decoder.add(request(prompts[i], i))
-            while len(decoder):
-                for f in decoder.step():
-                    out[f.request.id] = f.sequence
-            seconds.append(time.perf_counter() - t)
-        return out, seconds
+    def decode(decoder, requests) -> dict:
+        for r in requests:
+            decoder.add(r)
+        out = {}
+        while len(decoder):
+            out.update({f.request.id: f.sequence for f in decoder.step()})
+        return out
 
     rows = []
+    one = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
     for _ in range(args.repeats):
-        t_pipe, seqs = [], []
-        for ids in prompts:
+        # One request at a time, the pipeline and the engine interleaved request by request, so a
+        # drift in the machine's speed hits both alike.
+        t_pipe, t_one, seqs, same = [], [], [], True
+        for i, ids in enumerate(prompts):
             t = time.perf_counter()
             seqs.append(pipe([ids], max_new_tokens=g, block_length=32, cache=cache, stop_at_eos=True).sequences[0])
             t_pipe.append(time.perf_counter() - t)
-        alone, t_one = engine(1)
-        batched, t_all = engine(len(prompts))
-        same = all(torch.equal(alone[str(i)], s) and torch.equal(batched[str(i)], s) for i, s in enumerate(seqs))
+            t = time.perf_counter()
+            same &= torch.equal(decode(one, [request(ids, i)])[str(i)], seqs[-1])
+            t_one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        batched = decode(
+            BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id), [request(p, i) for i, p in enumerate(prompts)]
+        )
+        t_all = [time.perf_counter() - t]
+        same &= all(torch.equal(batched[str(i)], s) for i, s in enumerate(seqs))
         answer = sum(int((s != pipe.tokenizer.eos_token_id).cumprod(0).sum()) for s in seqs)
         rows.append({
             "pipeline_ms_per_request": 1e3 * statistics.median(t_pipe),
             "engine_ms_per_request": 1e3 * statistics.median(t_one),
-            "engine_over_pipeline": statistics.median(t_one) / statistics.median(t_pipe),
+            "engine_over_pipeline": statistics.median(e / p for e, p in zip(t_one, t_pipe, strict=True)),
             "one_at_a_time_answer_tokens_per_s": answer / sum(t_pipe),
             "batched_answer_tokens_per_s": answer / sum(t_all),
             "batched_over_one_at_a_time": sum(t_pipe) / sum(t_all),
