@@ -350,7 +350,7 @@ class GenerationBatch:
                 )
                 x0[rows], transfer[rows] = gx, gt
             if self._alone:
-                self._select_alone(padded, targets, sample, x0, transfer)
+                self._select_alone(padded, targets, x0, transfer)
         transfer &= targets
         new = torch.where(transfer, x0, sample)
         canvas.scatter_(1, block_cols, new)
@@ -383,36 +383,32 @@ class GenerationBatch:
         finite = torch.ones(rows_n, dtype=torch.long, device=self.device).scatter_reduce(
             0, step["target_row"], torch.isfinite(logits).all(-1).long(), "amin"
         )
-        snapshot = torch.cat([(~left).long()[:, None], canvas, s["commit"], finite[:, None]], 1).cpu()
+        counters = torch.stack([s["forwards"], s["fed"], s["full_forwards"], s["drift_refreshes"], finite, ~left], 1)
+        snapshot = torch.cat([canvas, s["commit"], counters.long()], 1).cpu()
         self.host_reads += 1
-        done, ok = snapshot[:, 0].tolist(), snapshot[:, -1].tolist()
+        info = snapshot[:, 2 * self.width :].tolist()  # per row: forwards, fed, full, drift, finite, done
         finished = []
         for i, req in enumerate(self.requests):
-            if not ok[i]:
-                error = FloatingPointError(f"the model's logits at step {int(s['forwards'][i]) - 1} are not finite")
-                finished.append((i, Finished(req, snapshot[i, 1:1], snapshot[i, 1:1], error=error)))
+            forwards, fed, full, drift, ok, done = info[i]
+            if not ok:
+                error = FloatingPointError(f"the model's logits at step {forwards - 1} are not finite")
+                finished.append((i, Finished(req, snapshot[i, :0], snapshot[i, :0], error=error)))
                 continue
             p, length = len(req.prompt), req.length
-            seq = snapshot[i, 1 + p : 1 + length]
-            commit = snapshot[i, 1 + self.width + p : 1 + self.width + length]
+            seq = snapshot[i, p:length]
+            commit = snapshot[i, self.width + p : self.width + length]
             if req.on_step is not None:
                 req.on_step(seq, commit)
-            if done[i]:
-                finished.append((i, Finished(req, seq.clone(), commit.clone())))
-        if any(f.error is None for _, f in finished):
-            stats = torch.stack([s["forwards"], s["fed"], s["full_forwards"], s["drift_refreshes"]], 1).tolist()
-            for i, f in finished:
-                if f.error is not None:
-                    continue
-                forwards, fed, full, drift = stats[i]
-                f.stats = {
+            if done:
+                stats = {
                     "steps": forwards, "full_forwards": full, "fed_tokens": fed, "drift_refreshes": drift,
-                    "tokens_per_step": f.request.max_new_tokens / max(forwards, 1),
+                    "tokens_per_step": req.max_new_tokens / max(forwards, 1),
                 }  # fmt: skip
+                finished.append((i, Finished(req, seq.clone(), commit.clone(), stats)))
         self.finished_rows = [i for i, _ in finished]
         return [f for _, f in finished]
 
-    def _select_alone(self, padded, targets, sample, x0, transfer) -> None:
+    def _select_alone(self, padded, targets, x0, transfer) -> None:
         """Rows whose scheduler draws random numbers (or is not vectorised): each alone, on exactly the
         logits it would get alone (its still-masked positions), with its own generator."""
         s = self._state
