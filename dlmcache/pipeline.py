@@ -251,9 +251,7 @@ class DLMPipeline(DiffusionPipeline):
         device = self.model.device
         p_len = max(len(p) for p in prompts)
         total = p_len + max_new_tokens
-        limit = getattr(self.model.config, "max_sequence_length", None) or getattr(
-            self.model.config, "max_position_embeddings", None
-        )
+        limit = self.model.max_length
         if limit is not None and total > limit:
             raise ValueError(
                 f"prompt ({p_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's {limit}"

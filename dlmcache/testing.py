@@ -17,6 +17,7 @@ the diffusion-LM stack).
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
 
@@ -149,3 +150,16 @@ def tiny_dream(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.1)
     return model
+
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside `with DispatchCount() as count:` (`count.ops`): the
+    engine's ops-per-step test and benchmark."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))

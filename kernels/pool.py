@@ -80,6 +80,11 @@ class KVPool:
         """Bytes of K and V storage (resident only where written)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    @property
+    def capacity(self) -> int:
+        """Token positions the whole pool holds (its null block aside)."""
+        return self.num_blocks * self.block_size
+
     def blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)
 

@@ -22,21 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dlmcache import DLMPipeline, tinytask
 from dlmcache.cache import make_cache
 from dlmcache.engine import BatchedDecoder, Request, cache_rule
-
-
-class DispatchCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
+from dlmcache.testing import DispatchCount
 
 
 def pipeline_ops_per_step(pipe, ids, max_new_tokens, cache) -> int:

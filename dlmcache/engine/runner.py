@@ -93,7 +93,7 @@ class BatchedDecoder:
 
     def fits(self, request: Request) -> bool:
         """Whether the pool could ever hold `request` (when empty)."""
-        return self.pool.blocks_for(request.length) <= self.pool.num_blocks
+        return request.length <= self.pool.capacity
 
     def can_add(self, request: Request) -> bool:
         return self.pool.can_allocate(request.length)

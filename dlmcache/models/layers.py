@@ -190,6 +190,13 @@ class DLMModelMixin:
     thread_policy = None
 
     @property
+    def max_length(self) -> int | None:
+        """The longest sequence the config allows (LLaDA's `max_sequence_length`, Dream's
+        `max_position_embeddings`), or None when it sets none."""
+        config = self.config
+        return getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", None)
+
+    @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 

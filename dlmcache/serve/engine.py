@@ -216,8 +216,7 @@ class Engine:
         self.threads = threads if isinstance(threads, ThreadPolicy) else ThreadPolicy(threads)
         pipe.model.thread_policy = self.threads
         self.stats = EngineStats()
-        config = self.model.config
-        longest = getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", 4096)
+        longest = self.model.max_length or 4096
         self.decoder = BatchedDecoder(
             self.model, pipe.tokenizer.eos_token_id, kv_bytes=kv_bytes, max_tokens=max_batch * longest,
             block_size=block_size,
@@ -243,7 +242,7 @@ class Engine:
         return self
 
     def submit(self, job: Job) -> None:
-        capacity = self.decoder.pool.num_blocks * self.decoder.pool.block_size
+        capacity = self.decoder.pool.capacity
         if job.tokens > capacity:
             raise QueueFull(f"the request needs {job.tokens} tokens of KV; the pool holds {capacity} in all")
         with self._lock:

@@ -157,9 +157,7 @@ def parse(kind: str, body, pipe, model_name: str, defaults: dict) -> ParsedReque
 
     max_name = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
     max_tokens = _int(body, max_name, default=defaults["max_tokens"])
-    limit = getattr(pipe.model.config, "max_sequence_length", None) or getattr(
-        pipe.model.config, "max_position_embeddings", None
-    )
+    limit = pipe.model.max_length
     if limit is not None and prompt_tokens >= limit:
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens; the model's limit is {limit}", param)
     if limit is not None and prompt_tokens + max_tokens > limit:

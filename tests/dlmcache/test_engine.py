@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 from dlmcache.kernels.pool import PoolFull
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler, ThresholdScheduler
 from dlmcache.cache import FreeCache, make_cache
 from dlmcache.engine import BatchedDecoder, Request, cache_rule
+from dlmcache.testing import DispatchCount
 from tests.helpers import tiny_dream, tiny_llada
 
 PROMPTS = [
@@ -172,16 +172,6 @@ def test_admission_is_by_free_blocks(tiny_tokenizer):
         decoder.add(big)
     huge = Request(list(range(5, 100)), 16, 16, 16, LowConfidenceScheduler(), cache_rule(FreeCache()))
     assert not decoder.fits(huge)
-
-
-class DispatchCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("cache", ["token", "freecache", "dual"])
