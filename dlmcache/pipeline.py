@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .batching import left_pad
 from .cache import DenoisingCache, Layout, make_cache
-from .engine import Request, cache_rule
+from .engine import Finished, Request, cache_rule
 from .locations import read_json, resolve_path
 from .models import MODEL_CLASSES
 from .schedulers import (
@@ -284,6 +285,7 @@ class DLMPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         scheduler: DLMScheduler | None = None,
         cache: DenoisingCache | None = None,
+        engine: bool | None = None,
     ) -> DLMPipelineOutput | tuple:
         """Generate `max_new_tokens` tokens after each prompt.
 
@@ -298,6 +300,12 @@ class DLMPipeline(DiffusionPipeline):
         tensors are the live buffers, so copy what you keep. Used by the demo's live view.
         scheduler / cache: this call's own (instead of the pipeline's), e.g. a server's per-request
         settings; the pipeline is left as it is.
+        engine: decode on the batched engine (`dlmcache.engine`: every prompt a request, all of them
+        in one flattened forward per step, their KV in one paged pool) or, with False, on the cache
+        strategy's own step loop (the reference the engine is tested against). Default: the engine
+        wherever it runs the configuration (not yet: guided unmasking, CFG, a compressed prompt, or
+        a batch sampled from one shared generator, whose draws the reference makes for all rows at
+        once). Both give each prompt the tokens it gets alone.
         """
         # 1. Check inputs and encode the prompts. Per-call state lives on this call's own copies of the
         # cache strategy and the scheduler, so one pipeline may serve several threads (and `set_cache`
@@ -305,9 +313,21 @@ class DLMPipeline(DiffusionPipeline):
         steps, scheduler, cache, stop_at_eos = self._call_settings(
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
         )
+        requests = self._prompt_requests(prompt, chat_template)
+        self.check_length(requests, max_new_tokens)
+        on_engine = self._engine_requests(
+            requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos
+        )
+        if engine and on_engine is None:
+            raise ValueError(
+                "engine=True: the batched engine does not run this configuration yet (guided unmasking, CFG, "
+                f"a compressed prompt, or a batch sampled from one generator); scheduler={scheduler!r}, "
+                f"cache={cache.name!r}, cfg_scale={cfg_scale}"
+            )
+        if on_engine is not None and engine is not False:
+            return self._decode_on_engine(on_engine, cache, steps, callback_on_step_end, return_dict)
         num_blocks = max_new_tokens // block_length
         steps_per_block = steps // num_blocks
-        requests = self._prompt_requests(prompt, chat_template)
         prompts = [ids for ids, _ in requests]
 
         # 2. The canvas: left-padded prompts followed by masks.
@@ -379,25 +399,9 @@ class DLMPipeline(DiffusionPipeline):
         elapsed = time.perf_counter() - start_time
 
         # 5. Decode.
-        sequences = x[:, p_len:]
-        texts = self.decode(sequences)
-        eos = self.tokenizer.eos_token_id
-        is_eos = sequences == eos
-        answer_tokens = int(torch.where(is_eos.any(-1), is_eos.float().argmax(-1), max_new_tokens).sum())
-        stats = {
-            "steps": nfe,
-            "tokens_per_step": max_new_tokens / max(nfe, 1),
-            "answer_tokens": answer_tokens,
-            "seconds": elapsed,
-            "tokens_per_second": batch * max_new_tokens / elapsed if elapsed > 0 else float("inf"),
-            "answer_tokens_per_second": answer_tokens / elapsed if elapsed > 0 else float("inf"),
-            "cache": cache.name,
-            **cache.stats.as_dict(),
-            **scheduler.stats,
-        }
-        if not return_dict:
-            return texts, sequences, nfe, commit_step, stats
-        return DLMPipelineOutput(texts=texts, sequences=sequences, nfe=nfe, commit_step=commit_step, stats=stats)
+        return self._output(
+            x[:, p_len:], nfe, commit_step, elapsed, cache.name, cache.stats.as_dict(), scheduler.stats, return_dict
+        )
 
     def _call_settings(self, max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos):
         """A call's checked schedule and its own copies of the scheduler and the cache strategy:
@@ -428,28 +432,108 @@ class DLMPipeline(DiffusionPipeline):
         """The batched engine's requests (`dlmcache.engine`, one per prompt, each with its own copy of
         the scheduler) for what `__call__` with these arguments decodes, checked as `__call__` checks
         them; None when the engine does not run this configuration yet (guided unmasking, CFG, a
-        compressed prompt). A generator is shared by the prompts' requests. Run them with
-        `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`."""
+        compressed prompt). A generator is shared by the prompts' requests (each draws on its own,
+        in turn). Run them with `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`."""
         steps, scheduler, cache, stop_at_eos = self._call_settings(
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
         )
+        requests = self._prompt_requests(prompt, chat_template)
+        self.check_length(requests, max_new_tokens)
+        return self._engine_requests(
+            requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos,
+            shared_generator=True,
+        )  # fmt: skip
+
+    def check_length(self, requests: list, max_new_tokens: int) -> None:
+        """Each prompt plus `max_new_tokens` within the model's longest sequence."""
+        limit = self.model.max_length
+        p_len = max(len(ids) for ids, _ in requests)
+        if limit is not None and p_len + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({p_len}) + max_new_tokens ({max_new_tokens}) = {p_len + max_new_tokens} exceeds the "
+                f"model's {limit}"
+            )
+
+    def _engine_requests(self, requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler,
+                         cache, stop_at_eos, shared_generator: bool = False) -> list[Request] | None:  # fmt: skip
+        """The engine's requests for checked settings, or None where it does not run them. A batch that
+        samples (a scheduler that is not `batched`) from one generator stays on the reference loop
+        unless `shared_generator` (the reference draws for every row at once; the engine row by row)."""
         rule = cache_rule(cache)
         if cfg_scale or isinstance(scheduler, GuidedScheduler) or rule is None:
             return None
+        if generator is not None and len(requests) > 1 and not scheduler.batched and not shared_generator:
+            return None
+        settings = dict(stop_at_eos=stop_at_eos, generator=generator)
         return [
             Request(
-                ids,
-                max_new_tokens,
-                block_length,
-                steps,
-                copy.copy(scheduler),
-                rule,
-                stop_at_eos=stop_at_eos,
-                generator=generator,
-                chat=chat,
-            )  # fmt: skip
-            for ids, chat in self._prompt_requests(prompt, chat_template)
+                ids, max_new_tokens, block_length, steps, copy.copy(scheduler), rule, chat=chat, id=str(i), **settings
+            )
+            for i, (ids, chat) in enumerate(requests)
         ]
+
+    def _decode_on_engine(self, requests: list[Request], cache, steps: int, callback, return_dict: bool):
+        """`__call__` on the batched engine: every prompt a row, all added before the first step, so a
+        row's step count is the call's and commit steps count over the whole call, as in the loop."""
+        from .engine import BatchedDecoder
+
+        batch, g = len(requests), requests[0].max_new_tokens
+        decoder = BatchedDecoder.for_requests(self.model, self.tokenizer.eos_token_id, requests)
+        if callback is not None:  # the callback sees every row's canvas after each step (host copies)
+            live = torch.full((batch, g), self.mask_token_id, dtype=torch.long)
+            live_commit = torch.full((batch, g), -1, dtype=torch.long)
+            for i, request in enumerate(requests):
+                request.on_step = functools.partial(_copy_row, live[i], live_commit[i])
+        for request in requests:
+            decoder.add(request)
+        done: list[Finished | None] = [None] * batch
+        start_time = time.perf_counter()
+        with self.progress_bar(total=steps) as bar:
+            while len(decoder):
+                for f in decoder.step():
+                    if f.error is not None:
+                        raise FloatingPointError(non_finite_message(decoder.forwards - 1)) from f.error
+                    done[int(f.request.id)] = f
+                if callback is not None:
+                    callback(self, decoder.forwards, {"sequences": live, "commit_step": live_commit})
+                bar.update(min(1, steps - bar.n))
+            bar.update(steps - bar.n)
+        elapsed = time.perf_counter() - start_time
+        device = self.model.device
+        sequences = torch.stack([f.sequence for f in done]).to(device)
+        commit_step = torch.stack([f.commit_step for f in done]).to(device)
+        nfe = decoder.forwards
+
+        def mean(key: str) -> float:
+            return sum(f.stats[key] for f in done) / batch
+
+        cache_stats = {
+            "forwards": nfe, "full_forwards": mean("full_forwards"), "fed_tokens": mean("fed_tokens"),
+            "reused_tokens": mean("reused_tokens"), "kv_bytes": decoder.pool.nbytes,
+        }  # fmt: skip
+        if any(r.rule.drift > 0 for r in requests):
+            cache_stats["drift_refreshes"] = sum(f.stats["drift_refreshes"] for f in done)
+        return self._output(sequences, nfe, commit_step, elapsed, cache.name, cache_stats, {}, return_dict)
+
+    def _output(self, sequences, nfe, commit_step, elapsed, cache_name, cache_stats, scheduler_stats, return_dict):
+        texts = self.decode(sequences)
+        batch, max_new_tokens = sequences.shape
+        is_eos = sequences == self.tokenizer.eos_token_id
+        answer_tokens = int(torch.where(is_eos.any(-1), is_eos.float().argmax(-1), max_new_tokens).sum())
+        stats = {
+            "steps": nfe,
+            "tokens_per_step": max_new_tokens / max(nfe, 1),
+            "answer_tokens": answer_tokens,
+            "seconds": elapsed,
+            "tokens_per_second": batch * max_new_tokens / elapsed if elapsed > 0 else float("inf"),
+            "answer_tokens_per_second": answer_tokens / elapsed if elapsed > 0 else float("inf"),
+            "cache": cache_name,
+            **cache_stats,
+            **scheduler_stats,
+        }
+        if not return_dict:
+            return texts, sequences, nfe, commit_step, stats
+        return DLMPipelineOutput(texts=texts, sequences=sequences, nfe=nfe, commit_step=commit_step, stats=stats)
 
     def _fill_after_eos(self, gen: torch.LongTensor) -> torch.BoolTensor:
         """Rows whose text up to an EOS is fully committed get EOS in every masked position after it
@@ -476,6 +560,11 @@ def chat_template_ids(tokenizer, chat: list[dict]) -> list[int]:
     (transformers 5 returns a `BatchEncoding`, a mapping whose len() counts its keys, not a list)."""
     out = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     return list(out if isinstance(out, list) else out["input_ids"])
+
+
+def _copy_row(sequence: torch.Tensor, commit_step: torch.Tensor, seq: torch.Tensor, commit: torch.Tensor) -> None:
+    sequence.copy_(seq)
+    commit_step.copy_(commit)
 
 
 def non_finite_message(step: int) -> str:

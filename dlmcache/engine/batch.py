@@ -71,7 +71,10 @@ class StepInput:
 
     input_ids, positions, slots, query_row, query_rank: [T], one entry per fed token (row-major:
     row by row, positions ascending); max_queries: the most tokens a row feeds (a host int);
-    key_slots, key_valid: [R, W] the pool slots of each row's positions and which it attends;
+    key_slots, key_valid: [R, W] the pool slots of each row's positions and which it attends
+    (every_key: a host flag, all of them: one row, attending all its positions; fresh_keys: one row
+    that feeds every position, so its keys are the fed tokens themselves; write_kv: False when no
+    later step reads this step's KV: one row without a cache, feeding everything);
     logit_index: [M] the fed token whose hidden state predicts each still-masked block position
     (row `target_row` [M], block column `target_col` [M])."""
 
@@ -83,6 +86,9 @@ class StepInput:
     max_queries: int
     key_slots: torch.LongTensor
     key_valid: torch.BoolTensor
+    every_key: bool
+    fresh_keys: bool
+    write_kv: bool
     logit_index: torch.LongTensor
     target_row: torch.LongTensor
     target_col: torch.LongTensor
@@ -110,7 +116,8 @@ class GenerationBatch:
     #: Per-row tensors [R] / [R, W, ...] and the value a new row (or a padded column) starts with.
     ROW_STATE = {
         "length": 0, "prompt_len": 0, "block_len": 1, "steps_per_block": 1, "block": 0,
-        "step_in_block": 0, "forwards": 0, "fed": 0, "full_forwards": 0, "drift_refreshes": 0, "stop_at_eos": False,
+        "step_in_block": 0, "forwards": 0, "fed": 0, "attended": 0, "full_forwards": 0, "drift_refreshes": 0,
+        "stop_at_eos": False,
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "last_start": -1, "frozen_end": 0, "stale": False,
     }  # fmt: skip
@@ -196,7 +203,7 @@ class GenerationBatch:
         self._alone = []
         for i, req in enumerate(self.requests):
             s = req.scheduler
-            if s.batched and req.generator is None:
+            if s.batched:  # draws nothing: a generator, if any, is unused
                 key = (type(s), tuple(sorted((k, repr(v)) for k, v in s.config.items() if not k.startswith("_"))))
                 groups.setdefault(key, (s, []))[1].append(i)
             else:
@@ -206,29 +213,28 @@ class GenerationBatch:
         self._modes = {r.rule.mode for r in self.requests}
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
+        self._drop_beyond = any(r.rule.drop_beyond and r.rule.mode != NONE for r in self.requests)
         self._stop_at_eos = any(r.stop_at_eos for r in self.requests)
-        self._positions = torch.arange(self.width, device=self.device)[None]
         self._longest = max((r.length for r in self.requests), default=1)  # keys past it: nobody's
+        # Masks that change only with membership: each row's positions, generated region, block columns.
+        st, pos = self._state, torch.arange(self.width, device=self.device)[None]
+        self._positions = pos
+        self._in_len = pos < st["length"][:, None]
+        self._generated = (pos >= st["prompt_len"][:, None]) & self._in_len
+        self._bmax = max((r.block_length for r in self.requests), default=1)
+        self._block_j = torch.arange(self._bmax, device=self.device)
+        self._in_block = self._block_j < st["block_len"][:, None]
 
     # ------------------------------------------------------------------ one step
-
-    def _block_columns(self) -> tuple[torch.LongTensor, torch.BoolTensor, int]:
-        """The active block of every row: canvas columns [R, Bmax], which are inside it, and Bmax."""
-        bmax = max(r.block_length for r in self.requests)
-        j = torch.arange(bmax, device=self.device)
-        s = self._state
-        start = s["prompt_len"] + s["block"] * s["block_len"]
-        return start[:, None] + j, j < s["block_len"][:, None], bmax
 
     def plan(self) -> StepInput:
         """Decide every row's step and flatten it (see the module docstring). The rules that no
         running row uses are skipped (known on the host, from the requests)."""
         s, shift, mask_id, modes = self._state, self.shift, self.mask_id, self._modes
         canvas, mode, length = s["canvas"], s["mode"], s["length"]
-        pos = self._positions  # [1, W]
+        pos, in_len = self._positions, self._in_len  # [1, W], [R, W]
         start = s["prompt_len"] + s["block"] * s["block_len"]
         end = start + s["block_len"]
-        in_len = pos < length[:, None]
         refresh = self._refresh_rows(start)
         need, attend_end = in_len, length
         if modes != {NONE}:
@@ -245,8 +251,9 @@ class GenerationBatch:
 
         # Flatten: one host read gives the sizes, then everything stays on the device.
         counts = need.sum(-1)
-        block_cols, in_block, bmax = self._block_columns()
-        targets = (canvas.gather(1, block_cols) == mask_id) & in_block  # [R, Bmax] still masked
+        bmax = self._bmax
+        block_cols = start[:, None] + self._block_j  # [R, Bmax] the active block's canvas columns
+        targets = (canvas.gather(1, block_cols) == mask_id) & self._in_block  # still masked
         total, widest, n_targets = (int(v) for v in torch.stack([counts.sum(), counts.max(), targets.sum()]).tolist())
         self.host_reads += 1
         row, col = torch.nonzero_static(need, size=total).unbind(1)
@@ -257,6 +264,7 @@ class GenerationBatch:
         t_row, t_col = torch.nonzero_static(targets, size=n_targets).unbind(1)
         predictor = (block_cols[t_row, t_col] - shift).clamp(min=0)
         self._step = dict(
+            start=start,
             refresh=refresh,
             row=row,
             col=col,
@@ -267,10 +275,14 @@ class GenerationBatch:
             target_col=t_col,
         )
         s["fed"] += counts
+        s["attended"] += attend_end
         return StepInput(
             input_ids=canvas[row, col], positions=col, slots=self.key_slots[row, col], query_row=row,
             query_rank=rank, max_queries=widest, key_slots=self.key_slots[:, : self._longest],
             key_valid=(pos < attend_end[:, None])[:, : self._longest],
+            every_key=len(self.requests) == 1 and not self._drop_beyond,
+            fresh_keys=len(self.requests) == 1 and total == self._longest,
+            write_kv=not (len(self.requests) == 1 and modes == {NONE}),
             logit_index=flat[t_row, predictor], target_row=t_row, target_col=t_col,
         )  # fmt: skip
 
@@ -278,6 +290,9 @@ class GenerationBatch:
         """Which rows refresh: every step (none), at a new block (prefix, dual), or FreeCache's refresh
         rule (the first forward, every k-th, or drifted at the last step)."""
         s, mode = self._state, self._state["mode"]
+        if self._modes == {NONE}:
+            s["full_forwards"] += 1
+            return torch.ones_like(start, dtype=torch.bool)
         freecache = (mode == TOKEN) | (mode == BLOCK)
         periodic = s["forwards"] == 0
         if self._every:
@@ -357,8 +372,7 @@ class GenerationBatch:
         when = torch.where(transfer, s["forwards"][:, None], s["commit"].gather(1, block_cols))
         s["commit"].scatter_(1, block_cols, when)
 
-        pos = self._positions
-        generated = (pos >= s["prompt_len"][:, None]) & (pos < s["length"][:, None])
+        generated = self._generated
         if self._stop_at_eos:
             # Rows whose text up to an EOS is committed get EOS in every masked position after it.
             masked = (canvas == self.mask_id) & generated
@@ -366,7 +380,7 @@ class GenerationBatch:
             fill = (clean_eos.long().cumsum(-1) > 0) & masked & s["stop_at_eos"][:, None]
             canvas.masked_fill_(fill, self.eos_id)
             s["commit"] = torch.where(fill, s["forwards"][:, None], s["commit"])
-        s["last_start"] = s["prompt_len"] + s["block"] * s["block_len"]
+        s["last_start"] = step["start"]
         s["forwards"] += 1
         s["step_in_block"] += 1
 
@@ -383,13 +397,14 @@ class GenerationBatch:
         finite = torch.ones(rows_n, dtype=torch.long, device=self.device).scatter_reduce(
             0, step["target_row"], torch.isfinite(logits).all(-1).long(), "amin"
         )
-        counters = torch.stack([s["forwards"], s["fed"], s["full_forwards"], s["drift_refreshes"], finite, ~left], 1)
+        counters = [s["forwards"], s["fed"], s["attended"], s["full_forwards"], s["drift_refreshes"], finite, ~left]
+        counters = torch.stack(counters, 1)
         snapshot = torch.cat([canvas, s["commit"], counters.long()], 1).cpu()
         self.host_reads += 1
-        info = snapshot[:, 2 * self.width :].tolist()  # per row: forwards, fed, full, drift, finite, done
+        info = snapshot[:, 2 * self.width :].tolist()  # per row: forwards, fed, attended, full, drift, finite, done
         finished = []
         for i, req in enumerate(self.requests):
-            forwards, fed, full, drift, ok, done = info[i]
+            forwards, fed, attended, full, drift, ok, done = info[i]
             if not ok:
                 error = FloatingPointError(f"the model's logits at step {forwards - 1} are not finite")
                 finished.append((i, Finished(req, snapshot[i, :0], snapshot[i, :0], error=error)))
@@ -401,7 +416,8 @@ class GenerationBatch:
                 req.on_step(seq, commit)
             if done:
                 stats = {
-                    "steps": forwards, "full_forwards": full, "fed_tokens": fed, "drift_refreshes": drift,
+                    "steps": forwards, "full_forwards": full, "fed_tokens": fed, "reused_tokens": attended - fed,
+                    "drift_refreshes": drift,
                     "tokens_per_step": req.max_new_tokens / max(forwards, 1),
                 }  # fmt: skip
                 finished.append((i, Finished(req, seq.clone(), commit.clone(), stats)))

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from dlmcache.kernels.ops import paged_attention, paged_layout
+from dlmcache.kernels.ops import dense_attention, paged_attention, paged_layout
 from dlmcache.kernels.pool import KVPool, PoolFull, bytes_per_token
 
 from .batch import Finished, GenerationBatch, Request, StepInput
@@ -31,20 +31,25 @@ class PagedStore:
     attend each request's queries over its own keys (`paged_attention`). Keeps the last layer's fresh
     values (the drift test reads them)."""
 
-    def __init__(self, pool: KVPool, step: StepInput, dtype: torch.dtype):
+    def __init__(self, pool: KVPool, step: StepInput, dtype: torch.dtype, first_slot: int | None = None):
         self.pool, self.step = pool, step
         self.layout = paged_layout(
-            step.key_slots, step.key_valid, step.query_row, step.query_rank, step.max_queries, dtype
-        )
+            step.key_slots, step.key_valid, step.query_row, step.query_rank, step.max_queries, dtype,
+            first_slot=first_slot, every_key=step.every_key,
+        )  # fmt: skip
         self.values: torch.Tensor | None = None
 
     def attend(self, layer_idx: int, q, k, v, backend: str):
         # q [1, Hq, T, D], k / v [1, Hkv, T, D]: the fed tokens of every request, in a row.
         step = self.step
+        if layer_idx == self.pool.num_layers - 1:
+            self.values = v[0].transpose(0, 1)
+        if step.fresh_keys:  # one row feeding all its positions: it attends the fresh K/V as they are
+            if step.write_kv:
+                self.pool.write(layer_idx, step.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            return dense_attention(q, k, v, None, backend)
         k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, Hkv, D]
         self.pool.write(layer_idx, step.slots, k, v)
-        if layer_idx == self.pool.num_layers - 1:
-            self.values = v
         pool, layout = self.pool, self.layout
         if layout.dense:  # no padding: the queries go as rows, [R, Hq, N, D] (for one row, q itself)
             rows, hq = layout.key_slots.shape[0], q.shape[1]
@@ -88,6 +93,15 @@ class BatchedDecoder:
         self.forwards = 0
         self.fed_tokens = 0
 
+    @classmethod
+    def for_requests(cls, model, eos_token_id: int | None, requests: list[Request], block_size: int = 16):
+        """A decoder whose pool holds exactly `requests` (a `DLMPipeline` call's prompts)."""
+        shape = (model.num_layers, model.num_kv_heads, model.head_dim)
+        blocks = sum(-(-r.length // block_size) for r in requests)
+        dtype = next(model.parameters()).dtype
+        pool = KVPool(*shape, num_blocks=max(1, blocks), block_size=block_size, dtype=dtype, device=model.device)
+        return cls(model, eos_token_id, pool=pool)
+
     def __len__(self) -> int:
         return len(self.batch)
 
@@ -118,13 +132,22 @@ class BatchedDecoder:
             self.pool.free(self.blocks.pop(id(r)))
         return removed
 
+    def _first_slot(self) -> int | None:
+        """One running request on consecutive blocks (the usual case alone: the pool hands out the
+        lowest free blocks first) reads its keys as a view of the pool: its first slot, else None."""
+        if len(self.batch) != 1:
+            return None
+        blocks = self.blocks[id(self.batch.requests[0])]
+        consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+        return blocks[0] * self.pool.block_size if consecutive else None
+
     @torch.no_grad()
     def step(self) -> list[Finished]:
         """One denoising step of every running request (nothing when none runs)."""
         if not len(self.batch):
             return []
         step = self.batch.plan()
-        store = PagedStore(self.pool, step, self.pool.k[0].dtype)
+        store = PagedStore(self.pool, step, self.pool.k[0].dtype, self._first_slot())
         model = self.model
         hidden = model.hidden_states(step.input_ids[None], step.positions[None], cache=store)
         logits = model.get_output_embeddings()(hidden[0, step.logit_index])

@@ -66,7 +66,7 @@ def alone(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
     g, b, s = schedule or SCHEDULES[i % len(SCHEDULES)]
     generator = seeded(i) if not scheduler.batched else None
     out = pipe(PROMPTS[i % len(PROMPTS)], max_new_tokens=g, block_length=b, steps=s, scheduler=scheduler,
-               cache=cache, generator=generator, stop_at_eos=stop_at_eos)  # fmt: skip
+               cache=cache, generator=generator, stop_at_eos=stop_at_eos, engine=False)  # fmt: skip
     return out.sequences[0], out.nfe
 
 
@@ -230,7 +230,7 @@ def test_make_requests_decodes_what_the_call_decodes(pipe):
         r.id = str(i)
     done = run(decoder, requests)
     for i, prompt in enumerate(PROMPTS[:3]):
-        assert torch.equal(done[str(i)].sequence, pipe(prompt, **kw).sequences[0]), i
+        assert torch.equal(done[str(i)].sequence, pipe(prompt, **kw, engine=False).sequences[0]), i
     with pytest.raises(ValueError, match="not divisible by block_length=5"):
         pipe.make_requests("Hi", max_new_tokens=24, block_length=5)
     with pytest.raises(TypeError, match="cache must be a DenoisingCache"):

@@ -42,13 +42,17 @@ class PagedLayout:
     key_valid: torch.BoolTensor
     dtype: torch.dtype
     dense: bool
+    first_slot: int | None = None
+    every_key: bool = False
 
     @functools.cached_property
     def at(self) -> torch.LongTensor:
         return self.query_row * self.max_queries + self.query_rank
 
     @functools.cached_property
-    def bias(self) -> torch.Tensor:
+    def bias(self) -> torch.Tensor | None:
+        if self.every_key:
+            return None
         valid = self.key_valid
         bias = torch.zeros(valid.shape, dtype=self.dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
         return bias[:, None, None, :]
@@ -68,16 +72,22 @@ def paged_layout(
     query_rank: torch.LongTensor,
     max_queries: int,
     dtype: torch.dtype,
+    first_slot: int | None = None,
+    every_key: bool = False,
 ) -> PagedLayout:
-    """The layout of one step (see `PagedLayout`); `dtype` is the queries'."""
+    """The layout of one step (see `PagedLayout`); `dtype` is the queries'. `first_slot`: the caller
+    knows that the one row's keys are the consecutive slots from there (the pool's block table);
+    `every_key`: that key_valid is all true."""
     if key_slots.shape != key_valid.shape or key_slots.dim() != 2:
         raise ValueError(f"key_slots {tuple(key_slots.shape)} and key_valid {tuple(key_valid.shape)} must be [R, K]")
     if query_row.shape != query_rank.shape or query_row.dim() != 1:
         raise ValueError(f"query_row {tuple(query_row.shape)} and query_rank {tuple(query_rank.shape)} must be [T]")
     if not isinstance(max_queries, int) or max_queries < 1:
         raise ValueError(f"max_queries={max_queries!r} must be a positive int")
+    if first_slot is not None and (key_slots.shape[0] != 1 or not isinstance(first_slot, int) or first_slot < 0):
+        raise ValueError(f"first_slot={first_slot!r} needs one row and a non-negative int")
     dense = key_slots.shape[0] * max_queries == query_row.numel()
-    return PagedLayout(query_row, query_rank, max_queries, key_slots, key_valid, dtype, dense)
+    return PagedLayout(query_row, query_rank, max_queries, key_slots, key_valid, dtype, dense, first_slot, every_key)
 
 
 def paged_attention(
@@ -111,8 +121,12 @@ def paged_attention(
         valid = layout.key_valid.to(torch.int8)
         out = paged_triton(flat, k_cache, v_cache, layout.cu_q, layout.key_slots, valid, layout.max_queries, scale)
         return out.view(rows, n, hq, d).transpose(1, 2) if as_rows else out
-    k = k_cache[layout.key_slots].transpose(1, 2)  # [R, Hkv, K, D]
-    v = v_cache[layout.key_slots].transpose(1, 2)
+    if layout.first_slot is not None:  # one row on consecutive slots: a view, no gathered copy
+        keys = slice(layout.first_slot, layout.first_slot + layout.key_slots.shape[1])
+        k, v = k_cache[keys].transpose(0, 1)[None], v_cache[keys].transpose(0, 1)[None]
+    else:
+        k = k_cache[layout.key_slots].transpose(1, 2)  # [R, Hkv, K, D]
+        v = v_cache[layout.key_slots].transpose(1, 2)
     if as_rows:
         padded = q
     else:
