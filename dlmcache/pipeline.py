@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .batching import left_pad
 from .cache import DenoisingCache, Layout, make_cache
 from .engine import Finished, Request, cache_rule
+from .engine.rules import BLOCK, TOKEN
 from .locations import read_json, resolve_path
 from .models import MODEL_CLASSES
 from .schedulers import (
@@ -303,8 +304,8 @@ class DLMPipeline(DiffusionPipeline):
         engine: decode on the batched engine (`dlmcache.engine`: every prompt a request, all of them
         in one flattened forward per step, their KV in one paged pool) or, with False, on the cache
         strategy's own step loop (the reference the engine is tested against). Default: the engine
-        wherever it runs the configuration (not yet: guided unmasking, CFG, a compressed prompt, or
-        a batch sampled from one shared generator, whose draws the reference makes for all rows at
+        wherever it runs the configuration (not yet: guided unmasking, a compressed prompt, or a
+        batch sampled from one shared generator, whose draws the reference makes for all rows at
         once). Both give each prompt the tokens it gets alone.
         """
         # 1. Check inputs and encode the prompts. Per-call state lives on this call's own copies of the
@@ -320,9 +321,9 @@ class DLMPipeline(DiffusionPipeline):
         )
         if engine and on_engine is None:
             raise ValueError(
-                "engine=True: the batched engine does not run this configuration yet (guided unmasking, CFG, "
+                "engine=True: the batched engine does not run this configuration yet (guided unmasking, "
                 f"a compressed prompt, or a batch sampled from one generator); scheduler={scheduler!r}, "
-                f"cache={cache.name!r}, cfg_scale={cfg_scale}"
+                f"cache={cache.name!r}"
             )
         if on_engine is not None and engine is not False:
             return self._decode_on_engine(on_engine, cache, steps, callback_on_step_end, return_dict)
@@ -431,7 +432,7 @@ class DLMPipeline(DiffusionPipeline):
     ) -> list[Request] | None:
         """The batched engine's requests (`dlmcache.engine`, one per prompt, each with its own copy of
         the scheduler) for what `__call__` with these arguments decodes, checked as `__call__` checks
-        them; None when the engine does not run this configuration yet (guided unmasking, CFG, a
+        them; None when the engine does not run this configuration yet (guided unmasking, a
         compressed prompt). A generator is shared by the prompts' requests (each draws on its own,
         in turn). Run them with `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`."""
         steps, scheduler, cache, stop_at_eos = self._call_settings(
@@ -460,11 +461,11 @@ class DLMPipeline(DiffusionPipeline):
         samples (a scheduler that is not `batched`) from one generator stays on the reference loop
         unless `shared_generator` (the reference draws for every row at once; the engine row by row)."""
         rule = cache_rule(cache)
-        if cfg_scale or isinstance(scheduler, GuidedScheduler) or rule is None:
+        if isinstance(scheduler, GuidedScheduler) or rule is None:
             return None
         if generator is not None and len(requests) > 1 and not scheduler.batched and not shared_generator:
             return None
-        settings = dict(stop_at_eos=stop_at_eos, generator=generator)
+        settings = dict(stop_at_eos=stop_at_eos, generator=generator, cfg_scale=cfg_scale)
         return [
             Request(
                 ids, max_new_tokens, block_length, steps, copy.copy(scheduler), rule, chat=chat, id=str(i), **settings
@@ -504,14 +505,16 @@ class DLMPipeline(DiffusionPipeline):
         commit_step = torch.stack([f.commit_step for f in done]).to(device)
         nfe = decoder.forwards
 
+        rows = sum(r.rows for r in requests)  # per sequence, as the loop counts: CFG's rows are sequences too
+
         def mean(key: str) -> float:
-            return sum(f.stats[key] for f in done) / batch
+            return sum(f.stats[key] for f in done) / rows
 
         cache_stats = {
             "forwards": nfe, "full_forwards": mean("full_forwards"), "fed_tokens": mean("fed_tokens"),
             "reused_tokens": mean("reused_tokens"), "kv_bytes": decoder.pool.nbytes,
         }  # fmt: skip
-        if any(r.rule.drift > 0 for r in requests):
+        if any(r.rule.mode in (BLOCK, TOKEN) for r in requests):  # FreeCache counts its drift refreshes
             cache_stats["drift_refreshes"] = sum(f.stats["drift_refreshes"] for f in done)
         return self._output(sequences, nfe, commit_step, elapsed, cache.name, cache_stats, {}, return_dict)
 

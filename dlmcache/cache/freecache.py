@@ -119,7 +119,9 @@ class FreeCache(KVReuseCache):
     def prepare(self, model, layout) -> None:
         super().prepare(model, layout)
         self.freezer, self.refresher = self.freeze_rule(), self.refresh_rule()
-        self.freezer.start(layout, self.shift, first=self.store.base)
+        # The prompt's KV is final from a refresh on, whatever its tokens: CFG's unconditional rows
+        # hold masks there, which never change (and a compressed prompt is not in the buffer at all).
+        self.freezer.start(layout, self.shift, first=layout.prompt_len)
         self.refresher.start(layout.key_mask.shape[0], layout.key_mask.device)
         self.stats.extra["drift_refreshes"] = 0  # row refreshes triggered by the drift test
 

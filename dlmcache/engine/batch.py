@@ -35,6 +35,9 @@ class Request:
 
     on_step(sequence, commit_step): after each of its steps, with host copies [G] of its generated
     region (masks where nothing is committed yet) and of each token's commit step (-1: not yet).
+    cfg_scale: classifier-free guidance as LLaDA writes it (0: off). The request then has a second,
+    unconditional row: the same canvas with the prompt masked, its own KV; every step the logits
+    are uncond + (cfg_scale + 1) * (cond - uncond), and the two rows commit the same tokens.
     """
 
     prompt: list[int]
@@ -48,10 +51,21 @@ class Request:
     on_step: object = None
     id: str = ""
     chat: object = None  # what the prompt came from (a scheduler's `begin` may read it)
+    cfg_scale: float = 0.0
 
     @property
     def length(self) -> int:
         return len(self.prompt) + self.max_new_tokens
+
+    @property
+    def rows(self) -> int:
+        """Rows of the batch it takes: 2 with classifier-free guidance (its unconditional row)."""
+        return 2 if self.cfg_scale else 1
+
+    @property
+    def kv_tokens(self) -> int:
+        """Pool positions it holds: `length` per row."""
+        return self.rows * self.length
 
 
 @dataclass
@@ -127,19 +141,33 @@ class GenerationBatch:
                  dtype: torch.dtype, device: torch.device | str = "cpu"):  # fmt: skip
         self.mask_id, self.eos_id, self.shift = mask_token_id, eos_token_id, shift
         self.kv_heads, self.head_dim, self.dtype, self.device = kv_heads, head_dim, dtype, torch.device(device)
-        self.requests: list[Request] = []
+        self.requests: list[Request] = []  # per row (a request with CFG: twice, its unconditional row next)
+        self._uncond: list[bool] = []  # per row: the unconditional row of the request before it
         self.key_slots = torch.zeros(0, 1, dtype=torch.long, device=self.device)
         self.width = 1
         self.host_reads = 0  # device-to-host copies made by plan / commit, for tests and metrics
         self._build_rows()
 
     def __len__(self) -> int:
-        return len(self.requests)
+        """Running requests (a request with CFG has two rows in `requests`, one per row)."""
+        return len(self.requests) - sum(self._uncond)
 
     # ------------------------------------------------------------------ membership
 
     def add(self, request: Request, slots: torch.LongTensor) -> None:
-        """Start `request`, whose positions [0, length) live at pool `slots` [length]."""
+        """Start `request`, whose positions [0, length) live at pool `slots` [length] (with CFG
+        [2 * length]: the unconditional row's follow, and that row follows the request's)."""
+        prompt_len, length = len(request.prompt), request.length
+        canvas = torch.tensor(request.prompt + [self.mask_id] * request.max_new_tokens, device=self.device)
+        self._add_row(request, canvas, slots[:length])
+        if request.cfg_scale:
+            unconditional = canvas.clone()
+            unconditional[:prompt_len] = self.mask_id
+            self._add_row(request, unconditional, slots[length : 2 * length], uncond=True)
+        request.scheduler.begin([request.prompt], [request.chat], canvas[None], prompt_len)
+        self._regroup()
+
+    def _add_row(self, request: Request, canvas: torch.LongTensor, slots: torch.LongTensor, uncond=False) -> None:
         g = request.max_new_tokens
         rule = request.rule
         row = {
@@ -149,7 +177,6 @@ class GenerationBatch:
             "delay": rule.delay, "refresh_every": rule.refresh_every, "drift": rule.drift,
             "probe_tokens": rule.probe_tokens,
         }  # fmt: skip
-        canvas = torch.tensor(request.prompt + [self.mask_id] * g, dtype=torch.long, device=self.device)
         old = self._state
         # Wide enough that every row's block columns (start + j, j < the widest block) are in the canvas.
         everyone = self.requests + [request]
@@ -169,20 +196,22 @@ class GenerationBatch:
         self.key_slots = torch.cat([_pad_cols(self.key_slots, width, 0), key_slots])
         self.width, self._state = width, state
         self.requests.append(request)
-        request.scheduler.begin([request.prompt], [request.chat], canvas[None], len(request.prompt))
-        self._regroup()
+        self._uncond.append(uncond)
 
     def remove(self, rows: list[int]) -> list[Request]:
-        """Drop `rows` (finished or cancelled); returns their requests."""
+        """Drop `rows` (finished or cancelled; a request's unconditional row goes with it, given or not);
+        returns their requests."""
         if not rows:
             return []
-        gone = set(rows)
+        gone = set(rows) | {i + 1 for i in rows if i + 1 < len(self._uncond) and self._uncond[i + 1]}
+        rows = sorted(gone)
         keep = [i for i in range(len(self.requests)) if i not in gone]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._state = {name: t.index_select(0, index) for name, t in self._state.items()}
         self.key_slots = self.key_slots.index_select(0, index)
-        removed = [self.requests[i] for i in rows]
+        removed = [self.requests[i] for i in rows if not self._uncond[i]]
         self.requests = [self.requests[i] for i in keep]
+        self._uncond = [self._uncond[i] for i in keep]
         self._regroup()
         return removed
 
@@ -203,12 +232,20 @@ class GenerationBatch:
         self._alone = []
         for i, req in enumerate(self.requests):
             s = req.scheduler
+            if self._uncond[i]:
+                continue  # it commits what its request's row commits
             if s.batched:  # draws nothing: a generator, if any, is unused
                 key = (type(s), tuple(sorted((k, repr(v)) for k, v in s.config.items() if not k.startswith("_"))))
                 groups.setdefault(key, (s, []))[1].append(i)
             else:
                 self._alone.append(i)
         self._groups = [(s, torch.tensor(rows, device=self.device)) for s, rows in groups.values()]
+        uncond = [i for i, u in enumerate(self._uncond) if u]
+        self._cfg = None
+        if uncond:  # (conditional rows, their unconditional rows, cfg_scale + 1 [P, 1, 1])
+            scale = torch.tensor([self.requests[i].cfg_scale + 1 for i in uncond], device=self.device)
+            index = torch.tensor(uncond, device=self.device)
+            self._cfg = (index - 1, index, scale[:, None, None])
         # What the running rows use, known on the host: plan and commit skip the rest.
         self._modes = {r.rule.mode for r in self.requests}
         self._drift = any(r.rule.drift > 0 for r in self.requests)
@@ -325,7 +362,7 @@ class GenerationBatch:
         token = ~s["final"] & (pos < window_end[:, None]) | masked
         if self.shift:
             token[:, : -self.shift] |= masked[:, self.shift :]
-        committed = canvas != mask_id
+        committed = (canvas != mask_id) | (pos < s["prompt_len"][:, None])  # a masked prompt (CFG) too
         renewed = refresh[:, None] & is_token
         s["final"] = torch.where(renewed, committed, s["final"] | (token & committed & is_token & ~refresh[:, None]))
         return token
@@ -353,6 +390,10 @@ class GenerationBatch:
         rows_n = len(self.requests)
         padded = logits.new_zeros(rows_n, step["bmax"], logits.shape[-1])
         padded[step["target_row"], step["target_col"]] = logits
+        if self._cfg is not None:  # classifier-free guidance: the request's row gets the combined logits
+            cond, uncond, scale = self._cfg
+            c, u = padded[cond], padded[uncond]
+            padded[cond] = u + scale.to(u.dtype) * (c - u)
         sample = canvas.gather(1, block_cols)
         if len(self._groups) == 1 and not self._alone:  # one configuration for every row: no row gathers
             scheduler, _ = self._groups[0]
@@ -366,6 +407,9 @@ class GenerationBatch:
                 x0[rows], transfer[rows] = gx, gt
             if self._alone:
                 self._select_alone(padded, targets, x0, transfer)
+        if self._cfg is not None:  # the unconditional row commits what its request's row commits
+            cond, uncond, _ = self._cfg
+            x0[uncond], transfer[uncond] = x0[cond], transfer[cond]
         transfer &= targets
         new = torch.where(transfer, x0, sample)
         canvas.scatter_(1, block_cols, new)
@@ -404,7 +448,12 @@ class GenerationBatch:
         info = snapshot[:, 2 * self.width :].tolist()  # per row: forwards, fed, attended, full, drift, finite, done
         finished = []
         for i, req in enumerate(self.requests):
+            if self._uncond[i]:
+                continue
             forwards, fed, attended, full, drift, ok, done = info[i]
+            if req.cfg_scale:  # the counters of both rows
+                fed, attended, full, drift = (a + b for a, b in zip(info[i][1:5], info[i + 1][1:5], strict=True))
+                ok = ok and info[i + 1][5]
             if not ok:
                 error = FloatingPointError(f"the model's logits at step {forwards - 1} are not finite")
                 finished.append((i, Finished(req, snapshot[i, :0], snapshot[i, :0], error=error)))

@@ -97,7 +97,7 @@ class BatchedDecoder:
     def for_requests(cls, model, eos_token_id: int | None, requests: list[Request], block_size: int = 16):
         """A decoder whose pool holds exactly `requests` (a `DLMPipeline` call's prompts)."""
         shape = (model.num_layers, model.num_kv_heads, model.head_dim)
-        blocks = sum(-(-r.length // block_size) for r in requests)
+        blocks = sum(-(-r.kv_tokens // block_size) for r in requests)
         dtype = next(model.parameters()).dtype
         pool = KVPool(*shape, num_blocks=max(1, blocks), block_size=block_size, dtype=dtype, device=model.device)
         return cls(model, eos_token_id, pool=pool)
@@ -107,15 +107,15 @@ class BatchedDecoder:
 
     def fits(self, request: Request) -> bool:
         """Whether the pool could ever hold `request` (when empty)."""
-        return request.length <= self.pool.capacity
+        return request.kv_tokens <= self.pool.capacity
 
     def can_add(self, request: Request) -> bool:
-        return self.pool.can_allocate(request.length)
+        return self.pool.can_allocate(request.kv_tokens)
 
     def add(self, request: Request) -> None:
-        blocks = self.pool.allocate(request.length)
+        blocks = self.pool.allocate(request.kv_tokens)
         try:
-            self.batch.add(request, self.pool.slots(blocks, request.length))
+            self.batch.add(request, self.pool.slots(blocks, request.kv_tokens))
         except Exception:
             self.pool.free(blocks)
             raise
@@ -127,7 +127,7 @@ class BatchedDecoder:
         return self._remove(rows)
 
     def _remove(self, rows: list[int]) -> list[Request]:
-        removed = self.batch.remove(rows)
+        removed = self.batch.remove(rows)  # each request once, its unconditional row (CFG) with it
         for r in removed:
             self.pool.free(self.blocks.pop(id(r)))
         return removed
@@ -135,7 +135,7 @@ class BatchedDecoder:
     def _first_slot(self) -> int | None:
         """One running request on consecutive blocks (the usual case alone: the pool hands out the
         lowest free blocks first) reads its keys as a view of the pool: its first slot, else None."""
-        if len(self.batch) != 1:
+        if len(self.batch.requests) != 1:  # one row
             return None
         blocks = self.blocks[id(self.batch.requests[0])]
         consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))

@@ -235,5 +235,106 @@ def test_make_requests_decodes_what_the_call_decodes(pipe):
         pipe.make_requests("Hi", max_new_tokens=24, block_length=5)
     with pytest.raises(TypeError, match="cache must be a DenoisingCache"):
         pipe.make_requests("Hi", cache="dual")
-    assert pipe.make_requests("Hi", cfg_scale=1.0) is None
+    assert [r.rows for r in pipe.make_requests("Hi", cfg_scale=1.0)] == [2]
     assert pipe.make_requests("Hi", cache=FreeCache(policy="snapkv", budget=0.5)) is None
+
+
+# ---------------------------------------------------------------- DLMPipeline.__call__ on the engine
+
+
+@pytest.mark.parametrize("cache", ["none", "dual", "freecache", "token", "every2_drop"])
+@pytest.mark.parametrize("sched", ["low_confidence", "threshold", "sampled", "dream_origin"])
+def test_the_call_on_the_engine_equals_its_step_loop(pipe, cache, sched):
+    """One prompt: `__call__` on the engine (the default) and on the cache strategy's step loop
+    (engine=False) give the same tokens, forwards, commit steps and cache counters."""
+    kw = dict(max_new_tokens=24, block_length=8, steps=12, scheduler=SCHEDULERS[sched]())
+    outs = [
+        pipe(PROMPTS[1], cache=CACHES[cache](), generator=seeded(0), engine=engine, **kw) for engine in (None, False)
+    ]
+    got, want = outs
+    assert torch.equal(got.sequences, want.sequences) and got.texts == want.texts
+    assert got.nfe == want.nfe and torch.equal(got.commit_step, want.commit_step)
+    for key in ("steps", "forwards", "full_forwards", "fed_tokens", "reused_tokens", "answer_tokens"):
+        assert got.stats[key] == want.stats[key], key
+    assert got.stats.get("drift_refreshes") == want.stats.get("drift_refreshes")
+
+
+@pytest.mark.parametrize("cache", ["dual", "token"])
+def test_a_batched_call_on_the_engine_gives_each_prompt_its_tokens(pipe, cache):
+    """A batch of prompts of different lengths: the engine's rows (no left padding, each at its own
+    pace) give the tokens of the step loop's padded batch and of each prompt alone; the callback sees
+    every row's canvas after every step, and its last view is the output."""
+    kw = dict(max_new_tokens=24, block_length=8, steps=12, cache=CACHES[cache](), stop_at_eos=True)
+    views = []
+    got = pipe(PROMPTS, callback_on_step_end=lambda _, step, s: views.append((step, s["sequences"].clone())), **kw)
+    loop = pipe(PROMPTS, engine=False, **kw)
+    assert torch.equal(got.sequences, loop.sequences)
+    for i, prompt in enumerate(PROMPTS):
+        assert torch.equal(pipe(prompt, **kw).sequences[0], got.sequences[i])
+    assert [step for step, _ in views] == list(range(1, got.nfe + 1))
+    assert torch.equal(views[-1][1], got.sequences.cpu()) and got.nfe <= loop.nfe
+    committed = got.commit_step >= 0
+    assert committed.all() and int(got.commit_step.max()) < got.nfe
+
+
+def test_the_call_keeps_its_step_loop_where_the_engine_does_not_run(pipe):
+    """A compressed prompt and a batch sampled from one generator decode on the step loop;
+    engine=True says so instead."""
+    kw = dict(max_new_tokens=16, block_length=8, steps=8)
+    sampled = SCHEDULERS["sampled"]()
+    for options in (
+        dict(cache=FreeCache(policy="snapkv", budget=0.5)),
+        dict(scheduler=sampled, generator=seeded(1)),
+    ):
+        prompts = PROMPTS[:2]
+        loop = pipe(prompts, engine=False, **kw, **options)
+        if "generator" in options:
+            options["generator"] = seeded(1)
+        assert torch.equal(pipe(prompts, **kw, **options).sequences, loop.sequences)
+        with pytest.raises(ValueError, match="engine=True: the batched engine does not run this configuration"):
+            pipe(prompts, engine=True, **kw, **options)
+
+
+@pytest.mark.parametrize("cache", ["none", "dual", "token", "every2_drop"])
+def test_classifier_free_guidance_is_a_second_row(pipe, cache):
+    """CFG on the engine: each request's unconditional row (prompt masked, its own KV) runs beside
+    it; the tokens equal the step loop's CFG, alone and in a batch with requests without CFG, and
+    the pool holds and frees both rows."""
+    kw = dict(max_new_tokens=24, block_length=8, steps=12, cfg_scale=1.5, cache=CACHES[cache]())
+    loop = pipe(PROMPTS[:3], engine=False, **kw)
+    got = pipe(PROMPTS[:3], **kw)
+    assert torch.equal(got.sequences, loop.sequences)
+    assert not torch.equal(got.sequences, pipe(PROMPTS[:3], **{**kw, "cfg_scale": 0.0}).sequences)
+    alone = pipe(PROMPTS[1], engine=False, **kw)
+    assert alone.nfe == pipe(PROMPTS[1], **kw).nfe
+
+    decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
+    free = decoder.pool.free_blocks
+    (guided,) = pipe.make_requests(PROMPTS[1], **kw)
+    guided.id = "cfg"
+    others = [request(pipe, i, LowConfidenceScheduler(), CACHES[cache]()) for i in (0, 2)]
+    done = run(decoder, [others[0], guided, others[1]])
+    assert torch.equal(done["cfg"].sequence, alone.sequences[0])
+    for r in others:
+        assert torch.equal(done[r.id].sequence, alone_seq(pipe, int(r.id), cache))
+    assert decoder.pool.free_blocks == free and len(decoder.batch.requests) == 0
+
+
+def alone_seq(pipe, i, cache):
+    return alone(pipe, i, LowConfidenceScheduler(), CACHES[cache]())[0]
+
+
+def test_cancelling_a_guided_request_frees_both_rows(pipe):
+    decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
+    free = decoder.pool.free_blocks
+    (guided,) = pipe.make_requests(PROMPTS[0], max_new_tokens=16, block_length=8, cfg_scale=1.0)
+    guided.id = "cfg"
+    decoder.add(guided)
+    decoder.add(request(pipe, 1, LowConfidenceScheduler(), CACHES["dual"]()))
+    assert len(decoder) == 2 and len(decoder.batch.requests) == 3
+    decoder.step()
+    assert decoder.cancel({"cfg"}) == [guided]
+    assert len(decoder) == 1 and len(decoder.batch.requests) == 1
+    while len(decoder):
+        decoder.step()
+    assert decoder.pool.free_blocks == free
