@@ -3,7 +3,8 @@
     python scripts/bench_engine.py --out results/bench_engine.json
 
 One run, ratios within it, medians of `--repeats`:
-- one request at a time: ms per request through `DLMPipeline` and through `BatchedDecoder` (R = 1),
+- one request at a time: ms per request through `DLMPipeline`'s step loop (engine=False) and through
+  `BatchedDecoder` (R = 1),
   interleaved request by request, the median of the per-request ratios, and the check that both give
   the same tokens;
 - all `--requests` at once through the engine: answer tokens per second against one at a time;
@@ -41,7 +42,7 @@ def pipeline_ops_per_step(pipe, ids, max_new_tokens, cache) -> int:
             count.__exit__(None, None, None)
 
     pipe([ids], max_new_tokens=max_new_tokens, block_length=32, cache=cache, stop_at_eos=True,
-         callback_on_step_end=callback)  # fmt: skip
+         callback_on_step_end=callback, engine=False)  # fmt: skip
     return count.ops
 
 
@@ -78,7 +79,9 @@ def main() -> None:
         t_pipe, t_one, seqs, same = [], [], [], True
         for i, ids in enumerate(prompts):
             t = time.perf_counter()
-            seqs.append(pipe([ids], max_new_tokens=g, block_length=32, cache=cache, stop_at_eos=True).sequences[0])
+            seqs.append(
+                pipe([ids], max_new_tokens=g, block_length=32, cache=cache, stop_at_eos=True, engine=False).sequences[0]
+            )
             t_pipe.append(time.perf_counter() - t)
             t = time.perf_counter()
             same &= torch.equal(decode(one, [request(ids, i)])[str(i)], seqs[-1])

@@ -291,7 +291,9 @@ class GenerationBatch:
         bmax = self._bmax
         block_cols = start[:, None] + self._block_j  # [R, Bmax] the active block's canvas columns
         targets = (canvas.gather(1, block_cols) == mask_id) & self._in_block  # still masked
-        total, widest, n_targets = (int(v) for v in torch.stack([counts.sum(), counts.max(), targets.sum()]).tolist())
+        per_row = targets.sum(-1)
+        sizes = torch.stack([counts.sum(), counts.max(), per_row.sum(), per_row.max()]).tolist()
+        total, widest, n_targets, most_targets = (int(v) for v in sizes)
         self.host_reads += 1
         row, col = torch.nonzero_static(need, size=total).unbind(1)
         offsets = counts.cumsum(0) - counts
@@ -299,6 +301,7 @@ class GenerationBatch:
         flat = torch.full_like(canvas, -1)
         flat[row, col] = torch.arange(total, device=self.device)
         t_row, t_col = torch.nonzero_static(targets, size=n_targets).unbind(1)
+        t_rank = torch.arange(n_targets, device=self.device) - (per_row.cumsum(0) - per_row)[t_row]
         predictor = (block_cols[t_row, t_col] - shift).clamp(min=0)
         self._step = dict(
             start=start,
@@ -310,6 +313,8 @@ class GenerationBatch:
             bmax=bmax,
             target_row=t_row,
             target_col=t_col,
+            target_rank=t_rank,
+            most_targets=most_targets,
         )
         s["fed"] += counts
         s["attended"] += attend_end
@@ -386,30 +391,43 @@ class GenerationBatch:
         if self._drift:
             self._observe_drift(values)
 
-        # The schedulers: rows of one configuration together, padded to the widest block.
-        rows_n = len(self.requests)
-        padded = logits.new_zeros(rows_n, step["bmax"], logits.shape[-1])
-        padded[step["target_row"], step["target_col"]] = logits
+        # The schedulers see each row's still-masked positions packed to the left, rows padded to the
+        # most any row has (what the step loop gives one row: its masked columns, no others), and
+        # rows of one configuration are selected together.
+        rows_n, t_row, t_rank = len(self.requests), step["target_row"], step["target_rank"]
+        if rows_n == 1:
+            packed, packed_targets = logits[None], targets.new_ones(1, logits.shape[0])
+        else:
+            packed = logits.new_zeros(rows_n, step["most_targets"], logits.shape[-1])
+            packed[t_row, t_rank] = logits
+            packed_targets = targets.new_zeros(rows_n, step["most_targets"])
+            packed_targets[t_row, t_rank] = True
         if self._cfg is not None:  # classifier-free guidance: the request's row gets the combined logits
             cond, uncond, scale = self._cfg
-            c, u = padded[cond], padded[uncond]
-            padded[cond] = u + scale.to(u.dtype) * (c - u)
-        sample = canvas.gather(1, block_cols)
+            c, u = packed[cond], packed[uncond]
+            packed[cond] = u + scale.to(u.dtype) * (c - u)
+        steps_in, steps_per = s["step_in_block"], s["steps_per_block"]
         if len(self._groups) == 1 and not self._alone:  # one configuration for every row: no row gathers
             scheduler, _ = self._groups[0]
-            x0, _, transfer = scheduler._select(padded, targets, s["step_in_block"], s["steps_per_block"], None, None)
+            x0p, _, transferp = scheduler._select(packed, packed_targets, steps_in, steps_per, None, None)
         else:
-            x0, transfer = torch.empty_like(sample), torch.zeros_like(targets)
+            x0p = torch.zeros(packed_targets.shape, dtype=torch.long, device=self.device)
+            transferp = torch.zeros_like(packed_targets)
             for scheduler, rows in self._groups:
                 gx, _, gt = scheduler._select(
-                    padded[rows], targets[rows], s["step_in_block"][rows], s["steps_per_block"][rows], None, None
+                    packed[rows], packed_targets[rows], steps_in[rows], steps_per[rows], None, None
                 )
-                x0[rows], transfer[rows] = gx, gt
+                x0p[rows], transferp[rows] = gx, gt
             if self._alone:
-                self._select_alone(padded, targets, x0, transfer)
+                self._select_alone(packed, targets, x0p, transferp)
         if self._cfg is not None:  # the unconditional row commits what its request's row commits
             cond, uncond, _ = self._cfg
-            x0[uncond], transfer[uncond] = x0[cond], transfer[cond]
+            x0p[uncond], transferp[uncond] = x0p[cond], transferp[cond]
+        # Back to the block's columns.
+        sample = canvas.gather(1, block_cols)
+        x0, transfer = sample.clone(), torch.zeros_like(targets)
+        x0[t_row, step["target_col"]] = x0p[t_row, t_rank]
+        transfer[t_row, step["target_col"]] = transferp[t_row, t_rank]
         transfer &= targets
         new = torch.where(transfer, x0, sample)
         canvas.scatter_(1, block_cols, new)
@@ -473,7 +491,7 @@ class GenerationBatch:
         self.finished_rows = [i for i, _ in finished]
         return [f for _, f in finished]
 
-    def _select_alone(self, padded, targets, x0, transfer) -> None:
+    def _select_alone(self, packed, targets, x0, transfer) -> None:
         """Rows whose scheduler draws random numbers (or is not vectorised): each alone, on exactly the
         logits it would get alone (its still-masked positions), with its own generator."""
         s = self._state
@@ -488,10 +506,11 @@ class GenerationBatch:
                 x=s["canvas"][i : i + 1, : req.length], targets=start + cols, start=start,
                 end=start + req.block_length, prompt_len=len(req.prompt), mask_token_id=self.mask_id,
             )  # fmt: skip
+            n = cols.numel()
             gx, _, gt = req.scheduler._select(
-                padded[i : i + 1, cols], targets[i : i + 1, cols], step_index, num_steps, req.generator, context
+                packed[i : i + 1, :n], targets[i : i + 1, cols], step_index, num_steps, req.generator, context
             )
-            x0[i, cols], transfer[i, cols] = gx[0], gt[0]
+            x0[i, :n], transfer[i, :n] = gx[0], gt[0]
 
     def _observe_drift(self, values: torch.Tensor) -> None:
         """RefreshOnDrift per row: a refreshing row records its fresh last-layer values as the
