@@ -338,3 +338,16 @@ def test_cancelling_a_guided_request_frees_both_rows(pipe):
     while len(decoder):
         decoder.step()
     assert decoder.pool.free_blocks == free
+
+
+def test_float32_batches_equal_each_request_alone_on_cpu(tiny_tokenizer):
+    """In float32 on the CPU too (the tests above run in float64): 12 mixed requests in one batch
+    give each the tokens it gets alone, so the flattened matmuls' low bits do not depend on the batch
+    here. (On GPU a batched GEMM promises no such thing; see docs/engine.md.)"""
+    pipe = DLMPipeline(model=tiny_llada(tiny_tokenizer), tokenizer=tiny_tokenizer, scheduler=LowConfidenceScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    caches = ["token", "dual", "freecache"]
+    requests = [request(pipe, i, LowConfidenceScheduler(), CACHES[caches[i % 3]]()) for i in range(12)]
+    done = run(BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id), requests)
+    for i in range(12):
+        assert torch.equal(done[str(i)].sequence, alone_seq(pipe, i, caches[i % 3])), i
