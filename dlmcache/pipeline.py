@@ -304,8 +304,8 @@ class DLMPipeline(DiffusionPipeline):
         engine: decode on the batched engine (`dlmcache.engine`: every prompt a request, all of them
         in one flattened forward per step, their KV in one paged pool) or, with False, on the cache
         strategy's own step loop (the reference the engine is tested against). Default: the engine
-        wherever it runs the configuration (not yet: guided unmasking, a compressed prompt, or a
-        batch sampled from one shared generator, whose draws the reference makes for all rows at
+        wherever it runs the configuration (not yet: a compressed prompt, or a batch sampled from
+        one shared generator, whose draws the reference makes for all rows at
         once). Both give each prompt the tokens it gets alone.
         """
         # 1. Check inputs and encode the prompts. Per-call state lives on this call's own copies of the
@@ -321,9 +321,8 @@ class DLMPipeline(DiffusionPipeline):
         )
         if engine and on_engine is None:
             raise ValueError(
-                "engine=True: the batched engine does not run this configuration yet (guided unmasking, "
-                f"a compressed prompt, or a batch sampled from one generator); scheduler={scheduler!r}, "
-                f"cache={cache.name!r}"
+                "engine=True: the batched engine does not run this configuration yet (a compressed prompt, "
+                f"or a batch sampled from one generator); scheduler={scheduler!r}, cache={cache.name!r}"
             )
         if on_engine is not None and engine is not False:
             return self._decode_on_engine(on_engine, cache, steps, callback_on_step_end, return_dict)
@@ -432,9 +431,9 @@ class DLMPipeline(DiffusionPipeline):
     ) -> list[Request] | None:
         """The batched engine's requests (`dlmcache.engine`, one per prompt, each with its own copy of
         the scheduler) for what `__call__` with these arguments decodes, checked as `__call__` checks
-        them; None when the engine does not run this configuration yet (guided unmasking, a
-        compressed prompt). A generator is shared by the prompts' requests (each draws on its own,
-        in turn). Run them with `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`."""
+        them; None when the engine does not run this configuration yet (a compressed prompt). A
+        generator is shared by the prompts' requests (each draws on its own, in turn). Run them with
+        `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`."""
         steps, scheduler, cache, stop_at_eos = self._call_settings(
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
         )
@@ -461,7 +460,7 @@ class DLMPipeline(DiffusionPipeline):
         samples (a scheduler that is not `batched`) from one generator stays on the reference loop
         unless `shared_generator` (the reference draws for every row at once; the engine row by row)."""
         rule = cache_rule(cache)
-        if isinstance(scheduler, GuidedScheduler) or rule is None:
+        if rule is None:
             return None
         if generator is not None and len(requests) > 1 and not scheduler.batched and not shared_generator:
             return None
@@ -516,7 +515,9 @@ class DLMPipeline(DiffusionPipeline):
         }  # fmt: skip
         if any(r.rule.mode in (BLOCK, TOKEN) for r in requests):  # FreeCache counts its drift refreshes
             cache_stats["drift_refreshes"] = sum(f.stats["drift_refreshes"] for f in done)
-        return self._output(sequences, nfe, commit_step, elapsed, cache.name, cache_stats, {}, return_dict)
+        # the schedulers' own counters (a guide's accepted drafts and forwards), summed over the requests
+        scheduler_stats = {key: sum(r.scheduler.stats[key] for r in requests) for key in requests[0].scheduler.stats}
+        return self._output(sequences, nfe, commit_step, elapsed, cache.name, cache_stats, scheduler_stats, return_dict)
 
     def _output(self, sequences, nfe, commit_step, elapsed, cache_name, cache_stats, scheduler_stats, return_dict):
         texts = self.decode(sequences)

@@ -485,7 +485,7 @@ class GenerationBatch:
                 stats = {
                     "steps": forwards, "full_forwards": full, "fed_tokens": fed, "reused_tokens": attended - fed,
                     "drift_refreshes": drift,
-                    "tokens_per_step": req.max_new_tokens / max(forwards, 1),
+                    "tokens_per_step": req.max_new_tokens / max(forwards, 1), **req.scheduler.stats,
                 }  # fmt: skip
                 finished.append((i, Finished(req, seq.clone(), commit.clone(), stats)))
         self.finished_rows = [i for i, _ in finished]

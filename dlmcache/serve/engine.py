@@ -1,7 +1,7 @@
 """The serving engine: many requests, one model, one flattened forward per step.
 
 Requests whose decoding the batched engine runs (the caches none / prefix / dual / FreeCache with an
-uncompressed prompt, every scheduler but the guided one, no CFG) are rows of one
+uncompressed prompt, every scheduler, guided unmasking included) are rows of one
 `dlmcache.engine.BatchedDecoder`: each step plans every row at once, runs one forward over all of
 their fed tokens with their KV in one paged pool, and commits every row at once. So:
 
@@ -11,8 +11,8 @@ their fed tokens with their KV in one paged pool, and commits every row at once.
 - requests with different prompts, lengths, steps, block lengths, schedulers and caches mix freely,
   and each gets exactly the tokens it gets alone (tested against `DLMPipeline`).
 
-The other requests (guided unmasking, CFG, a compressed prompt) still run the pipeline's own loop in a
-greenlet of the engine's thread, their forwards batched together (`forward_together`: each request's
+The other requests (a compressed prompt) still run the pipeline's own loop in a greenlet of the
+engine's thread, their forwards batched together (`forward_together`: each request's
 attention through its own cache) until the batched engine runs them too.
 
 The engine owns the compute threads (`ThreadPolicy`); admission is bounded (`max_batch` running,

@@ -351,3 +351,39 @@ def test_float32_batches_equal_each_request_alone_on_cpu(tiny_tokenizer):
     done = run(BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id), requests)
     for i in range(12):
         assert torch.equal(done[str(i)].sequence, alone_seq(pipe, i, caches[i % 3])), i
+
+
+@pytest.fixture(scope="module")
+def guided_pipe():
+    pipe = DLMPipeline.from_pretrained("dlmcache/tiny", cache="freecache", guide="dlmcache/tiny-guide")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("cache", ["none", "dual", "freecache", "token"])
+def test_guided_unmasking_runs_as_rows_of_the_engine(guided_pipe, cache):
+    """The bundled model and its trained guide (which accepts long runs of drafts): on the engine each
+    prompt gets the step loop's tokens, forwards and accepted drafts, alone and batched; in a
+    `BatchedDecoder` a guided request decodes beside unguided ones as it does alone."""
+    from dlmcache import tinytask
+
+    prompts = [tinytask.messages(p) for p in tinytask.test_problems(3)]
+    kw = dict(max_new_tokens=64, block_length=32, cache=CACHES[cache]())
+    for prompt in prompts[:2]:
+        got, want = guided_pipe([prompt], **kw), guided_pipe([prompt], engine=False, **kw)
+        assert torch.equal(got.sequences, want.sequences) and got.nfe == want.nfe < 64
+        assert got.stats["accepted_drafts"] == want.stats["accepted_drafts"] > 0
+    batch = guided_pipe(prompts, **kw)
+    assert torch.equal(batch.sequences, guided_pipe(prompts, engine=False, **kw).sequences)
+
+    decoder = BatchedDecoder(guided_pipe.model, guided_pipe.tokenizer.eos_token_id)
+    (guided,) = guided_pipe.make_requests([prompts[0]], **kw)
+    plain = guided_pipe.make_requests([prompts[1], prompts[2]], scheduler=LowConfidenceScheduler(), **kw)
+    for i, r in enumerate([guided, *plain]):
+        r.id = str(i)
+    done = run(decoder, [plain[0], guided, plain[1]])
+    assert torch.equal(done["0"].sequence, batch.sequences[0])
+    for i in (1, 2):
+        alone = guided_pipe([prompts[i]], scheduler=LowConfidenceScheduler(), engine=False, **kw)
+        assert torch.equal(done[str(i)].sequence, alone.sequences[0])
+    assert done["0"].stats["accepted_drafts"] > 0 and done["0"].stats["steps"] < done["1"].stats["steps"]
