@@ -298,7 +298,8 @@ class DLMPipeline(DiffusionPipeline):
         masked each step, logits uncond + (cfg_scale + 1) * (cond - uncond); 0 turns it off.
         callback_on_step_end: `fn(pipe, step, {"sequences": [B, G], "commit_step": [B, G]})` after
         every denoising step (masked positions hold the mask token; commit_step is -1 there); the
-        tensors are the live buffers, so copy what you keep. Used by the demo's live view.
+        tensors are updated in place after each step (host tensors on the engine, the canvas itself
+        on the step loop), so copy what you keep. Used by the demo's live view.
         scheduler / cache: this call's own (instead of the pipeline's), e.g. a server's per-request
         settings; the pipeline is left as it is.
         engine: decode on the batched engine (`dlmcache.engine`: every prompt a request, all of them

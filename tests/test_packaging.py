@@ -168,7 +168,10 @@ def test_installs_beside_the_index_kernels_and_vlm(tmp_path):
 
     _pip(python, "uninstall", "-y", "kernels", "vlm")
     assert _run(python, OURS, work).returncode == 0
-    assert _run(python, "import kernels", work).returncode != 0
+    # the bare name is never ours (it fails, or finds Hugging Face's through the outer environment,
+    # where transformers >= 5.25 requires it)
+    bare = _run(python, "import kernels; assert 'dlmcache' not in kernels.__file__", work)
+    assert bare.returncode == 0 or "No module named 'kernels'" in bare.stderr, bare.stderr
 
     _pip(python, "install", "--no-deps", "kernels", "vlm", "--find-links", str(dist))
     _pip(python, "uninstall", "-y", "dlmcache")
@@ -179,3 +182,22 @@ def test_installs_beside_the_index_kernels_and_vlm(tmp_path):
     _pip(python, "install", "--no-deps", str(wheel))  # ours after theirs
     both = _run(python, f"{OURS}; {THEIRS}", work)
     assert both.returncode == 0, both.stderr
+
+
+def test_the_checkout_folder_hands_the_bare_name_to_hugging_faces_kernels():
+    """From the checkout's root (the working directory of the test command, or a REPL there), the
+    folder kernels/ shadows the bare name `kernels`, which transformers imports (and, from 5.25,
+    requires): the folder hands the name over to Hugging Face's package, and stays dlmcache.kernels."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("kernels")
+    except PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels is not installed here")
+    code = (
+        "import kernels, dlmcache.kernels as k, transformers.modeling_utils; "
+        "assert 'site-packages' in kernels.__file__ and callable(kernels.get_kernel), kernels.__file__; "
+        f"assert callable(k.quantized_attention) and k.__file__.startswith({str(ROOT)!r})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
