@@ -1,0 +1,116 @@
+"""Which CPU matmul path a forward should take: the candidates side by side, in one run.
+
+    python scripts/bench_linear.py --out results/bench_linear.json
+    python scripts/bench_linear.py --models tiny --rows 16,32 --no-compile     # quick
+
+For the random 135M LLaDA-architecture model and the bundled tiny model, a plain forward (one row,
+no cache, logits for every position) of each of --rows tokens, the median of --repeats after a
+warm-up, for each path:
+
+- eager: torch's `F.linear`, float32 (the default today);
+- onednn: the projections and LM head multiply by weights prepacked in oneDNN's blocked layout
+  (`set_linear_backend("onednn")`), float32;
+- compile / compile_freezing: `torch.compile(model, dynamic=False)` with inductor's defaults, and with
+  `torch._inductor.config.freezing = True` (weights folded as constants and prepacked); float32; the
+  first call's seconds (compiling) are reported apart;
+- eager_bf16 / onednn_bf16: the same in bfloat16, where the CPU runs oneDNN's bf16 natively.
+
+Each repeat times every path on the same input in turn (load drift hits them alike); ratios are over
+eager float32 in the same repeat, medians over repeats. Every path's logits are checked against eager
+float32 (max abs difference reported). Nothing is changed in the package: this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dlmcache import DLMPipeline
+from dlmcache.models.layers import onednn_dtypes
+from dlmcache.testing import llada_135m
+
+
+def build(name: str):
+    if name == "135m":
+        return llada_135m(32768)
+    return DLMPipeline.from_pretrained("dlmcache/tiny").model
+
+
+def paths(model, compile_: bool) -> dict:
+    """name -> (callable on input ids, seconds spent preparing it)."""
+    out = {"eager": (model, 0.0)}
+    onednn = copy.deepcopy(model)
+    onednn.set_linear_backend("onednn")
+    out["onednn"] = (onednn, 0.0)
+    if torch.bfloat16 in onednn_dtypes():
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        out["eager_bf16"] = (bf16, 0.0)
+        bf16_onednn = copy.deepcopy(bf16)
+        bf16_onednn.set_linear_backend("onednn")
+        out["onednn_bf16"] = (bf16_onednn, 0.0)
+    if compile_:
+        import torch._inductor.config as inductor
+
+        for name, freezing in (("compile", False), ("compile_freezing", True)):
+            inductor.freezing = freezing
+            out[name] = (torch.compile(copy.deepcopy(model), dynamic=False), None)
+        inductor.freezing = False
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="135m,tiny")
+    ap.add_argument("--rows", default="16,32,256")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: must be at least 1")
+    torch.set_num_threads(args.threads)
+    results = {"args": vars(args) | {"out": str(args.out)}, "torch": torch.__version__, "runs": {}}
+    for name in args.models.split(","):
+        model = build(name).eval()
+        vocab = model.get_input_embeddings().num_embeddings
+        candidates = paths(model, not args.no_compile)
+        for n in (int(r) for r in args.rows.split(",")):
+            ids = torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(n))
+            ms, first, error = {p: [] for p in candidates}, {}, {}
+            with torch.no_grad():
+                want = model(ids).logits.float()
+                for p, (fn, _) in candidates.items():  # warm-up (compiles the compiled paths for this shape)
+                    t = time.perf_counter()
+                    got = fn(ids).logits.float()
+                    first[p] = time.perf_counter() - t
+                    error[p] = float((got - want).abs().max())
+                    fn(ids)
+                for _ in range(args.repeats):
+                    for p, (fn, _) in candidates.items():
+                        t = time.perf_counter()
+                        fn(ids)
+                        ms[p].append(1e3 * (time.perf_counter() - t))
+            ratios = {p: statistics.median(a / b for a, b in zip(ms[p], ms["eager"], strict=True)) for p in ms}
+            row = {p: {"ms": statistics.median(ms[p]), "over_eager": ratios[p], "first_call_s": first[p],
+                       "max_abs_diff": error[p]} for p in ms}  # fmt: skip
+            results["runs"][f"{name}/{n}"] = row
+            print(f"\n{name}, {n} tokens")
+            print("| path | ms per forward | time / eager | first call s | max abs diff vs eager fp32 |")
+            print("|---|---|---|---|---|")
+            for p, r in row.items():
+                print(f"| {p} | {r['ms']:.2f} | {r['over_eager']:.3f} | {r['first_call_s']:.2f} | "
+                      f"{r['max_abs_diff']:.2e} |", flush=True)  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
