@@ -252,12 +252,7 @@ class DLMPipeline(DiffusionPipeline):
         """Left-pad the prompts and append `max_new_tokens` masks: x [B, P + G] and its layout."""
         device = self.model.device
         p_len = max(len(p) for p in prompts)
-        total = p_len + max_new_tokens
-        limit = self.model.max_length
-        if limit is not None and total > limit:
-            raise ValueError(
-                f"prompt ({p_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's {limit}"
-            )
+        self.check_length(p_len, max_new_tokens)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         ids, real = left_pad(prompts, pad)
         masks = torch.full((len(prompts), max_new_tokens), self.mask_token_id, dtype=torch.long)
@@ -316,7 +311,7 @@ class DLMPipeline(DiffusionPipeline):
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
         )
         requests = self._prompt_requests(prompt, chat_template)
-        self.check_length(requests, max_new_tokens)
+        self.check_length(max(len(ids) for ids, _ in requests), max_new_tokens)
         on_engine = self._engine_requests(
             requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos
         )
@@ -439,20 +434,19 @@ class DLMPipeline(DiffusionPipeline):
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
         )
         requests = self._prompt_requests(prompt, chat_template)
-        self.check_length(requests, max_new_tokens)
+        self.check_length(max(len(ids) for ids, _ in requests), max_new_tokens)
         return self._engine_requests(
             requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos,
             shared_generator=True,
         )  # fmt: skip
 
-    def check_length(self, requests: list, max_new_tokens: int) -> None:
-        """Each prompt plus `max_new_tokens` within the model's longest sequence."""
+    def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        """The longest prompt plus `max_new_tokens` within the model's longest sequence."""
         limit = self.model.max_length
-        p_len = max(len(ids) for ids, _ in requests)
-        if limit is not None and p_len + max_new_tokens > limit:
+        if limit is not None and prompt_len + max_new_tokens > limit:
             raise ValueError(
-                f"prompt ({p_len}) + max_new_tokens ({max_new_tokens}) = {p_len + max_new_tokens} exceeds the "
-                f"model's {limit}"
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} exceeds "
+                f"the model's {limit}"
             )
 
     def _engine_requests(self, requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler,

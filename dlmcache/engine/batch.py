@@ -258,8 +258,8 @@ class GenerationBatch:
         self._positions = pos
         self._in_len = pos < st["length"][:, None]
         self._generated = (pos >= st["prompt_len"][:, None]) & self._in_len
-        self._bmax = max((r.block_length for r in self.requests), default=1)
-        self._block_j = torch.arange(self._bmax, device=self.device)
+        widest_block = max((r.block_length for r in self.requests), default=1)
+        self._block_j = torch.arange(widest_block, device=self.device)
         self._in_block = self._block_j < st["block_len"][:, None]
 
     # ------------------------------------------------------------------ one step
@@ -288,7 +288,6 @@ class GenerationBatch:
 
         # Flatten: one host read gives the sizes, then everything stays on the device.
         counts = need.sum(-1)
-        bmax = self._bmax
         block_cols = start[:, None] + self._block_j  # [R, Bmax] the active block's canvas columns
         targets = (canvas.gather(1, block_cols) == mask_id) & self._in_block  # still masked
         per_row = targets.sum(-1)
@@ -310,7 +309,6 @@ class GenerationBatch:
             col=col,
             targets=targets,
             block_cols=block_cols,
-            bmax=bmax,
             target_row=t_row,
             target_col=t_col,
             target_rank=t_rank,

@@ -387,3 +387,20 @@ def test_guided_unmasking_runs_as_rows_of_the_engine(guided_pipe, cache):
         alone = guided_pipe([prompts[i]], scheduler=LowConfidenceScheduler(), engine=False, **kw)
         assert torch.equal(done[str(i)].sequence, alone.sequences[0])
     assert done["0"].stats["accepted_drafts"] > 0 and done["0"].stats["steps"] < done["1"].stats["steps"]
+
+
+def test_a_lone_request_on_scattered_blocks_gathers_its_keys(pipe):
+    """A request alone reads its keys as a view of the pool only when its blocks are consecutive; on
+    scattered blocks (a pool others fragmented) it gathers them, and gets its tokens either way."""
+    cache = "token"
+    for scatter in (False, True):
+        decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id, max_tokens=16 * 16, block_size=8)
+        if scatter:  # take every other block, then give them back: the free list is interleaved
+            taken = [decoder.pool.allocate(8) for _ in range(8)]
+            for blocks in taken[::2]:
+                decoder.pool.free(blocks)
+        r = request(pipe, 1, LowConfidenceScheduler(), CACHES[cache]())
+        decoder.add(r)
+        assert (decoder._first_slot() is None) == scatter
+        done = run(decoder, [])
+        assert torch.equal(done[r.id].sequence, alone_seq(pipe, 1, cache))

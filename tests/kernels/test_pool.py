@@ -139,3 +139,31 @@ def test_dense_queries_may_come_as_rows(backend, rows):
         sparse = paged_layout(key_slots, key_valid, torch.zeros(2, dtype=torch.long, device=DEVICE),
                               torch.arange(2, device=DEVICE), 3, torch.float32)  # fmt: skip
         paged_attention(as_rows, pool.k[0], pool.v[0], sparse, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("every_key", [False, True])
+def test_one_row_on_consecutive_slots_reads_a_view(backend, every_key):
+    """`first_slot` (the row's keys are a view of the pool) and `every_key` (no mask) give what the
+    gathered, masked path gives, bit for bit, with garbage in every slot the row does not own."""
+    g = torch.Generator().manual_seed(2)
+    pool = KVPool(1, 2, 16, num_blocks=16, block_size=8, device=DEVICE)
+    pool.k[0].copy_(1e3 * torch.randn(pool.k[0].shape, generator=g))
+    pool.v[0].copy_(1e3 * torch.randn(pool.v[0].shape, generator=g))
+    pool.allocate(8)  # the row starts past slot 8
+    width, n = 21, 6
+    blocks = pool.allocate(width)
+    slots = pool.slots(blocks, width)
+    assert torch.equal(slots, torch.arange(slots[0], slots[0] + width, device=DEVICE))
+    valid = torch.ones(1, width, dtype=torch.bool, device=DEVICE)
+    if not every_key:
+        valid[0, 15:] = False
+    args = (slots[None], valid, torch.zeros(n, dtype=torch.long, device=DEVICE), torch.arange(n, device=DEVICE), n)
+    q = torch.randn(1, 4, n, 16, generator=g).to(DEVICE)
+    want = paged_attention(q, pool.k[0], pool.v[0], paged_layout(*args, torch.float32), backend=backend)
+    fast = paged_layout(*args, torch.float32, first_slot=int(slots[0]), every_key=every_key)
+    assert (fast.bias is None) == every_key
+    got = paged_attention(q, pool.k[0], pool.v[0], fast, backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="first_slot=-1 needs one row"):
+        paged_layout(*args, torch.float32, first_slot=-1)
