@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .batching import left_pad
 from .cache import DenoisingCache, Layout, make_cache
 from .engine import Finished, Request, cache_rule
-from .engine.rules import BLOCK, TOKEN
+from .engine.rules import BLOCK, NONE, TOKEN
 from .locations import read_json, resolve_path
 from .models import MODEL_CLASSES
 from .schedulers import (
@@ -508,6 +508,8 @@ class DLMPipeline(DiffusionPipeline):
             "forwards": nfe, "full_forwards": mean("full_forwards"), "fed_tokens": mean("fed_tokens"),
             "reused_tokens": mean("reused_tokens"), "kv_bytes": decoder.pool.nbytes,
         }  # fmt: skip
+        if any(r.rule.mode != NONE for r in requests):  # a KV-reusing cache counts its canvas-only refreshes
+            cache_stats["canvas_refreshes"] = mean("canvas_refreshes")
         if any(r.rule.mode in (BLOCK, TOKEN) for r in requests):  # FreeCache counts its drift refreshes
             cache_stats["drift_refreshes"] = sum(f.stats["drift_refreshes"] for f in done)
         # the schedulers' own counters (a guide's accepted drafts and forwards), summed over the requests

@@ -128,8 +128,7 @@ class FreeCache(KVReuseCache):
     def _refresh_lead(self) -> int:
         # A refresh of the canvas alone also feeds the prompt positions the drift test may probe, so
         # their reference is that of the refresh.
-        drift = isinstance(self.refresher, RefreshOnDrift)
-        return self.shift + (self.probe_tokens if drift else 0)
+        return self.shift + (self.probe_tokens if self.refresh_drift is not None else 0)
 
     def _plan(self, canvas, targets, start, end):
         due = self.refresher.due()

@@ -23,28 +23,37 @@ class KVReuseCache(DenoisingCache):
         budget: the fraction of each row's prompt kept, in (0, 1], or a token count; allocator: how
         the budget splits over layers ("uniform", "pyramid"); quantizer: "kivi2" / "kivi4" / "kivi8"
         or a `KIVI`. See `store.prompt_compression` for what is refused and why.
-      refresh_prompt: with a compressed prompt, whether a refresh after the first forward recomputes
-        the prompt too (and compresses it again). Default False: a refresh recomputes the generation
-        region against the compressed prompt, whose KV (that of the first forward, computed while the
-        whole answer was masked) stays; docs/results.md measures both.
+    The scope of a refresh after the first forward, for every KV-reusing cache:
+      refresh_prompt: True: recompute the prompt too (and compress it again, if it is compressed);
+        False: recompute the generation region only (and the few prompt positions the step reads
+        queries from), against the prompt's KV of the first forward, computed while the whole answer
+        was masked. None (default): `default_refresh_prompt`, which is False with a compressed prompt
+        (docs/results.md measures both) and True for Fast-dLLM's prefix and dual caches otherwise
+        (their refresh recomputes everything).
     """
 
     def __init__(
-        self, policy=None, budget: float | int = 1.0, allocator=None, quantizer=None, refresh_prompt: bool = False
+        self, policy=None, budget: float | int = 1.0, allocator=None, quantizer=None, refresh_prompt: bool | None = None
     ):
         super().__init__()
         self.compression = prompt_compression(policy, budget, allocator, quantizer)
-        if not isinstance(refresh_prompt, bool):
-            raise TypeError(f"refresh_prompt={refresh_prompt!r} must be a bool")
-        self.refresh_prompt = refresh_prompt
+        if refresh_prompt is not None and not isinstance(refresh_prompt, bool):
+            raise TypeError(f"refresh_prompt={refresh_prompt!r} must be None (the cache's default) or a bool")
+        self.refresh_prompt = self.default_refresh_prompt() if refresh_prompt is None else refresh_prompt
+
+    def default_refresh_prompt(self) -> bool:
+        """Whether a refresh recomputes the prompt when `refresh_prompt` is not given."""
+        return self.compression is None
 
     def _compression_repr(self) -> str:
         c = self.compression
+        default = self.refresh_prompt == self.default_refresh_prompt()
+        scope = "" if default else f", refresh_prompt={self.refresh_prompt}"
         if c is None:
-            return ""
+            return scope
         policy = None if c.policy is None else c.policy.name
         quantizer = None if c.quantizer is None else f"kivi{c.quantizer.bits}"
-        return f", policy={policy!r}, budget={c.budget}, quantizer={quantizer!r}, refresh_prompt={self.refresh_prompt}"
+        return f", policy={policy!r}, budget={c.budget}, quantizer={quantizer!r}{scope}"
 
     def prepare(self, model, layout) -> None:
         super().prepare(model, layout)
@@ -74,23 +83,23 @@ class KVReuseCache(DenoisingCache):
         return Refresh(prompt=self.step == 0 or self.refresh_prompt)
 
     def _refresh_lead(self) -> int:
-        """With a compressed prompt, how many of its last positions a refresh of the canvas alone feeds
-        as queries (their KV stays as compressed): Dream predicts its first target from the prompt's
-        last position."""
+        """How many of the prompt's last positions a refresh of the canvas alone feeds as queries
+        (their KV is rewritten unless the prompt is compressed): Dream predicts its first target from
+        the prompt's last position."""
         return self.shift
 
     def _forward(self, x, targets, plan: Plan) -> torch.Tensor:
         if isinstance(plan, Refresh):
             rows = plan.rows
-            if plan.prompt or not self.store.compressed:
+            if plan.prompt:
                 self.store.begin(plan, x, rows, None)
                 logits = self.full_forward(x if rows is None else x[rows], targets, kv=self.store, rows=rows)
                 self._observe(x, plan, torch.arange(self.layout.length, device=x.device))
                 return logits
-            # The generation region only, against the compressed prompt.
+            # The generation region only, against the prompt's stored (maybe compressed) KV.
             self.stats.extra["canvas_refreshes"] += self._share(rows)
             length = self.layout.length
-            start = max(self.store.base - self._refresh_lead(), 0)
+            start = max(self.layout.prompt_len - self._refresh_lead(), 0)
             return self._cached_forward(x, targets, Window(start, length, length), rows, refresh=plan)
         return self._cached_forward(x, targets, plan, None)
 

@@ -130,10 +130,11 @@ class GenerationBatch:
     #: Per-row tensors [R] / [R, W, ...] and the value a new row (or a padded column) starts with.
     ROW_STATE = {
         "length": 0, "prompt_len": 0, "block_len": 1, "steps_per_block": 1, "block": 0,
-        "step_in_block": 0, "forwards": 0, "fed": 0, "attended": 0, "full_forwards": 0, "drift_refreshes": 0,
+        "step_in_block": 0, "forwards": 0, "fed": 0, "attended": 0, "full_forwards": 0, "canvas_refreshes": 0,
+        "drift_refreshes": 0,
         "stop_at_eos": False,
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
-        "probe_tokens": 0, "last_start": -1, "frozen_end": 0, "stale": False,
+        "probe_tokens": 0, "canvas_refresh": False, "last_start": -1, "frozen_end": 0, "stale": False,
     }  # fmt: skip
     COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
 
@@ -175,7 +176,7 @@ class GenerationBatch:
             "steps_per_block": request.steps // (g // request.block_length), "stop_at_eos": request.stop_at_eos,
             "mode": rule.mode, "suffix_window": rule.suffix_window, "drop_beyond": rule.drop_beyond,
             "delay": rule.delay, "refresh_every": rule.refresh_every, "drift": rule.drift,
-            "probe_tokens": rule.probe_tokens,
+            "probe_tokens": rule.probe_tokens, "canvas_refresh": rule.canvas_refresh,
         }  # fmt: skip
         old = self._state
         # Wide enough that every row's block columns (start + j, j < the widest block) are in the canvas.
@@ -250,6 +251,7 @@ class GenerationBatch:
         self._modes = {r.rule.mode for r in self.requests}
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
+        self._canvas_refresh = any(r.rule.canvas_refresh and r.rule.mode != NONE for r in self.requests)
         self._drop_beyond = any(r.rule.drop_beyond and r.rule.mode != NONE for r in self.requests)
         self._stop_at_eos = any(r.stop_at_eos for r in self.requests)
         self._longest = max((r.length for r in self.requests), default=1)  # keys past it: nobody's
@@ -272,8 +274,10 @@ class GenerationBatch:
         pos, in_len = self._positions, self._in_len  # [1, W], [R, W]
         start = s["prompt_len"] + s["block"] * s["block_len"]
         end = start + s["block_len"]
-        refresh = self._refresh_rows(start)
+        refresh, refresh_from = self._refresh_rows(start)
         need, attend_end = in_len, length
+        if refresh_from is not None:  # a canvas-only refresh feeds the generation region (and its lead)
+            need = in_len & (pos >= refresh_from[:, None])
         if modes != {NONE}:
             # What a cached step feeds: a window (prefix, dual, block freeze) or token freeze's positions.
             window_end = torch.where(s["suffix_window"] < 0, length, torch.minimum(length, end + s["suffix_window"]))
@@ -326,13 +330,14 @@ class GenerationBatch:
             logit_index=flat[t_row, predictor], target_row=t_row, target_col=t_col,
         )  # fmt: skip
 
-    def _refresh_rows(self, start: torch.LongTensor) -> torch.BoolTensor:
+    def _refresh_rows(self, start: torch.LongTensor) -> tuple[torch.BoolTensor, torch.LongTensor | None]:
         """Which rows refresh: every step (none), at a new block (prefix, dual), or FreeCache's refresh
-        rule (the first forward, every k-th, or drifted at the last step)."""
+        rule (the first forward, every k-th, or drifted at the last step); and, when a running rule
+        refreshes the canvas alone, the first position each row feeds if it refreshes [R] (else None)."""
         s, mode = self._state, self._state["mode"]
         if self._modes == {NONE}:
             s["full_forwards"] += 1
-            return torch.ones_like(start, dtype=torch.bool)
+            return torch.ones_like(start, dtype=torch.bool), None
         freecache = (mode == TOKEN) | (mode == BLOCK)
         periodic = s["forwards"] == 0
         if self._every:
@@ -340,8 +345,16 @@ class GenerationBatch:
         refresh = (mode == NONE) | (~freecache & (start != s["last_start"])) | (freecache & (periodic | s["stale"]))
         if self._drift:
             s["drift_refreshes"] += (freecache & s["stale"] & ~periodic).long()
-        s["full_forwards"] += refresh.long()
-        return refresh
+        if not self._canvas_refresh:
+            s["full_forwards"] += refresh.long()
+            return refresh, None
+        # After the first forward, the prompt's KV stays: the rows feed from the probes and the
+        # position that predicts the first answer token on.
+        partial = refresh & s["canvas_refresh"] & (s["forwards"] > 0)
+        s["full_forwards"] += (refresh & ~partial).long()
+        s["canvas_refreshes"] += partial.long()
+        lead = (s["prompt_len"] - self.shift - s["probe_tokens"]).clamp(min=0)
+        return refresh, torch.where(partial, lead, 0)
 
     def _window(self, start, end, window_end, pos) -> torch.BoolTensor:
         """The positions a window plan feeds [R, W]: from the block start (prefix: to the end; dual: the
@@ -457,19 +470,21 @@ class GenerationBatch:
         finite = torch.ones(rows_n, dtype=torch.long, device=self.device).scatter_reduce(
             0, step["target_row"], torch.isfinite(logits).all(-1).long(), "amin"
         )
-        counters = [s["forwards"], s["fed"], s["attended"], s["full_forwards"], s["drift_refreshes"], finite, ~left]
+        counters = [s["forwards"], s["fed"], s["attended"], s["full_forwards"], s["canvas_refreshes"],
+                    s["drift_refreshes"], finite, ~left]  # fmt: skip
         counters = torch.stack(counters, 1)
         snapshot = torch.cat([canvas, s["commit"], counters.long()], 1).cpu()
         self.host_reads += 1
-        info = snapshot[:, 2 * self.width :].tolist()  # per row: forwards, fed, attended, full, drift, finite, done
+        info = snapshot[:, 2 * self.width :].tolist()  # per row: forwards, fed, attended, full, canvas, drift, ok, done
         finished = []
         for i, req in enumerate(self.requests):
             if self._uncond[i]:
                 continue
-            forwards, fed, attended, full, drift, ok, done = info[i]
+            forwards, fed, attended, full, canvas_refreshes, drift, ok, done = info[i]
             if req.cfg_scale:  # the counters of both rows
-                fed, attended, full, drift = (a + b for a, b in zip(info[i][1:5], info[i + 1][1:5], strict=True))
-                ok = ok and info[i + 1][5]
+                both = (a + b for a, b in zip(info[i][1:6], info[i + 1][1:6], strict=True))
+                fed, attended, full, canvas_refreshes, drift = both
+                ok = ok and info[i + 1][6]
             if not ok:
                 error = FloatingPointError(f"the model's logits at step {forwards - 1} are not finite")
                 finished.append((i, Finished(req, snapshot[i, :0], snapshot[i, :0], error=error)))
@@ -482,7 +497,7 @@ class GenerationBatch:
             if done:
                 stats = {
                     "steps": forwards, "full_forwards": full, "fed_tokens": fed, "reused_tokens": attended - fed,
-                    "drift_refreshes": drift,
+                    "canvas_refreshes": canvas_refreshes, "drift_refreshes": drift,
                     "tokens_per_step": req.max_new_tokens / max(forwards, 1), **req.scheduler.stats,
                 }  # fmt: skip
                 finished.append((i, Finished(req, seq.clone(), commit.clone(), stats)))

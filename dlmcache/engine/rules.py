@@ -23,7 +23,9 @@ class CacheRule:
     and what follows it / the block alone) | BLOCK / TOKEN (FreeCache's freeze rules);
     suffix_window: later positions fed with the block (-1: all); drop_beyond: positions after the
     window are not attended; delay: BlockFreeze's delayed freeze; refresh_every: k (0: never);
-    drift: RefreshOnDrift's threshold (0: off); probe_tokens: its probes per row."""
+    drift: RefreshOnDrift's threshold (0: off); probe_tokens: its probes per row; canvas_refresh: a
+    refresh after the first forward recomputes the generation region only (`refresh_prompt=False`:
+    from `probe_tokens` + the logit shift positions before it), reading the prompt's KV from the pool."""
 
     mode: int
     suffix_window: int = -1
@@ -32,6 +34,7 @@ class CacheRule:
     refresh_every: int = 0
     drift: float = 0.0
     probe_tokens: int = 0
+    canvas_refresh: bool = False
 
 
 def cache_rule(cache: DenoisingCache) -> CacheRule | None:
@@ -42,9 +45,9 @@ def cache_rule(cache: DenoisingCache) -> CacheRule | None:
     if type(cache) is NoCache:
         return CacheRule(NONE)
     if type(cache) is PrefixCache:
-        return CacheRule(PREFIX)
+        return CacheRule(PREFIX, canvas_refresh=not cache.refresh_prompt)
     if type(cache) is DualCache:
-        return CacheRule(DUAL)
+        return CacheRule(DUAL, canvas_refresh=not cache.refresh_prompt)
     if type(cache) is not FreeCache:
         return None
     refresh = cache.refresh_rule()
@@ -57,4 +60,5 @@ def cache_rule(cache: DenoisingCache) -> CacheRule | None:
         refresh_every=cache.refresh_every or 0,
         drift=float(cache.refresh_drift) if drift else 0.0,
         probe_tokens=cache.probe_tokens if drift else 0,
+        canvas_refresh=not cache.refresh_prompt,
     )

@@ -62,6 +62,26 @@ def test_freecache_refresh_every_step_is_bit_identical_to_none(arch, sched, tiny
     assert got.stats["full_forwards"] == got.nfe
 
 
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("freeze", ["block", "token"])
+def test_a_canvas_refresh_equals_a_full_one_where_the_prompt_kv_cannot_change(arch, freeze, tiny_tokenizer):
+    """A one-layer model's prompt KV depends on the prompt's tokens alone, so a refresh of the canvas
+    against the first forward's prompt KV (refresh_prompt=False) computes what a full refresh does:
+    refreshing every step gives the cache-free tokens. With two layers the prompt's KV would change
+    and the canvas refresh reads the stale one: the tokens differ (so the check is not vacuous)."""
+    build = tiny_llada if arch == "llada" else tiny_dream
+    layers = {"llada": "n_layers", "dream": "num_hidden_layers"}[arch]
+    for n in (1, 2):
+        model = build(tiny_tokenizer, **{layers: n}).double()
+        pipe = DLMPipeline(model=model, tokenizer=tiny_tokenizer, scheduler=LowConfidenceScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        want = run(pipe, "none")
+        got = run(pipe, FreeCache(refresh_every=1, refresh_drift=None, freeze=freeze, refresh_prompt=False))
+        assert got.stats["full_forwards"] == 1 and got.stats["canvas_refreshes"] == got.nfe - 1
+        same = torch.equal(got.sequences, want.sequences) and torch.equal(got.commit_step, want.commit_step)
+        assert same is (n == 1), n
+
+
 class Recorder:
     """Wraps a cache and records (canvas, targets, logits, refreshed?) at every step."""
 
@@ -312,7 +332,7 @@ def test_drift_refresh_follows_its_rule(arch, tiny_tokenizer):
     refreshes = split_steps = 0
     for plans, refreshed in cache.plans[1:]:
         if stale.all():
-            assert plans == [Refresh(prompt=False)]
+            assert plans == [Refresh(prompt=cache.refresh_prompt)]
         else:
             assert isinstance(plans[0], Scatter)
             if stale.any():  # the stale rows are then recomputed whole, on their own

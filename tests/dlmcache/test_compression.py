@@ -59,7 +59,7 @@ class NeedsHidden(EvictionPolicy):
         ({"policy": "snapkv", "allocator": "ada"}, r"allocator='ada': expected one of"),
         ({"quantizer": "kivi3"}, r"quantizer='kivi3': expected"),
         ({"quantizer": MiKV()}, r"quantizer='mikv': .* only KIVI"),
-        ({"refresh_prompt": 1}, r"refresh_prompt=1 must be a bool"),
+        ({"refresh_prompt": 1}, r"refresh_prompt=1 must be None \(the cache.s default\) or a bool"),
     ],
 )
 def test_invalid_compression_is_refused_before_decoding(options, error):

@@ -29,6 +29,10 @@ CACHES = {
     "flashdlm": lambda: FreeCache(flashdlm=True),
     "every2_drop": lambda: FreeCache(refresh_every=2, refresh_drift=None, suffix_window=2, beyond_window="drop"),
     "token_every3": lambda: FreeCache(freeze="token", refresh_every=3, probe_tokens=2),
+    # refreshes of the canvas alone (refresh_prompt=False), the prompt's KV read from the pool
+    "canvas_drift": lambda: FreeCache(refresh_drift=1e-3, refresh_prompt=False),
+    "canvas_token_every2": lambda: FreeCache(freeze="token", refresh_every=2, refresh_prompt=False),
+    "canvas_dual": lambda: make_cache("dual", refresh_prompt=False),
 }
 SCHEDULERS = {
     "low_confidence": lambda: LowConfidenceScheduler(),
@@ -242,7 +246,9 @@ def test_make_requests_decodes_what_the_call_decodes(pipe):
 # ---------------------------------------------------------------- DLMPipeline.__call__ on the engine
 
 
-@pytest.mark.parametrize("cache", ["none", "dual", "freecache", "token", "every2_drop"])
+@pytest.mark.parametrize(
+    "cache", ["none", "dual", "freecache", "token", "every2_drop", "canvas_drift", "canvas_token_every2", "canvas_dual"]
+)
 @pytest.mark.parametrize("sched", ["low_confidence", "threshold", "sampled", "dream_origin"])
 def test_the_call_on_the_engine_equals_its_step_loop(pipe, cache, sched):
     """One prompt: `__call__` on the engine (the default) and on the cache strategy's step loop
@@ -256,7 +262,10 @@ def test_the_call_on_the_engine_equals_its_step_loop(pipe, cache, sched):
     assert got.nfe == want.nfe and torch.equal(got.commit_step, want.commit_step)
     for key in ("steps", "forwards", "full_forwards", "fed_tokens", "reused_tokens", "answer_tokens"):
         assert got.stats[key] == want.stats[key], key
-    assert got.stats.get("drift_refreshes") == want.stats.get("drift_refreshes")
+    for key in ("drift_refreshes", "canvas_refreshes"):
+        assert got.stats.get(key) == want.stats.get(key), key
+    if cache.startswith("canvas"):
+        assert got.stats["canvas_refreshes"] > 0 and got.stats["full_forwards"] == 1
 
 
 @pytest.mark.parametrize("cache", ["dual", "token"])
