@@ -8,6 +8,7 @@ functional so each model keeps the module names (and therefore the checkpoint ke
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,8 @@ from transformers.utils import ModelOutput
 
 from dlmcache.kernels.ops import dense_attention
 from dlmcache.kernels.ops.backend import BACKENDS
+
+logger = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -91,7 +94,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, in
     return dense_attention(q, k, v, inputs.key_mask, inputs.backend)
 
 
-LINEAR_BACKENDS = ("torch", "onednn")
+LINEAR_BACKENDS = ("auto", "torch", "onednn")
+
+#: "auto" multiplies by oneDNN-packed weights of at least this many elements (on CPU, in inference):
+#: the measured crossover (`scripts/bench_linear.py --sweep`, docs/results.md). From 4M elements
+#: (an LM head over a real vocabulary, a 2048-wide model's projections) oneDNN took 0.63-0.79 of
+#: torch's time at 4-32 rows; below it, it was slower at 1-4 rows (the few tokens a cached step feeds)
+#: and at every row count below 256K elements.
+ONEDNN_MIN_WEIGHT = 1 << 22
 
 
 @functools.cache
@@ -103,44 +113,94 @@ def onednn_dtypes() -> tuple[torch.dtype, ...]:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same checkpoint keys) that can multiply by a copy of its weight
-    prepacked in oneDNN's blocked layout: `backend = "onednn"`, see `DLMModelMixin.set_linear_backend`.
+    """`nn.Linear` (same parameters, same checkpoint keys) whose weight can be stored prepacked in
+    oneDNN's blocked layout, in place of the plain one (no second copy). `backend`:
 
-    The packed copy is made on first use and again whenever the weight changes (new storage, dtype or
-    an in-place update); it is never saved, copied or pickled. Inputs on other devices, in other dtypes
-    or that need gradients take torch's path.
+    - "auto" (default): packed where oneDNN was measured faster, weights of at least
+      `ONEDNN_MIN_WEIGHT` elements; "onednn": packed whatever the size; "torch": never.
+    - Packing happens at the first forward that can use it: a CPU input of the weight's dtype (float32,
+      or bfloat16 where the CPU has it) with no gradient to compute. Any other forward (autograd, other
+      dtypes or devices) unpacks the weight and takes torch's `F.linear`.
+    - Reading `.weight` from outside gives the plain weight back (unpacking it, into the same
+      `Parameter` object; the next inference forward packs it again), exactly: oneDNN's layout is a
+      permutation of the same numbers. So do `state_dict()` (a plain copy; the module stays packed),
+      `load_state_dict`, `.to()`, copies and pickles. While packed, the plain `Parameter` object is
+      empty: a reference to it taken earlier sees its numbers again once the module unpacks. A weight
+      shared with another module (tied embeddings) is never packed (`_tied`, set by the model).
+    - The product differs from torch's in float32 rounding only.
     """
 
-    backend = "torch"
-    _packed: torch.Tensor | None = None
-    _packed_key: tuple | None = None
+    backend = "auto"
+    _tied = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "onednn" and self._packable(x):
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        w = self._parameters["weight"]
+        if self._onednn(x, w):
+            if not w.is_mkldnn:
+                w = self._pack()
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+        if w.is_mkldnn:
+            w = self._unpack()
+        return F.linear(x, w, self.bias)
 
-    def _packable(self, x: torch.Tensor) -> bool:
-        w = self.weight
+    def _onednn(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        backend = self.backend
+        if backend == "torch" or self._tied or (backend == "auto" and w.numel() < ONEDNN_MIN_WEIGHT):
+            return False
         if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != w.dtype or w.dtype not in onednn_dtypes():
             return False
-        return not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+        grad = self._plain.requires_grad if w.is_mkldnn else w.requires_grad
+        return not (torch.is_grad_enabled() and (grad or x.requires_grad))
 
-    def _packed_weight(self) -> torch.Tensor:
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
-        if self._packed_key != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
-            self._packed_key = key
-        return self._packed
+    @property
+    def packed(self) -> bool:
+        """Whether the weight is stored in oneDNN's layout now."""
+        return self._parameters["weight"].is_mkldnn
 
-    def drop_packed(self) -> None:
-        self._packed = self._packed_key = None
+    def _pack(self) -> torch.Tensor:
+        """Store the weight packed. The plain `Parameter` object stays (empty) and gets its numbers back
+        on unpacking, so whoever holds it (an optimizer) keeps the module's weight."""
+        plain = self._parameters["weight"]
+        packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(plain.detach()), requires_grad=False)
+        plain.data = plain.data.new_empty(0)
+        self.__dict__["_plain"] = plain  # not a registered parameter
+        self._parameters["weight"] = packed
+        return packed
+
+    def _unpack(self) -> torch.Tensor:
+        w = self._parameters.get("weight")
+        if w is None or not w.is_mkldnn:
+            return w
+        plain = self.__dict__.pop("_plain")
+        plain.data = w.to_dense()
+        self._parameters["weight"] = plain
+        return plain
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "weight" in self.__dict__.get("_parameters", ()):
+            return self._unpack()
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse=True):
+        self._unpack()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = destination.get(prefix + "weight")
+        if w is not None and w.is_mkldnn:
+            destination[prefix + "weight"] = w.to_dense()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._unpack()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):
-        state = super().__getstate__()  # a copy; oneDNN's opaque tensors cannot be copied or pickled
-        state.pop("_packed", None)
-        state.pop("_packed_key", None)
+        state = super().__getstate__()  # a shallow copy; oneDNN's opaque tensors cannot be copied or pickled
+        w = state["_parameters"].get("weight")
+        if w is not None and w.is_mkldnn:
+            plain = nn.Parameter(w.to_dense(), requires_grad=state.pop("_plain").requires_grad)
+            state["_parameters"] = {**state["_parameters"], "weight": plain}
         return state
 
 
@@ -255,24 +315,60 @@ class DLMModelMixin:
         self.attention_backend = backend
 
     def set_linear_backend(self, backend: str) -> None:
-        """Which matmul the model's projections and LM head use: "torch" (default) or "onednn".
+        """Which matmul the model's projections and LM head use on CPU (see `Linear`):
 
-        "onednn" multiplies CPU float32 (and bfloat16 where the CPU has it) activations by weights
-        prepacked once in oneDNN's blocked layout, under `torch.no_grad()` (faster than torch's MKL matmul
-        at the few rows of a cached denoising step on CPUs where MKL is far from the bandwidth floor; see
-        docs/results.md and `scripts/step_floor.py`); the cost is a second copy of the weights in
-        memory, freed by going back to "torch". Results differ from torch's in float32
-        rounding only. Other devices and dtypes keep torch's path.
+        - "auto" (default): oneDNN with weights prepacked in its blocked layout for the matmuls where
+          it is measured faster than torch's (weights of at least `ONEDNN_MIN_WEIGHT` elements), torch
+          for the small ones, where the call overhead dominates (docs/results.md, `bench_linear`);
+        - "onednn": every projection prepacked; "torch": none (every weight plain; what the official
+          code computes, bit for bit).
+
+        The packed weight replaces the plain one (no second copy; `Linear` gives it back to whatever
+        reads it). Results differ from torch's in float32 rounding only; GPUs and other dtypes take
+        torch's path. A torch build without oneDNN runs "auto" as "torch" ("onednn" raises).
         """
         if backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear backend {backend!r}: expected one of {LINEAR_BACKENDS}")
         if backend == "onednn" and not onednn_dtypes():
             raise RuntimeError("linear backend 'onednn': this torch build has no oneDNN (mkldnn) linear")
+        self._mark_tied()
         for module in self.modules():
             if isinstance(module, Linear):
                 module.backend = backend
                 if backend == "torch":
-                    module.drop_packed()
+                    module._unpack()
+
+    def _mark_tied(self) -> None:
+        """Mark the projections whose weight another module shares (never packed)."""
+        seen: dict[int, int] = {}
+        for _, p in self.named_parameters(remove_duplicate=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module._tied = seen[id(module._parameters["weight"])] > 1
+        self.__dict__["_tied_marked"] = True
+
+    def _log_linear_paths(self, device: torch.device) -> None:
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        dtype = next(self.parameters()).dtype
+        if not linears or device.type != "cpu" or dtype not in onednn_dtypes():
+            logger.info("projections: torch's matmul (%s, %s)", device.type, dtype)
+            return
+        onednn = sum(
+            m.backend == "onednn" or (m.backend == "auto" and m.weight.numel() >= ONEDNN_MIN_WEIGHT)
+            for m in linears
+            if not m._tied
+        )
+        logger.info(
+            "projections: %d of %d on oneDNN's prepacked matmul, the rest on torch's (linear backend %r, "
+            "auto's threshold %d elements)", onednn, len(linears), linears[0].backend, ONEDNN_MIN_WEIGHT,
+        )  # fmt: skip
+
+    def linear_paths(self) -> dict[str, int]:
+        """How many projections hold oneDNN-packed weights now ("onednn") and how many plain ("torch")."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        packed = sum(m.packed for m in linears)
+        return {"onednn": packed, "torch": len(linears) - packed}
 
     def _stack(self) -> tuple[nn.Embedding, nn.ModuleList, nn.Module, nn.Linear]:
         raise NotImplementedError
@@ -286,6 +382,9 @@ class DLMModelMixin:
     ) -> torch.Tensor:
         """The final-norm hidden states [B, n, d] of the fed tokens (arguments as in `forward`)."""
         embed, layers, norm, _ = self._stack()
+        if "_tied_marked" not in self.__dict__:
+            self._mark_tied()
+            self._log_linear_paths(input_ids.device)
         if self.thread_policy is not None:
             self.thread_policy.apply(self.flops_per_token * input_ids.numel())
         key_mask = None if attention_mask is None else attention_mask.bool()

@@ -267,45 +267,92 @@ def test_onednn_linear_matches_float64(dtype, bias):
         x = x.to(dtype)
         with torch.no_grad():
             got = lin(x)
+        assert got.dtype == dtype and lin.packed
         want = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
-        assert got.dtype == dtype and lin._packed is not None
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
 @onednn
-def test_onednn_linear_follows_its_weight():
-    """The packed copy is redone after in-place updates, load_state_dict and dtype changes; it is never
-    copied or pickled; gradients and float64 take torch's path; "torch" frees it."""
+def test_onednn_linear_packs_in_place_and_gives_the_weight_back():
+    """The packed weight replaces the plain one (the plain Parameter is emptied, not kept); reading
+    `.weight`, state_dict, load_state_dict, dtype changes, copies and pickles see the plain weight,
+    exactly; an in-place update is packed again; gradients and float64 take torch's path."""
     import copy
     import pickle
 
     torch.manual_seed(0)
     lin = Linear(16, 8)
     lin.backend = "onednn"
+    plain = lin.weight
+    original = plain.detach().clone()
     x = torch.randn(3, 16)
 
     def check(module, x):
         with torch.no_grad():
-            torch.testing.assert_close(module(x), torch.nn.functional.linear(x, module.weight, module.bias))
+            got = module(x)
+            assert module.packed == (x.dtype in onednn_dtypes())
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, module.weight, module.bias))
 
+    with torch.no_grad():
+        lin(x)
+    assert lin.packed and plain.numel() == 0  # no second copy
+    state = lin.state_dict()
+    assert lin.packed and not state["weight"].is_mkldnn and torch.equal(state["weight"], original)
+    assert lin.weight is plain and not lin.packed and torch.equal(plain, original)  # the same object back
     check(lin, x)
     with torch.no_grad():
         lin.weight.mul_(-2)
     check(lin, x)
-    lin.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
+    assert torch.equal(lin.weight, -2 * original)
+    lin.load_state_dict({"weight": original, "bias": torch.randn(8)})
     check(lin, x)
-    clone = copy.deepcopy(lin)
-    assert clone._packed is None and pickle.loads(pickle.dumps(lin))._packed is None
-    check(clone, x)
+    assert torch.equal(lin.weight, original)
+    check(lin, x)
+    for clone in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+        assert not clone.packed and torch.equal(clone.weight, original)
+        check(clone, x)
     lin.to(torch.bfloat16)
     check(lin, x.bfloat16())
     lin.float()
-    y = lin(x.requires_grad_())  # autograd: torch's path
+    check(lin, x)
+    y = lin(x.requires_grad_())  # autograd: torch's path, with the weight's own gradient
     y.sum().backward()
+    assert not lin.packed and lin.weight is plain and plain.grad is not None
     torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 16))
     lin.double()
     with torch.no_grad():
         assert torch.equal(lin(x.double()), torch.nn.functional.linear(x.double(), lin.weight, lin.bias))
+
+
+@onednn
+def test_auto_packs_only_the_large_projections_and_never_a_tied_weight(tiny_tokenizer, monkeypatch):
+    """ "auto" (the default) packs the weights of at least ONEDNN_MIN_WEIGHT elements, at the first
+    inference forward; a weight another module shares is never packed (the embedding reads it)."""
+    from dlmcache.models import layers
+
+    monkeypatch.setattr(layers, "ONEDNN_MIN_WEIGHT", 6000)  # the tiny model's MLP and head, not attention
+    model = BUILDERS["llada"](tiny_tokenizer)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    large = sum(m.weight.numel() >= 6000 for m in linears)
+    assert 0 < large < len(linears) and all(m.backend == "auto" for m in linears)
+    ids = torch.randint(5, 280, (1, 8))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert model.linear_paths() == {"onednn": large, "torch": len(linears) - large}
+    model.set_linear_backend("torch")
+    assert model.linear_paths() == {"onednn": 0, "torch": len(linears)}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+    tied = BUILDERS["llada"](tiny_tokenizer)
+    head, embedding = tied.get_output_embeddings(), tied.get_input_embeddings()
+    head.weight = embedding.weight  # tied by hand ([vocab, d] both)
+    tied.set_linear_backend("onednn")
+    with torch.no_grad():
+        logits = tied(ids).logits
+    assert not head.packed and embedding.weight.numel() > 0 and tied.linear_paths()["onednn"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(tied(ids).logits, logits)
 
 
 @onednn
@@ -317,9 +364,9 @@ def test_onednn_linear_backend_matches_torch(arch, tiny_tokenizer):
         want = model(ids).logits
         model.set_linear_backend("onednn")
         got = model(ids).logits
-        assert all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
+        assert all(m.packed for m in model.modules() if isinstance(m, Linear))
         model.set_linear_backend("torch")
-        assert all(m._packed is None for m in model.modules() if isinstance(m, Linear))
+        assert not any(m.packed for m in model.modules() if isinstance(m, Linear))
         assert torch.equal(model(ids).logits, want)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="linear backend 'mkl'"):
