@@ -18,7 +18,7 @@ from .cache import DenoisingCache, Layout, make_cache
 from .engine import Finished, Request, cache_rule
 from .engine.rules import BLOCK, NONE, TOKEN
 from .locations import read_json, resolve_path
-from .models import MODEL_CLASSES
+from .models import model_class
 from .schedulers import (
     DLMScheduler,
     DreamScheduler,
@@ -91,10 +91,11 @@ class DLMPipeline(DiffusionPipeline):
         directory in the hub layout of LLaDA / Dream (`config.json` + safetensors + tokenizer), a hub
         id of either (needs network), or a bundled name ("dlmcache/tiny").
 
-        The model class comes from `config.json`'s `model_type` ("llada" / "Dream"); no remote code
-        runs. `torch_dtype` defaults to float32; `cache` / `cache_options` pick the KV-reuse strategy;
-        `guide` (a causal-LM path / hub id, "dlmcache/tiny-guide", or an `ARGuide`) switches to
-        guided unmasking, with `guide_options` passed to `ARGuide` (rule, top_k, chunk_size, ...).
+        The model class comes from `config.json`'s `architectures` (`dlmcache.models.ARCHITECTURES`;
+        its `model_type` when it lists none); no remote code runs. `torch_dtype` defaults to float32;
+        `cache` / `cache_options` pick the KV-reuse strategy; `guide` (a causal-LM path / hub id,
+        "dlmcache/tiny-guide", or an `ARGuide`) switches to guided unmasking, with `guide_options`
+        passed to `ARGuide` (rule, top_k, chunk_size, ...).
         `scheduler`: a `DLMScheduler`, or the name of one built with its defaults ("low_confidence",
         "dream", "threshold"); default: the model's own sampler.
         """
@@ -112,13 +113,9 @@ class DLMPipeline(DiffusionPipeline):
             config = read_json(path, "config.json")
             if config is None:
                 raise ValueError(f"{pretrained_model_name_or_path!r} has neither model_index.json nor config.json")
-            model_type = config.get("model_type")
-            if model_type not in MODEL_CLASSES:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path!r}: model_type={model_type!r} is not a supported "
-                    f"diffusion LM (expected one of {sorted(MODEL_CLASSES)})"
-                )
-            model = MODEL_CLASSES[model_type].from_pretrained(path, dtype=dtype, **kwargs)
+            model_cls = model_class(config, f"{pretrained_model_name_or_path!r}")
+            model_type = model_cls.config_class.model_type
+            model = model_cls.from_pretrained(path, dtype=dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)
             pipe = cls(model=model, tokenizer=tokenizer, scheduler=default_scheduler(path, model_type))
         pipe.model.eval()

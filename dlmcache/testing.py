@@ -7,6 +7,9 @@ and CPU benchmarks run the real architectures with random weights:
   tokenizer's vocabulary, for tests (the bundled tokenizer by default).
 - `llada_135m`: d_model 768, 12 layers, 12 heads, SwiGLU 2048, vocab 32768 (135M parameters), the
   model of the decoding-speed benchmarks, with `synthetic_tokenizer` so random ids decode offline.
+- `random_checkpoint(architecture, path, **config)`: a small random checkpoint of any architecture
+  the package loads (`dlmcache.models.ARCHITECTURES`), written in its hub layout (`write_checkpoint`:
+  config.json with the release's field names, safetensors shards, the tokenizer).
 - `random_guide`: a 10M-parameter Llama causal LM over a tokenizer's vocabulary (about 1/13 of
   `llada_135m`, the ratio of a 0.5B guide to a 7B DLM).
 
@@ -16,10 +19,14 @@ the diffusion-LM stack).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
+from .models import ARCHITECTURES, DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -150,6 +157,133 @@ def tiny_dream(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.1)
     return model
+
+
+# config.json as the hub repos write it (extra fields included), for checkpoints written by hand.
+LLADA_HUB_FIELDS = {
+    "activation_type": "silu",
+    "alibi": False,
+    "alibi_bias_max": 8.0,
+    "architectures": ["LLaDAModelLM"],
+    "attention_dropout": 0.0,
+    "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True,
+    "auto_map": {
+        "AutoConfig": "configuration_llada.LLaDAConfig",
+        "AutoModel": "modeling_llada.LLaDAModelLM",
+        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+    },
+    "bias_for_layer_norm": False,
+    "block_group_size": 1,
+    "block_type": "llama",
+    "embedding_dropout": 0.0,
+    "flash_attention": False,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "init_cutoff_factor": None,
+    "init_device": "meta",
+    "init_fn": "mitchell",
+    "init_std": 0.02,
+    "input_emb_norm": False,
+    "layer_norm_type": "rms",
+    "layer_norm_with_affine": True,
+    "model_type": "llada",
+    "multi_query_attention": None,
+    "precision": "amp_bf16",
+    "residual_dropout": 0.0,
+    "rope": True,
+    "rope_full_precision": True,
+    "scale_logits": False,
+    "transformers_version": "4.46.3",
+    "use_cache": False,
+    "weight_tying": False,
+}
+DREAM_HUB_FIELDS = {
+    "architectures": ["DreamModel"],
+    "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_window_layers": 28,
+    "model_type": "Dream",
+    "rope_scaling": None,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.2",
+    "use_cache": False,
+    "use_sliding_window": False,
+}
+
+
+def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int = 3) -> Path:
+    """Write `model` the way the hub repos are laid out: config.json with the release's fields,
+    `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`, written with
+    safetensors directly (not with our own save code)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    arch = HUB_FIELDS[ARCHITECTURE_OF[type(model)]]
+    keys = [
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "mlp_hidden_size",
+        "vocab_size",
+        "embedding_size",
+        "max_sequence_length",
+        "rope_theta",
+        "rms_norm_eps",
+        "mask_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "bos_token_id",
+    ]
+    config = dict(arch, **{k: cfg[k] for k in keys if k in cfg})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    weight_map = {}
+    for i in range(n_shards):
+        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {k: state[k] for k in names[i::n_shards]}
+        save_file(part, str(directory / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    index = {
+        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+        "weight_map": weight_map,
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+HUB_FIELDS = {"LLaDAModelLM": LLADA_HUB_FIELDS, "DreamModel": DREAM_HUB_FIELDS}
+ARCHITECTURE_OF = {cls: name for name, cls in ARCHITECTURES.items()}
+TINY_BUILDERS = {"LLaDAModelLM": tiny_llada, "DreamModel": tiny_dream}
+
+
+def random_checkpoint(
+    architecture: str, path: str | Path, tokenizer=None, seed: int = 0, n_shards: int = 1, **config
+) -> Path:
+    """Write a small random checkpoint of `architecture` (a name of `dlmcache.models.ARCHITECTURES`)
+    in the hub layout at `path`: config.json with the release's field names, safetensors shards with
+    their index, and `tokenizer`'s files (the bundled tokenizer by default), so that
+    `DLMPipeline.from_pretrained(path)` loads it. `config` overrides the tiny defaults (field names
+    of the architecture's config class)."""
+    if architecture not in TINY_BUILDERS:
+        raise ValueError(f"architecture={architecture!r}: expected one of {sorted(TINY_BUILDERS)}")
+    tokenizer = tokenizer or bundled_tokenizer()
+    model = TINY_BUILDERS[architecture](tokenizer, seed=seed, **config)
+    return write_checkpoint(model, path, tokenizer, n_shards=n_shards)
 
 
 class DispatchCount(TorchDispatchMode):

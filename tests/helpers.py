@@ -2,119 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from dlmcache.testing import tiny_dream, tiny_llada, tiny_llama  # noqa: F401 (the tests' models)
+from dlmcache.testing import (  # noqa: F401 (the tests' models and checkpoints)
+    DREAM_HUB_FIELDS,
+    LLADA_HUB_FIELDS,
+    random_checkpoint,
+    tiny_dream,
+    tiny_llada,
+    tiny_llama,
+    write_checkpoint,
+)
 
-# config.json as the hub repos write it (extra fields included), for checkpoints written by hand.
-LLADA_HUB_FIELDS = {
-    "activation_type": "silu",
-    "alibi": False,
-    "alibi_bias_max": 8.0,
-    "architectures": ["LLaDAModelLM"],
-    "attention_dropout": 0.0,
-    "attention_layer_norm": False,
-    "attention_layer_norm_with_affine": True,
-    "auto_map": {
-        "AutoConfig": "configuration_llada.LLaDAConfig",
-        "AutoModel": "modeling_llada.LLaDAModelLM",
-        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-    },
-    "bias_for_layer_norm": False,
-    "block_group_size": 1,
-    "block_type": "llama",
-    "embedding_dropout": 0.0,
-    "flash_attention": False,
-    "include_bias": False,
-    "include_qkv_bias": False,
-    "init_cutoff_factor": None,
-    "init_device": "meta",
-    "init_fn": "mitchell",
-    "init_std": 0.02,
-    "input_emb_norm": False,
-    "layer_norm_type": "rms",
-    "layer_norm_with_affine": True,
-    "model_type": "llada",
-    "multi_query_attention": None,
-    "precision": "amp_bf16",
-    "residual_dropout": 0.0,
-    "rope": True,
-    "rope_full_precision": True,
-    "scale_logits": False,
-    "transformers_version": "4.46.3",
-    "use_cache": False,
-    "weight_tying": False,
-}
-DREAM_HUB_FIELDS = {
-    "architectures": ["DreamModel"],
-    "attention_dropout": 0.0,
-    "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-    "hidden_act": "silu",
-    "initializer_range": 0.02,
-    "max_window_layers": 28,
-    "model_type": "Dream",
-    "rope_scaling": None,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.46.2",
-    "use_cache": False,
-    "use_sliding_window": False,
-}
-
-
-def write_hub_checkpoint(model, directory: Path, tokenizer=None, n_shards: int = 3) -> Path:
-    """Write `model` the way the hub repos are laid out: config.json with the release's fields,
-    `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`, written with
-    safetensors directly (not with our own save code)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = model.config.to_dict()
-    arch = LLADA_HUB_FIELDS if cfg["model_type"] == "llada" else DREAM_HUB_FIELDS
-    keys = [
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "mlp_hidden_size",
-        "vocab_size",
-        "embedding_size",
-        "max_sequence_length",
-        "rope_theta",
-        "rms_norm_eps",
-        "mask_token_id",
-        "eos_token_id",
-        "pad_token_id",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "max_position_embeddings",
-        "bos_token_id",
-    ]
-    config = dict(arch, **{k: cfg[k] for k in keys if k in cfg})
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    names = sorted(state)
-    weight_map = {}
-    for i in range(n_shards):
-        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = {k: state[k] for k in names[i::n_shards]}
-        save_file(part, str(directory / shard), metadata={"format": "pt"})
-        weight_map.update({k: shard for k in part})
-    index = {
-        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-        "weight_map": weight_map,
-    }
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return directory
+# The hub-layout writer lives in the package (`dlmcache.testing`), for the benchmarks too.
+write_hub_checkpoint = write_checkpoint
 
 
 def reference_forward(state: dict, config, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None):

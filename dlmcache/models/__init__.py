@@ -1,13 +1,38 @@
-"""Native diffusion LMs. `MODEL_CLASSES` maps a checkpoint's `config.json` `model_type` to its class."""
+"""Native diffusion LMs.
+
+`ARCHITECTURES` maps the `architectures` names of a checkpoint's `config.json` that the package loads
+to their classes; `MODEL_CLASSES` maps `model_type` likewise (for configs without `architectures`).
+`model_class(config)` picks one, or names what is supported.
+"""
 
 from .dream import DreamConfig, DreamModel
 from .layers import DLMModelMixin, DLMModelOutput
 from .llada import LLaDAConfig, LLaDAModelLM
 
+ARCHITECTURES = {"LLaDAModelLM": LLaDAModelLM, "DreamModel": DreamModel}
 MODEL_CLASSES = {"llada": LLaDAModelLM, "Dream": DreamModel}
 CONFIG_CLASSES = {name: cls.config_class for name, cls in MODEL_CLASSES.items()}
 
+
+def model_class(config: dict, where: str = "config.json") -> type[DLMModelMixin]:
+    """The class that loads a checkpoint with this `config.json` (a dict): by its `architectures`,
+    else by its `model_type`; a ValueError names the supported architectures otherwise."""
+    names = config.get("architectures") or []
+    if not isinstance(names, list):
+        raise ValueError(f"{where}: architectures={names!r} must be a list of class names")
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    if not names and config.get("model_type") in MODEL_CLASSES:
+        return MODEL_CLASSES[config["model_type"]]
+    raise ValueError(
+        f"{where}: architectures={names!r} (model_type={config.get('model_type')!r}) is not a diffusion LM "
+        f"this package loads; supported architectures: {', '.join(ARCHITECTURES)}"
+    )
+
+
 __all__ = [
+    "ARCHITECTURES",
     "CONFIG_CLASSES",
     "MODEL_CLASSES",
     "DLMModelMixin",
@@ -16,4 +41,5 @@ __all__ = [
     "DreamModel",
     "LLaDAConfig",
     "LLaDAModelLM",
+    "model_class",
 ]
