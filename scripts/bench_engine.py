@@ -1,4 +1,4 @@
-"""The batched engine in-process against `DLMPipeline`, on the bundled tiny model (one thread).
+"""The batched engine in-process against `DLMPipeline`, on the bundled tiny model (--threads, default 1).
 
     python scripts/bench_engine.py --out results/bench_engine.json
 
@@ -51,9 +51,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for everything (one run, one count)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    if args.threads < 1:
+        ap.error(f"--threads {args.threads}: must be at least 1")
+    torch.set_num_threads(args.threads)
     pipe = DLMPipeline.from_pretrained("dlmcache/tiny")
     pipe.set_progress_bar_config(disable=True)
     cache = make_cache("freecache", freeze="token", suffix_window=0)

@@ -7,7 +7,9 @@ For each model a real server process is started on 127.0.0.1 (the random 135M LL
 is first saved to a temporary directory, served from there), and the same list of requests is sent by
 N concurrent streaming clients (N = 1 is one at a time: the baseline). Per N: completion tokens/s,
 requests/s, p50 / p99 latency and time to first token (the first streamed text), the speedup over
-N = 1, and whether every answer equals the N = 1 answer (the server promises batch invariance).
+N = 1, and whether every answer equals the N = 1 answer (the server promises batch invariance); and,
+from the server's /metrics, the share of the wall time its engine spent in batched steps ("engine
+busy") and the requests each step carried on average.
 Writes JSON and a plot next to it.
 """
 
@@ -105,6 +107,18 @@ async def run_level(url: str, bodies: list[dict], concurrency: int) -> dict:
         "latency_p50": pct(lat, 0.5), "latency_p99": pct(lat, 0.99), "ttft_p50": pct(ttft, 0.5),
         "ttft_p99": pct(ttft, 0.99), "texts": [r["text"] for r in results],
     }  # fmt: skip
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The server's engine counters from /metrics: batched forwards, the rows they carried, seconds."""
+    names = {"dlmcache_batched_forwards_total": "forwards", "dlmcache_forward_rows_total": "rows",
+             "dlmcache_forward_seconds_total": "seconds"}  # fmt: skip
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            out[names[name]] = float(value)
+    return out
 
 
 def tiny_requests(n: int, args) -> list[dict]:
@@ -206,10 +220,18 @@ def main() -> None:
                 asyncio.run(run_level(url, bodies[:2], 2))  # warm up
                 rows = []
                 for c in levels:
+                    before = engine_counters(url)
                     row = asyncio.run(run_level(url, bodies, c))
+                    after = engine_counters(url)
+                    # How busy the engine's forwards kept it, and how many requests each carried.
+                    delta = {k: after[k] - before[k] for k in after}
+                    row["engine_busy"] = delta["seconds"] / row["seconds"]
+                    row["rows_per_forward"] = delta["rows"] / max(delta["forwards"], 1)
                     rows.append(row)
                     print(f"{name} x{c}: {row['tokens_per_second']:.1f} tok/s, p50 {row['latency_p50']:.2f} s, "
-                          f"p99 {row['latency_p99']:.2f} s, ttft p50 {row['ttft_p50']:.2f} s", flush=True)  # fmt: skip
+                          f"p99 {row['latency_p99']:.2f} s, ttft p50 {row['ttft_p50']:.2f} s, engine busy "
+                          f"{row['engine_busy']:.0%}, {row['rows_per_forward']:.1f} requests per forward",
+                          flush=True)  # fmt: skip
             finally:
                 proc.terminate()
                 proc.wait(120)
@@ -220,13 +242,14 @@ def main() -> None:
             row["same_answers_as_one_at_a_time"] = row["texts"] == base["texts"]
         results["models"][name] = rows
         print(f"\n| {name}: clients | tokens/s | speedup | requests/s | p50 s | p99 s | TTFT p50 s | p99 / single |"
-              " same answers |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+              " engine busy | requests per step | same answers |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             same = r["same_answers_as_one_at_a_time"]
             print(f"| {r['concurrency']} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f}x | "
                   f"{r['requests_per_second']:.2f} | {r['latency_p50']:.2f} | {r['latency_p99']:.2f} | "
-                  f"{r['ttft_p50']:.2f} | {r['p99_over_single_p50']:.2f} | {same} |")  # fmt: skip
+                  f"{r['ttft_p50']:.2f} | {r['p99_over_single_p50']:.2f} | {r['engine_busy']:.0%} | "
+                  f"{r['rows_per_forward']:.1f} | {same} |")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         slim = {**results, "models": {k: [{x: y for x, y in r.items() if x != "texts"} for r in v]
