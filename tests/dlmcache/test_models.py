@@ -357,6 +357,28 @@ def test_auto_packs_only_the_large_projections_and_never_a_tied_weight(tiny_toke
 
 @onednn
 @pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_a_packed_model_saves_and_loads_its_plain_weights(arch, tiny_tokenizer, tmp_path):
+    """save_pretrained of a model whose projections are packed writes the plain weights, exactly, and
+    the model keeps decoding packed."""
+    model = BUILDERS[arch](tiny_tokenizer)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    model.set_linear_backend("onednn")
+    ids = torch.randint(5, 280, (1, 6))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert model.linear_paths()["torch"] == 0
+    model.save_pretrained(tmp_path / arch)
+    assert model.linear_paths()["torch"] == 0  # saving read copies
+    loaded = type(model).from_pretrained(tmp_path / arch)
+    got = loaded.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    loaded.set_linear_backend("onednn")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+
+
+@onednn
+@pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_onednn_linear_backend_matches_torch(arch, tiny_tokenizer):
     model = BUILDERS[arch](tiny_tokenizer)
     ids = torch.randint(5, 280, (2, 12))
