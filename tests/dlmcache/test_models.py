@@ -355,6 +355,26 @@ def test_auto_packs_only_the_large_projections_and_never_a_tied_weight(tiny_toke
         torch.testing.assert_close(tied(ids).logits, logits)
 
 
+def test_without_onednn_auto_takes_torch_and_onednn_is_refused(tiny_tokenizer, monkeypatch):
+    """A torch build without oneDNN's linear: the default runs torch's matmul everywhere (the same
+    logits, bit for bit), and asking for "onednn" says why it cannot."""
+    from dlmcache.models import layers
+
+    model = BUILDERS["llada"](tiny_tokenizer)
+    ids = torch.randint(5, 280, (1, 6))
+    model.set_linear_backend("torch")
+    with torch.no_grad():
+        want = model(ids).logits
+    monkeypatch.setattr(layers, "onednn_dtypes", lambda: ())
+    monkeypatch.setattr(layers, "ONEDNN_MIN_WEIGHT", 1)  # every projection would be packed if it could
+    model.set_linear_backend("auto")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    assert model.linear_paths()["onednn"] == 0
+    with pytest.raises(RuntimeError, match="this torch build has no oneDNN"):
+        model.set_linear_backend("onednn")
+
+
 @onednn
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_a_packed_model_saves_and_loads_its_plain_weights(arch, tiny_tokenizer, tmp_path):
