@@ -40,9 +40,12 @@ class FreeCache(KVReuseCache):
     flashdlm=True: FlashDLM's FreeCache exactly (block freezing without the delayed step, every later
     position fed, never refreshed); it cannot be combined with the options above.
 
-    Prompt compression (`policy`, `budget`, `allocator`, `quantizer`, `refresh_prompt`): see
-    `KVReuseCache`. Every row decides on its own (probes, drift, refreshes in forwards of their own
-    rows), so a batch decodes exactly like its rows one by one.
+    Refresh scope (`refresh_prompt`) and prompt compression (`policy`, `budget`, `allocator`,
+    `quantizer`): see `KVReuseCache`. Without compression a refresh recomputes the prompt too by
+    default; `refresh_prompt=False` recomputes the canvas alone (1.5x on the long-prompt task at no
+    accuracy cost there, 1.4-1.8 points lost on the short bundled task: docs/results.md). Every row
+    decides on its own (probes, drift, refreshes in forwards of their own rows), so a batch decodes
+    exactly like its rows one by one.
     """
 
     name = "freecache"
