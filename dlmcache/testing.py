@@ -6,7 +6,8 @@ and CPU benchmarks run the real architectures with random weights:
 - `tiny_llada` / `tiny_dream` / `tiny_llama`: a few hundred thousand parameters over a given
   tokenizer's vocabulary, for tests (the bundled tokenizer by default).
 - `llada_135m`: d_model 768, 12 layers, 12 heads, SwiGLU 2048, vocab 32768 (135M parameters), the
-  model of the decoding-speed benchmarks, with `synthetic_tokenizer` so random ids decode offline.
+  model of the decoding-speed benchmarks, with `synthetic_tokenizer` so random ids decode offline;
+  `dream_135m`: the same size in Dream's architecture.
 - `random_checkpoint(architecture, path, **config)`: a small random checkpoint of any architecture
   the package loads (`dlmcache.models.ARCHITECTURES`), written in its hub layout (`write_checkpoint`:
   config.json with the release's field names, safetensors shards, the tokenizer).
@@ -62,6 +63,28 @@ def llada_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, devi
         pad_token_id=1,
     )
     return LLaDAModelLM(config).to(dtype=dtype, device=device).eval()
+
+
+def dream_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DreamModel:
+    """`llada_135m`'s size in Dream's architecture (hidden 768, 12 layers, 12 heads over 2 KV heads:
+    Dream-7B's grouped-query attention at this scale, QKV biases, SwiGLU 2048, vocab 32768; seed 0;
+    the same special ids)."""
+    torch.manual_seed(0)
+    config = DreamConfig(
+        vocab_size=vocab_size,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        mask_token_id=2,
+        eos_token_id=0,
+        pad_token_id=1,
+        bos_token_id=0,
+    )
+    return DreamModel(config).to(dtype=dtype, device=device).eval()
 
 
 def random_guide(tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -10,7 +10,8 @@
     python scripts/bench_dlm.py --compare-loop      # the batched engine against the step loop, per mode
 
 The default model is a random-weight LLaDA-architecture model built from a config (d_model 768,
-12 layers, 12 heads, SwiGLU 2048, vocab 32768: 135M parameters) fed random prompt ids. Every mode
+12 layers, 12 heads, SwiGLU 2048, vocab 32768: 135M parameters) fed random prompt ids;
+`--model random-135m-dream` is the same size in Dream's architecture (`dlmcache.testing.dream_135m`). Every mode
 decodes the same prompt with the same schedule (default: 256-token prompt, 256 new tokens, blocks of
 32, one token per step, greedy). For each mode: median seconds over --repeats (modes interleaved, so
 load drift hits them alike), tokens/s, ms per step, forwards, tokens fed, KV-buffer bytes, token
@@ -44,11 +45,11 @@ from pathlib import Path
 
 import torch
 
-from dlmcache import DLMPipeline, LowConfidenceScheduler
+from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler
 from dlmcache.guidance import ARGuide
 from dlmcache.models.layers import LINEAR_BACKENDS
 from dlmcache.run_config import RunConfig, split_configs
-from dlmcache.testing import llada_135m, random_guide, synthetic_tokenizer
+from dlmcache.testing import dream_135m, llada_135m, random_guide, synthetic_tokenizer
 
 DEFAULT_MODES = [
     "none",
@@ -72,9 +73,14 @@ LONG_MODES = [
 ]
 
 
-def random_pipeline(vocab_size: int, dtype: torch.dtype, device: str) -> DLMPipeline:
-    model = llada_135m(vocab_size, dtype, device)
-    return DLMPipeline(model=model, tokenizer=synthetic_tokenizer(vocab_size), scheduler=LowConfidenceScheduler())
+def random_pipeline(vocab_size: int, dtype: torch.dtype, device: str, family: str = "llada") -> DLMPipeline:
+    """The random 135M model of a family with its own greedy sampler (LLaDA's low-confidence
+    remasking; Dream's maskgit_plus at temperature 0)."""
+    if family == "dream":
+        model, scheduler = dream_135m(vocab_size, dtype, device), DreamScheduler(alg="maskgit_plus", temperature=0.0)
+    else:
+        model, scheduler = llada_135m(vocab_size, dtype, device), LowConfidenceScheduler()
+    return DLMPipeline(model=model, tokenizer=synthetic_tokenizer(vocab_size), scheduler=scheduler)
 
 
 class GuideLoader:
@@ -103,8 +109,8 @@ class GuideLoader:
 
 def build(args) -> tuple[DLMPipeline, torch.Tensor]:
     dtype = getattr(torch, args.dtype)
-    if args.model == "random-135m":
-        pipe = random_pipeline(32768, dtype, args.device)
+    if args.model in ("random-135m", "random-135m-dream"):
+        pipe = random_pipeline(32768, dtype, args.device, "dream" if args.model.endswith("dream") else "llada")
     else:
         pipe = DLMPipeline.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -209,7 +215,7 @@ def reset_peak_rss() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="random-135m")
+    ap.add_argument("--model", default="random-135m", help="random-135m (LLaDA), random-135m-dream, or a path / hub id")
     ap.add_argument("--modes", default=";".join(DEFAULT_MODES), help="configs separated by ';' (or ',' if no ';')")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
