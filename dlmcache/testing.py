@@ -45,46 +45,33 @@ def synthetic_tokenizer(vocab_size: int):
     )
 
 
+#: The special ids of `synthetic_tokenizer` (EOS 0, pad 1, mask 2), in both families' field names.
+SYNTHETIC_IDS = {"eos_token_id": 0, "pad_token_id": 1, "mask_token_id": 2}
+
+
+def _seeded(model_class, config, dtype: torch.dtype, device: str):
+    """`model_class(config)` with seed-0 random weights, in `dtype` on `device`, in eval mode."""
+    torch.manual_seed(0)
+    return model_class(config).to(dtype=dtype, device=device).eval()
+
+
 def llada_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LLaDAModelLM:
     """The benchmarks' LLaDA-architecture model (seed 0; mask id 2, EOS 0, pad 1 as in
     `synthetic_tokenizer`)."""
-    torch.manual_seed(0)
-    config = LLaDAConfig(
-        d_model=768,
-        n_layers=12,
-        n_heads=12,
-        mlp_hidden_size=2048,
-        vocab_size=vocab_size,
-        embedding_size=vocab_size,
-        max_sequence_length=16384,
-        rope_theta=500000.0,
-        mask_token_id=2,
-        eos_token_id=0,
-        pad_token_id=1,
-    )
-    return LLaDAModelLM(config).to(dtype=dtype, device=device).eval()
+    config = LLaDAConfig(d_model=768, n_layers=12, n_heads=12, mlp_hidden_size=2048, vocab_size=vocab_size,
+                         embedding_size=vocab_size, max_sequence_length=16384, rope_theta=500000.0,
+                         **SYNTHETIC_IDS)  # fmt: skip
+    return _seeded(LLaDAModelLM, config, dtype, device)
 
 
 def dream_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DreamModel:
     """`llada_135m`'s size in Dream's architecture (hidden 768, 12 layers, 12 heads over 2 KV heads:
     Dream-7B's grouped-query attention at this scale, QKV biases, SwiGLU 2048, vocab 32768; seed 0;
-    the same special ids)."""
-    torch.manual_seed(0)
-    config = DreamConfig(
-        vocab_size=vocab_size,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=16384,
-        rope_theta=500000.0,
-        mask_token_id=2,
-        eos_token_id=0,
-        pad_token_id=1,
-        bos_token_id=0,
-    )
-    return DreamModel(config).to(dtype=dtype, device=device).eval()
+    the same special ids, BOS = EOS)."""
+    config = DreamConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=16384,
+                         rope_theta=500000.0, bos_token_id=0, **SYNTHETIC_IDS)  # fmt: skip
+    return _seeded(DreamModel, config, dtype, device)
 
 
 def random_guide(tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu"):
