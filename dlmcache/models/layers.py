@@ -98,7 +98,7 @@ LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
 #: "auto" multiplies by oneDNN-packed weights of at least this many elements (on CPU, in inference):
 #: the measured crossover (`scripts/bench_linear.py --sweep`, docs/results.md). From 4M elements
-#: (an LM head over a real vocabulary, a 2048-wide model's projections) oneDNN took 0.63-0.79 of
+#: (an LM head over a real vocabulary, a 2048-wide model's projections) oneDNN took 0.65-0.87 of
 #: torch's time at 4-32 rows; below it, it was slower at 1-4 rows (the few tokens a cached step feeds)
 #: and at every row count below 256K elements.
 ONEDNN_MIN_WEIGHT = 1 << 22
@@ -143,9 +143,13 @@ class Linear(nn.Linear):
             w = self._unpack()
         return F.linear(x, w, self.bias)
 
-    def _onednn(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+    def _backend_packs(self, w: torch.Tensor) -> bool:
+        """Whether the backend packs this weight (its size and ties; not the input)."""
         backend = self.backend
-        if backend == "torch" or self._tied or (backend == "auto" and w.numel() < ONEDNN_MIN_WEIGHT):
+        return backend != "torch" and not self._tied and (backend == "onednn" or w.numel() >= ONEDNN_MIN_WEIGHT)
+
+    def _onednn(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        if not self._backend_packs(w):
             return False
         if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != w.dtype or w.dtype not in onednn_dtypes():
             return False
@@ -346,19 +350,15 @@ class DLMModelMixin:
         for module in self.modules():
             if isinstance(module, Linear):
                 module._tied = seen[id(module._parameters["weight"])] > 1
-        self.__dict__["_tied_marked"] = True
 
     def _log_linear_paths(self, device: torch.device) -> None:
+        self.__dict__["_paths_logged"] = True
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         dtype = next(self.parameters()).dtype
         if not linears or device.type != "cpu" or dtype not in onednn_dtypes():
             logger.info("projections: torch's matmul (%s, %s)", device.type, dtype)
             return
-        onednn = sum(
-            m.backend == "onednn" or (m.backend == "auto" and m.weight.numel() >= ONEDNN_MIN_WEIGHT)
-            for m in linears
-            if not m._tied
-        )
+        onednn = sum(m._backend_packs(m._parameters["weight"]) for m in linears)
         logger.info(
             "projections: %d of %d on oneDNN's prepacked matmul, the rest on torch's (linear backend %r, "
             "auto's threshold %d elements)", onednn, len(linears), linears[0].backend, ONEDNN_MIN_WEIGHT,
@@ -382,7 +382,7 @@ class DLMModelMixin:
     ) -> torch.Tensor:
         """The final-norm hidden states [B, n, d] of the fed tokens (arguments as in `forward`)."""
         embed, layers, norm, _ = self._stack()
-        if "_tied_marked" not in self.__dict__:
+        if "_paths_logged" not in self.__dict__:  # the first forward (set_linear_backend may have run)
             self._mark_tied()
             self._log_linear_paths(input_ids.device)
         if self.thread_policy is not None:
