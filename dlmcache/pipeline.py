@@ -309,15 +309,17 @@ class DLMPipeline(DiffusionPipeline):
         )
         requests = self._prompt_requests(prompt, chat_template)
         self.check_length(max(len(ids) for ids, _ in requests), max_new_tokens)
-        on_engine = self._engine_requests(
-            requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos
-        )
+        on_engine = None
+        if engine is not False:  # the step loop needs no requests
+            on_engine = self._engine_requests(
+                requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos
+            )
         if engine and on_engine is None:
             raise ValueError(
                 "engine=True: the batched engine does not run this configuration yet (a compressed prompt, "
                 f"or a batch sampled from one generator); scheduler={scheduler!r}, cache={cache.name!r}"
             )
-        if on_engine is not None and engine is not False:
+        if on_engine is not None:
             return self._decode_on_engine(on_engine, cache, steps, callback_on_step_end, return_dict)
         num_blocks = max_new_tokens // block_length
         steps_per_block = steps // num_blocks
