@@ -29,7 +29,13 @@ from .schedulers import (
 )
 from .schedulers.base import check_number
 
-DEFAULT_SCHEDULERS = {"llada": LowConfidenceScheduler, "Dream": DreamScheduler}
+#: The model's own sampler by model_type. SDAR's release decodes with low_confidence_dynamic at 0.85
+#: (commit what is above the threshold, at least the step's quota): `ThresholdScheduler(0.85)`, greedy.
+DEFAULT_SCHEDULERS = {
+    "llada": LowConfidenceScheduler,
+    "Dream": DreamScheduler,
+    "sdar": functools.partial(ThresholdScheduler, threshold=0.85),
+}
 SCHEDULERS = {"low_confidence": LowConfidenceScheduler, "dream": DreamScheduler, "threshold": ThresholdScheduler}
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -268,7 +274,7 @@ class DLMPipeline(DiffusionPipeline):
         self,
         prompt,
         max_new_tokens: int = 128,
-        block_length: int = 32,
+        block_length: int | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
         chat_template: bool | None = None,
@@ -282,8 +288,9 @@ class DLMPipeline(DiffusionPipeline):
     ) -> DLMPipelineOutput | tuple:
         """Generate `max_new_tokens` tokens after each prompt.
 
-        steps: total denoising steps (default `max_new_tokens`, one token per step), split evenly
-        over the `max_new_tokens // block_length` blocks. stop_at_eos: once a row's text up to an
+        block_length: the blocks' length (default `default_block_length`: a block diffusion model's
+        own, else 32). steps: total denoising steps (default `max_new_tokens`, one token per step),
+        split evenly over the `max_new_tokens // block_length` blocks. stop_at_eos: once a row's text up to an
         EOS is fully committed, fill the rest of the row with EOS instead of denoising it (default:
         on for the guided scheduler, off otherwise, as in the reference samplers). cfg_scale:
         classifier-free guidance as LLaDA writes it: an extra forward of the canvas with the prompt
@@ -304,11 +311,17 @@ class DLMPipeline(DiffusionPipeline):
         # 1. Check inputs and encode the prompts. Per-call state lives on this call's own copies of the
         # cache strategy and the scheduler, so one pipeline may serve several threads (and `set_cache`
         # during a call changes later calls).
+        block_length = self.default_block_length if block_length is None else block_length
         steps, scheduler, cache, stop_at_eos = self._call_settings(
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
         )
         requests = self._prompt_requests(prompt, chat_template)
         self.check_length(max(len(ids) for ids, _ in requests), max_new_tokens)
+        if self.model.block_diffusion:
+            return self._decode_blocks(
+                requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos,
+                engine, callback_on_step_end, return_dict,
+            )  # fmt: skip
         on_engine = None
         if engine is not False:  # the step loop needs no requests
             on_engine = self._engine_requests(
@@ -398,9 +411,14 @@ class DLMPipeline(DiffusionPipeline):
             x[:, p_len:], nfe, commit_step, elapsed, cache.name, cache.stats.as_dict(), scheduler.stats, return_dict
         )
 
+    @property
+    def default_block_length(self) -> int:
+        """`block_length` when a call gives none: a block diffusion model's own block size, else 32."""
+        return self.model.block_size if self.model.block_diffusion else 32
+
     def _call_settings(self, max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos):
         """A call's checked schedule and its own copies of the scheduler and the cache strategy:
-        (steps, scheduler, cache, stop_at_eos)."""
+        (steps, scheduler, cache, stop_at_eos); `block_length` must be resolved (not None)."""
         steps = max_new_tokens if steps is None else steps
         self.check_inputs(max_new_tokens, block_length, steps)
         check_number("cfg_scale", cfg_scale)
@@ -415,7 +433,7 @@ class DLMPipeline(DiffusionPipeline):
         self,
         prompt,
         max_new_tokens: int = 128,
-        block_length: int = 32,
+        block_length: int | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
         chat_template: bool | None = None,
@@ -428,12 +446,16 @@ class DLMPipeline(DiffusionPipeline):
         the scheduler) for what `__call__` with these arguments decodes, checked as `__call__` checks
         them; None when the engine does not run this configuration yet (a compressed prompt). A
         generator is shared by the prompts' requests (each draws on its own, in turn). Run them with
-        `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`."""
+        `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`. None too for a block
+        diffusion model, which `__call__` decodes with `dlmcache.blockdiffusion`."""
+        block_length = self.default_block_length if block_length is None else block_length
         steps, scheduler, cache, stop_at_eos = self._call_settings(
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
         )
         requests = self._prompt_requests(prompt, chat_template)
         self.check_length(max(len(ids) for ids, _ in requests), max_new_tokens)
+        if self.model.block_diffusion:  # the engine does not run block diffusion yet
+            return None
         return self._engine_requests(
             requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos,
             shared_generator=True,
@@ -465,6 +487,51 @@ class DLMPipeline(DiffusionPipeline):
             )
             for i, (ids, chat) in enumerate(requests)
         ]
+
+    def _decode_blocks(self, requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache,
+                       stop_at_eos, engine, callback, return_dict):  # fmt: skip
+        """`__call__` for a block diffusion model (`dlmcache.blockdiffusion`): the finished blocks' KV is
+        exact, so every cache but "none" runs as that prefix cache; "none" recomputes every step."""
+        from .blockdiffusion import decode_blocks
+
+        name = type(self.model).__name__
+        if engine:
+            raise ValueError(f"engine=True: the batched engine does not run block diffusion ({name}) yet")
+        if cfg_scale:
+            raise ValueError(f"cfg_scale={cfg_scale!r}: classifier-free guidance is not built for block diffusion")
+        if isinstance(scheduler, GuidedScheduler):
+            raise ValueError(f"guided unmasking is not built for block diffusion ({name})")
+        if getattr(cache, "compression", None) is not None:
+            raise ValueError(
+                f"cache={cache.name!r} with a compressed prompt: prompt compression is not built for block "
+                f"diffusion ({name}); its prefix KV is cached exactly"
+            )
+        live = None
+        if callback is not None:
+
+            def live(nfe, sequences, commit_step):
+                callback(self, nfe, {"sequences": sequences, "commit_step": commit_step})
+
+        steps_per_block = steps // (max_new_tokens // block_length)
+        start_time = time.perf_counter()
+        with self.progress_bar(total=steps) as bar:
+            result = decode_blocks(
+                self.model, [ids for ids, _ in requests], max_new_tokens, block_length, steps_per_block, scheduler,
+                cached=cache.name != "none", stop_at_eos=stop_at_eos, eos_token_id=self.tokenizer.eos_token_id,
+                generator=generator, on_step=_with_bar(bar, live),
+            )  # fmt: skip
+            bar.update(max(0, steps - bar.n))
+        elapsed = time.perf_counter() - start_time
+        stats = result["stats"]
+        cache_stats = {
+            "forwards": stats["steps"] + stats["prefill_forwards"], "prefill_forwards": stats["prefill_forwards"],
+            "fed_tokens": stats["fed_tokens"] / len(requests), "kv_bytes": stats["kv_bytes"],
+            "block_diffusion": True,
+        }  # fmt: skip
+        return self._output(
+            result["sequences"], result["nfe"], result["commit_step"], elapsed, cache.name, cache_stats,
+            scheduler.stats, return_dict,
+        )  # fmt: skip
 
     def _decode_on_engine(self, requests: list[Request], cache, steps: int, callback, return_dict: bool):
         """`__call__` on the batched engine: every prompt a row, all added before the first step, so a
@@ -560,6 +627,17 @@ def chat_template_ids(tokenizer, chat: list[dict]) -> list[int]:
     (transformers 5 returns a `BatchEncoding`, a mapping whose len() counts its keys, not a list)."""
     out = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     return list(out if isinstance(out, list) else out["input_ids"])
+
+
+def _with_bar(bar, on_step):
+    """An on_step callback that also advances the progress bar by one step."""
+
+    def step(nfe, sequences, commit_step):
+        bar.update(min(1, bar.total - bar.n))
+        if on_step is not None:
+            on_step(nfe, sequences, commit_step)
+
+    return step
 
 
 def _copy_row(sequence: torch.Tensor, commit_step: torch.Tensor, seq: torch.Tensor, commit: torch.Tensor) -> None:

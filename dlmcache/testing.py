@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .models import ARCHITECTURES, DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
+from .models import ARCHITECTURES, DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, SDARConfig, SDARForCausalLM
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -169,6 +169,48 @@ def tiny_dream(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32
     return model
 
 
+def tiny_sdar(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> SDARForCausalLM:
+    """A random 2-layer SDAR (Qwen3 layer: hidden 64, 4 heads of 24 over 2 KV heads, so head_dim is not
+    hidden / heads; per-head q/k norms with random weights; block size 4) over `tokenizer`'s vocabulary.
+    Untied (a tied random model predicts the mask token at masked positions: pass
+    `tie_word_embeddings=True` for the tied layout of SDAR-1.7B / 4B)."""
+    tokenizer = tokenizer or bundled_tokenizer()
+    kw = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        block_size=4,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = SDARForCausalLM(SDARConfig(**kw)).to(dtype).eval()
+    with torch.no_grad():  # random norm weights so the q/k-norm path is exercised
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def sdar_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> SDARForCausalLM:
+    """`llada_135m`'s size in SDAR's architecture (hidden 768, 12 layers, 12 heads of 64 over 2 KV
+    heads, SwiGLU 2048, vocab 32768, untied; block size 4; seed 0; the synthetic tokenizer's ids)."""
+    config = SDARConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                        num_attention_heads=12, num_key_value_heads=2, head_dim=64, max_position_embeddings=16384,
+                        rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=0, **SYNTHETIC_IDS)  # fmt: skip
+    return _seeded(SDARForCausalLM, config, dtype, device)
+
+
 # config.json as the hub repos write it (extra fields included), for checkpoints written by hand.
 LLADA_HUB_FIELDS = {
     "activation_type": "silu",
@@ -226,6 +268,29 @@ DREAM_HUB_FIELDS = {
 }
 
 
+SDAR_HUB_FIELDS = {
+    "architectures": ["SDARForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_sdar.SDARConfig",
+        "AutoModel": "modeling_sdar.SDARModel",
+        "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
+    },
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_window_layers": 36,
+    "model_type": "sdar",
+    "rope_scaling": None,
+    "sliding_window": None,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.52.4",
+    "use_cache": True,
+    "use_sliding_window": False,
+}
+
+
 def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int = 3) -> Path:
     """Write `model` the way the hub repos are laid out: config.json with the release's fields,
     `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`, written with
@@ -255,10 +320,17 @@ def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int
         "num_key_value_heads",
         "max_position_embeddings",
         "bos_token_id",
+        "head_dim",
+        "block_size",
     ]
+    if "tie_word_embeddings" in arch:
+        keys.append("tie_word_embeddings")
     config = dict(arch, **{k: cfg[k] for k in keys if k in cfg})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):  # a tied head is not stored (as the hub's tied releases)
+        for key in getattr(type(model), "_tied_weights_keys", None) or {}:
+            state.pop(key, None)
     names = sorted(state)
     weight_map = {}
     for i in range(n_shards):
@@ -276,9 +348,9 @@ def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int
     return directory
 
 
-HUB_FIELDS = {"LLaDAModelLM": LLADA_HUB_FIELDS, "DreamModel": DREAM_HUB_FIELDS}
+HUB_FIELDS = {"LLaDAModelLM": LLADA_HUB_FIELDS, "DreamModel": DREAM_HUB_FIELDS, "SDARForCausalLM": SDAR_HUB_FIELDS}
 ARCHITECTURE_OF = {cls: name for name, cls in ARCHITECTURES.items()}
-TINY_BUILDERS = {"LLaDAModelLM": tiny_llada, "DreamModel": tiny_dream}
+TINY_BUILDERS = {"LLaDAModelLM": tiny_llada, "DreamModel": tiny_dream, "SDARForCausalLM": tiny_sdar}
 
 
 def random_checkpoint(

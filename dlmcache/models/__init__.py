@@ -8,9 +8,10 @@ to their classes; `MODEL_CLASSES` maps `model_type` likewise (for configs withou
 from .dream import DreamConfig, DreamModel
 from .layers import DLMModelMixin, DLMModelOutput
 from .llada import LLaDAConfig, LLaDAModelLM
+from .sdar import SDARConfig, SDARForCausalLM
 
-ARCHITECTURES = {"LLaDAModelLM": LLaDAModelLM, "DreamModel": DreamModel}
-MODEL_CLASSES = {"llada": LLaDAModelLM, "Dream": DreamModel}
+ARCHITECTURES = {"LLaDAModelLM": LLaDAModelLM, "DreamModel": DreamModel, "SDARForCausalLM": SDARForCausalLM}
+MODEL_CLASSES = {"llada": LLaDAModelLM, "Dream": DreamModel, "sdar": SDARForCausalLM}
 CONFIG_CLASSES = {name: cls.config_class for name, cls in MODEL_CLASSES.items()}
 
 
@@ -41,5 +42,7 @@ __all__ = [
     "DreamModel",
     "LLaDAConfig",
     "LLaDAModelLM",
+    "SDARConfig",
+    "SDARForCausalLM",
     "model_class",
 ]

@@ -249,6 +249,8 @@ class DLMModelMixin:
     """
 
     logit_shift: int = 0
+    #: True for block diffusion models (attention causal across blocks; `dlmcache.blockdiffusion` decodes)
+    block_diffusion: bool = False
     attention_backend: str = "auto"
     #: a `dlmcache.threads.ThreadPolicy` that sets torch's threads before each forward (None: leave them)
     thread_policy = None

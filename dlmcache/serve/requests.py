@@ -166,8 +166,9 @@ def parse(kind: str, body, pipe, model_name: str, defaults: dict) -> ParsedReque
             f"model's {limit}", max_name,
         )  # fmt: skip
     block_length = _int(body, "block_length", default=None)
-    if block_length is None:
-        block_length = defaults["block_length"] if max_tokens % defaults["block_length"] == 0 else max_tokens
+    if block_length is None:  # a block diffusion model's own block length, else the server's default
+        default = pipe.default_block_length if pipe.model.block_diffusion else defaults["block_length"]
+        block_length = default if max_tokens % default == 0 else max_tokens
     if max_tokens % block_length:
         raise ApiError(400, f"block_length={block_length} does not divide {max_name}={max_tokens}", "block_length")
     blocks = max_tokens // block_length

@@ -41,9 +41,10 @@ def test_a_random_checkpoint_loads_and_decodes_with_every_cache(architecture, tm
 
 
 def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["SDARForCausalLM"], "model_type": "sdar"}))
+    config = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     supported = ", ".join(ARCHITECTURES)
-    with pytest.raises(ValueError, match=rf"architectures=\['SDARForCausalLM'\].*supported architectures: {supported}"):
+    with pytest.raises(ValueError, match=rf"architectures=\['LLaDA2MoeModelLM'\].*supported architectures: {supported}"):
         DLMPipeline.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="architectures='DreamModel' must be a list"):
         model_class({"architectures": "DreamModel"})

@@ -70,10 +70,12 @@ def dense_attention(q, k, v, key_mask, backend: str = "auto"):
     """Bidirectional attention of q [B, Hq, n, D] over k / v [B, Hkv, L, D] with key_mask [B, L] (None:
     every key), as a cache-free forward computes it: the Triton kernel ("triton", or "auto" on CUDA)
     or torch's SDPA (bit for bit what the reference models compute on CPU). GQA: Hq a multiple of
-    Hkv, keys shared by consecutive query heads."""
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    Hkv, keys shared by consecutive query heads. A key_mask [B, n, L] gives each query its own keys
+    (block diffusion's block-causal mask); it goes through SDPA, whose masks take that shape."""
+    per_query = key_mask is not None and key_mask.dim() == 3
+    if not per_query and (backend == "triton" or (backend == "auto" and q.is_cuda)):
         return attention(q, k, v, key_mask=key_mask, backend="triton")
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    mask = None if key_mask is None else key_mask[:, None] if per_query else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 

@@ -218,3 +218,30 @@ def test_engine_arguments_are_validated(pipe):
         Engine(pipe, max_queue=-1)
     with pytest.raises(ValueError, match="threads=0"):
         Engine(pipe, threads=0)
+
+
+def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
+    """An SDAR checkpoint: the engine runs each request's block diffusion loop (its forwards batched
+    with the others'), and every request gets what the pipeline gives it alone."""
+    from dlmcache.testing import random_checkpoint
+
+    sdar = DLMPipeline.from_pretrained(random_checkpoint("SDARForCausalLM", tmp_path / "sdar"), torch_dtype=torch.float64)
+    sdar.set_progress_bar_config(disable=True)
+    problems = tinytask.test_problems(4)
+    items = [
+        (tinytask.messages(problems[0]), dict(max_new_tokens=16)),
+        (tinytask.messages(problems[1]), dict(max_new_tokens=24, steps=12)),
+        (tinytask.messages(problems[2]), dict(max_new_tokens=16, scheduler=ThresholdScheduler(threshold=0.006))),
+        (tinytask.messages(problems[3]), dict(max_new_tokens=16, cache=make_cache("none"))),
+    ]
+    engine = Engine(sdar, max_batch=4).start()
+    try:
+        results = Results()
+        submit_all(engine, items, results)
+        got = results.wait(len(items))
+    finally:
+        engine.stop()
+    for i, (prompt, options) in enumerate(items):
+        want = alone(sdar, prompt, options)
+        assert torch.equal(got[i].sequences, want.sequences), i
+    assert engine.stats.forward_rows > engine.stats.forwards

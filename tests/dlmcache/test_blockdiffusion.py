@@ -1,0 +1,178 @@
+"""Block diffusion (SDAR): the cached loop against recomputing everything and against an independent
+implementation of the release's generate loop; batches against prompts alone; the model's layout."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlmcache import DLMPipeline
+from dlmcache.blockdiffusion import block_causal_mask, decode_blocks
+from dlmcache.cache import make_cache
+from dlmcache.schedulers import LowConfidenceScheduler, ThresholdScheduler
+from dlmcache.testing import random_checkpoint, tiny_sdar
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_sdar(dtype=torch.float64)
+
+
+class ConcatKV:
+    """The release's cache as its generate uses it: past K/V concatenated, each forward attends past +
+    fed keys under an explicit [n, past + n] mask, and keeps its K/V only when told to."""
+
+    def __init__(self):
+        self.k, self.v = {}, {}
+
+    def run(self, model, ids, start, mask, store):
+        self.mask, self.store = mask, store
+        positions = torch.arange(start, start + len(ids))[None]
+        return model(torch.tensor(ids)[None], positions=positions, cache=self).logits[0]
+
+    def attend(self, layer_idx, q, k, v, backend):
+        keys = k if layer_idx not in self.k else torch.cat([self.k[layer_idx], k], 2)
+        values = v if layer_idx not in self.v else torch.cat([self.v[layer_idx], v], 2)
+        if self.store:
+            self.k[layer_idx], self.v[layer_idx] = keys, values
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask[None, None], enable_gqa=True)
+
+
+def release_generate(model, prompt, gen_length, block_length, steps, strategy, threshold=0.85):
+    """SDAR's generate (JetAstra/SDAR generate.py), greedy, written from its description: blocks of
+    absolute positions over ceil((P + G) / bs) blocks, a block-lower-triangular mask, the prompt's
+    complete blocks prefilled and stored, then per block up to steps + 1 forwards of the block alone:
+    a denoising forward while masks remain (a fixed count per step from the block length; `dynamic`:
+    every position above the threshold when there are at least that many), and a storing forward
+    once none remain."""
+    mask_id, bs = model.mask_token_id, block_length
+    p = len(prompt)
+    blocks = math.ceil((p + gen_length) / bs)
+    allowed = torch.tril(torch.ones(blocks, blocks, dtype=torch.bool))
+    allowed = allowed.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    x = [mask_id] * (blocks * bs)
+    x[:p] = prompt
+    kv = ConcatKV()
+    prefill = (p // bs) * bs
+    if prefill:
+        kv.run(model, x[:prefill], 0, allowed[:prefill, :prefill], store=True)
+    counts = [bs // steps + (1 if i < bs % steps else 0) for i in range(steps)]
+    for b in range(p // bs, blocks):
+        s, e = b * bs, (b + 1) * bs
+        cur = torch.tensor(x[s:e])
+        for step in range(steps + 1):
+            masked = cur == mask_id
+            if not masked.any():
+                kv.run(model, cur.tolist(), s, allowed[s:e, :e], store=True)
+                break
+            logits = kv.run(model, cur.tolist(), s, allowed[s:e, :e], store=False)
+            probs = logits.softmax(-1)
+            x0 = probs.argmax(-1)
+            confidence = torch.where(masked, probs.gather(-1, x0[:, None])[:, 0], -torch.inf)
+            transfer = torch.zeros_like(masked)
+            high = confidence > threshold
+            if strategy == "dynamic" and high.sum() >= counts[step]:
+                transfer = high
+            else:
+                transfer[confidence.topk(counts[step]).indices] = True
+            cur[transfer] = x0[transfer]
+        x[s:e] = cur.tolist()
+    return x[p : p + gen_length]
+
+
+# A random model over 286 tokens is confident near 1/286: 0.006 makes some steps commit several tokens.
+SCHEDULERS = {"static": LowConfidenceScheduler(), "dynamic": ThresholdScheduler(threshold=0.006)}
+
+
+@pytest.mark.parametrize(
+    "strategy, prompt_len, gen_length, steps",
+    [
+        ("static", 8, 16, 4),  # the prompt ends at a block boundary
+        ("static", 8, 16, 2),  # two tokens per step
+        ("static", 7, 13, 4),  # the first block holds the prompt's end and one mask
+        ("dynamic", 8, 16, 4),
+        ("dynamic", 6, 14, 4),
+    ],
+)
+@pytest.mark.parametrize("cached", [True, False])
+def test_equals_the_release_loop(model, strategy, prompt_len, gen_length, steps, cached):
+    prompt = list(range(10, 10 + prompt_len))
+    scheduler = SCHEDULERS[strategy]
+    expected = release_generate(model, prompt, gen_length, 4, steps, strategy, threshold=0.006)
+    out = decode_blocks(model, [prompt], gen_length, 4, steps, scheduler, cached=cached)
+    assert out["sequences"][0].tolist() == expected
+    if strategy == "dynamic":  # the threshold commits several tokens in some step
+        assert out["nfe"] < gen_length
+
+
+def test_a_batch_of_mixed_prompt_lengths_equals_each_prompt_alone(model):
+    prompts = [list(range(10, 17)), list(range(20, 33)), [40, 41], list(range(50, 54))]
+    scheduler = ThresholdScheduler(threshold=0.006)
+    for cached in (True, False):
+        batch = decode_blocks(model, prompts, 12, 4, 4, scheduler, cached=cached)
+        for i, prompt in enumerate(prompts):
+            alone = decode_blocks(model, [prompt], 12, 4, 4, scheduler, cached=cached)
+            assert torch.equal(alone["sequences"][0], batch["sequences"][i]), (cached, i)
+            assert torch.equal(alone["commit_step"][0] >= 0, batch["commit_step"][i] >= 0)
+
+
+def test_the_cache_feeds_the_active_block_and_the_newly_finished_ones(model):
+    prompt = list(range(10, 18))  # two complete blocks: one prefill forward
+    cached = decode_blocks(model, [prompt], 16, 4, 4, LowConfidenceScheduler(), cached=True)
+    full = decode_blocks(model, [prompt], 16, 4, 4, LowConfidenceScheduler(), cached=False)
+    assert torch.equal(cached["sequences"], full["sequences"])
+    assert cached["stats"]["prefill_forwards"] == 1 and cached["nfe"] == full["nfe"] == 16
+    # 4 blocks x 4 steps of 4 tokens, plus the previous block once at each of the last 3 blocks' first step
+    assert cached["stats"]["fed_tokens"] == 8 + 16 * 4 + 3 * 4
+    assert full["stats"]["fed_tokens"] == sum(4 * (3 + b) * 4 for b in range(4))
+
+
+def test_attention_is_causal_across_blocks(model):
+    mask = block_causal_mask(4, 12, 4, torch.tensor([[True] * 11 + [False]]))
+    assert mask.shape == (1, 8, 12)
+    assert mask[0, 0].tolist() == [True] * 8 + [False] * 4  # block 1 sees blocks 0 and 1
+    assert mask[0, 7].tolist() == [True] * 11 + [False]  # block 2 sees everything real
+    # Changing a later block changes nothing before it.
+    ids = torch.arange(10, 22)[None]
+    other = ids.clone()
+    other[0, 8:] = 5
+    store = ConcatKV()
+    full = block_causal_mask(0, 12, 4, torch.ones(1, 12, dtype=torch.bool))[0]
+    a = store.run(model, ids[0].tolist(), 0, full, store=False)
+    b = store.run(model, other[0].tolist(), 0, full, store=False)
+    assert torch.equal(a[:8], b[:8]) and not torch.equal(a[8:], b[8:])
+
+
+def test_pipeline_defaults_and_refusals(tmp_path):
+    path = random_checkpoint("SDARForCausalLM", tmp_path / "sdar", tie_word_embeddings=True)
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["block_size"] == 4
+    pipe = DLMPipeline.from_pretrained(path, torch_dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.model.lm_head.weight is pipe.model.model.embed_tokens.weight
+    assert pipe.default_block_length == 4
+    assert isinstance(pipe.scheduler, ThresholdScheduler) and pipe.scheduler.config.threshold == 0.85
+    out = pipe("Mia has 3 pens.", max_new_tokens=8)
+    assert out.sequences.shape == (1, 8) and out.stats["block_diffusion"]
+    with pytest.raises(ValueError, match="max_new_tokens=10 is not divisible by block_length=4"):
+        pipe("Hi", max_new_tokens=10)
+    with pytest.raises(ValueError, match="engine=True: the batched engine does not run block diffusion"):
+        pipe("Hi", max_new_tokens=8, engine=True)
+    with pytest.raises(ValueError, match="cfg_scale=1.0"):
+        pipe("Hi", max_new_tokens=8, cfg_scale=1.0)
+    with pytest.raises(ValueError, match="prompt compression is not built for block diffusion"):
+        pipe("Hi", max_new_tokens=8, cache=make_cache("freecache", policy="snapkv", budget=0.5))
+
+
+def test_a_checkpoint_missing_a_q_norm_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = random_checkpoint("SDARForCausalLM", tmp_path / "sdar")
+    (shard,) = path.glob("*.safetensors")
+    state = load_file(shard)
+    del state["model.layers.1.self_attn.q_norm.weight"]
+    save_file(state, shard)
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.self_attn.q_norm.weight'\]"):
+        DLMPipeline.from_pretrained(path)
