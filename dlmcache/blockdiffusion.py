@@ -145,9 +145,7 @@ def decode_blocks(
                 cached_end = start  # the blocks before this one were fed with their final tokens
             if not bool(torch.isfinite(logits).all()):
                 raise FloatingPointError(f"the model's logits at step {nfe} are not finite")
-            out = scheduler.step(
-                logits, canvas[:, targets], masked[:, cols], i, steps_per_block, generator=generator
-            )
+            out = scheduler.step(logits, canvas[:, targets], masked[:, cols], i, steps_per_block, generator=generator)
             canvas[:, targets] = out.prev_sample
             commit_step[:, targets] = commit_step[:, targets].masked_fill(out.transfer_index, nfe)
             if stop_at_eos and eos_token_id is not None:

@@ -44,7 +44,8 @@ def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
     config = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     supported = ", ".join(ARCHITECTURES)
-    with pytest.raises(ValueError, match=rf"architectures=\['LLaDA2MoeModelLM'\].*supported architectures: {supported}"):
+    named = rf"architectures=\['LLaDA2MoeModelLM'\].*supported architectures: {supported}"
+    with pytest.raises(ValueError, match=named):
         DLMPipeline.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="architectures='DreamModel' must be a list"):
         model_class({"architectures": "DreamModel"})

@@ -225,7 +225,8 @@ def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
     with the others'), and every request gets what the pipeline gives it alone."""
     from dlmcache.testing import random_checkpoint
 
-    sdar = DLMPipeline.from_pretrained(random_checkpoint("SDARForCausalLM", tmp_path / "sdar"), torch_dtype=torch.float64)
+    path = random_checkpoint("SDARForCausalLM", tmp_path / "sdar")
+    sdar = DLMPipeline.from_pretrained(path, torch_dtype=torch.float64)
     sdar.set_progress_bar_config(disable=True)
     problems = tinytask.test_problems(4)
     items = [
