@@ -525,6 +525,8 @@ class DLMPipeline(DiffusionPipeline):
         stats = result["stats"]
         cache_stats = {
             "forwards": stats["steps"] + stats["prefill_forwards"], "prefill_forwards": stats["prefill_forwards"],
+            # without a cache every step recomputes the prefix; with one, no step does
+            "full_forwards": stats["steps"] if cache.name == "none" else 0,
             "fed_tokens": stats["fed_tokens"] / len(requests), "kv_bytes": stats["kv_bytes"],
             "block_diffusion": True,
         }  # fmt: skip

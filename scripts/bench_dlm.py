@@ -11,7 +11,8 @@
 
 The default model is a random-weight LLaDA-architecture model built from a config (d_model 768,
 12 layers, 12 heads, SwiGLU 2048, vocab 32768: 135M parameters) fed random prompt ids;
-`--model random-135m-dream` is the same size in Dream's architecture (`dlmcache.testing.dream_135m`). Every mode
+`--model random-135m-dream` / `random-135m-sdar` is the same size in Dream's / SDAR's architecture
+(`dlmcache.testing.dream_135m`, `sdar_135m`; SDAR with `--block-length 4`, its own). Every mode
 decodes the same prompt with the same schedule (default: 256-token prompt, 256 new tokens, blocks of
 32, one token per step, greedy). For each mode: median seconds over --repeats (modes interleaved, so
 load drift hits them alike), tokens/s, ms per step, forwards, tokens fed, KV-buffer bytes, token
@@ -49,7 +50,7 @@ from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler
 from dlmcache.guidance import ARGuide
 from dlmcache.models.layers import LINEAR_BACKENDS
 from dlmcache.run_config import RunConfig, split_configs
-from dlmcache.testing import dream_135m, llada_135m, random_guide, synthetic_tokenizer
+from dlmcache.testing import dream_135m, llada_135m, random_guide, sdar_135m, synthetic_tokenizer
 
 DEFAULT_MODES = [
     "none",
@@ -73,11 +74,17 @@ LONG_MODES = [
 ]
 
 
+#: --model names of the random 135M models, by family.
+RANDOM_MODELS = {"random-135m": "llada", "random-135m-dream": "dream", "random-135m-sdar": "sdar"}
+
+
 def random_pipeline(vocab_size: int, dtype: torch.dtype, device: str, family: str = "llada") -> DLMPipeline:
     """The random 135M model of a family with its own greedy sampler (LLaDA's low-confidence
-    remasking; Dream's maskgit_plus at temperature 0)."""
+    remasking; Dream's maskgit_plus at temperature 0; SDAR: low-confidence remasking in its blocks)."""
     if family == "dream":
         model, scheduler = dream_135m(vocab_size, dtype, device), DreamScheduler(alg="maskgit_plus", temperature=0.0)
+    elif family == "sdar":
+        model, scheduler = sdar_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     else:
         model, scheduler = llada_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     return DLMPipeline(model=model, tokenizer=synthetic_tokenizer(vocab_size), scheduler=scheduler)
@@ -109,8 +116,8 @@ class GuideLoader:
 
 def build(args) -> tuple[DLMPipeline, torch.Tensor]:
     dtype = getattr(torch, args.dtype)
-    if args.model in ("random-135m", "random-135m-dream"):
-        pipe = random_pipeline(32768, dtype, args.device, "dream" if args.model.endswith("dream") else "llada")
+    if args.model in RANDOM_MODELS:
+        pipe = random_pipeline(32768, dtype, args.device, RANDOM_MODELS[args.model])
     else:
         pipe = DLMPipeline.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -215,7 +222,7 @@ def reset_peak_rss() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="random-135m", help="random-135m (LLaDA), random-135m-dream, or a path / hub id")
+    ap.add_argument("--model", default="random-135m", help=f"{', '.join(RANDOM_MODELS)} or a path / hub id")
     ap.add_argument("--modes", default=";".join(DEFAULT_MODES), help="configs separated by ';' (or ',' if no ';')")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
