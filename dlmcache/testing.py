@@ -27,7 +27,17 @@ import torch
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .models import ARCHITECTURES, DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, SDARConfig, SDARForCausalLM
+from .models import (
+    ARCHITECTURES,
+    DreamConfig,
+    DreamModel,
+    LLaDAConfig,
+    LLaDAModelLM,
+    LLaDAMoEConfig,
+    LLaDAMoEModelLM,
+    SDARConfig,
+    SDARForCausalLM,
+)
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -202,6 +212,50 @@ def tiny_sdar(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32,
     return model
 
 
+def tiny_llada_moe(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LLaDAMoEModelLM:
+    """A random 3-layer LLaDA-MoE (hidden 64, 4 heads with q/k norms, RoPE over half of each head;
+    layers 0 and 2 with 8 experts of 32, 2 per token, and a shared expert; layer 1 dense) over
+    `tokenizer`'s vocabulary."""
+    tokenizer = tokenizer or bundled_tokenizer()
+    kw = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        dense_intermediate_size=96,
+        expert_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_layer_freq=[1, 0, 1],
+        partial_rotary_factor=0.5,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = LLaDAMoEModelLM(LLaDAMoEConfig(**kw)).to(dtype).eval()
+    with torch.no_grad():  # random norm weights so the q/k-norm path is exercised
+        for layer in model.model.layers:
+            if hasattr(layer.self_attn, "q_norm"):
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def llada_moe_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LLaDAMoEModelLM:
+    """`llada_135m`'s width and depth in LLaDA-MoE's architecture (hidden 768, 12 layers of 12 heads
+    with q/k norms, 16 experts of 256 with 4 per token in every layer: 192M parameters, of which a
+    token multiplies 82M, LM head included; vocab 32768; seed 0; the synthetic tokenizer's ids)."""
+    config = LLaDAMoEConfig(vocab_size=vocab_size, hidden_size=768, expert_intermediate_size=256, num_experts=16,
+                            num_experts_per_tok=4, num_hidden_layers=12, num_attention_heads=12,
+                            max_position_embeddings=16384, rope_theta=500000.0, **SYNTHETIC_IDS)  # fmt: skip
+    return _seeded(LLaDAMoEModelLM, config, dtype, device)
+
+
 def sdar_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> SDARForCausalLM:
     """`llada_135m`'s size in SDAR's architecture (hidden 768, 12 layers, 12 heads of 64 over 2 KV
     heads, SwiGLU 2048, vocab 32768, untied; block size 4; seed 0; the synthetic tokenizer's ids)."""
@@ -291,6 +345,34 @@ SDAR_HUB_FIELDS = {
 }
 
 
+LLADA_MOE_HUB_FIELDS = {
+    "architectures": ["LLaDAMoEModelLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_lladamoe.LLaDAConfig",
+        "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+        "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM",
+    },
+    "clip_qkv": None,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "model_type": "llada",
+    "moe_router_enable_expert_bias": False,
+    "moe_router_score_function": "softmax",
+    "norm_topk_prob": False,
+    "output_router_logits": False,
+    "qk_layernorm": True,
+    "rope_scaling": None,
+    "routed_scaling_factor": 1,
+    "router_aux_loss_coef": 0.01,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.2",
+    "use_cache": False,
+}
+
+
 def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int = 3) -> Path:
     """Write `model` the way the hub repos are laid out: config.json with the release's fields,
     `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`, written with
@@ -322,6 +404,15 @@ def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int
         "bos_token_id",
         "head_dim",
         "block_size",
+        "dense_intermediate_size",
+        "expert_intermediate_size",
+        "shared_expert_intermediate_size",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_layer_freq",
+        "partial_rotary_factor",
+        "qk_layernorm",
+        "moe_router_enable_expert_bias",
     ]
     if "tie_word_embeddings" in arch:
         keys.append("tie_word_embeddings")
@@ -348,9 +439,19 @@ def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int
     return directory
 
 
-HUB_FIELDS = {"LLaDAModelLM": LLADA_HUB_FIELDS, "DreamModel": DREAM_HUB_FIELDS, "SDARForCausalLM": SDAR_HUB_FIELDS}
+HUB_FIELDS = {
+    "LLaDAModelLM": LLADA_HUB_FIELDS,
+    "DreamModel": DREAM_HUB_FIELDS,
+    "LLaDAMoEModelLM": LLADA_MOE_HUB_FIELDS,
+    "SDARForCausalLM": SDAR_HUB_FIELDS,
+}
 ARCHITECTURE_OF = {cls: name for name, cls in ARCHITECTURES.items()}
-TINY_BUILDERS = {"LLaDAModelLM": tiny_llada, "DreamModel": tiny_dream, "SDARForCausalLM": tiny_sdar}
+TINY_BUILDERS = {
+    "LLaDAModelLM": tiny_llada,
+    "DreamModel": tiny_dream,
+    "LLaDAMoEModelLM": tiny_llada_moe,
+    "SDARForCausalLM": tiny_sdar,
+}
 
 
 def random_checkpoint(

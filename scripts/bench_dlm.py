@@ -11,8 +11,9 @@
 
 The default model is a random-weight LLaDA-architecture model built from a config (d_model 768,
 12 layers, 12 heads, SwiGLU 2048, vocab 32768: 135M parameters) fed random prompt ids;
-`--model random-135m-dream` / `random-135m-sdar` is the same size in Dream's / SDAR's architecture
-(`dlmcache.testing.dream_135m`, `sdar_135m`; SDAR with `--block-length 4`, its own). Every mode
+`--model random-135m-dream` / `random-135m-sdar` / `random-135m-moe` is the same width and depth in
+Dream's / SDAR's / LLaDA-MoE's architecture (`dlmcache.testing.dream_135m`, `sdar_135m`,
+`llada_moe_135m`; SDAR with `--block-length 4`, its own). Every mode
 decodes the same prompt with the same schedule (default: 256-token prompt, 256 new tokens, blocks of
 32, one token per step, greedy). For each mode: median seconds over --repeats (modes interleaved, so
 load drift hits them alike), tokens/s, ms per step, forwards, tokens fed, KV-buffer bytes, token
@@ -50,7 +51,7 @@ from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler
 from dlmcache.guidance import ARGuide
 from dlmcache.models.layers import LINEAR_BACKENDS
 from dlmcache.run_config import RunConfig, split_configs
-from dlmcache.testing import dream_135m, llada_135m, random_guide, sdar_135m, synthetic_tokenizer
+from dlmcache.testing import dream_135m, llada_135m, llada_moe_135m, random_guide, sdar_135m, synthetic_tokenizer
 
 DEFAULT_MODES = [
     "none",
@@ -75,7 +76,12 @@ LONG_MODES = [
 
 
 #: --model names of the random 135M models, by family.
-RANDOM_MODELS = {"random-135m": "llada", "random-135m-dream": "dream", "random-135m-sdar": "sdar"}
+RANDOM_MODELS = {
+    "random-135m": "llada",
+    "random-135m-dream": "dream",
+    "random-135m-sdar": "sdar",
+    "random-135m-moe": "llada-moe",
+}
 
 
 def random_pipeline(vocab_size: int, dtype: torch.dtype, device: str, family: str = "llada") -> DLMPipeline:
@@ -85,6 +91,8 @@ def random_pipeline(vocab_size: int, dtype: torch.dtype, device: str, family: st
         model, scheduler = dream_135m(vocab_size, dtype, device), DreamScheduler(alg="maskgit_plus", temperature=0.0)
     elif family == "sdar":
         model, scheduler = sdar_135m(vocab_size, dtype, device), LowConfidenceScheduler()
+    elif family == "llada-moe":
+        model, scheduler = llada_moe_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     else:
         model, scheduler = llada_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     return DLMPipeline(model=model, tokenizer=synthetic_tokenizer(vocab_size), scheduler=scheduler)

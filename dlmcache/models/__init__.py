@@ -8,11 +8,20 @@ to their classes; `MODEL_CLASSES` maps `model_type` likewise (for configs withou
 from .dream import DreamConfig, DreamModel
 from .layers import DLMModelMixin, DLMModelOutput
 from .llada import LLaDAConfig, LLaDAModelLM
+from .llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
 from .sdar import SDARConfig, SDARForCausalLM
 
-ARCHITECTURES = {"LLaDAModelLM": LLaDAModelLM, "DreamModel": DreamModel, "SDARForCausalLM": SDARForCausalLM}
+ARCHITECTURES = {
+    "LLaDAModelLM": LLaDAModelLM,
+    "DreamModel": DreamModel,
+    "LLaDAMoEModelLM": LLaDAMoEModelLM,
+    "SDARForCausalLM": SDARForCausalLM,
+}
+#: by model_type, for a config.json without `architectures` ("llada" is LLaDA-8B's; LLaDA-MoE's
+#: releases, which share the model_type, list their architecture)
 MODEL_CLASSES = {"llada": LLaDAModelLM, "Dream": DreamModel, "sdar": SDARForCausalLM}
-CONFIG_CLASSES = {name: cls.config_class for name, cls in MODEL_CLASSES.items()}
+#: every architecture's config class (their `architecture_fields` tell a config of one from another's)
+CONFIG_CLASSES = {name: cls.config_class for name, cls in ARCHITECTURES.items()}
 
 
 def model_class(config: dict, where: str = "config.json") -> type[DLMModelMixin]:
@@ -41,6 +50,8 @@ __all__ = [
     "DreamConfig",
     "DreamModel",
     "LLaDAConfig",
+    "LLaDAMoEConfig",
+    "LLaDAMoEModelLM",
     "LLaDAModelLM",
     "SDARConfig",
     "SDARForCausalLM",

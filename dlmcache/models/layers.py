@@ -275,6 +275,11 @@ class DLMModelMixin:
         return self.config.hidden_size // self.config.num_attention_heads
 
     @property
+    def rotary_dim(self) -> int:
+        """The dims of each head RoPE rotates (all of them, unless a model rotates a part)."""
+        return self.head_dim
+
+    @property
     def mask_token_id(self) -> int:
         return self.config.mask_token_id
 
@@ -393,7 +398,7 @@ class DLMModelMixin:
         if positions is None:
             positions = default_positions(input_ids, attention_mask)
         x = embed(input_ids)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.rotary_dim, self.rope_theta, x.dtype)
         inputs = AttentionInputs(cos, sin, key_mask, cache, self.attention_backend)
         for layer in layers:
             x = layer(x, inputs)

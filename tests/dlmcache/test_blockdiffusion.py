@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dlmcache import DLMPipeline
-from dlmcache.blockdiffusion import block_causal_mask, decode_blocks
+from dlmcache.blockdiffusion import BlockCausalStore, block_causal_mask, decode_blocks
 from dlmcache.cache import make_cache
 from dlmcache.schedulers import LowConfidenceScheduler, ThresholdScheduler
 from dlmcache.testing import random_checkpoint, tiny_sdar
@@ -176,3 +176,52 @@ def test_a_checkpoint_missing_a_q_norm_is_named(tmp_path):
     save_file(state, shard)
     with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.self_attn.q_norm.weight'\]"):
         DLMPipeline.from_pretrained(path)
+
+
+def reference_sdar_logits(model, ids, block):
+    """One sequence ids [n] -> logits [n, V] in float64 from the state dict alone: Qwen3's layer (per-head
+    RMSNorm of queries and keys before RoPE, GQA, SwiGLU) under a block-causal mask."""
+    c = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    n, heads, kv, hd = len(ids), c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+    def norm(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps))
+
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = torch.arange(n)[:, None].double() * inv
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+
+    def rope(x):
+        a, b = x[..., : hd // 2], x[..., hd // 2 :]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+    allowed = (torch.arange(n)[None] // block) <= (torch.arange(n)[:, None] // block)
+    x = sd["model.embed_tokens.weight"][ids]
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        h = norm(x, sd[f"{p}.input_layernorm.weight"])
+        q = rope(
+            norm((h @ sd[f"{p}.self_attn.q_proj.weight"].T).view(n, heads, hd), sd[f"{p}.self_attn.q_norm.weight"])
+        )
+        k = rope(norm((h @ sd[f"{p}.self_attn.k_proj.weight"].T).view(n, kv, hd), sd[f"{p}.self_attn.k_norm.weight"]))
+        v = (h @ sd[f"{p}.self_attn.v_proj.weight"].T).view(n, kv, hd)
+        k, v = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        x = x + torch.einsum("hqk,khd->qhd", probs, v).reshape(n, -1) @ sd[f"{p}.self_attn.o_proj.weight"].T
+        h = norm(x, sd[f"{p}.post_attention_layernorm.weight"])
+        gate, up, down = (sd[f"{p}.mlp.{m}_proj.weight"] for m in ("gate", "up", "down"))
+        x = x + (F.silu(h @ gate.T) * (h @ up.T)) @ down.T
+    return norm(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+def test_the_forward_equals_an_independent_reference(model):
+    torch.manual_seed(2)
+    ids = torch.randint(3, 200, (2, 14))
+    store = BlockCausalStore(model, torch.ones(2, 14, dtype=torch.bool), 4)
+    store.begin(0, 14)
+    with torch.no_grad():
+        logits = model(ids, positions=torch.arange(14).expand(2, -1), cache=store).logits
+    for b in range(2):
+        torch.testing.assert_close(logits[b], reference_sdar_logits(model, ids[b], 4), rtol=1e-10, atol=1e-10)

@@ -14,7 +14,8 @@ def moe_experts(x, weights, experts, w_gate, w_up, w_down, check: bool = True) -
     sorted by expert (stable, so each expert's tokens stay in order), each active expert multiplies
     its tokens' rows at once, and the weighted results are added back into their tokens' rows. One
     device-to-host read (the tokens per expert); `check=False` skips the input checks, which read the
-    expert ids' range on the host too."""
+    expert ids' range on the host too. The weights may also be sequences of per-expert matrices (a
+    model's expert modules, unstacked), then unchecked."""
     if check:
         check_moe_inputs(x, weights, experts, w_gate, w_up, w_down)
     t, k = experts.shape
@@ -22,7 +23,7 @@ def moe_experts(x, weights, experts, w_gate, w_up, w_down, check: bool = True) -
     order = flat.argsort(stable=True)
     token = torch.div(order, k, rounding_mode="floor")
     slot_weight = weights.reshape(-1).to(x.dtype)[order]
-    counts = torch.bincount(flat, minlength=w_gate.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=len(w_gate)).tolist()
     out = torch.zeros_like(x)
     start = 0
     for e, n in enumerate(counts):
