@@ -3,10 +3,14 @@
     python scripts/eval_tiny.py --n 500 --configs none,prefix,dual,freecache,dual+threshold=0.9
     python scripts/eval_tiny.py --configs none,freecache,freecache+guide=dlmcache/tiny-guide
     python scripts/eval_tiny.py --long --n 300 --configs "none;freecache;freecache:policy=maskkv,budget=0.25"
+    python scripts/eval_tiny.py --configs "none;freecache+threshold=0.9;dlmcache/tiny-block@freecache+threshold=0.9"
 
 Every config decodes the same problems (the first N of `tinytask.test_problems`) with the same
 schedule; the table gives accuracy, answer tokens/s (tokens before EOS, per second of decoding), DLM forwards
 per answer token and the speedup over `none`. Writes JSON (with every completion) when --out is given.
+A config written `MODEL@CONFIG` runs on that model instead (e.g. the block diffusion model,
+`dlmcache/tiny-block`, beside the bundled one in one run); the block length is each model's default
+(32; a block diffusion model's own) unless --block-length is given.
 
 --long: the long-prompt task (`tinytask.long_context_problems`: each problem after 0-12 solved
 distractors, up to ~580 prompt tokens) on the model trained for it, `dlmcache/tiny-long`; problems are
@@ -35,7 +39,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--block-length", type=int, default=None, help="default: each model's (32, or its own block)")
     ap.add_argument("--steps", type=int, default=None, help="default: max-new-tokens (one token per step)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
@@ -43,8 +47,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     args.model = args.model or ("dlmcache/tiny-long" if args.long else "dlmcache/tiny")
-    pipe = DLMPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipes = {}
+
+    def pipeline(name: str) -> DLMPipeline:
+        if name not in pipes:
+            pipes[name] = DLMPipeline.from_pretrained(name)
+            pipes[name].set_progress_bar_config(disable=True)
+        return pipes[name]
+
     if args.long:
         problems = sorted(tinytask.long_context_problems(args.n), key=lambda item: len(item[1]))
     else:
@@ -58,7 +68,9 @@ def main() -> None:
         return guides[key]
 
     for text in split_configs(args.configs):
-        cfg = RunConfig.parse(text)
+        model, _, config = text.rpartition("@")
+        pipe = pipeline(model or args.model)
+        cfg = RunConfig.parse(config)
         cfg.apply(pipe, load_guide=cached_guide)
         generate = DLMGenerator(pipe, block_length=args.block_length, steps=args.steps)
         results[text] = tinytask.evaluate(generate, problems, args.batch_size, args.max_new_tokens)

@@ -49,12 +49,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dlmcache.kernels.ops import dense_attention
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dlmcache import tinytask
 from dlmcache.locations import resolve_path
-from dlmcache.models import LLaDAConfig, LLaDAModelLM
+from dlmcache.models import LLaDAConfig, LLaDAModelLM, SDARConfig, SDARForCausalLM
 from dlmcache.pipeline import chat_template_ids
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|mdm_mask|>", "<|im_start|>", "<|im_end|>"]
@@ -159,6 +160,58 @@ def dlm_batch(stream: ProblemStream, batch_size: int, gen: torch.Generator, pad_
     return noisy, attn, ids, masked
 
 
+def block_batch(stream: ProblemStream, batch_size: int, gen: torch.Generator, pad_id: int, eos_id: int, mask_id: int,
+                block: int):  # fmt: skip
+    """Block diffusion's training input (SDAR; Arriola et al., arXiv 2503.09573): each row is prompt +
+    answer region (solution, EOS fill to 64), right-padded so that column = position and blocks are
+    absolute; the model sees a noisy copy (answer tokens masked with probability t per row) followed by
+    the clean copy, under `BlockTrainingMask`: a noisy block attends itself and the clean blocks before
+    it, a clean block the clean blocks up to itself. Returns (ids [B, 2L], positions, valid [B, L],
+    target [B, L], masked [B, L])."""
+    stream.new_batch()
+    pairs = [stream.next() for _ in range(batch_size)]
+    length = max(len(p) for p, _ in pairs) + ANSWER_REGION
+    ids = torch.full((batch_size, length), pad_id)
+    valid = torch.zeros(batch_size, length, dtype=torch.bool)
+    answer = torch.zeros_like(valid)
+    for i, (p, a) in enumerate(pairs):
+        ids[i, : len(p)] = torch.tensor(p)
+        ids[i, len(p) : len(p) + ANSWER_REGION] = torch.tensor(a + [eos_id] * (ANSWER_REGION - len(a)))
+        valid[i, : len(p) + ANSWER_REGION] = True
+        answer[i, len(p) : len(p) + ANSWER_REGION] = True
+    t = (1 - 1e-3) * torch.rand(batch_size, 1, generator=gen) + 1e-3
+    masked = answer & (torch.rand(batch_size, length, generator=gen) < t)
+    pick = torch.multinomial(answer.float(), 1, generator=gen)[:, 0]
+    masked[torch.arange(batch_size), pick] = True  # >= 1 per row
+    noisy = ids.masked_fill(masked, mask_id)
+    positions = torch.arange(length).expand(batch_size, -1)
+    return torch.cat([noisy, ids], 1), torch.cat([positions, positions], 1), valid, ids, masked
+
+
+class BlockTrainingMask:
+    """A `KVStore` for training a block diffusion model on [noisy copy; clean copy] (see `block_batch`):
+    attention over the fed tokens under the block diffusion training mask."""
+
+    def __init__(self, valid: torch.BoolTensor, block: int):
+        b, n = valid.shape
+        index = torch.arange(2 * n)
+        clean = index >= n
+        blocks = (index % n) // block
+        q_blk, k_blk = blocks[:, None], blocks[None, :]
+        q_clean, k_clean = clean[:, None], clean[None, :]
+        allowed = (
+            ((q_blk == k_blk) & (q_clean == k_clean))  # a block with itself, in the same copy
+            | ((q_blk > k_blk) & ~q_clean & k_clean)  # a noisy block reads the clean blocks before it
+            | ((q_blk >= k_blk) & q_clean & k_clean)  # the clean copy is block-causal
+        )
+        keys = torch.cat([valid, valid], 1)
+        self.mask = allowed[None] & keys[:, None, :]
+        self.mask |= ~self.mask.any(-1, keepdim=True)  # padding queries attend everything (never read)
+
+    def attend(self, layer_idx, q, k, v, backend):
+        return dense_attention(q, k, v, self.mask, "torch")
+
+
 def ar_batch(stream: ProblemStream, batch_size: int, pad_id: int, eos_id: int):
     """Right-padded prompt + solution + EOS; labels only on the solution and its EOS."""
     stream.new_batch()
@@ -173,6 +226,30 @@ def ar_batch(stream: ProblemStream, batch_size: int, pad_id: int, eos_id: int):
         labels[i, len(p) : len(seq)] = torch.tensor(a + [eos_id])
         attn[i, : len(seq)] = 1
     return ids, attn, labels
+
+
+def copy_llada_weights(model: SDARForCausalLM, path: str) -> None:
+    """Start a block diffusion model from a trained LLaDA of the same width and depth: embeddings,
+    projections, MLPs and norms are copied (the per-head q/k norms, which LLaDA lacks, start at 1)."""
+    llada = LLaDAModelLM.from_pretrained(path, dtype=torch.float32)
+    src = {k.removeprefix("model.transformer."): v for k, v in llada.state_dict().items()}
+    names = {
+        "wte.weight": "model.embed_tokens.weight",
+        "ln_f.weight": "model.norm.weight",
+        "ff_out.weight": "lm_head.weight",
+    }
+    per_layer = {
+        "attn_norm": "input_layernorm", "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
+        "v_proj": "self_attn.v_proj", "attn_out": "self_attn.o_proj", "ff_norm": "post_attention_layernorm",
+        "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj",
+    }  # fmt: skip
+    for i in range(model.config.num_hidden_layers):
+        for a, b in per_layer.items():
+            names[f"blocks.{i}.{a}.weight"] = f"model.layers.{i}.{b}.weight"
+    state = model.state_dict()
+    for a, b in names.items():
+        state[b] = src[a]
+    model.load_state_dict(state)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
@@ -208,6 +285,30 @@ def train(args) -> None:
         else:
             model = LLaDAModelLM.from_pretrained(resolve_path(args.init), dtype=torch.float32)
             model.config.max_sequence_length = args.max_length
+    elif args.what == "block":
+        config = SDARConfig(
+            vocab_size=vocab,
+            hidden_size=args.d_model,
+            intermediate_size=args.mlp,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads,
+            head_dim=args.d_model // args.heads,
+            max_position_embeddings=args.max_length,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            block_size=args.block,
+            mask_token_id=mask_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            bos_token_id=eos_id,
+        )
+        model = SDARForCausalLM(config)
+        if args.init is not None:
+            model = SDARForCausalLM.from_pretrained(resolve_path(args.init), dtype=torch.float32)
+        elif args.from_llada:
+            copy_llada_weights(model, resolve_path(args.from_llada))
     else:
         config = LlamaConfig(
             vocab_size=vocab,
@@ -243,6 +344,16 @@ def train(args) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 logits = model(noisy, attention_mask=attn).logits
             loss = F.cross_entropy(logits[masked].float(), target[masked])
+        elif args.what == "block":
+            ids, positions, valid, target, masked = block_batch(
+                stream, args.batch_size, gen, pad_id, eos_id, mask_id, args.block
+            )
+            noisy_half = torch.arange(valid.shape[1])  # logits of the noisy copy only
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(
+                    ids, positions=positions, cache=BlockTrainingMask(valid, args.block), logits_index=noisy_half
+                ).logits
+            loss = F.cross_entropy(logits[masked].float(), target[masked])
         else:
             ids, attn, labels = ar_batch(stream, args.batch_size, pad_id, eos_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -265,7 +376,7 @@ def train(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["tokenizer", "dlm", "ar"])
+    ap.add_argument("what", choices=["tokenizer", "dlm", "block", "ar"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer", help="directory of the tokenizer (default: --out)")
     ap.add_argument("--steps", type=int, default=3000)
@@ -299,6 +410,8 @@ def main() -> None:
         help="dlm: LO-HI solved problems as earlier chat turns before every question (the long-prompt model)",
     )
     ap.add_argument("--save-every", type=int, default=0, help="also save checkpoint-STEP/ every N steps")
+    ap.add_argument("--block", type=int, default=4, help="block: the block length (SDAR's default, 4)")
+    ap.add_argument("--from-llada", help="block: start from this trained LLaDA of the same width and depth")
     args = ap.parse_args()
     if args.what == "tokenizer":
         build_tokenizer(Path(args.out), args.seed)

@@ -78,13 +78,14 @@ class DLMGenerator:
 
     kind = "dlm"
 
-    def __init__(self, pipe, block_length: int = 32, steps: int | None = None):
+    def __init__(self, pipe, block_length: int | None = 32, steps: int | None = None):
+        """block_length None: the pipeline's default (a block diffusion model's own)."""
         self.pipe, self.block_length, self.steps = pipe, block_length, steps
 
     def __call__(self, chats: list[list[dict]], max_new_tokens: int) -> list[Generation]:
         # One token per step unless `steps` says otherwise; schedulers such as the threshold rule or
         # a guide commit more where they can.
-        block = min(self.block_length, max_new_tokens)
+        block = min(self.block_length or self.pipe.default_block_length, max_new_tokens)
         out = self.pipe(chats, max_new_tokens=max_new_tokens, block_length=block, steps=self.steps)
         eos = self.pipe.tokenizer.eos_token_id
         gens = []
