@@ -35,6 +35,7 @@ DEFAULT_SCHEDULERS = {
     "llada": LowConfidenceScheduler,
     "Dream": DreamScheduler,
     "sdar": functools.partial(ThresholdScheduler, threshold=0.85),
+    "sdar_moe": functools.partial(ThresholdScheduler, threshold=0.85),
 }
 SCHEDULERS = {"low_confidence": LowConfidenceScheduler, "dream": DreamScheduler, "threshold": ThresholdScheduler}
 CHAT_ROLES = ("system", "user", "assistant")

@@ -37,6 +37,7 @@ from .models import (
     LLaDAMoEModelLM,
     SDARConfig,
     SDARForCausalLM,
+    SDARMoeForCausalLM,
 )
 
 
@@ -202,9 +203,10 @@ def tiny_sdar(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
+    model_class = overrides.pop("model_class", SDARForCausalLM)
     kw.update(overrides)
     torch.manual_seed(seed)
-    model = SDARForCausalLM(SDARConfig(**kw)).to(dtype).eval()
+    model = model_class(model_class.config_class(**kw)).to(dtype).eval()
     with torch.no_grad():  # random norm weights so the q/k-norm path is exercised
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
@@ -254,6 +256,13 @@ def llada_moe_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, 
                             num_experts_per_tok=4, num_hidden_layers=12, num_attention_heads=12,
                             max_position_embeddings=16384, rope_theta=500000.0, **SYNTHETIC_IDS)  # fmt: skip
     return _seeded(LLaDAMoEModelLM, config, dtype, device)
+
+
+def tiny_sdar_moe(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> SDARMoeForCausalLM:
+    """`tiny_sdar` with Qwen3-MoE's layers: 8 experts of 32, 2 per token, renormalized; layer 1 dense
+    (`mlp_only_layers`)."""
+    kw = dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1])
+    return tiny_sdar(tokenizer, seed, dtype, model_class=SDARMoeForCausalLM, **(kw | overrides))
 
 
 def sdar_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> SDARForCausalLM:
@@ -373,6 +382,21 @@ LLADA_MOE_HUB_FIELDS = {
 }
 
 
+SDAR_MOE_HUB_FIELDS = dict(
+    SDAR_HUB_FIELDS,
+    architectures=["SDARMoeForCausalLM"],
+    auto_map={
+        "AutoConfig": "configuration_sdar_moe.SDARMoeConfig",
+        "AutoModel": "modeling_sdar_moe.SDARMoeModel",
+        "AutoModelForCausalLM": "modeling_sdar_moe.SDARMoeForCausalLM",
+    },
+    model_type="sdar_moe",
+    output_router_logits=False,
+    router_aux_loss_coef=0.001,
+    tie_word_embeddings=False,
+)
+
+
 def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int = 3) -> Path:
     """Write `model` the way the hub repos are laid out: config.json with the release's fields,
     `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`, written with
@@ -413,6 +437,10 @@ def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int
         "partial_rotary_factor",
         "qk_layernorm",
         "moe_router_enable_expert_bias",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
     ]
     if "tie_word_embeddings" in arch:
         keys.append("tie_word_embeddings")
@@ -444,6 +472,7 @@ HUB_FIELDS = {
     "DreamModel": DREAM_HUB_FIELDS,
     "LLaDAMoEModelLM": LLADA_MOE_HUB_FIELDS,
     "SDARForCausalLM": SDAR_HUB_FIELDS,
+    "SDARMoeForCausalLM": SDAR_MOE_HUB_FIELDS,
 }
 ARCHITECTURE_OF = {cls: name for name, cls in ARCHITECTURES.items()}
 TINY_BUILDERS = {
@@ -451,6 +480,7 @@ TINY_BUILDERS = {
     "DreamModel": tiny_dream,
     "LLaDAMoEModelLM": tiny_llada_moe,
     "SDARForCausalLM": tiny_sdar,
+    "SDARMoeForCausalLM": tiny_sdar_moe,
 }
 
 

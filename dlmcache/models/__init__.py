@@ -9,17 +9,18 @@ from .dream import DreamConfig, DreamModel
 from .layers import DLMModelMixin, DLMModelOutput
 from .llada import LLaDAConfig, LLaDAModelLM
 from .llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
-from .sdar import SDARConfig, SDARForCausalLM
+from .sdar import SDARConfig, SDARForCausalLM, SDARMoeConfig, SDARMoeForCausalLM
 
 ARCHITECTURES = {
     "LLaDAModelLM": LLaDAModelLM,
     "DreamModel": DreamModel,
     "LLaDAMoEModelLM": LLaDAMoEModelLM,
     "SDARForCausalLM": SDARForCausalLM,
+    "SDARMoeForCausalLM": SDARMoeForCausalLM,
 }
 #: by model_type, for a config.json without `architectures` ("llada" is LLaDA-8B's; LLaDA-MoE's
 #: releases, which share the model_type, list their architecture)
-MODEL_CLASSES = {"llada": LLaDAModelLM, "Dream": DreamModel, "sdar": SDARForCausalLM}
+MODEL_CLASSES = {"llada": LLaDAModelLM, "Dream": DreamModel, "sdar": SDARForCausalLM, "sdar_moe": SDARMoeForCausalLM}
 #: every architecture's config class (their `architecture_fields` tell a config of one from another's)
 CONFIG_CLASSES = {name: cls.config_class for name, cls in ARCHITECTURES.items()}
 
@@ -55,5 +56,7 @@ __all__ = [
     "LLaDAModelLM",
     "SDARConfig",
     "SDARForCausalLM",
+    "SDARMoeConfig",
+    "SDARMoeForCausalLM",
     "model_class",
 ]

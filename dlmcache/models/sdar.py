@@ -22,6 +22,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from dlmcache.kernels.ops.moe import Router, moe_experts
+
 from .checkpoint import check_token_ids
 from .dream import DreamMLP
 from .layers import (
@@ -33,6 +35,7 @@ from .layers import (
     attend,
     merge_heads,
     split_heads,
+    swiglu,
 )
 
 
@@ -140,7 +143,10 @@ class SDARDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = SDARAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = DreamMLP(config)  # the same SwiGLU (gate_proj, up_proj, down_proj)
+        self.mlp = self._mlp(config, layer_idx)
+
+    def _mlp(self, config: SDARConfig, layer_idx: int) -> nn.Module:
+        return DreamMLP(config)  # the same SwiGLU (gate_proj, up_proj, down_proj)
 
     def forward(self, x, inputs: AttentionInputs):
         x = x + self.self_attn(self.input_layernorm(x), inputs)
@@ -190,3 +196,124 @@ class SDARForCausalLM(DLMModelMixin, PreTrainedModel):
 
     def _stack(self):
         return self.model.embed_tokens, self.model.layers, self.model.norm, self.lm_head
+
+
+class SDARMoeConfig(SDARConfig):
+    """SDAR-30B-A3B's `config.json` fields: SDAR's (Qwen3's) plus Qwen3-MoE's experts. Defaults are
+    Qwen3-30B-A3B's: hidden 2048, 48 layers, 32 heads of 128 over 4 KV heads, 128 experts of 768 with 8
+    per token (renormalized), every layer sparse."""
+
+    model_type = "sdar_moe"
+    architecture_fields = (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "moe_intermediate_size",
+        "num_experts", "vocab_size",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        hidden_size: int = 2048,
+        intermediate_size: int = 6144,
+        num_hidden_layers: int = 48,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = 4,
+        tie_word_embeddings: bool = False,
+        moe_intermediate_size: int = 768,
+        num_experts: int = 128,
+        num_experts_per_tok: int = 8,
+        norm_topk_prob: bool = True,
+        decoder_sparse_step: int = 1,
+        mlp_only_layers: list[int] | None = None,
+        **kwargs,
+    ):
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.norm_topk_prob = norm_topk_prob
+        self.decoder_sparse_step = decoder_sparse_step
+        self.mlp_only_layers = [] if mlp_only_layers is None else list(mlp_only_layers)
+        super().__init__(
+            hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+            tie_word_embeddings=tie_word_embeddings, **kwargs,
+        )  # fmt: skip
+        for name in ("moe_intermediate_size", "num_experts", "num_experts_per_tok", "decoder_sparse_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SDARMoeConfig: {name}={value!r} must be a positive integer")
+        if num_experts_per_tok > num_experts:
+            raise ValueError(
+                f"SDARMoeConfig: num_experts_per_tok={num_experts_per_tok} exceeds num_experts={num_experts}"
+            )
+        if not isinstance(norm_topk_prob, bool):
+            raise ValueError(f"SDARMoeConfig: norm_topk_prob={norm_topk_prob!r} must be a bool")
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        """Qwen3-MoE's rule: experts unless the layer is in `mlp_only_layers` or off the sparse step."""
+        return layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0
+
+
+class SDARExpert(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+class SDARSparseMoeBlock(nn.Module):
+    """Qwen3-MoE's experts: softmax over all of them in float32, the top `num_experts_per_tok`,
+    renormalized when `norm_topk_prob`; computed grouped (`moe_experts`)."""
+
+    def __init__(self, config: SDARMoeConfig):
+        super().__init__()
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            SDARExpert(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
+        self.router = Router(config.num_experts, config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.router(self.gate(x))
+        gate = [e.gate_proj.weight for e in self.experts]
+        up = [e.up_proj.weight for e in self.experts]
+        down = [e.down_proj.weight for e in self.experts]
+        return moe_experts(x, weights, experts, gate, up, down, check=False).view(shape)
+
+
+class SDARMoeDecoderLayer(SDARDecoderLayer):
+    def _mlp(self, config: SDARMoeConfig, layer_idx: int) -> nn.Module:
+        return SDARSparseMoeBlock(config) if config.is_sparse(layer_idx) else DreamMLP(config)
+
+
+class SDARMoeBaseModel(nn.Module):
+    def __init__(self, config: SDARMoeConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(SDARMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class SDARMoeForCausalLM(SDARForCausalLM):
+    """SDAR's MoE sizes (JetLM/SDAR-30B-A3B-Chat, -Sci): Qwen3-MoE's layer, block diffusion decoding."""
+
+    config_class = SDARMoeConfig
+    _no_split_modules = ["SDARMoeDecoderLayer"]
+
+    def __init__(self, config: SDARMoeConfig):
+        PreTrainedModel.__init__(self, config)
+        self.model = SDARMoeBaseModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def flops_per_token(self) -> int:
+        """2 x the parameters a fed token multiplies: `num_experts_per_tok` experts per sparse layer."""
+        c = self.config
+        idle = (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+        sparse = sum(c.is_sparse(i) for i in range(c.num_hidden_layers))
+        return super().flops_per_token - 2 * idle * sparse

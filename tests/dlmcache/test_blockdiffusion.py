@@ -225,3 +225,80 @@ def test_the_forward_equals_an_independent_reference(model):
         logits = model(ids, positions=torch.arange(14).expand(2, -1), cache=store).logits
     for b in range(2):
         torch.testing.assert_close(logits[b], reference_sdar_logits(model, ids[b], 4), rtol=1e-10, atol=1e-10)
+
+
+def test_logits_equal_transformers_qwen3_under_the_block_mask_bit_for_bit():
+    """SDAR's released modeling file is transformers' modeling_qwen3.py (4.52.4) with the block mask
+    given by its generate: transformers' own Qwen3 with our weights and that mask gives our float32
+    logits bit for bit."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    ours = tiny_sdar()
+    c = ours.config
+    config = Qwen3Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False, attn_implementation="sdpa",
+    )  # fmt: skip
+    qwen3 = Qwen3ForCausalLM(config).eval()
+    qwen3.load_state_dict(ours.state_dict(), strict=True)
+    torch.manual_seed(0)
+    n = 14
+    ids = torch.randint(3, 200, (2, n))
+    valid = torch.ones(2, n, dtype=torch.bool)
+    store = BlockCausalStore(ours, valid, 4)
+    store.begin(0, n)
+    positions = torch.arange(n).expand(2, -1)
+    with torch.no_grad():
+        logits = ours(ids, positions=positions, cache=store).logits
+        expected = qwen3(
+            input_ids=ids, attention_mask=block_causal_mask(0, n, 4, valid)[:, None], position_ids=positions
+        )
+    assert torch.equal(logits, expected.logits)
+
+
+def test_the_moe_sizes_equal_transformers_qwen3_moe_under_the_block_mask():
+    """SDAR-MoE (SDARMoeForCausalLM) is Qwen3-MoE's layer under the block mask: transformers' own
+    Qwen3-MoE (experts stored fused there; the same numbers) with our weights gives our float32 logits
+    bit for bit, with a dense layer among the sparse ones and renormalized top-k routing."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from dlmcache.testing import tiny_sdar_moe
+
+    ours = tiny_sdar_moe()
+    c = ours.config
+    assert [hasattr(layer.mlp, "experts") for layer in ours.model.layers] == [True, False]
+    config = Qwen3MoeConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        moe_intermediate_size=c.moe_intermediate_size, num_experts=c.num_experts,
+        num_experts_per_tok=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob, mlp_only_layers=c.mlp_only_layers,
+        decoder_sparse_step=1, num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False, attn_implementation="sdpa",
+    )  # fmt: skip
+    reference = Qwen3MoeForCausalLM(config).eval()
+    state = ours.state_dict()
+    fused = {k: v for k, v in state.items() if ".experts." not in k}
+    for i, layer in enumerate(ours.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            experts = layer.mlp.experts
+            fused[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts]
+            )
+            fused[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([e.down_proj.weight for e in experts])
+    reference.load_state_dict(fused, strict=True)
+    torch.manual_seed(0)
+    n = 14
+    ids = torch.randint(3, 200, (2, n))
+    valid = torch.ones(2, n, dtype=torch.bool)
+    store = BlockCausalStore(ours, valid, 4)
+    store.begin(0, n)
+    positions = torch.arange(n).expand(2, -1)
+    with torch.no_grad():
+        logits = ours(ids, positions=positions, cache=store).logits
+        mask = block_causal_mask(0, n, 4, valid)[:, None]
+        expected = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert torch.equal(logits, expected)  # float32, bit for bit

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dlmcache import DLMPipeline, DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
-from dlmcache.models import SDARForCausalLM
+from dlmcache.models import SDARForCausalLM, SDARMoeForCausalLM
 from dlmcache.models.layers import Linear, onednn_dtypes
 from tests.helpers import reference_forward, tiny_dream, tiny_llada, write_hub_checkpoint
 
@@ -219,7 +219,12 @@ def test_a_path_that_does_not_exist_is_named(tmp_path):
 def test_model_classes_are_registered():
     from dlmcache.models import MODEL_CLASSES
 
-    assert MODEL_CLASSES == {"llada": LLaDAModelLM, "Dream": DreamModel, "sdar": SDARForCausalLM}
+    assert MODEL_CLASSES == {
+        "llada": LLaDAModelLM,
+        "Dream": DreamModel,
+        "sdar": SDARForCausalLM,
+        "sdar_moe": SDARMoeForCausalLM,
+    }
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
