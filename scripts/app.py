@@ -68,7 +68,7 @@ class Demo:
         """(label, run_config) of each panel; the threshold applies to the unguided modes."""
         th = f"+threshold={threshold}" if threshold > 0 else ""
         modes = [("none", f"none{th}"), ("freecache", f"freecache{th}")]
-        if self.guide:
+        if self.guide and not self.pipe.model.block_diffusion:  # guided unmasking: full-attention models
             modes.append(("freecache + guide", f"freecache+guide={self.guide}"))
         return modes
 
@@ -313,7 +313,7 @@ def text_tab(demo: Demo) -> None:
         run = gr.Button("Run", variant="primary", scale=1)
     with gr.Row():
         max_new = gr.Slider(8, MAX_NEW_TOKENS, value=64, step=8, label="max_new_tokens")
-        block = gr.Slider(4, 128, value=32, step=4, label="block length")
+        block = gr.Slider(4, 128, value=demo.pipe.default_block_length, step=4, label="block length")
         steps = gr.Number(value=64, precision=0, label="steps (0 = max_new_tokens)")
         threshold = gr.Slider(0, 0.99, value=0, step=0.01, label="threshold (0 = one token per step)")
     gr.Examples(EXAMPLES, inputs=prompt)
