@@ -12,8 +12,9 @@ they do for the full-attention models.
 The layout follows the release's generate: blocks are aligned to absolute positions, the prompt's
 complete blocks are prefilled in one forward, and the block holding the prompt's end is decoded with
 its masks (its prompt tokens are given, never overwritten). Rows of a batch are right-padded (column
-= position, so every row's blocks are the same columns) and move through the blocks together; a row
-with nothing masked in a block does not change, so each row gets the tokens it gets alone.
+= position) and each moves through its blocks at its own pace in the shared forwards, so each row
+gets the tokens it gets alone, and a row whose threshold commits a block in one step does not wait
+for the others.
 
 One difference from the release's loop, where its rule is ill-defined: it asks for a fixed number of
 tokens per step computed from the block length, and where fewer masks are left (the block holding the
@@ -34,9 +35,10 @@ from dlmcache.kernels.ops import dense_attention
 
 class BlockCausalStore:
     """The KV of a batch of canvases [B, W] (column = position) for a block-causal model: one buffer
-    [B, Hkv, W, D] per layer. `begin(start, end)` sets up a forward that feeds columns [start, end)
-    of every row: their K/V are written in place and each fed query attends the keys of its own block
-    and of every block before it, among the row's real positions (`valid` [B, W])."""
+    [B, Hkv, W, D] per layer. `begin(rows, cols, key_end)` sets up a forward that feeds columns
+    `cols` [R, n] of `rows` (None: every row): their K/V are written in place, and each fed query
+    attends, among the keys before `key_end`, those of its own block and of every block before it that
+    are real positions of its row (`valid` [B, W])."""
 
     def __init__(self, model, valid: torch.BoolTensor, block_length: int):
         self.valid, self.block_length = valid, block_length
@@ -44,18 +46,27 @@ class BlockCausalStore:
         shape = (valid.shape[0], model.num_kv_heads, valid.shape[1], model.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=valid.device) for _ in range(model.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=valid.device) for _ in range(model.num_layers)]
-        self.start = self.end = 0
+        self.rows: torch.LongTensor | None = None
+        self.cols: torch.LongTensor | None = None
         self.mask: torch.BoolTensor | None = None
+        self.key_end = 0
 
-    def begin(self, start: int, end: int) -> None:
-        self.start, self.end = start, end
-        self.mask = block_causal_mask(start, end, self.block_length, self.valid[:, :end])
+    def begin(self, rows: torch.LongTensor | None, cols: torch.LongTensor, key_end: int) -> None:
+        self.rows, self.cols, self.key_end = rows, cols, key_end
+        valid = self.valid if rows is None else self.valid[rows]
+        self.mask = block_causal_mask(cols, self.block_length, valid[:, :key_end])
+        index = torch.arange(cols.shape[0], device=cols.device) if rows is None else rows
+        self._index = index[:, None]
 
     def attend(self, layer_idx: int, q, k, v, backend: str = "auto"):
-        start, end = self.start, self.end
-        self.k[layer_idx][:, :, start:end] = k
-        self.v[layer_idx][:, :, start:end] = v
-        keys, values = self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+        end = self.key_end
+        keys, values = self.k[layer_idx], self.v[layer_idx]
+        keys[self._index, :, self.cols] = k.transpose(1, 2)  # [R, n, Hkv, D] at each row's columns
+        values[self._index, :, self.cols] = v.transpose(1, 2)
+        if self.rows is None:
+            keys, values = keys[:, :, :end], values[:, :, :end]
+        else:
+            keys, values = keys[self.rows, :, :end], values[self.rows, :, :end]
         return dense_attention(q, keys, values, self.mask, backend)
 
     @property
@@ -63,13 +74,11 @@ class BlockCausalStore:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def block_causal_mask(start: int, end: int, block_length: int, valid: torch.BoolTensor) -> torch.BoolTensor:
-    """[B, end - start, end]: query column q (start <= q < end) may attend key column j when j's block
-    is not after q's and j is a real position of the row (`valid` [B, end])."""
-    device = valid.device
-    query_block = torch.arange(start, end, device=device) // block_length
-    key_block = torch.arange(end, device=device) // block_length
-    return (key_block[None, :] <= query_block[:, None])[None] & valid[:, None, :]
+def block_causal_mask(cols: torch.LongTensor, block_length: int, valid: torch.BoolTensor) -> torch.BoolTensor:
+    """[R, n, L]: the query at column cols[r, q] may attend key column j < L when j's block is not after
+    the query's and j is a real position of the row (`valid` [R, L])."""
+    key_block = torch.arange(valid.shape[1], device=valid.device) // block_length
+    return (key_block[None, None, :] <= (cols // block_length)[:, :, None]) & valid[:, None, :]
 
 
 @torch.no_grad()
@@ -94,7 +103,13 @@ def decode_blocks(
     stop_at_eos: once a row's text up to an EOS is committed, its later positions become EOS and
     need no forward. on_step(nfe, sequences [B, G], commit_step [B, G]) after every step.
 
-    Returns {"sequences": [B, G], "commit_step": [B, G], "nfe": denoising forwards, "stats": {...}}.
+    Each row moves through its blocks at its own pace (a row whose block is done starts its next one
+    at the next step, while the others go on), and a finished row is no longer fed. Per step, a row
+    feeds its active block and the blocks finished since its last forward (or, without the cache,
+    everything before its block's end); rows feeding less are aligned on their block's end, so their
+    window starts earlier, on blocks already final (recomputed to the same values).
+
+    Returns {"sequences": [B, G], "commit_step": [B, G], "nfe": forwards after the prefill, "stats"}.
     """
     if model.logit_shift:
         raise ValueError(f"{type(model).__name__}: block diffusion decoding needs unshifted logits")
@@ -112,47 +127,73 @@ def decode_blocks(
     gen_index = prompt_lens[:, None] + torch.arange(g, device=device)  # [B, G] each row's generated columns
     commit_step = torch.full_like(canvas, -1)
     store = BlockCausalStore(model, valid, bs)
-    stats = {"steps": 0, "prefill_forwards": 0, "fed_tokens": 0, "blocks": 0}
+    stats = {"steps": 0, "prefill_forwards": 0, "fed_tokens": 0}
+    in_block = torch.arange(bs, device=device)
 
-    def forward(start: int, end: int, targets: torch.LongTensor) -> torch.Tensor:
-        """Feed columns [start, end) (writing their KV); the logits [B, len(targets), V] of `targets`."""
-        store.begin(start, end)
-        positions = columns[start:end].expand(canvas.shape[0], -1)
-        out = model(canvas[:, start:end], positions=positions, cache=store, logits_index=targets - start)
-        stats["fed_tokens"] += (end - start) * canvas.shape[0]
-        return out.logits
-
-    first = int(prompt_lens.min()) // bs  # the first block holding a generated position
-    cached_end = 0  # columns [0, cached_end) hold final KV
-    if cached and first > 0:  # the prompts' complete blocks (of the shortest prompt) in one forward
-        forward(0, first * bs, columns[:0])
+    block = prompt_lens // bs  # each row's active block (the first holding a generated position)
+    steps_in = torch.zeros_like(block)  # steps the active block has taken
+    cached_end = torch.zeros_like(block)  # columns [0, cached_end) of the row hold final KV
+    prefill = int(block.max()) * bs
+    if cached and prefill:  # every row's complete prompt blocks in one forward (a row's later columns
+        # are written too, and rewritten before anything attends them)
+        cols = columns[:prefill].expand(len(prompts), -1)
+        store.begin(None, cols, prefill)
+        model(canvas[:, :prefill], positions=cols, cache=store, logits_index=columns[:0])
         stats["prefill_forwards"] += 1
-        cached_end = first * bs
+        stats["fed_tokens"] += cols.numel()
+        cached_end = block * bs
     nfe = 0
-    for block in range(first, width // bs):
-        start, end = block * bs, (block + 1) * bs
-        for i in range(steps_per_block):
-            masked = (canvas[:, start:end] == mask_id) & generated[:, start:end]
-            cols = masked.any(0).nonzero().flatten()  # one host read per step
-            if cols.numel() == 0:
-                break
-            if i == 0:
-                stats["blocks"] += 1
-            targets = start + cols
-            feed_from = cached_end if cached else 0
-            logits = forward(feed_from, end, targets)
-            if cached:
-                cached_end = start  # the blocks before this one were fed with their final tokens
-            if not bool(torch.isfinite(logits).all()):
-                raise FloatingPointError(f"the model's logits at step {nfe} are not finite")
-            out = scheduler.step(logits, canvas[:, targets], masked[:, cols], i, steps_per_block, generator=generator)
-            canvas[:, targets] = out.prev_sample
-            commit_step[:, targets] = commit_step[:, targets].masked_fill(out.transfer_index, nfe)
-            if stop_at_eos and eos_token_id is not None:
-                fill_after_eos(canvas, commit_step, generated, mask_id, eos_token_id, nfe)
-            nfe += 1
-            if on_step is not None:
-                on_step(nfe, canvas.gather(1, gen_index), commit_step.gather(1, gen_index))
+    while True:
+        # A row's active block is its first with a mask left from its current one on (a block's last
+        # step commits every mask; one whose steps ran out with masks left, as when the model predicts
+        # the mask token itself, is left behind as the release's loop leaves it).
+        masked_all = (canvas == mask_id) & generated
+        ahead = masked_all & (columns[None] >= (block * bs)[:, None])
+        left = ahead.any(1)
+        active = left.nonzero().flatten()  # one host read per step
+        if active.numel() == 0:
+            break
+        first = ahead.int().argmax(1) // bs
+        moved = left & (first != block)
+        steps_in = torch.where(moved, 0, steps_in)
+        block = torch.where(left, first, block)
+
+        rows = None if active.numel() == len(prompts) else active
+        blk = block[active]
+        end = (blk + 1) * bs
+        feed_from = cached_end[active] if cached else torch.zeros_like(end)
+        span = torch.stack([(end - feed_from).max(), end.max()]).tolist()  # one host read
+        n, key_end = span
+        start = (end - n).clamp(min=0)
+        cols = start[:, None] + torch.arange(n, device=device)
+        offset = blk * bs - start  # where each row's block sits in its window
+        lo, hi = torch.stack([offset.min(), offset.max()]).tolist()
+        store.begin(rows, cols, key_end)
+        ids = canvas[active].gather(1, cols)
+        logits = model(ids, positions=cols, cache=store, logits_index=torch.arange(lo, hi + bs, device=device)).logits
+        pick = (offset - lo)[:, None] + in_block  # [R, bs]
+        logits = logits.gather(1, pick[..., None].expand(-1, -1, logits.shape[-1]))
+        stats["fed_tokens"] += cols.numel()
+        if cached:
+            cached_end[active] = blk * bs  # the blocks before each row's active one were fed final
+
+        block_cols = (blk * bs)[:, None] + in_block
+        sample = canvas[active[:, None], block_cols]
+        masked = masked_all[active[:, None], block_cols]
+        if not bool(torch.isfinite(logits[masked]).all()):
+            raise FloatingPointError(f"the model's logits at step {nfe} are not finite")
+        x0, transfer = _select(scheduler, logits, masked, steps_in[active], steps_per_block, generator)
+        transfer &= masked
+        canvas[active[:, None], block_cols] = torch.where(transfer, x0, sample)
+        commit_step[active[:, None], block_cols] = torch.where(transfer, nfe, commit_step[active[:, None], block_cols])
+        steps_in[active] += 1
+        spent = steps_in >= steps_per_block  # the block's steps ran out: the row goes on to its next
+        block, steps_in = torch.where(spent, block + 1, block), torch.where(spent, 0, steps_in)
+        if stop_at_eos and eos_token_id is not None:
+            fill_after_eos(canvas, commit_step, generated, mask_id, eos_token_id, nfe)
+        nfe += 1
+        if on_step is not None:
+            on_step(nfe, canvas.gather(1, gen_index), commit_step.gather(1, gen_index))
     stats["steps"] = nfe
     stats["tokens_per_step"] = g / max(nfe, 1)
     stats["kv_bytes"] = store.nbytes
@@ -162,6 +203,21 @@ def decode_blocks(
         "nfe": nfe,
         "stats": stats,
     }
+
+
+def _select(scheduler, logits, masked, steps_in, num_steps: int, generator):
+    """(x0, transfer) [R, bs] of the rows' blocks: one call with per-row steps where the scheduler is
+    vectorised over them and draws nothing, else row by row (each with the generator in turn)."""
+    if scheduler.batched:
+        x0, _, transfer = scheduler._select(logits, masked, steps_in, num_steps, None, None)
+        return x0, transfer
+    x0 = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
+    transfer = torch.zeros_like(masked)
+    sample = torch.zeros_like(x0)
+    for i, step in enumerate(steps_in.tolist()):
+        out = scheduler.step(logits[i : i + 1], sample[i : i + 1], masked[i : i + 1], step, num_steps, generator)
+        x0[i], transfer[i] = out.x0[0], out.transfer_index[0]
+    return x0, transfer
 
 
 def fill_after_eos(canvas, commit_step, generated, mask_id: int, eos_id: int, step: int) -> None:

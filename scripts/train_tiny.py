@@ -25,6 +25,18 @@ arithmetic: the bundled model had never seen more than one turn, its loss starte
 (the second stage was stopped after its step-200 checkpoint, which the third started from; copy a
 stage's tokenizer files next to a checkpoint to load it as a pipeline).
 
+The block diffusion model (`dlmcache/tiny-block`: SDAR's architecture, blocks of 4) started from the
+bundled model's weights (the q/k norms, which LLaDA lacks, at 1) and was trained by block diffusion's
+recipe (about 40 minutes on 2 CPU cores):
+
+    python scripts/train_tiny.py block --from-llada dlmcache/tiny --tokenizer dlmcache/assets/tiny \
+        --out /tmp/tiny-block --steps 2000 --lr 5e-4 --save-every 500
+
+`block` feeds [noisy copy; clean copy] of prompt + answer region under the block diffusion training
+mask (SDAR, arXiv 2510.06303; Arriola et al., arXiv 2503.09573): a noisy block attends itself and the
+clean blocks before it, so one forward trains every block of the answer, each conditioned on the
+clean text before it, as decoding conditions it on the finished blocks.
+
 `dlm` trains a masked diffusion LM with the LLaDA architecture (d_model 128, 6 layers, 1.65M parameters)
 by LLaDA's SFT recipe (Nie et al., arXiv 2502.09992, Sec. 2.3): the prompt stays clean, every answer
 token (the worked solution followed by EOS fill to 64 tokens) is masked with probability t ~ U(eps, 1),
