@@ -2,9 +2,11 @@
 
     python scripts/demo.py [--n 16]
 
-Solves the first N held-out problems one at a time (as a user would send them) with four decoding
-configs: no cache, FreeCache, FreeCache + a 0.9 confidence threshold (several tokens per step), and
-FreeCache + guided unmasking (the bundled tiny autoregressive guide verifies the drafts). Prints a
+Solves the first N held-out problems one at a time (as a user would send them) with five decoding
+configs: no cache, FreeCache, FreeCache + a 0.9 confidence threshold (several tokens per step),
+FreeCache + guided unmasking (the bundled tiny autoregressive guide verifies the drafts), and the
+bundled block diffusion model (`dlmcache/tiny-block`, SDAR's architecture: blocks of 4 decoded in
+order, the finished ones' KV cached exactly) with the same threshold. Prints a
 few worked solutions, then accuracy, answer tokens/s, model forwards per answer token and the speedup
 over no cache for each, and ends with the speedup of the fastest config whose accuracy is within
 --tolerance points of no cache's.
@@ -26,6 +28,7 @@ CONFIGS = {
     "freecache": "FreeCache",
     "freecache+threshold=0.9": "FreeCache + threshold 0.9",
     "freecache+guide=dlmcache/tiny-guide": "FreeCache + guide (tiny AR)",
+    "dlmcache/tiny-block@freecache+threshold=0.9": "block diffusion (tiny SDAR) + threshold 0.9",
 }
 
 WHY = (
@@ -50,13 +53,19 @@ def main() -> None:
         ap.error(f"--n {args.n}: must be at least 1")
     torch.manual_seed(0)
 
-    pipe = DLMPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipes = {}
     problems = tinytask.test_problems(args.n)
     results = {}
     for config, label in CONFIGS.items():
-        RunConfig.parse(config).apply(pipe, load_guide=load_guide)
-        generate = DLMGenerator(pipe, block_length=args.block_length)
+        model, _, text = config.rpartition("@")  # MODEL@CONFIG: another bundled model
+        model = model or args.model
+        if model not in pipes:
+            pipes[model] = DLMPipeline.from_pretrained(model)
+            pipes[model].set_progress_bar_config(disable=True)
+        pipe = pipes[model]
+        RunConfig.parse(text).apply(pipe, load_guide=load_guide)
+        block = args.block_length if not pipe.model.block_diffusion else None  # its own block length
+        generate = DLMGenerator(pipe, block_length=block)
         tinytask.evaluate(generate, problems[:1], 1, args.max_new_tokens)  # warm-up: first-call costs
         results[config] = tinytask.evaluate(generate, problems, 1, args.max_new_tokens)
         print(f"decoded {args.n} problems with {label}", flush=True)
