@@ -16,6 +16,7 @@ BUNDLED = {
     "dlmcache/tiny": ASSETS / "tiny",
     "dlmcache/tiny-guide": ASSETS / "tiny-guide",
     "dlmcache/tiny-long": ASSETS / "tiny-long",
+    "dlmcache/tiny-block": ASSETS / "tiny-block",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 

@@ -291,9 +291,10 @@ class DLMPipeline(DiffusionPipeline):
 
         block_length: the blocks' length (default `default_block_length`: a block diffusion model's
         own, else 32). steps: total denoising steps (default `max_new_tokens`, one token per step),
-        split evenly over the `max_new_tokens // block_length` blocks. stop_at_eos: once a row's text up to an
-        EOS is fully committed, fill the rest of the row with EOS instead of denoising it (default:
-        on for the guided scheduler, off otherwise, as in the reference samplers). cfg_scale:
+        split evenly over the `max_new_tokens // block_length` blocks. stop_at_eos: once a row's text up
+        to an EOS is fully committed, fill the rest of the row with EOS instead of denoising it
+        (default: on for the guided scheduler and for block diffusion models, whose release stops at
+        the block holding EOS; off otherwise, as in the reference samplers). cfg_scale:
         classifier-free guidance as LLaDA writes it: an extra forward of the canvas with the prompt
         masked each step, logits uncond + (cfg_scale + 1) * (cond - uncond); 0 turns it off.
         callback_on_step_end: `fn(pipe, step, {"sequences": [B, G], "commit_step": [B, G]})` after
@@ -428,7 +429,9 @@ class DLMPipeline(DiffusionPipeline):
                 raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}: {value!r}")
         cache = copy.copy(cache if cache is not None else self.cache)
         scheduler = copy.copy(scheduler if scheduler is not None else self.scheduler)
-        return steps, scheduler, cache, scheduler.stops_at_eos if stop_at_eos is None else stop_at_eos
+        if stop_at_eos is None:  # the reference samplers' default; a block diffusion release stops at EOS
+            stop_at_eos = scheduler.stops_at_eos or self.model.block_diffusion
+        return steps, scheduler, cache, stop_at_eos
 
     def make_requests(
         self,

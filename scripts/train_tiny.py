@@ -27,7 +27,7 @@ stage's tokenizer files next to a checkpoint to load it as a pipeline).
 
 The block diffusion model (`dlmcache/tiny-block`: SDAR's architecture, blocks of 4) started from the
 bundled model's weights (the q/k norms, which LLaDA lacks, at 1) and was trained by block diffusion's
-recipe (about 40 minutes on 2 CPU cores):
+recipe (35 minutes on 2 CPU cores):
 
     python scripts/train_tiny.py block --from-llada dlmcache/tiny --tokenizer dlmcache/assets/tiny \
         --out /tmp/tiny-block --steps 2000 --lr 5e-4 --save-every 500

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dlmcache import DLMPipeline, tinytask
+from dlmcache import DLMPipeline, ThresholdScheduler, tinytask
 
 N = 24  # held-out problems; the README's accuracy is measured on 500 by scripts/eval_tiny.py
 GEN = dict(max_new_tokens=64, block_length=32)
@@ -90,3 +90,22 @@ def test_tiny_long_solves_the_long_prompt_task():
     assert max(lengths) > 250  # the distractors make the prompt many times the question
     out = long(chats, **GEN)
     assert accuracy(out.texts, [p for p, _ in items]) >= 0.5, out.texts[:4]
+
+
+def test_tiny_block_solves_its_task_block_by_block(problems):
+    """The bundled block diffusion model (SDAR's architecture, blocks of 4, its release's default
+    threshold rule): its exact block cache gives the recomputed tokens, and it commits several tokens
+    per forward."""
+    block = DLMPipeline.from_pretrained("dlmcache/tiny-block")
+    block.set_progress_bar_config(disable=True)
+    assert block.model.block_diffusion and block.default_block_length == 4
+    prompts = [tinytask.messages(p) for p in problems]
+    block.set_cache("none")
+    ref = block(prompts, max_new_tokens=64)
+    block.set_cache("freecache")
+    cached = block(prompts, max_new_tokens=64)
+    assert torch.equal(cached.sequences, ref.sequences)
+    assert cached.stats["fed_tokens"] < 0.4 * ref.stats["fed_tokens"]
+    assert accuracy(cached.texts, problems) >= 0.5, cached.texts[:4]
+    assert isinstance(block.scheduler, ThresholdScheduler) and block.scheduler.config.threshold == 0.85
+    assert block(prompts[0], max_new_tokens=64).nfe < 32
