@@ -14,6 +14,7 @@ def test_the_quick_start_runs(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert "The answer is" in printed[0]
     assert int(printed[2]) < 64 and int(printed[3]) < 64  # threshold and guide: fewer forwards than tokens
+    assert "The answer is" in printed[4]  # the block diffusion model
 
 
 def test_readme_links_point_at_pages_that_exist():
