@@ -212,6 +212,32 @@ def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> 
     return down(F.silu(gate(x)) * up(x))
 
 
+class SwiGLUMLP(nn.Module):
+    """A SwiGLU MLP with the Qwen / OLMoE parameter names (`gate_proj`, `up_proj`, `down_proj`): the
+    dense MLP, each expert and the shared expert of the MoE models."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, modules) -> torch.Tensor:
+    """x [..., d] through the experts `modules` (SwiGLUMLPs) chosen per token (`experts` [T, k], with
+    `weights` [T, k]), computed grouped by expert (`dlmcache.kernels.ops.moe.moe_experts`)."""
+    from dlmcache.kernels.ops.moe import moe_experts
+
+    shape = x.shape
+    gate = [m.gate_proj.weight for m in modules]
+    up = [m.up_proj.weight for m in modules]
+    down = [m.down_proj.weight for m in modules]
+    return moe_experts(x.reshape(-1, shape[-1]), weights, experts, gate, up, down, check=False).view(shape)
+
+
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[B, n, H*D] -> [B, H, n, D]."""
     b, n, _ = x.shape

@@ -23,10 +23,20 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from dlmcache.kernels.ops.moe import Router, moe_experts
+from dlmcache.kernels.ops.moe import Router
 
 from .checkpoint import check_token_ids
-from .layers import AttentionInputs, DLMModelMixin, Linear, RMSNorm, apply_rope, attend, merge_heads, swiglu
+from .layers import (
+    AttentionInputs,
+    DLMModelMixin,
+    Linear,
+    RMSNorm,
+    SwiGLUMLP,
+    apply_rope,
+    attend,
+    merge_heads,
+    routed_experts,
+)
 
 
 class LLaDAMoEConfig(PretrainedConfig):
@@ -140,17 +150,6 @@ class LLaDAMoEConfig(PretrainedConfig):
         check_token_ids(self, self.vocab_size, where)
 
 
-class LLaDAMoEMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = Linear(hidden, intermediate, bias=False)
-        self.up_proj = Linear(hidden, intermediate, bias=False)
-        self.down_proj = Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x):
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
 class LLaDAMoESparseMoeBlock(nn.Module):
     """The routed experts: `gate` scores them, the grouped path computes the chosen ones."""
 
@@ -159,7 +158,7 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
-            LLaDAMoEMLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
+            SwiGLUMLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
         )
         self.router = Router(config.num_experts, config.num_experts_per_tok, scoring="softmax")
         if config.moe_router_enable_expert_bias:
@@ -176,13 +175,8 @@ class LLaDAMoESparseMoeBlock(nn.Module):
         return (torch.softmax(logits.float(), -1) + self.expert_bias.float()).topk(self.top_k, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, experts = self.route(x)
-        gate = [e.gate_proj.weight for e in self.experts]
-        up = [e.up_proj.weight for e in self.experts]
-        down = [e.down_proj.weight for e in self.experts]
-        return moe_experts(x, weights, experts, gate, up, down, check=False).view(shape)
+        weights, experts = self.route(x.reshape(-1, x.shape[-1]))
+        return routed_experts(x, weights, experts, self.experts)
 
 
 class LLaDAMoEAttention(nn.Module):
@@ -232,9 +226,9 @@ class LLaDAMoEDecoderLayer(nn.Module):
         if moe:
             self.mlp = LLaDAMoESparseMoeBlock(config)
             if config.shared_expert_intermediate_size is not None:
-                self.shared_expert = LLaDAMoEMLP(config.hidden_size, config.shared_expert_intermediate_size)
+                self.shared_expert = SwiGLUMLP(config.hidden_size, config.shared_expert_intermediate_size)
         else:
-            self.mlp = LLaDAMoEMLP(config.hidden_size, config.dense_intermediate_size)
+            self.mlp = SwiGLUMLP(config.hidden_size, config.dense_intermediate_size)
 
     def forward(self, x, inputs: AttentionInputs):
         x = x + self.self_attn(self.input_layernorm(x), inputs)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from dlmcache.kernels.ops.moe import Router, moe_experts
+from dlmcache.kernels.ops.moe import Router
 
 from .checkpoint import check_token_ids
 from .dream import DreamMLP
@@ -31,11 +31,12 @@ from .layers import (
     DLMModelMixin,
     Linear,
     RMSNorm,
+    SwiGLUMLP,
     apply_rope,
     attend,
     merge_heads,
+    routed_experts,
     split_heads,
-    swiglu,
 )
 
 
@@ -252,17 +253,6 @@ class SDARMoeConfig(SDARConfig):
         return layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0
 
 
-class SDARExpert(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = Linear(hidden, intermediate, bias=False)
-        self.up_proj = Linear(hidden, intermediate, bias=False)
-        self.down_proj = Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x):
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
 class SDARSparseMoeBlock(nn.Module):
     """Qwen3-MoE's experts: softmax over all of them in float32, the top `num_experts_per_tok`,
     renormalized when `norm_topk_prob`; computed grouped (`moe_experts`)."""
@@ -271,18 +261,13 @@ class SDARSparseMoeBlock(nn.Module):
         super().__init__()
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
-            SDARExpert(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+            SwiGLUMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
         )
         self.router = Router(config.num_experts, config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob)
 
     def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, experts = self.router(self.gate(x))
-        gate = [e.gate_proj.weight for e in self.experts]
-        up = [e.up_proj.weight for e in self.experts]
-        down = [e.down_proj.weight for e in self.experts]
-        return moe_experts(x, weights, experts, gate, up, down, check=False).view(shape)
+        weights, experts = self.router(self.gate(x.reshape(-1, x.shape[-1])))
+        return routed_experts(x, weights, experts, self.experts)
 
 
 class SDARMoeDecoderLayer(SDARDecoderLayer):

@@ -248,21 +248,8 @@ def test_logits_equal_transformers_qwen3_under_the_block_mask_bit_for_bit():
     )  # fmt: skip
     qwen3 = Qwen3ForCausalLM(config).eval()
     qwen3.load_state_dict(ours.state_dict(), strict=True)
-    torch.manual_seed(0)
-    n = 14
-    ids = torch.randint(3, 200, (2, n))
-    valid = torch.ones(2, n, dtype=torch.bool)
-    store = BlockCausalStore(ours, valid, 4)
-    store.begin(None, torch.arange(n).expand(2, -1), n)
-    positions = torch.arange(n).expand(2, -1)
-    with torch.no_grad():
-        logits = ours(ids, positions=positions, cache=store).logits
-        expected = qwen3(
-            input_ids=ids,
-            attention_mask=block_causal_mask(torch.arange(n).expand(2, -1), 4, valid)[:, None],
-            position_ids=positions,
-        )
-    assert torch.equal(logits, expected.logits)
+    logits, expected = side_by_side(ours, qwen3)
+    assert torch.equal(logits, expected)
 
 
 def test_the_moe_sizes_equal_transformers_qwen3_moe_under_the_block_mask():
@@ -296,15 +283,20 @@ def test_the_moe_sizes_equal_transformers_qwen3_moe_under_the_block_mask():
             )
             fused[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([e.down_proj.weight for e in experts])
     reference.load_state_dict(fused, strict=True)
+    logits, expected = side_by_side(ours, reference)
+    assert torch.equal(logits, expected)  # float32, bit for bit
+
+
+def side_by_side(ours, reference, n: int = 14, block: int = 4):
+    """Our block-causal forward of random ids [2, n] and a transformers model's under the same mask."""
     torch.manual_seed(0)
-    n = 14
     ids = torch.randint(3, 200, (2, n))
     valid = torch.ones(2, n, dtype=torch.bool)
-    store = BlockCausalStore(ours, valid, 4)
-    store.begin(None, torch.arange(n).expand(2, -1), n)
-    positions = torch.arange(n).expand(2, -1)
+    cols = torch.arange(n).expand(2, -1)
+    store = BlockCausalStore(ours, valid, block)
+    store.begin(None, cols, n)
     with torch.no_grad():
-        logits = ours(ids, positions=positions, cache=store).logits
-        mask = block_causal_mask(torch.arange(n).expand(2, -1), 4, valid)[:, None]
-        expected = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    assert torch.equal(logits, expected)  # float32, bit for bit
+        logits = ours(ids, positions=cols, cache=store).logits
+        mask = block_causal_mask(cols, block, valid)[:, None]
+        expected = reference(input_ids=ids, attention_mask=mask, position_ids=cols).logits
+    return logits, expected

@@ -84,9 +84,10 @@ def submit_all(engine, items, results, start=0):
         engine.submit(Job(prompt, options, results.callback(i), id=str(i)))
 
 
-def test_requests_batched_together_equal_each_alone(pipe):
-    items = requests_mix()
-    engine = Engine(pipe, max_batch=16).start()
+def serve_and_compare(pipe, items, max_batch: int) -> Engine:
+    """Serve `items` together on an engine over `pipe`; each result must equal the pipeline alone
+    (sequences and forwards). Returns the stopped engine (for its counters)."""
+    engine = Engine(pipe, max_batch=max_batch).start()
     try:
         results = Results()
         submit_all(engine, items, results)
@@ -97,6 +98,11 @@ def test_requests_batched_together_equal_each_alone(pipe):
         want = alone(pipe, prompt, options)
         assert torch.equal(got[i].sequences, want.sequences), i
         assert got[i].nfe == want.nfe
+    return engine
+
+
+def test_requests_batched_together_equal_each_alone(pipe):
+    engine = serve_and_compare(pipe, requests_mix(), max_batch=16)
     assert engine.stats.forward_rows > engine.stats.forwards  # forwards really carried several requests
     assert engine.running == 0
 
@@ -235,14 +241,5 @@ def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
         (tinytask.messages(problems[2]), dict(max_new_tokens=16, scheduler=ThresholdScheduler(threshold=0.006))),
         (tinytask.messages(problems[3]), dict(max_new_tokens=16, cache=make_cache("none"))),
     ]
-    engine = Engine(sdar, max_batch=4).start()
-    try:
-        results = Results()
-        submit_all(engine, items, results)
-        got = results.wait(len(items))
-    finally:
-        engine.stop()
-    for i, (prompt, options) in enumerate(items):
-        want = alone(sdar, prompt, options)
-        assert torch.equal(got[i].sequences, want.sequences), i
+    engine = serve_and_compare(sdar, items, max_batch=4)
     assert engine.stats.forward_rows > engine.stats.forwards
