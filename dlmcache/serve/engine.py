@@ -158,7 +158,8 @@ def forward_together(model, calls: list[ForwardCall]) -> list[DLMModelOutput]:
     outputs, at = [], 0
     for c, (_, index) in zip(calls, gathered, strict=True):
         size = c.rows * index.numel()
-        outputs.append(DLMModelOutput(logits=logits[at : at + size].view(c.rows, index.numel(), -1)))
+        # (the vocabulary size spelled out: a call may ask for no logits, as a block diffusion prefill does)
+        outputs.append(DLMModelOutput(logits=logits[at : at + size].view(c.rows, index.numel(), logits.shape[-1])))
         at += size
     return outputs
 

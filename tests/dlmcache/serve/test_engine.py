@@ -240,6 +240,9 @@ def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
         (tinytask.messages(problems[1]), dict(max_new_tokens=24, steps=12)),
         (tinytask.messages(problems[2]), dict(max_new_tokens=16, scheduler=ThresholdScheduler(threshold=0.006))),
         (tinytask.messages(problems[3]), dict(max_new_tokens=16, cache=make_cache("none"))),
+        # the block cache: its prefill forward asks for no logits
+        (tinytask.messages(problems[0]), dict(max_new_tokens=16, cache=make_cache("freecache"))),
+        (tinytask.messages(problems[1]), dict(max_new_tokens=16, cache=make_cache("freecache"))),
     ]
     engine = serve_and_compare(sdar, items, max_batch=4)
     assert engine.stats.forward_rows > engine.stats.forwards
