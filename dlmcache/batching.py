@@ -16,3 +16,14 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torc
             ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = True
     return ids, mask
+
+
+def after_eos(tokens: torch.LongTensor, mask_id: int, eos_id: int, region: torch.BoolTensor | None = None):
+    """The positions [B, L] that stopping at EOS fills with EOS: in each row whose text up to an EOS is
+    committed (no mask before it), every masked position after that EOS. `region` [B, L]: the
+    generated positions the rule reads (None: all of `tokens`)."""
+    masked, eos = tokens == mask_id, tokens == eos_id
+    if region is not None:
+        masked, eos = masked & region, eos & region
+    clean_eos = eos & (masked.long().cumsum(-1) == 0)
+    return (clean_eos.long().cumsum(-1) > 0) & masked

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from dlmcache.batching import after_eos
 from dlmcache.kernels.ops import dense_attention
 
 
@@ -222,8 +223,6 @@ def _select(scheduler, logits, masked, steps_in, num_steps: int, generator):
 
 def fill_after_eos(canvas, commit_step, generated, mask_id: int, eos_id: int, step: int) -> None:
     """Rows whose text up to an EOS is committed get EOS in every masked position after it (in place)."""
-    masked = (canvas == mask_id) & generated
-    clean_eos = (canvas == eos_id) & generated & (masked.long().cumsum(-1) == 0)
-    fill = (clean_eos.long().cumsum(-1) > 0) & masked
+    fill = after_eos(canvas, mask_id, eos_id, generated)
     canvas.masked_fill_(fill, eos_id)
     commit_step.masked_fill_(fill, step)

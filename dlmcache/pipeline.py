@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .batching import left_pad
+from .batching import after_eos, left_pad
 from .cache import DenoisingCache, Layout, make_cache
 from .engine import Finished, Request, cache_rule
 from .engine.rules import BLOCK, NONE, TOKEN
@@ -611,9 +611,7 @@ class DLMPipeline(DiffusionPipeline):
     def _fill_after_eos(self, gen: torch.LongTensor) -> torch.BoolTensor:
         """Rows whose text up to an EOS is fully committed get EOS in every masked position after it
         (in place on `gen` [B, G]); returns the filled positions."""
-        masked = gen == self.mask_token_id
-        clean_eos = (gen == self.tokenizer.eos_token_id) & (masked.long().cumsum(-1) == 0)
-        fill = (clean_eos.long().cumsum(-1) > 0) & masked
+        fill = after_eos(gen, self.mask_token_id, self.tokenizer.eos_token_id)
         gen.masked_fill_(fill, self.tokenizer.eos_token_id)
         return fill
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dlmcache.batching import after_eos
 from dlmcache.schedulers import DLMScheduler
 from dlmcache.schedulers.base import StepContext
 
@@ -448,9 +449,7 @@ class GenerationBatch:
         generated = self._generated
         if self._stop_at_eos:
             # Rows whose text up to an EOS is committed get EOS in every masked position after it.
-            masked = (canvas == self.mask_id) & generated
-            clean_eos = (canvas == self.eos_id) & generated & (masked.long().cumsum(-1) == 0)
-            fill = (clean_eos.long().cumsum(-1) > 0) & masked & s["stop_at_eos"][:, None]
+            fill = after_eos(canvas, self.mask_id, self.eos_id, generated) & s["stop_at_eos"][:, None]
             canvas.masked_fill_(fill, self.eos_id)
             s["commit"] = torch.where(fill, s["forwards"][:, None], s["commit"])
         s["last_start"] = step["start"]
