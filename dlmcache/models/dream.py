@@ -18,11 +18,11 @@ from .layers import (
     DLMModelMixin,
     Linear,
     RMSNorm,
+    SwiGLUMLP,
     apply_rope,
     attend,
     merge_heads,
     split_heads,
-    swiglu,
 )
 
 
@@ -106,24 +106,13 @@ class DreamAttention(nn.Module):
         return self.o_proj(merge_heads(attend(q, k, v, self.layer_idx, inputs)))
 
 
-class DreamMLP(nn.Module):
-    def __init__(self, config: DreamConfig):
-        super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x):
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
 class DreamDecoderLayer(nn.Module):
     def __init__(self, config: DreamConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DreamAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = DreamMLP(config)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, inputs: AttentionInputs):
         x = x + self.self_attn(self.input_layernorm(x), inputs)

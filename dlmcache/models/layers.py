@@ -213,8 +213,8 @@ def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> 
 
 
 class SwiGLUMLP(nn.Module):
-    """A SwiGLU MLP with the Qwen / OLMoE parameter names (`gate_proj`, `up_proj`, `down_proj`): the
-    dense MLP, each expert and the shared expert of the MoE models."""
+    """A SwiGLU MLP with the Qwen / OLMoE parameter names (`gate_proj`, `up_proj`, `down_proj`): Dream's,
+    SDAR's and LLaDA-MoE's dense MLP, each expert and the shared expert of the MoE models."""
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -226,16 +226,32 @@ class SwiGLUMLP(nn.Module):
         return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
-def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, modules) -> torch.Tensor:
-    """x [..., d] through the experts `modules` (SwiGLUMLPs) chosen per token (`experts` [T, k], with
-    `weights` [T, k]), computed grouped by expert (`dlmcache.kernels.ops.moe.moe_experts`)."""
-    from dlmcache.kernels.ops.moe import moe_experts
+class SparseMoeBlock(nn.Module):
+    """Routed SwiGLU experts: `gate` scores them, `router` (a `dlmcache.kernels.ops.moe.Router`)
+    chooses each token's and weighs them, and the chosen ones run grouped by expert
+    (`dlmcache.kernels.ops.moe.moe_experts`). Parameter names are the hub's (`gate`, `experts.{j}.*`).
+    Subclasses with another routing rule override `route`."""
 
-    shape = x.shape
-    gate = [m.gate_proj.weight for m in modules]
-    up = [m.up_proj.weight for m in modules]
-    down = [m.down_proj.weight for m in modules]
-    return moe_experts(x.reshape(-1, shape[-1]), weights, experts, gate, up, down, check=False).view(shape)
+    def __init__(self, hidden: int, intermediate: int, router):
+        super().__init__()
+        self.gate = Linear(hidden, router.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLUMLP(hidden, intermediate) for _ in range(router.num_experts))
+        self.router = router
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] float32, experts [T, k]) for tokens x [T, d]."""
+        return self.router(self.gate(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from dlmcache.kernels.ops.moe import moe_experts
+
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.route(x)
+        gate = [m.gate_proj.weight for m in self.experts]
+        up = [m.up_proj.weight for m in self.experts]
+        down = [m.down_proj.weight for m in self.experts]
+        return moe_experts(x, weights, experts, gate, up, down, check=False).view(shape)
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -31,11 +31,11 @@ from .layers import (
     DLMModelMixin,
     Linear,
     RMSNorm,
+    SparseMoeBlock,
     SwiGLUMLP,
     apply_rope,
     attend,
     merge_heads,
-    routed_experts,
 )
 
 
@@ -150,33 +150,23 @@ class LLaDAMoEConfig(PretrainedConfig):
         check_token_ids(self, self.vocab_size, where)
 
 
-class LLaDAMoESparseMoeBlock(nn.Module):
-    """The routed experts: `gate` scores them, the grouped path computes the chosen ones."""
+class LLaDAMoESparseMoeBlock(SparseMoeBlock):
+    """The routed experts with the release's routing (module docstring), its expert bias included."""
 
     def __init__(self, config: LLaDAMoEConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            SwiGLUMLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
-        )
-        self.router = Router(config.num_experts, config.num_experts_per_tok, scoring="softmax")
+        router = Router(config.num_experts, config.num_experts_per_tok, scoring="softmax")
+        super().__init__(config.hidden_size, config.expert_intermediate_size, router)
         if config.moe_router_enable_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         else:
             self.expert_bias = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [T, k] float32, experts [T, k]) for tokens x [T, d]."""
-        logits = self.gate(x)
         if self.expert_bias is None:
-            return self.router(logits)
+            return super().route(x)
         # The release adds the bias to the probabilities and keeps the biased values as the weights.
-        return (torch.softmax(logits.float(), -1) + self.expert_bias.float()).topk(self.top_k, -1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, experts = self.route(x.reshape(-1, x.shape[-1]))
-        return routed_experts(x, weights, experts, self.experts)
+        probs = torch.softmax(self.gate(x).float(), -1) + self.expert_bias.float()
+        return probs.topk(self.router.top_k, -1)
 
 
 class LLaDAMoEAttention(nn.Module):

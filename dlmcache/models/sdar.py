@@ -25,17 +25,16 @@ from transformers import PretrainedConfig, PreTrainedModel
 from dlmcache.kernels.ops.moe import Router
 
 from .checkpoint import check_token_ids
-from .dream import DreamMLP
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
     Linear,
     RMSNorm,
+    SparseMoeBlock,
     SwiGLUMLP,
     apply_rope,
     attend,
     merge_heads,
-    routed_experts,
     split_heads,
 )
 
@@ -147,7 +146,7 @@ class SDARDecoderLayer(nn.Module):
         self.mlp = self._mlp(config, layer_idx)
 
     def _mlp(self, config: SDARConfig, layer_idx: int) -> nn.Module:
-        return DreamMLP(config)  # the same SwiGLU (gate_proj, up_proj, down_proj)
+        return SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, inputs: AttentionInputs):
         x = x + self.self_attn(self.input_layernorm(x), inputs)
@@ -155,10 +154,10 @@ class SDARDecoderLayer(nn.Module):
 
 
 class SDARBaseModel(nn.Module):
-    def __init__(self, config: SDARConfig):
+    def __init__(self, config: SDARConfig, layer_class: type[SDARDecoderLayer]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(SDARDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -173,10 +172,11 @@ class SDARForCausalLM(DLMModelMixin, PreTrainedModel):
     _supports_sdpa = True
     logit_shift = 0
     block_diffusion = True
+    layer_class = SDARDecoderLayer
 
     def __init__(self, config: SDARConfig):
         super().__init__(config)
-        self.model = SDARBaseModel(config)
+        self.model = SDARBaseModel(config, self.layer_class)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -253,34 +253,14 @@ class SDARMoeConfig(SDARConfig):
         return layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0
 
 
-class SDARSparseMoeBlock(nn.Module):
-    """Qwen3-MoE's experts: softmax over all of them in float32, the top `num_experts_per_tok`,
-    renormalized when `norm_topk_prob`; computed grouped (`moe_experts`)."""
-
-    def __init__(self, config: SDARMoeConfig):
-        super().__init__()
-        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            SwiGLUMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
-        )
-        self.router = Router(config.num_experts, config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob)
-
-    def forward(self, x):
-        weights, experts = self.router(self.gate(x.reshape(-1, x.shape[-1])))
-        return routed_experts(x, weights, experts, self.experts)
-
-
 class SDARMoeDecoderLayer(SDARDecoderLayer):
     def _mlp(self, config: SDARMoeConfig, layer_idx: int) -> nn.Module:
-        return SDARSparseMoeBlock(config) if config.is_sparse(layer_idx) else DreamMLP(config)
-
-
-class SDARMoeBaseModel(nn.Module):
-    def __init__(self, config: SDARMoeConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(SDARMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not config.is_sparse(layer_idx):
+            return SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        # Qwen3-MoE's routing: softmax over every expert in float32, the top `num_experts_per_tok`,
+        # renormalized when `norm_topk_prob`
+        router = Router(config.num_experts, config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob)
+        return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, router)
 
 
 class SDARMoeForCausalLM(SDARForCausalLM):
@@ -288,12 +268,7 @@ class SDARMoeForCausalLM(SDARForCausalLM):
 
     config_class = SDARMoeConfig
     _no_split_modules = ["SDARMoeDecoderLayer"]
-
-    def __init__(self, config: SDARMoeConfig):
-        PreTrainedModel.__init__(self, config)
-        self.model = SDARMoeBaseModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    layer_class = SDARMoeDecoderLayer
 
     @property
     def flops_per_token(self) -> int:
