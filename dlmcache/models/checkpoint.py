@@ -163,3 +163,19 @@ def check_token_ids(config, vocab: int, where: str) -> None:
         for i in ids:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
                 raise ValueError(f"{where}: {field}={value!r} is outside the vocabulary of {vocab} tokens")
+
+
+def check_activation_and_rope(where: str, hidden_act: str, rope_scaling) -> None:
+    """The configs of the Qwen-style models (Dream, SDAR, LLaDA-MoE) take SwiGLU and plain RoPE only."""
+    if hidden_act != "silu":
+        raise ValueError(f"{where}: hidden_act={hidden_act!r} is not supported (expected 'silu')")
+    if rope_scaling not in (None, {}):
+        raise ValueError(f"{where}: rope_scaling={rope_scaling!r} is not supported")
+
+
+def check_kv_heads_and_ids(config, where: str) -> None:
+    """The query heads share the KV heads evenly, and the special token ids index the vocabulary."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads % kv:
+        raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    check_token_ids(config, config.vocab_size, where)

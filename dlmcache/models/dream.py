@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .checkpoint import check_token_ids
+from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
@@ -72,20 +72,12 @@ class DreamConfig(PretrainedConfig):
             eos_token_id=eos_token_id,
             **kwargs,
         )
-        if hidden_act != "silu":
-            raise ValueError(f"DreamConfig: hidden_act={hidden_act!r} is not supported (expected 'silu')")
-        if rope_scaling not in (None, {}):
-            raise ValueError(f"DreamConfig: rope_scaling={rope_scaling!r} is not supported")
+        check_activation_and_rope("DreamConfig", hidden_act, rope_scaling)
         if hidden_size % num_attention_heads:
             raise ValueError(
                 f"DreamConfig: hidden_size={hidden_size} is not divisible by num_attention_heads={num_attention_heads}"
             )
-        if num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"DreamConfig: num_attention_heads={num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        check_token_ids(self, self.vocab_size, "DreamConfig")
+        check_kv_heads_and_ids(self, "DreamConfig")
 
 
 class DreamAttention(nn.Module):

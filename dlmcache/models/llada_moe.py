@@ -25,7 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from dlmcache.kernels.ops.moe import Router
 
-from .checkpoint import check_token_ids
+from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
@@ -115,10 +115,7 @@ class LLaDAMoEConfig(PretrainedConfig):
             **kwargs,
         )
         where = "LLaDAMoEConfig"
-        if hidden_act != "silu":
-            raise ValueError(f"{where}: hidden_act={hidden_act!r} is not supported (expected 'silu')")
-        if rope_scaling not in (None, {}):
-            raise ValueError(f"{where}: rope_scaling={rope_scaling!r} is not supported")
+        check_activation_and_rope(where, hidden_act, rope_scaling)
         if moe_router_score_function not in (None, "softmax"):
             raise ValueError(
                 f"{where}: moe_router_score_function={moe_router_score_function!r}: the release's expert block "
@@ -142,12 +139,7 @@ class LLaDAMoEConfig(PretrainedConfig):
         rotary = int(hidden_size // num_attention_heads * partial_rotary_factor)
         if rotary < 2 or rotary % 2:
             raise ValueError(f"{where}: partial_rotary_factor={partial_rotary_factor} rotates {rotary} dims (odd)")
-        if num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"{where}: num_attention_heads={num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        check_token_ids(self, self.vocab_size, where)
+        check_kv_heads_and_ids(self, where)
 
 
 class LLaDAMoESparseMoeBlock(SparseMoeBlock):

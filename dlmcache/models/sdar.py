@@ -24,7 +24,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from dlmcache.kernels.ops.moe import Router
 
-from .checkpoint import check_token_ids
+from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
@@ -94,10 +94,7 @@ class SDARConfig(PretrainedConfig):
             eos_token_id=eos_token_id,
             **kwargs,
         )
-        if hidden_act != "silu":
-            raise ValueError(f"SDARConfig: hidden_act={hidden_act!r} is not supported (expected 'silu')")
-        if rope_scaling not in (None, {}):
-            raise ValueError(f"SDARConfig: rope_scaling={rope_scaling!r} is not supported")
+        check_activation_and_rope("SDARConfig", hidden_act, rope_scaling)
         if use_sliding_window:
             raise ValueError("SDARConfig: use_sliding_window=True is not supported (SDAR attends every key)")
         for name, value in (("head_dim", self.head_dim), ("block_size", block_size)):
@@ -105,12 +102,7 @@ class SDARConfig(PretrainedConfig):
                 raise ValueError(f"SDARConfig: {name}={value!r} must be a positive integer")
         if self.head_dim % 2:
             raise ValueError(f"SDARConfig: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
-        if num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"SDARConfig: num_attention_heads={num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        check_token_ids(self, self.vocab_size, "SDARConfig")
+        check_kv_heads_and_ids(self, "SDARConfig")
 
 
 class SDARAttention(nn.Module):
