@@ -242,6 +242,12 @@ class SparseMoeBlock(nn.Module):
         """(weights [T, k] float32, experts [T, k]) for tokens x [T, d]."""
         return self.router(self.gate(x))
 
+    @property
+    def idle_parameters(self) -> int:
+        """The expert parameters a token does not multiply: those of the experts it is not routed to."""
+        per_expert = sum(p.numel() for p in self.experts[0].parameters())
+        return (self.router.num_experts - self.router.top_k) * per_expert
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from dlmcache.kernels.ops.moe import moe_experts
 
@@ -327,9 +333,11 @@ class DLMModelMixin:
 
     @functools.cached_property
     def flops_per_token(self) -> int:
-        """2 x the parameters a fed token multiplies (the embedding table is read, not multiplied)."""
+        """2 x the parameters a fed token multiplies (the embedding table is read, not multiplied, and
+        of a mixture of experts only the experts a token is routed to)."""
         embed = self.get_input_embeddings().weight.numel()
-        return 2 * (sum(p.numel() for p in self.parameters()) - embed)
+        idle = sum(m.idle_parameters for m in self.modules() if isinstance(m, SparseMoeBlock))
+        return 2 * (sum(p.numel() for p in self.parameters()) - embed - idle)
 
     @property
     def rope_theta(self) -> float:

@@ -248,14 +248,6 @@ class LLaDAMoEModelLM(DLMModelMixin, PreTrainedModel):
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.config.partial_rotary_factor)
 
-    @property
-    def flops_per_token(self) -> int:
-        """2 x the parameters a fed token multiplies: the experts count `num_experts_per_tok` of them."""
-        config = self.config
-        per_expert = 3 * config.hidden_size * config.expert_intermediate_size
-        idle = (config.num_experts - config.num_experts_per_tok) * per_expert * sum(config.moe_layer_freq)
-        return super().flops_per_token - 2 * idle
-
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 

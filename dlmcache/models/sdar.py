@@ -261,11 +261,3 @@ class SDARMoeForCausalLM(SDARForCausalLM):
     config_class = SDARMoeConfig
     _no_split_modules = ["SDARMoeDecoderLayer"]
     layer_class = SDARMoeDecoderLayer
-
-    @property
-    def flops_per_token(self) -> int:
-        """2 x the parameters a fed token multiplies: `num_experts_per_tok` experts per sparse layer."""
-        c = self.config
-        idle = (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
-        sparse = sum(c.is_sparse(i) for i in range(c.num_hidden_layers))
-        return super().flops_per_token - 2 * idle * sparse
