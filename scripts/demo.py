@@ -18,8 +18,8 @@ import argparse
 
 import torch
 
-from dlmcache import DLMPipeline, tinytask
-from dlmcache.evals.harness import DLMGenerator
+from dlmcache import tinytask
+from dlmcache.evals.harness import DLMGenerator, Pipelines
 from dlmcache.offline import load_guide
 from dlmcache.run_config import RunConfig
 
@@ -53,16 +53,11 @@ def main() -> None:
         ap.error(f"--n {args.n}: must be at least 1")
     torch.manual_seed(0)
 
-    pipes = {}
+    pipelines = Pipelines(args.model)
     problems = tinytask.test_problems(args.n)
     results = {}
     for config, label in CONFIGS.items():
-        model, _, text = config.rpartition("@")  # MODEL@CONFIG: another bundled model
-        model = model or args.model
-        if model not in pipes:
-            pipes[model] = DLMPipeline.from_pretrained(model)
-            pipes[model].set_progress_bar_config(disable=True)
-        pipe = pipes[model]
+        pipe, text = pipelines.split(config)  # MODEL@CONFIG: another bundled model
         RunConfig.parse(text).apply(pipe, load_guide=load_guide)
         block = args.block_length if not pipe.model.block_diffusion else None  # its own block length
         generate = DLMGenerator(pipe, block_length=block)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from dlmcache import DLMPipeline, tinytask
-from dlmcache.evals.harness import DLMGenerator
+from dlmcache import tinytask
+from dlmcache.evals.harness import DLMGenerator, Pipelines
 from dlmcache.offline import load_guide
 from dlmcache.run_config import RunConfig, split_configs
 
@@ -47,14 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     args.model = args.model or ("dlmcache/tiny-long" if args.long else "dlmcache/tiny")
-    pipes = {}
-
-    def pipeline(name: str) -> DLMPipeline:
-        if name not in pipes:
-            pipes[name] = DLMPipeline.from_pretrained(name)
-            pipes[name].set_progress_bar_config(disable=True)
-        return pipes[name]
-
+    pipelines = Pipelines(args.model)
     if args.long:
         problems = sorted(tinytask.long_context_problems(args.n), key=lambda item: len(item[1]))
     else:
@@ -68,8 +61,7 @@ def main() -> None:
         return guides[key]
 
     for text in split_configs(args.configs):
-        model, _, config = text.rpartition("@")
-        pipe = pipeline(model or args.model)
+        pipe, config = pipelines.split(text)
         cfg = RunConfig.parse(config)
         cfg.apply(pipe, load_guide=cached_guide)
         generate = DLMGenerator(pipe, block_length=args.block_length, steps=args.steps)

@@ -73,6 +73,25 @@ def _ids(value) -> list[int]:
     return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
+class Pipelines:
+    """`DLMPipeline`s by model name, each loaded once with its progress bar off, for run configs that
+    may name their model: `MODEL@CONFIG` (a plain CONFIG runs on `default_model`)."""
+
+    def __init__(self, default_model: str):
+        self.default_model, self.loaded = default_model, {}
+
+    def split(self, text: str):
+        """(the pipeline of the config's model, the config without its `MODEL@` prefix)."""
+        from dlmcache import DLMPipeline
+
+        model, _, config = text.rpartition("@")
+        model = model or self.default_model
+        if model not in self.loaded:
+            self.loaded[model] = DLMPipeline.from_pretrained(model)
+            self.loaded[model].set_progress_bar_config(disable=True)
+        return self.loaded[model], config
+
+
 class DLMGenerator:
     """A `DLMPipeline` with one decoding config applied (`RunConfig.apply`)."""
 
