@@ -60,10 +60,20 @@ def synthetic_tokenizer(vocab_size: int):
 SYNTHETIC_IDS = {"eos_token_id": 0, "pad_token_id": 1, "mask_token_id": 2}
 
 
-def _seeded(model_class, config, dtype: torch.dtype, device: str):
-    """`model_class(config)` with seed-0 random weights, in `dtype` on `device`, in eval mode."""
-    torch.manual_seed(0)
+def _seeded(model_class, config, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    """`model_class(config)` with random weights from `seed`, in `dtype` on `device`, in eval mode."""
+    torch.manual_seed(seed)
     return model_class(config).to(dtype=dtype, device=device).eval()
+
+
+def _random_qk_norms(model):
+    """Random per-head q/k norm weights (in [0.5, 1.5]), so a test exercises that path; returns model."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.self_attn, "q_norm"):
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
 
 
 def llada_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LLaDAModelLM:
@@ -149,8 +159,7 @@ def tiny_llada(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32
         max_sequence_length=512,
     )
     kw.update(overrides)
-    torch.manual_seed(seed)
-    return LLaDAModelLM(LLaDAConfig(**kw)).to(dtype).eval()
+    return _seeded(LLaDAModelLM, LLaDAConfig(**kw), dtype, seed=seed)
 
 
 def tiny_dream(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> DreamModel:
@@ -171,8 +180,7 @@ def tiny_dream(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32
         bos_token_id=tokenizer.eos_token_id,
     )
     kw.update(overrides)
-    torch.manual_seed(seed)
-    model = DreamModel(DreamConfig(**kw)).to(dtype).eval()
+    model = _seeded(DreamModel, DreamConfig(**kw), dtype, seed=seed)
     with torch.no_grad():  # random biases so the QKV-bias path is exercised
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -185,6 +193,10 @@ def tiny_sdar(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32,
     hidden / heads; per-head q/k norms with random weights; block size 4) over `tokenizer`'s vocabulary.
     Untied (a tied random model predicts the mask token at masked positions: pass
     `tie_word_embeddings=True` for the tied layout of SDAR-1.7B / 4B)."""
+    return _tiny_sdar(SDARForCausalLM, tokenizer, seed, dtype, overrides)
+
+
+def _tiny_sdar(model_class, tokenizer, seed: int, dtype: torch.dtype, overrides: dict):
     tokenizer = tokenizer or bundled_tokenizer()
     kw = dict(
         vocab_size=len(tokenizer),
@@ -203,15 +215,8 @@ def tiny_sdar(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
-    model_class = overrides.pop("model_class", SDARForCausalLM)
     kw.update(overrides)
-    torch.manual_seed(seed)
-    model = model_class(model_class.config_class(**kw)).to(dtype).eval()
-    with torch.no_grad():  # random norm weights so the q/k-norm path is exercised
-        for layer in model.model.layers:
-            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
-    return model
+    return _random_qk_norms(_seeded(model_class, model_class.config_class(**kw), dtype, seed=seed))
 
 
 def tiny_llada_moe(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LLaDAMoEModelLM:
@@ -238,14 +243,7 @@ def tiny_llada_moe(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.flo
         pad_token_id=tokenizer.pad_token_id,
     )
     kw.update(overrides)
-    torch.manual_seed(seed)
-    model = LLaDAMoEModelLM(LLaDAMoEConfig(**kw)).to(dtype).eval()
-    with torch.no_grad():  # random norm weights so the q/k-norm path is exercised
-        for layer in model.model.layers:
-            if hasattr(layer.self_attn, "q_norm"):
-                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
-    return model
+    return _random_qk_norms(_seeded(LLaDAMoEModelLM, LLaDAMoEConfig(**kw), dtype, seed=seed))
 
 
 def llada_moe_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LLaDAMoEModelLM:
@@ -262,7 +260,7 @@ def tiny_sdar_moe(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.floa
     """`tiny_sdar` with Qwen3-MoE's layers: 8 experts of 32, 2 per token, renormalized; layer 1 dense
     (`mlp_only_layers`)."""
     kw = dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1])
-    return tiny_sdar(tokenizer, seed, dtype, model_class=SDARMoeForCausalLM, **(kw | overrides))
+    return _tiny_sdar(SDARMoeForCausalLM, tokenizer, seed, dtype, kw | overrides)
 
 
 def sdar_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> SDARForCausalLM:
