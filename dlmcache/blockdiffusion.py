@@ -208,16 +208,19 @@ def decode_blocks(
 
 def _select(scheduler, logits, masked, steps_in, num_steps: int, generator):
     """(x0, transfer) [R, bs] of the rows' blocks: one call with per-row steps where the scheduler is
-    vectorised over them and draws nothing, else row by row (each with the generator in turn)."""
+    vectorised over them and draws nothing, else row by row on the row's masked positions alone (as
+    the step loop gives one row), each with the generator in turn."""
     if scheduler.batched:
         x0, _, transfer = scheduler._select(logits, masked, steps_in, num_steps, None, None)
         return x0, transfer
     x0 = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
     transfer = torch.zeros_like(masked)
-    sample = torch.zeros_like(x0)
     for i, step in enumerate(steps_in.tolist()):
-        out = scheduler.step(logits[i : i + 1], sample[i : i + 1], masked[i : i + 1], step, num_steps, generator)
-        x0[i], transfer[i] = out.x0[0], out.transfer_index[0]
+        cols = masked[i].nonzero().flatten()
+        out = scheduler.step(
+            logits[i : i + 1, cols], x0[i : i + 1, cols], masked[i : i + 1, cols], step, num_steps, generator
+        )
+        x0[i, cols], transfer[i, cols] = out.x0[0], out.transfer_index[0]
     return x0, transfer
 
 

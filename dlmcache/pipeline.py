@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .batching import after_eos, left_pad
 from .cache import DenoisingCache, Layout, make_cache
 from .engine import Finished, Request, cache_rule
-from .engine.rules import BLOCK, NONE, TOKEN
+from .engine.rules import BLOCK, DUAL, PREFIX, TOKEN
 from .locations import read_json, resolve_path
 from .models import model_class
 from .schedulers import (
@@ -450,16 +450,16 @@ class DLMPipeline(DiffusionPipeline):
         the scheduler) for what `__call__` with these arguments decodes, checked as `__call__` checks
         them; None when the engine does not run this configuration yet (a compressed prompt). A
         generator is shared by the prompts' requests (each draws on its own, in turn). Run them with
-        `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`. None too for a block
-        diffusion model, which `__call__` decodes with `dlmcache.blockdiffusion`."""
+        `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`. A block diffusion
+        model's requests run its block-causal rule (`dlmcache.engine.rules.CAUSAL`)."""
         block_length = self.default_block_length if block_length is None else block_length
         steps, scheduler, cache, stop_at_eos = self._call_settings(
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
         )
         requests = self._prompt_requests(prompt, chat_template)
         self.check_length(max(len(ids) for ids, _ in requests), max_new_tokens)
-        if self.model.block_diffusion:  # the engine does not run block diffusion yet
-            return None
+        if self.model.block_diffusion:
+            self._check_block_settings(cfg_scale, scheduler, cache)
         return self._engine_requests(
             requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos,
             shared_generator=True,
@@ -479,7 +479,7 @@ class DLMPipeline(DiffusionPipeline):
         """The engine's requests for checked settings, or None where it does not run them. A batch that
         samples (a scheduler that is not `batched`) from one generator stays on the reference loop
         unless `shared_generator` (the reference draws for every row at once; the engine row by row)."""
-        rule = cache_rule(cache)
+        rule = cache_rule(cache, block_causal=self.model.block_diffusion)
         if rule is None:
             return None
         if generator is not None and len(requests) > 1 and not scheduler.batched and not shared_generator:
@@ -494,22 +494,25 @@ class DLMPipeline(DiffusionPipeline):
 
     def _decode_blocks(self, requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache,
                        stop_at_eos, engine, callback, return_dict):  # fmt: skip
-        """`__call__` for a block diffusion model (`dlmcache.blockdiffusion`): the finished blocks' KV is
-        exact, so every cache but "none" runs as that prefix cache; "none" recomputes every step."""
+        """`__call__` for a block diffusion model: the finished blocks' KV is exact, so every cache but
+        "none" runs as that prefix cache; "none" recomputes every step. On the batched engine (its
+        CAUSAL rules) unless `engine=False` or the engine does not run it (a batch sampled from one
+        shared generator); else on `dlmcache.blockdiffusion.decode_blocks`, the reference loop."""
         from .blockdiffusion import decode_blocks
 
-        name = type(self.model).__name__
-        if engine:
-            raise ValueError(f"engine=True: the batched engine does not run block diffusion ({name}) yet")
-        if cfg_scale:
-            raise ValueError(f"cfg_scale={cfg_scale!r}: classifier-free guidance is not built for block diffusion")
-        if isinstance(scheduler, GuidedScheduler):
-            raise ValueError(f"guided unmasking is not built for block diffusion ({name})")
-        if getattr(cache, "compression", None) is not None:
-            raise ValueError(
-                f"cache={cache.name!r} with a compressed prompt: prompt compression is not built for block "
-                f"diffusion ({name}); its prefix KV is cached exactly"
+        self._check_block_settings(cfg_scale, scheduler, cache)
+        on_engine = None
+        if engine is not False:
+            on_engine = self._engine_requests(
+                requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos
             )
+        if engine and on_engine is None:
+            raise ValueError(
+                "engine=True: the batched engine does not run a batch sampled from one shared generator "
+                f"(scheduler={scheduler!r})"
+            )
+        if on_engine is not None:
+            return self._decode_on_engine(on_engine, cache, steps, callback, return_dict)
         live = None
         if callback is not None:
 
@@ -538,6 +541,19 @@ class DLMPipeline(DiffusionPipeline):
             result["sequences"], result["nfe"], result["commit_step"], elapsed, cache.name, cache_stats,
             scheduler.stats, return_dict,
         )  # fmt: skip
+
+    def _check_block_settings(self, cfg_scale, scheduler, cache) -> None:
+        """What block diffusion does not run yet, refused by name."""
+        name = type(self.model).__name__
+        if cfg_scale:
+            raise ValueError(f"cfg_scale={cfg_scale!r}: classifier-free guidance is not built for block diffusion")
+        if isinstance(scheduler, GuidedScheduler):
+            raise ValueError(f"guided unmasking is not built for block diffusion ({name})")
+        if getattr(cache, "compression", None) is not None:
+            raise ValueError(
+                f"cache={cache.name!r} with a compressed prompt: prompt compression is not built for block "
+                f"diffusion ({name}); its prefix KV is cached exactly"
+            )
 
     def _decode_on_engine(self, requests: list[Request], cache, steps: int, callback, return_dict: bool):
         """`__call__` on the batched engine: every prompt a row, all added before the first step, so a
@@ -580,10 +596,12 @@ class DLMPipeline(DiffusionPipeline):
             "forwards": nfe, "full_forwards": mean("full_forwards"), "fed_tokens": mean("fed_tokens"),
             "reused_tokens": mean("reused_tokens"), "kv_bytes": decoder.pool.nbytes,
         }  # fmt: skip
-        if any(r.rule.mode != NONE for r in requests):  # a KV-reusing cache counts its canvas-only refreshes
+        if any(r.rule.mode in (PREFIX, DUAL, BLOCK, TOKEN) for r in requests):  # counts its canvas-only refreshes
             cache_stats["canvas_refreshes"] = mean("canvas_refreshes")
         if any(r.rule.mode in (BLOCK, TOKEN) for r in requests):  # FreeCache counts its drift refreshes
             cache_stats["drift_refreshes"] = sum(f.stats["drift_refreshes"] for f in done)
+        if self.model.block_diffusion:
+            cache_stats["block_diffusion"] = True
         # the schedulers' own counters (a guide's accepted drafts and forwards), summed over the requests
         scheduler_stats = {key: sum(r.scheduler.stats[key] for r in requests) for key in requests[0].scheduler.stats}
         return self._output(sequences, nfe, commit_step, elapsed, cache.name, cache_stats, scheduler_stats, return_dict)

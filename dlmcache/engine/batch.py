@@ -27,7 +27,7 @@ from dlmcache.batching import after_eos
 from dlmcache.schedulers import DLMScheduler
 from dlmcache.schedulers.base import StepContext
 
-from .rules import BLOCK, DUAL, NONE, PREFIX, TOKEN, CacheRule
+from .rules import BLOCK, CAUSAL, CAUSAL_FULL, DUAL, NONE, PREFIX, TOKEN, CacheRule
 
 
 @dataclass
@@ -130,12 +130,13 @@ class GenerationBatch:
 
     #: Per-row tensors [R] / [R, W, ...] and the value a new row (or a padded column) starts with.
     ROW_STATE = {
-        "length": 0, "prompt_len": 0, "block_len": 1, "steps_per_block": 1, "block": 0,
+        "length": 0, "prompt_len": 0, "origin": 0, "block_len": 1, "steps_per_block": 1, "block": 0,
         "step_in_block": 0, "forwards": 0, "fed": 0, "attended": 0, "full_forwards": 0, "canvas_refreshes": 0,
         "drift_refreshes": 0,
         "stop_at_eos": False,
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "canvas_refresh": False, "last_start": -1, "frozen_end": 0, "stale": False,
+        "causal": False, "cached_end": 0,
     }  # fmt: skip
     COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
 
@@ -160,6 +161,16 @@ class GenerationBatch:
         """Start `request`, whose positions [0, length) live at pool `slots` [length] (with CFG
         [2 * length]: the unconditional row's follow, and that row follows the request's)."""
         prompt_len, length = len(request.prompt), request.length
+        causal = request.rule.mode in (CAUSAL, CAUSAL_FULL)
+        if self.requests and causal != self.block_causal:
+            raise ValueError(
+                f"request {request.id!r}: block diffusion and full-attention requests do not share a batch "
+                f"(its rule {request.rule}; the running rows are {'' if self.block_causal else 'not '}block diffusion)"
+            )
+        if causal and request.cfg_scale:
+            raise ValueError(
+                f"request {request.id!r}: cfg_scale={request.cfg_scale!r} is not built for block diffusion"
+            )
         canvas = torch.tensor(request.prompt + [self.mask_id] * request.max_new_tokens, device=self.device)
         self._add_row(request, canvas, slots[:length])
         if request.cfg_scale:
@@ -170,10 +181,14 @@ class GenerationBatch:
         self._regroup()
 
     def _add_row(self, request: Request, canvas: torch.LongTensor, slots: torch.LongTensor, uncond=False) -> None:
-        g = request.max_new_tokens
+        g, p = request.max_new_tokens, len(request.prompt)
         rule = request.rule
+        causal = rule.mode in (CAUSAL, CAUSAL_FULL)
         row = {
-            "length": request.length, "prompt_len": len(request.prompt), "block_len": request.block_length,
+            "length": request.length, "prompt_len": p, "block_len": request.block_length, "causal": causal,
+            # where block 0 starts: after the prompt, or for block diffusion at the absolute block
+            # holding the prompt's end (its prompt tokens are given, its masks decoded)
+            "origin": p // request.block_length * request.block_length if causal else p,
             "steps_per_block": request.steps // (g // request.block_length), "stop_at_eos": request.stop_at_eos,
             "mode": rule.mode, "suffix_window": rule.suffix_window, "drop_beyond": rule.drop_beyond,
             "delay": rule.delay, "refresh_every": rule.refresh_every, "drift": rule.drift,
@@ -250,6 +265,7 @@ class GenerationBatch:
             self._cfg = (index - 1, index, scale[:, None, None])
         # What the running rows use, known on the host: plan and commit skip the rest.
         self._modes = {r.rule.mode for r in self.requests}
+        self.block_causal = bool(self._modes & {CAUSAL, CAUSAL_FULL})  # the rows are block diffusion's
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
         self._canvas_refresh = any(r.rule.canvas_refresh and r.rule.mode != NONE for r in self.requests)
@@ -270,40 +286,50 @@ class GenerationBatch:
     def plan(self) -> StepInput:
         """Decide every row's step and flatten it (see the module docstring). The rules that no
         running row uses are skipped (known on the host, from the requests)."""
-        s, shift, mask_id, modes = self._state, self.shift, self.mask_id, self._modes
-        canvas, mode, length = s["canvas"], s["mode"], s["length"]
-        pos, in_len = self._positions, self._in_len  # [1, W], [R, W]
-        start = s["prompt_len"] + s["block"] * s["block_len"]
+        s, shift, mask_id = self._state, self.shift, self.mask_id
+        canvas, length, pos = s["canvas"], s["length"], self._positions  # pos [1, W]
+        start = s["origin"] + s["block"] * s["block_len"]
         end = start + s["block_len"]
-        refresh, refresh_from = self._refresh_rows(start)
-        need, attend_end = in_len, length
-        if refresh_from is not None:  # a canvas-only refresh feeds the generation region (and its lead)
-            need = in_len & (pos >= refresh_from[:, None])
-        if modes != {NONE}:
-            # What a cached step feeds: a window (prefix, dual, block freeze) or token freeze's positions.
-            window_end = torch.where(s["suffix_window"] < 0, length, torch.minimum(length, end + s["suffix_window"]))
-            attend_end = torch.where(refresh | ~s["drop_beyond"], length, window_end)
-            if modes & {PREFIX, DUAL, BLOCK}:
-                need = torch.where(refresh[:, None], need, self._window(start, end, window_end, pos))
-            if TOKEN in modes:
-                token = self._token_positions(refresh, start, end, window_end, pos)
-                need = torch.where((mode == TOKEN)[:, None] & ~refresh[:, None], token, need)
-        if self._drift:
-            need = need | self._probes(need, refresh, in_len, pos)
+        if self.block_causal:
+            need, attend_end, feed_from = self._causal_feed(start, end)
+            refresh = torch.zeros_like(need[:, 0])
+        else:
+            need, attend_end, refresh = self._feed(start, end)
 
         # Flatten: one host read gives the sizes, then everything stays on the device.
         counts = need.sum(-1)
         block_cols = start[:, None] + self._block_j  # [R, Bmax] the active block's canvas columns
-        targets = (canvas.gather(1, block_cols) == mask_id) & self._in_block  # still masked
+        # still masked (a block diffusion row's last block may end before the block length)
+        targets = (canvas.gather(1, block_cols) == mask_id) & self._in_block & (block_cols < length[:, None])
         per_row = targets.sum(-1)
-        sizes = torch.stack([counts.sum(), counts.max(), per_row.sum(), per_row.max()]).tolist()
-        total, widest, n_targets, most_targets = (int(v) for v in sizes)
+        if self.block_causal:  # an attention row per fed block, each with its own key limit
+            block_len = s["block_len"]
+            segments = (counts + block_len - 1) // block_len
+            most_queries = torch.minimum(counts, block_len).max()
+        else:  # an attention row per request row
+            segments, most_queries = torch.ones_like(counts), counts.max()
+        sizes = torch.stack([counts.sum(), most_queries, per_row.sum(), per_row.max(), segments.sum()]).tolist()
+        total, widest, n_targets, most_targets, n_segments = (int(v) for v in sizes)
         self.host_reads += 1
         row, col = torch.nonzero_static(need, size=total).unbind(1)
-        offsets = counts.cumsum(0) - counts
-        rank = torch.arange(total, device=self.device) - offsets[row]
         flat = torch.full_like(canvas, -1)
         flat[row, col] = torch.arange(total, device=self.device)
+        longest = self._longest
+        if self.block_causal:
+            # Fed blocks in order, each its queries contiguous: the query in block j of a row's fed range
+            # attends the row's keys before the end of that block.
+            seg_row, seg_j = torch.nonzero_static(pos < segments[:, None], size=n_segments).unbind(1)
+            within = col - feed_from[row]
+            query_row = (segments.cumsum(0) - segments)[row] + torch.div(within, block_len[row], rounding_mode="floor")
+            rank = within % block_len[row]
+            seg_end = torch.minimum(feed_from[seg_row] + (seg_j + 1) * block_len[seg_row], length[seg_row])
+            key_valid = pos[:, :longest] < seg_end[:, None]
+            # a key after the block's end may not be written yet: it reads the null block instead
+            key_slots = torch.where(key_valid, self.key_slots[seg_row, :longest], 0)
+        else:
+            query_row = row
+            rank = torch.arange(total, device=self.device) - (counts.cumsum(0) - counts)[row]
+            key_slots, key_valid = self.key_slots[:, :longest], (pos < attend_end[:, None])[:, :longest]
         t_row, t_col = torch.nonzero_static(targets, size=n_targets).unbind(1)
         t_rank = torch.arange(n_targets, device=self.device) - (per_row.cumsum(0) - per_row)[t_row]
         predictor = (block_cols[t_row, t_col] - shift).clamp(min=0)
@@ -321,15 +347,50 @@ class GenerationBatch:
         )
         s["fed"] += counts
         s["attended"] += attend_end
+        one = len(self.requests) == 1 and not self.block_causal  # one row attending without a mask of its own
         return StepInput(
-            input_ids=canvas[row, col], positions=col, slots=self.key_slots[row, col], query_row=row,
-            query_rank=rank, max_queries=widest, key_slots=self.key_slots[:, : self._longest],
-            key_valid=(pos < attend_end[:, None])[:, : self._longest],
-            every_key=len(self.requests) == 1 and not self._drop_beyond,
-            fresh_keys=len(self.requests) == 1 and total == self._longest,
-            write_kv=not (len(self.requests) == 1 and modes == {NONE}),
+            input_ids=canvas[row, col], positions=col, slots=self.key_slots[row, col], query_row=query_row,
+            query_rank=rank, max_queries=widest, key_slots=key_slots, key_valid=key_valid,
+            every_key=one and not self._drop_beyond, fresh_keys=one and total == longest,
+            write_kv=not (one and self._modes == {NONE}),
             logit_index=flat[t_row, predictor], target_row=t_row, target_col=t_col,
         )  # fmt: skip
+
+    def _causal_feed(self, start, end) -> tuple[torch.BoolTensor, torch.LongTensor, torch.LongTensor]:
+        """Block diffusion: (the positions each row feeds [R, W], where they end [R], where they begin
+        [R]). A cached row feeds its active block and the blocks finished since its last forward (at
+        its first: everything before, its prompt's prefill), whose KV is final from this forward on; a
+        row without the cache feeds everything up to its active block's end."""
+        s = self._state
+        feed_to = torch.minimum(end, s["length"])
+        cached = s["mode"] == CAUSAL
+        feed_from = torch.where(cached, s["cached_end"], 0)
+        s["cached_end"] = torch.where(cached, start, 0)
+        s["full_forwards"] += (~cached).long()
+        need = (self._positions >= feed_from[:, None]) & (self._positions < feed_to[:, None])
+        return need, feed_to, feed_from
+
+    def _feed(self, start, end) -> tuple[torch.BoolTensor, torch.LongTensor, torch.BoolTensor]:
+        """Full attention: (the positions each row feeds [R, W], the keys it attends end [R], whether
+        it refreshes [R]), by its cache rule."""
+        s, mode, modes, length = self._state, self._state["mode"], self._modes, self._state["length"]
+        pos, in_len = self._positions, self._in_len  # [1, W], [R, W]
+        refresh, refresh_from = self._refresh_rows(start)
+        need, attend_end = in_len, length
+        if refresh_from is not None:  # a canvas-only refresh feeds the generation region (and its lead)
+            need = in_len & (pos >= refresh_from[:, None])
+        if modes != {NONE}:
+            # What a cached step feeds: a window (prefix, dual, block freeze) or token freeze's positions.
+            window_end = torch.where(s["suffix_window"] < 0, length, torch.minimum(length, end + s["suffix_window"]))
+            attend_end = torch.where(refresh | ~s["drop_beyond"], length, window_end)
+            if modes & {PREFIX, DUAL, BLOCK}:
+                need = torch.where(refresh[:, None], need, self._window(start, end, window_end, pos))
+            if TOKEN in modes:
+                token = self._token_positions(refresh, start, end, window_end, pos)
+                need = torch.where((mode == TOKEN)[:, None] & ~refresh[:, None], token, need)
+        if self._drift:
+            need = need | self._probes(need, refresh, in_len, pos)
+        return need, attend_end, refresh
 
     def _refresh_rows(self, start: torch.LongTensor) -> tuple[torch.BoolTensor, torch.LongTensor | None]:
         """Which rows refresh: every step (none), at a new block (prefix, dual), or FreeCache's refresh
@@ -456,11 +517,16 @@ class GenerationBatch:
         s["forwards"] += 1
         s["step_in_block"] += 1
 
-        # Next block: the first with a masked position (blocks fill in order).
+        # Next block: the first with a masked position (blocks fill in order). A block diffusion row
+        # whose block's steps ran out with masks left (the model predicted the mask token) leaves it
+        # behind, as the release's loop does: its next is the first masked block after it.
         masked = (canvas == self.mask_id) & generated
+        if self.block_causal:
+            spent = (s["step_in_block"] >= s["steps_per_block"]).long()
+            masked &= self._positions >= (s["origin"] + (s["block"] + spent) * s["block_len"])[:, None]
         left = masked.any(-1)
         first_masked = torch.where(left, masked.int().argmax(-1), s["length"])
-        block = torch.div(first_masked - s["prompt_len"], s["block_len"], rounding_mode="floor")
+        block = torch.div(first_masked - s["origin"], s["block_len"], rounding_mode="floor")
         moved = left & (block > s["block"])
         s["block"] = torch.where(moved, block, s["block"])
         s["step_in_block"] = torch.where(moved, 0, s["step_in_block"])
@@ -508,12 +574,13 @@ class GenerationBatch:
         logits it would get alone (its still-masked positions), with its own generator."""
         s = self._state
         index = torch.tensor(self._alone, device=self.device)
-        info = torch.stack([s["block"][index], s["step_in_block"][index], s["steps_per_block"][index]], 1).tolist()
+        info = [s["origin"][index], s["block"][index], s["step_in_block"][index], s["steps_per_block"][index]]
+        info = torch.stack(info, 1).tolist()
         self.host_reads += 1
-        for i, (block, step_index, num_steps) in zip(self._alone, info, strict=True):
+        for i, (origin, block, step_index, num_steps) in zip(self._alone, info, strict=True):
             req = self.requests[i]
             cols = targets[i].nonzero().flatten()
-            start = len(req.prompt) + block * req.block_length
+            start = origin + block * req.block_length
             context = StepContext(
                 x=s["canvas"][i : i + 1, : req.length], targets=start + cols, start=start,
                 end=start + req.block_length, prompt_len=len(req.prompt), mask_token_id=self.mask_id,

@@ -3,7 +3,9 @@
 `CacheRule` is what the vectorised planner (`batch.GenerationBatch.plan`) reads of a
 `DenoisingCache`: which freeze rule (`dlmcache.cache.rules`), its window, and its refresh rule. The
 planner implements, per row and without a loop over rows, exactly what those rule objects do for a
-batch of one (tested token for token against `DLMPipeline` with the same cache).
+batch of one (tested token for token against `DLMPipeline` with the same cache). A block diffusion
+model has two rules of its own: its finished blocks' KV is exact, so every cache is the prefix cache
+of `dlmcache.blockdiffusion` (CAUSAL), and `none` recomputes the prefix every step (CAUSAL_FULL).
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from dataclasses import dataclass
 from dlmcache.cache import DenoisingCache, DualCache, FreeCache, NoCache, PrefixCache
 from dlmcache.cache.rules import RefreshOnDrift
 
-#: Freeze modes: what a step that does not refresh feeds.
-NONE, PREFIX, DUAL, BLOCK, TOKEN = range(5)
+#: Freeze modes: what a step that does not refresh feeds (the last two: block diffusion's).
+NONE, PREFIX, DUAL, BLOCK, TOKEN, CAUSAL, CAUSAL_FULL = range(7)
 
 
 @dataclass(frozen=True)
 class CacheRule:
     """mode: NONE (refresh every step) | PREFIX / DUAL (refresh at every block start; feed the block
-    and what follows it / the block alone) | BLOCK / TOKEN (FreeCache's freeze rules);
+    and what follows it / the block alone) | BLOCK / TOKEN (FreeCache's freeze rules) | CAUSAL /
+    CAUSAL_FULL (block diffusion: feed the active block and the blocks finished since the row's last
+    forward / everything up to the active block's end);
     suffix_window: later positions fed with the block (-1: all); drop_beyond: positions after the
     window are not attended; delay: BlockFreeze's delayed freeze; refresh_every: k (0: never);
     drift: RefreshOnDrift's threshold (0: off); probe_tokens: its probes per row; canvas_refresh: a
@@ -37,11 +41,13 @@ class CacheRule:
     canvas_refresh: bool = False
 
 
-def cache_rule(cache: DenoisingCache) -> CacheRule | None:
-    """The rule of `cache`, or None when the batched engine does not run it (a compressed prompt, or
-    a strategy it does not know)."""
+def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule | None:
+    """The rule of `cache` (for a block diffusion model: `block_causal`), or None when the batched
+    engine does not run it (a compressed prompt, or a strategy it does not know)."""
     if getattr(cache, "compression", None) is not None:
         return None
+    if block_causal:
+        return CacheRule(CAUSAL_FULL if type(cache) is NoCache else CAUSAL)
     if type(cache) is NoCache:
         return CacheRule(NONE)
     if type(cache) is PrefixCache:

@@ -134,8 +134,9 @@ class BatchedDecoder:
 
     def _first_slot(self) -> int | None:
         """One running request on consecutive blocks (the usual case alone: the pool hands out the
-        lowest free blocks first) reads its keys as a view of the pool: its first slot, else None."""
-        if len(self.batch.requests) != 1:  # one row
+        lowest free blocks first) reads its keys as a view of the pool: its first slot, else None. Not a
+        block diffusion request: its attention rows read the null block where their block ends."""
+        if len(self.batch.requests) != 1 or self.batch.block_causal:  # (its keys past a block: unwritten)
             return None
         blocks = self.blocks[id(self.batch.requests[0])]
         consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))

@@ -1,6 +1,7 @@
 """Block diffusion (SDAR): the cached loop against recomputing everything and against an independent
 implementation of the release's generate loop; batches against prompts alone; the model's layout."""
 
+import copy
 import json
 import math
 
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from dlmcache import DLMPipeline
 from dlmcache.blockdiffusion import BlockCausalStore, block_causal_mask, decode_blocks
 from dlmcache.cache import make_cache
+from dlmcache.engine import BatchedDecoder, Request, cache_rule
+from dlmcache.engine.rules import CAUSAL, CAUSAL_FULL, CacheRule
 from dlmcache.schedulers import LowConfidenceScheduler, ThresholdScheduler
-from dlmcache.testing import random_checkpoint, tiny_sdar
+from dlmcache.testing import DispatchCount, random_checkpoint, tiny_sdar
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +165,9 @@ def test_pipeline_defaults_and_refusals(tmp_path):
     assert out.sequences.shape == (1, 8) and out.stats["block_diffusion"]
     with pytest.raises(ValueError, match="max_new_tokens=10 is not divisible by block_length=4"):
         pipe("Hi", max_new_tokens=10)
-    with pytest.raises(ValueError, match="engine=True: the batched engine does not run block diffusion"):
-        pipe("Hi", max_new_tokens=8, engine=True)
+    # the batched engine by default; the reference loop with engine=False
+    loop = pipe("Mia has 3 pens.", max_new_tokens=8, engine=False)
+    assert torch.equal(loop.sequences, out.sequences) and loop.stats["block_diffusion"]
     with pytest.raises(ValueError, match="cfg_scale=1.0"):
         pipe("Hi", max_new_tokens=8, cfg_scale=1.0)
     with pytest.raises(ValueError, match="prompt compression is not built for block diffusion"):
@@ -300,3 +304,153 @@ def side_by_side(ours, reference, n: int = 14, block: int = 4):
         mask = block_causal_mask(cols, block, valid)[:, None]
         expected = reference(input_ids=ids, attention_mask=mask, position_ids=cols).logits
     return logits, expected
+
+
+# ---------------------------------------------------------------------- on the batched engine
+
+
+@pytest.fixture(scope="module")
+def sdar_pipe(tmp_path_factory):
+    path = random_checkpoint("SDARForCausalLM", tmp_path_factory.mktemp("sdar") / "sdar")
+    pipe = DLMPipeline.from_pretrained(path, torch_dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+BLOCK_PROMPTS = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many now?", "Hi", "Compute 45+38-27."]
+BLOCK_SCHEDULERS = {
+    "low_confidence": lambda: LowConfidenceScheduler(),
+    "threshold": lambda: ThresholdScheduler(threshold=0.006),
+    "sampled": lambda: LowConfidenceScheduler(temperature=0.8),  # draws: selected alone, with its generator
+}
+# (max_new_tokens, block_length, steps): blocks of 4 (the checkpoint's) and of 8, 1 or 2 tokens per step
+BLOCK_SCHEDULES = [(16, 4, 16), (24, 4, 12), (16, 8, 16), (12, 4, 6)]
+
+
+def block_request(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
+    ids = pipe.encode_prompts(BLOCK_PROMPTS[i % len(BLOCK_PROMPTS)])[0]
+    g, b, s = schedule or BLOCK_SCHEDULES[i % len(BLOCK_SCHEDULES)]
+    generator = None if scheduler.batched else torch.Generator().manual_seed(100 + i)
+    return Request(ids, g, b, s, copy.copy(scheduler), cache_rule(cache, block_causal=True), stop_at_eos=stop_at_eos,
+                   generator=generator, id=str(i))  # fmt: skip
+
+
+def block_alone(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
+    """The prompt alone on the reference loop (`decode_blocks`): sequence, commit steps and forwards."""
+    g, b, s = schedule or BLOCK_SCHEDULES[i % len(BLOCK_SCHEDULES)]
+    generator = None if scheduler.batched else torch.Generator().manual_seed(100 + i)
+    out = pipe(BLOCK_PROMPTS[i % len(BLOCK_PROMPTS)], max_new_tokens=g, block_length=b, steps=s, scheduler=scheduler,
+               cache=cache, generator=generator, stop_at_eos=stop_at_eos, engine=False)  # fmt: skip
+    return out.sequences[0], out.commit_step[0], out.nfe
+
+
+def run_decoder(decoder, requests, on_step=None):
+    """Decode `requests` (added at once) on a pool whose unwritten slots hold NaN: a key read before it
+    is written (a masked one too: NaN x 0 is NaN) shows in the logits. `on_step(decoder, step)` may add
+    or cancel between steps."""
+    for t in decoder.pool.k + decoder.pool.v:
+        t[decoder.pool.block_size :] = float("nan")  # all but the null block
+    for r in requests:
+        decoder.add(r)
+    done, step = {}, 0
+    while len(decoder):
+        for f in decoder.step():
+            assert f.error is None
+            done[f.request.id] = f
+        step += 1
+        if on_step is not None:
+            on_step(decoder, step)
+    return done
+
+
+@pytest.mark.parametrize("cache", ["freecache", "none"])
+def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(sdar_pipe, cache):
+    """Block diffusion rows of one flattened forward, with different prompts (ending inside a block
+    or on its edge), lengths, block lengths, steps, schedulers (a sampling one with its generator) and
+    EOS stops: each gets the reference loop's tokens, commit steps and forwards for it alone."""
+    pipe = sdar_pipe
+    items = [(i, name, bool(i % 2)) for i, name in enumerate(list(BLOCK_SCHEDULERS) * 2)]
+    requests = [block_request(pipe, i, BLOCK_SCHEDULERS[n](), make_cache(cache), eos) for i, n, eos in items]
+    decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
+    done = run_decoder(decoder, requests)
+    for i, name, eos in items:
+        sequence, commit, nfe = block_alone(pipe, i, BLOCK_SCHEDULERS[name](), make_cache(cache), eos)
+        assert torch.equal(done[str(i)].sequence, sequence.cpu()), (cache, i, name)
+        assert torch.equal(done[str(i)].commit_step, commit.cpu()), (cache, i, name)
+        assert done[str(i)].stats["steps"] == nfe
+    assert decoder.pool.free_blocks == decoder.pool.num_blocks
+    # a request alone on the engine (one row: its attention rows, each ending at its block's end)
+    lone = run_decoder(BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id), requests[:1])
+    assert torch.equal(lone["0"].sequence, done["0"].sequence)
+
+
+def test_the_engine_feeds_each_row_its_blocks_without_padding(model):
+    """The engine's block cache feeds what the loop's does, less the loop's alignment padding: at its
+    first forward a row's prompt blocks and active block (the loop's prefill merged in), then its
+    active block, plus the previous block at each block's first step."""
+    prompts = [list(range(10, 18)), list(range(20, 27))]  # two complete blocks; one complete + 3 tokens
+    requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), CacheRule(CAUSAL), id=str(i))
+                for i, p in enumerate(prompts)]  # fmt: skip
+    decoder = BatchedDecoder.for_requests(model, None, requests)
+    done = run_decoder(decoder, requests)
+    reference = decode_blocks(model, prompts, 16, 4, 4, LowConfidenceScheduler())
+    for i in range(2):
+        assert torch.equal(done[str(i)].sequence, reference["sequences"][i]), i
+    # row 0: blocks [8, 12) .. [20, 24), 4 steps each: [0, 12) at its first forward, then 4 per step and
+    # the previous block again at each later block's first step
+    assert done["0"].stats["fed_tokens"] == 12 + 3 * 4 + 3 * (8 + 3 * 4)
+    # row 1: block [4, 8) holds 3 prompt tokens and 1 mask (one step, feeding [0, 8)); [8, 12) .. [16, 20)
+    # as row 0's; the last, [20, 23), has 3 masks: 3 steps of 3, the first with [16, 20)
+    assert done["1"].stats["fed_tokens"] == 8 + 3 * (8 + 3 * 4) + (7 + 2 * 3)
+    # the loop's steps, without its separate prefill forward
+    assert decoder.forwards == reference["nfe"] == 16 and reference["stats"]["prefill_forwards"] == 1
+    assert reference["stats"]["fed_tokens"] > done["0"].stats["fed_tokens"] + done["1"].stats["fed_tokens"]
+
+
+def test_block_requests_join_mid_flight_and_cancels_leave_the_others_alone(sdar_pipe):
+    pipe = sdar_pipe
+    make = [lambda i, n=n: block_request(pipe, i, BLOCK_SCHEDULERS[n](), make_cache("freecache"))
+            for n in ("low_confidence", "threshold")]  # fmt: skip
+    first = [make[i % 2](i) for i in range(2)]
+    later = [make[i % 2](i) for i in range(2, 5)]
+    victim = block_request(pipe, 5, LowConfidenceScheduler(), make_cache("freecache"), schedule=(64, 4, 64))
+
+    def on_step(decoder, step):
+        if step == 2:
+            for r in later + [victim]:
+                decoder.add(r)
+        if step == 5:
+            assert [r.id for r in decoder.cancel({"5"})] == ["5"]
+
+    decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
+    done = run_decoder(decoder, first, on_step)
+    assert sorted(done, key=int) == [str(i) for i in range(5)]
+    for i in range(5):
+        sequence, _, _ = block_alone(pipe, i, make[i % 2](i).scheduler, make_cache("freecache"))
+        assert torch.equal(done[str(i)].sequence, sequence.cpu()), i
+    assert decoder.pool.free_blocks == decoder.pool.num_blocks
+
+
+def test_block_ops_and_host_reads_per_step_do_not_grow_with_the_batch(model):
+    counts = {}
+    for rows in (1, 16):
+        decoder = BatchedDecoder(model, None)
+        for i in range(rows):
+            ids = [5 + (7 * i + j) % 90 for j in range(10 + i)]
+            decoder.add(Request(ids, 32, 4, 32, LowConfidenceScheduler(), CacheRule(CAUSAL), id=str(i)))
+        for _ in range(6):  # past the prefill and into a second block
+            decoder.step()
+        reads = decoder.batch.host_reads
+        with DispatchCount() as count:
+            decoder.step()
+        counts[rows] = count.ops
+        assert decoder.batch.host_reads - reads <= 3
+    assert counts[16] <= 1.5 * counts[1], counts
+
+
+def test_block_and_full_attention_requests_do_not_share_a_batch(model):
+    decoder = BatchedDecoder(model, None)
+    decoder.add(Request([5, 6, 7], 8, 4, 8, LowConfidenceScheduler(), CacheRule(CAUSAL_FULL), id="a"))
+    with pytest.raises(ValueError, match="block diffusion and full-attention requests do not share a batch"):
+        decoder.add(Request([5, 6, 7], 8, 4, 8, LowConfidenceScheduler(), cache_rule(make_cache("dual")), id="b"))
+    assert decoder.pool.free_blocks == decoder.pool.num_blocks - decoder.pool.blocks_for(11)

@@ -73,7 +73,7 @@ def alone(pipe, prompt, options):
     options = dict(options)
     if "generator" in options:
         options["generator"] = torch.Generator().manual_seed(5)
-    return pipe(prompt, **{"stop_at_eos": True, **options})
+    return pipe(prompt, **{"stop_at_eos": True, "engine": False, **options})  # the reference loop
 
 
 def submit_all(engine, items, results, start=0):
@@ -227,8 +227,8 @@ def test_engine_arguments_are_validated(pipe):
 
 
 def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
-    """An SDAR checkpoint: the engine runs each request's block diffusion loop (its forwards batched
-    with the others'), and every request gets what the pipeline gives it alone."""
+    """An SDAR checkpoint: its requests are rows of the batched engine (no pipeline loop runs), and every
+    request gets what the pipeline's reference loop gives it alone."""
     from dlmcache.testing import random_checkpoint
 
     path = random_checkpoint("SDARForCausalLM", tmp_path / "sdar")
@@ -246,3 +246,4 @@ def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
     ]
     engine = serve_and_compare(sdar, items, max_batch=4)
     assert engine.stats.forward_rows > engine.stats.forwards
+    assert engine.decoder.forwards == engine.stats.forwards  # every forward was the batched decoder's
