@@ -113,7 +113,6 @@ def main(argv: list[str] | None = None) -> None:
             serve_p.error("argument --api-key: a key must be non-empty, without surrounding spaces")
         try:
             import fastapi  # noqa: F401
-            import greenlet  # noqa: F401
             import uvicorn  # noqa: F401
         except ImportError as e:
             sys.exit(f"dlmcache serve needs the serve extra: pip install 'dlmcache[serve]' ({e})")

@@ -306,9 +306,9 @@ class DLMPipeline(DiffusionPipeline):
         engine: decode on the batched engine (`dlmcache.engine`: every prompt a request, all of them
         in one flattened forward per step, their KV in one paged pool) or, with False, on the cache
         strategy's own step loop (the reference the engine is tested against). Default: the engine
-        wherever it runs the configuration (not yet: a compressed prompt, or a batch sampled from
-        one shared generator, whose draws the reference makes for all rows at
-        once). Both give each prompt the tokens it gets alone.
+        wherever it runs the configuration (not a batch sampled from one shared generator, whose
+        draws the reference makes for all rows at once). Both give each prompt the tokens it gets
+        alone.
         """
         # 1. Check inputs and encode the prompts. Per-call state lives on this call's own copies of the
         # cache strategy and the scheduler, so one pipeline may serve several threads (and `set_cache`
@@ -331,8 +331,8 @@ class DLMPipeline(DiffusionPipeline):
             )
         if engine and on_engine is None:
             raise ValueError(
-                "engine=True: the batched engine does not run this configuration yet (a compressed prompt, "
-                f"or a batch sampled from one generator); scheduler={scheduler!r}, cache={cache.name!r}"
+                "engine=True: the batched engine does not run this configuration (a batch sampled from one "
+                f"shared generator); scheduler={scheduler!r}, cache={cache.name!r}"
             )
         if on_engine is not None:
             return self._decode_on_engine(on_engine, cache, steps, callback_on_step_end, return_dict)
@@ -448,7 +448,7 @@ class DLMPipeline(DiffusionPipeline):
     ) -> list[Request] | None:
         """The batched engine's requests (`dlmcache.engine`, one per prompt, each with its own copy of
         the scheduler) for what `__call__` with these arguments decodes, checked as `__call__` checks
-        them; None when the engine does not run this configuration yet (a compressed prompt). A
+        them; None when the engine does not run this configuration (see `__call__`). A
         generator is shared by the prompts' requests (each draws on its own, in turn). Run them with
         `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`. A block diffusion
         model's requests run its block-causal rule (`dlmcache.engine.rules.CAUSAL`)."""
@@ -594,7 +594,7 @@ class DLMPipeline(DiffusionPipeline):
 
         cache_stats = {
             "forwards": nfe, "full_forwards": mean("full_forwards"), "fed_tokens": mean("fed_tokens"),
-            "reused_tokens": mean("reused_tokens"), "kv_bytes": decoder.pool.nbytes,
+            "reused_tokens": mean("reused_tokens"), "kv_bytes": decoder.peak_kv_bytes,
         }  # fmt: skip
         if any(r.rule.mode in (PREFIX, DUAL, BLOCK, TOKEN) for r in requests):  # counts its canvas-only refreshes
             cache_stats["canvas_refreshes"] = mean("canvas_refreshes")

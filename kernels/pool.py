@@ -9,9 +9,11 @@ each request's keys back through its slots, whoever else is running.
 Admission is by free blocks: `allocate` raises `PoolFull` instead of growing, so a server that checks
 `can_allocate` first never runs out of memory mid-step, and `free` returns the blocks at once.
 
-Block 0 is the null block: zeros, never handed out. Readers point every padding key at it (slot 0),
-so what they read where they mask is always finite (a NaN there would survive a masked softmax as
-NaN x 0). The other blocks are left uninitialised: their memory is only touched, and only resident,
+Block 0 is the null block: zeros at first, never handed out. Readers point every padding key at it
+(slot 0), so what they read where they mask is always finite (a NaN there would survive a masked
+softmax as NaN x 0). Positions whose blocks a request gave back early (a compressed prompt's) map to
+slot 0 too, so a write to one of them lands there: the block holds finite values, never read
+unmasked. The other blocks are left uninitialised: their memory is only touched, and only resident,
 once a request writes it, and a request writes every position it reads before reading it.
 """
 

@@ -59,6 +59,10 @@ class KVData:
         """Data whose batch rows `rows` are `other`'s (same kind and length); self is left as it is."""
         raise NotImplementedError(f"{type(self).__name__} cannot replace batch rows")
 
+    def cat_rows(self, others: list[KVData]) -> KVData:
+        """Data of self's batch rows followed by `others'` (same kind and length)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot stack batch rows")
+
     @property
     def nbytes(self) -> int:
         return self.nbytes_as(None)
@@ -97,6 +101,10 @@ class DenseKV(KVData):
 
     def with_rows(self, rows, other):
         return DenseKV(self.keys.index_copy(0, rows, other.keys), self.values.index_copy(0, rows, other.values))
+
+    def cat_rows(self, others):
+        parts = [self, *others]
+        return DenseKV(torch.cat([p.keys for p in parts]), torch.cat([p.values for p in parts]))
 
     def attend(self, q, key_mask, scale=None, causal: bool = False, backend: str = "auto"):
         return attention(
@@ -161,6 +169,23 @@ class KVSegment:
     def select_rows(self, rows: torch.LongTensor) -> KVSegment:
         """A segment of these batch rows (sharing nothing that later changes to this one touch)."""
         return KVSegment(self.data.select_rows(rows), self.valid[rows], self.origin[rows], self.tags[rows])
+
+    @staticmethod
+    def stack(segments: list[KVSegment]) -> KVSegment:
+        """One segment of every segment's batch rows, in order; the shorter ones are first extended
+        by invalid entries (`pad`) to the longest. The data must be of one kind (dense, or KIVI codes
+        of whole groups)."""
+        width = max(s.length for s in segments)
+        parts = []
+        for s in segments:
+            if s.length < width:
+                s = s.snapshot()
+                s.pad(width - s.length)
+            parts.append(s)
+        first = parts[0]
+        data = first.data.cat_rows([p.data for p in parts[1:]])
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return KVSegment(data, cat("valid"), cat("origin"), cat("tags"))
 
     def set_rows(self, rows: torch.LongTensor, other: KVSegment) -> None:
         """Replace batch rows `rows` by `other`'s [len(rows), H, S', D]; the shorter of the two is first

@@ -1,6 +1,7 @@
-"""The batched engine in-process against `DLMPipeline`, on the bundled tiny model (--threads, default 1).
+"""The batched engine in-process against `DLMPipeline`, on a bundled model (--threads, default 1).
 
     python scripts/bench_engine.py --out results/bench_engine.json
+    python scripts/bench_engine.py --model dlmcache/tiny-block      # block diffusion: against decode_blocks
 
 One run, ratios within it, medians of `--repeats`:
 - one request at a time: ms per request through `DLMPipeline`'s step loop (engine=False) and through
@@ -10,13 +11,13 @@ One run, ratios within it, medians of `--repeats`:
 - all `--requests` at once through the engine: answer tokens per second against one at a time;
 - dispatched ops per step at R = 1 and R = `--requests` (a dispatch counter), and host reads per step;
   `DLMPipeline`'s ops per step for one request beside them.
-The cache is the server's default (FreeCache token mode, suffix window 0, drift refresh).
+The cache is the server's default (FreeCache token mode, suffix window 0, drift refresh); for a block
+diffusion model, its block cache; the scheduler and block length are the model's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -26,7 +27,7 @@ import torch
 
 from dlmcache import DLMPipeline, tinytask
 from dlmcache.cache import make_cache
-from dlmcache.engine import BatchedDecoder, Request, cache_rule
+from dlmcache.engine import BatchedDecoder
 from dlmcache.testing import DispatchCount
 
 
@@ -41,13 +42,14 @@ def pipeline_ops_per_step(pipe, ids, max_new_tokens, cache) -> int:
         elif step == 4:
             count.__exit__(None, None, None)
 
-    pipe([ids], max_new_tokens=max_new_tokens, block_length=32, cache=cache, stop_at_eos=True,
-         callback_on_step_end=callback, engine=False)  # fmt: skip
+    pipe([ids], max_new_tokens=max_new_tokens, cache=cache, stop_at_eos=True, callback_on_step_end=callback,
+         engine=False)  # fmt: skip
     return count.ops
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dlmcache/tiny", help="dlmcache/tiny or dlmcache/tiny-block")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -57,14 +59,16 @@ def main() -> None:
     if args.threads < 1:
         ap.error(f"--threads {args.threads}: must be at least 1")
     torch.set_num_threads(args.threads)
-    pipe = DLMPipeline.from_pretrained("dlmcache/tiny")
+    pipe = DLMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     cache = make_cache("freecache", freeze="token", suffix_window=0)
     prompts = [pipe.encode_prompts([tinytask.messages(p)])[0] for p in tinytask.test_problems(args.requests)]
     g = args.max_new_tokens
 
     def request(ids, i):
-        return Request(ids, g, 32, g, copy.copy(pipe.scheduler), cache_rule(cache), stop_at_eos=True, id=str(i))
+        (r,) = pipe.make_requests([ids], max_new_tokens=g, cache=cache, stop_at_eos=True)
+        r.id = str(i)
+        return r
 
     def decode(decoder, requests) -> dict:
         for r in requests:
@@ -82,9 +86,7 @@ def main() -> None:
         t_pipe, t_one, seqs, same = [], [], [], True
         for i, ids in enumerate(prompts):
             t = time.perf_counter()
-            seqs.append(
-                pipe([ids], max_new_tokens=g, block_length=32, cache=cache, stop_at_eos=True, engine=False).sequences[0]
-            )
+            seqs.append(pipe([ids], max_new_tokens=g, cache=cache, stop_at_eos=True, engine=False).sequences[0])
             t_pipe.append(time.perf_counter() - t)
             t = time.perf_counter()
             same &= torch.equal(decode(one, [request(ids, i)])[str(i)], seqs[-1])

@@ -2,6 +2,7 @@
 
     python scripts/bench_serve.py --out results/bench_serve.json          # tiny model, then random 135M
     python scripts/bench_serve.py --models tiny --concurrency 1,4,16,64 --requests 64
+    python scripts/bench_serve.py --models tiny-block        # the bundled block diffusion model
 
 For each model a real server process is started on 127.0.0.1 (the random 135M LLaDA-architecture model
 is first saved to a temporary directory, served from there), and the same list of requests is sent by
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import socket
@@ -121,9 +123,10 @@ def engine_counters(url: str) -> dict[str, float]:
     return out
 
 
-def tiny_requests(n: int, args) -> list[dict]:
+def tiny_requests(n: int, args, served: str = "tiny") -> list[dict]:
     """Held-out problems of the tiny task as chats, sent as their token ids (the completions route
-    takes ids as they are, so the model sees exactly what the chat route would give it)."""
+    takes ids as they are, so the model sees exactly what the chat route would give it). The bundled
+    models share one tokenizer."""
     from transformers import AutoTokenizer
 
     from dlmcache import tinytask
@@ -134,7 +137,7 @@ def tiny_requests(n: int, args) -> list[dict]:
     bodies = []
     for p in tinytask.test_problems(n):
         ids = chat_template_ids(tok, tinytask.messages(p))
-        bodies.append({"model": "tiny", "prompt": ids, "max_tokens": args.max_tokens, "stream": True,
+        bodies.append({"model": served, "prompt": ids, "max_tokens": args.max_tokens, "stream": True,
                        "stream_options": {"include_usage": True}})  # fmt: skip
     return bodies
 
@@ -206,8 +209,9 @@ def main() -> None:
     extra = ["--cache", args.cache] if args.cache else []
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            if name == "tiny":
-                model, served, make = "dlmcache/tiny", "tiny", tiny_requests
+            if name in ("tiny", "tiny-block"):  # the bundled models: the tiny one and its block diffusion twin
+                model, served = f"dlmcache/{name}", name
+                make = functools.partial(tiny_requests, served=served)
                 levels = [int(x) for x in (args.concurrency or "1,4,16,64").split(",")]
                 n = args.requests or 64
             else:

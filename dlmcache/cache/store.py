@@ -215,33 +215,50 @@ class CanvasStore:
         a row's last entry so every row's quantization groups are what they would be alone). q, k, v
         hold the fed rows; `batch_rows` are their indices in the batch."""
         c, p = self.compression, self.prompt_len
-        reads = c.reads
-        scale = q.shape[-1] ** -0.5
         rows = []
         for i, b in enumerate(batch_rows):
-            n = int(self.key_mask[b, :p].sum())
-            start = p - n
-            origin = torch.arange(start, p, device=k.device)[None]
-            seg = KVSegment.dense(k[i : i + 1, :, start:p], v[i : i + 1, :, start:p], origin=origin)
-            if c.policy is not None:
-                extra = {}
-                if reads & {"queries", "all_queries"}:
-                    extra["queries"] = q[i : i + 1, :, start:p]
-                if "mask_queries" in reads:
-                    masked = self.canvas[b, p:] == self.layout.mask_token_id  # the answer still to write
-                    extra["mask_queries"] = q[i : i + 1, :, p:][:, :, masked]
-                keep = c.layer_budget(n, layer_idx, self.num_layers)
-                c.evict(seg, score_inputs(seg, layer_idx, self.num_layers, budget=keep, scale=scale, **extra), keep)
-            rows.append(seg)
-        group = c.quantizer.group_size if c.quantizer is not None else 1
-        segment = assemble_rows(rows, group, width)
-        c.quantize(segment)
-        return segment
+            start = p - int(self.key_mask[b, :p].sum())
+            masked = self.canvas[b, p:] == self.layout.mask_token_id  # the answer still to write
+            fed = (q[i : i + 1, :, start:], k[i : i + 1, :, start:], v[i : i + 1, :, start:])
+            rows.append(evict_prompt(c, *fed, p - start, masked, layer_idx, self.num_layers, first=start))
+        return pack_prompts(c, rows, width)
 
     @property
     def nbytes(self) -> int:
         buffers = sum(t.numel() * t.element_size() for t in self.k + self.v)
         return buffers + sum(s.nbytes_as(None) for s in self.prompt if s is not None)
+
+
+def evict_prompt(compression: Compression, q, k, v, prompt_len: int, masked: torch.BoolTensor, layer_idx: int,
+                 num_layers: int, first: int = 0) -> KVSegment:  # fmt: skip
+    """One row's prompt KV, evicted to its budget for this layer: q / k / v [1, H, n, D] of the row's
+    fed positions, its prompt (no padding) first, then its generation region, whose still-masked
+    positions are `masked` [n - prompt_len] (a policy reading `mask_queries` scores the prompt by
+    them). A single-row dense segment whose `origin` are the prompt's canvas positions (from
+    `first`, where its left padding ends)."""
+    p, device = prompt_len, k.device
+    origin = torch.arange(first, first + p, device=device)[None]
+    seg = KVSegment.dense(k[:, :, :p], v[:, :, :p], origin=origin)
+    c = compression
+    if c.policy is not None:
+        extra, reads = {}, c.reads
+        if reads & {"queries", "all_queries"}:
+            extra["queries"] = q[:, :, :p]
+        if "mask_queries" in reads:
+            extra["mask_queries"] = q[:, :, p:][:, :, masked]
+        keep = c.layer_budget(p, layer_idx, num_layers)
+        scale = q.shape[-1] ** -0.5
+        c.evict(seg, score_inputs(seg, layer_idx, num_layers, budget=keep, scale=scale, **extra), keep)
+    return seg
+
+
+def pack_prompts(compression: Compression, rows: list[KVSegment], width: int = 1) -> KVSegment:
+    """Evicted prompt rows as one segment of at least `width` entries, quantized if the compression
+    quantizes (see `assemble_rows`)."""
+    group = compression.quantizer.group_size if compression.quantizer is not None else 1
+    segment = assemble_rows(rows, group, width)
+    compression.quantize(segment)
+    return segment
 
 
 def assemble_rows(rows: list[KVSegment], group: int = 1, width: int = 1) -> KVSegment:

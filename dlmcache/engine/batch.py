@@ -107,10 +107,25 @@ class StepInput:
     logit_index: torch.LongTensor
     target_row: torch.LongTensor
     target_col: torch.LongTensor
+    prompts: PromptStep | None = None
 
     @property
     def tokens(self) -> int:
         return self.input_ids.numel()
+
+
+@dataclass
+class PromptStep:
+    """What a step does with compressed prompts (rows whose cache compresses its prompt's KV):
+    merge [R] the rows whose queries attend their prompt's segment (merged with the pool's canvas
+    keys by log-sum-exp), compress (host) the rows that recompute their prompt at this forward and
+    compress it again, row_start [R] where each row's tokens begin in the flattened order, canvas
+    [R, W] the rows' canvases (a policy scoring by the masked positions reads them)."""
+
+    merge: torch.BoolTensor
+    compress: list[int]
+    row_start: torch.LongTensor
+    canvas: torch.LongTensor
 
 
 def _pad_cols(t: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -136,7 +151,7 @@ class GenerationBatch:
         "stop_at_eos": False,
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "canvas_refresh": False, "last_start": -1, "frozen_end": 0, "stale": False,
-        "causal": False, "cached_end": 0,
+        "causal": False, "cached_end": 0, "compressed": False,
     }  # fmt: skip
     COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
 
@@ -186,6 +201,7 @@ class GenerationBatch:
         causal = rule.mode in (CAUSAL, CAUSAL_FULL)
         row = {
             "length": request.length, "prompt_len": p, "block_len": request.block_length, "causal": causal,
+            "compressed": rule.compression is not None,
             # where block 0 starts: after the prompt, or for block diffusion at the absolute block
             # holding the prompt's end (its prompt tokens are given, its masks decoded)
             "origin": p // request.block_length * request.block_length if causal else p,
@@ -266,6 +282,7 @@ class GenerationBatch:
         # What the running rows use, known on the host: plan and commit skip the rest.
         self._modes = {r.rule.mode for r in self.requests}
         self.block_causal = bool(self._modes & {CAUSAL, CAUSAL_FULL})  # the rows are block diffusion's
+        self._compressed = any(r.rule.compression is not None for r in self.requests)
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
         self._canvas_refresh = any(r.rule.canvas_refresh and r.rule.mode != NONE for r in self.requests)
@@ -308,8 +325,12 @@ class GenerationBatch:
             most_queries = torch.minimum(counts, block_len).max()
         else:  # an attention row per request row
             segments, most_queries = torch.ones_like(counts), counts.max()
-        sizes = torch.stack([counts.sum(), most_queries, per_row.sum(), per_row.max(), segments.sum()]).tolist()
-        total, widest, n_targets, most_targets, n_segments = (int(v) for v in sizes)
+        sizes = torch.stack([counts.sum(), most_queries, per_row.sum(), per_row.max(), segments.sum()])
+        if self._compressed:  # which rows compress their prompt at this forward, in the same read
+            compress = s["compressed"] & self._prompt_fresh
+            sizes = torch.cat([sizes, compress.long()])
+        sizes = sizes.tolist()
+        total, widest, n_targets, most_targets, n_segments = (int(v) for v in sizes[:5])
         self.host_reads += 1
         row, col = torch.nonzero_static(need, size=total).unbind(1)
         flat = torch.full_like(canvas, -1)
@@ -328,8 +349,13 @@ class GenerationBatch:
             key_slots = torch.where(key_valid, self.key_slots[seg_row, :longest], 0)
         else:
             query_row = row
-            rank = torch.arange(total, device=self.device) - (counts.cumsum(0) - counts)[row]
-            key_slots, key_valid = self.key_slots[:, :longest], (pos < attend_end[:, None])[:, :longest]
+            row_start = counts.cumsum(0) - counts  # where each row's tokens begin in the flattened order
+            rank = torch.arange(total, device=self.device) - row_start[row]
+            key_valid = pos < attend_end[:, None]
+            if self._compressed:  # a compressed prompt is read from its segment, except where it is recomputed
+                in_pool = (~s["compressed"] | self._prompt_fresh)[:, None] | (pos >= s["prompt_len"][:, None])
+                key_valid = key_valid & in_pool
+            key_slots, key_valid = self.key_slots[:, :longest], key_valid[:, :longest]
         t_row, t_col = torch.nonzero_static(targets, size=n_targets).unbind(1)
         t_rank = torch.arange(n_targets, device=self.device) - (per_row.cumsum(0) - per_row)[t_row]
         predictor = (block_cols[t_row, t_col] - shift).clamp(min=0)
@@ -348,12 +374,20 @@ class GenerationBatch:
         s["fed"] += counts
         s["attended"] += attend_end
         one = len(self.requests) == 1 and not self.block_causal  # one row attending without a mask of its own
+        prompts = None
+        if self._compressed:
+            prompts = PromptStep(
+                merge=s["compressed"] & ~self._prompt_fresh,
+                compress=[i for i, flag in enumerate(sizes[5:]) if flag],
+                row_start=row_start,
+                canvas=canvas,
+            )
         return StepInput(
             input_ids=canvas[row, col], positions=col, slots=self.key_slots[row, col], query_row=query_row,
             query_rank=rank, max_queries=widest, key_slots=key_slots, key_valid=key_valid,
-            every_key=one and not self._drop_beyond, fresh_keys=one and total == longest,
+            every_key=one and not self._drop_beyond and not self._compressed, fresh_keys=one and total == longest,
             write_kv=not (one and self._modes == {NONE}),
-            logit_index=flat[t_row, predictor], target_row=t_row, target_col=t_col,
+            logit_index=flat[t_row, predictor], target_row=t_row, target_col=t_col, prompts=prompts,
         )  # fmt: skip
 
     def _causal_feed(self, start, end) -> tuple[torch.BoolTensor, torch.LongTensor, torch.LongTensor]:
@@ -399,7 +433,8 @@ class GenerationBatch:
         s, mode = self._state, self._state["mode"]
         if self._modes == {NONE}:
             s["full_forwards"] += 1
-            return torch.ones_like(start, dtype=torch.bool), None
+            self._prompt_fresh = torch.ones_like(start, dtype=torch.bool)
+            return self._prompt_fresh, None
         freecache = (mode == TOKEN) | (mode == BLOCK)
         periodic = s["forwards"] == 0
         if self._every:
@@ -409,10 +444,12 @@ class GenerationBatch:
             s["drift_refreshes"] += (freecache & s["stale"] & ~periodic).long()
         if not self._canvas_refresh:
             s["full_forwards"] += refresh.long()
+            self._prompt_fresh = refresh
             return refresh, None
         # After the first forward, the prompt's KV stays: the rows feed from the probes and the
         # position that predicts the first answer token on.
         partial = refresh & s["canvas_refresh"] & (s["forwards"] > 0)
+        self._prompt_fresh = refresh & ~partial  # the rows that recompute their prompt's KV now
         s["full_forwards"] += (refresh & ~partial).long()
         s["canvas_refreshes"] += partial.long()
         lead = (s["prompt_len"] - self.shift - s["probe_tokens"]).clamp(min=0)

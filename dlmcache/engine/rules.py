@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from dlmcache.cache import DenoisingCache, DualCache, FreeCache, NoCache, PrefixCache
 from dlmcache.cache.rules import RefreshOnDrift
+from dlmcache.kernels.compression import Compression
 
 #: Freeze modes: what a step that does not refresh feeds (the last two: block diffusion's).
 NONE, PREFIX, DUAL, BLOCK, TOKEN, CAUSAL, CAUSAL_FULL = range(7)
@@ -29,7 +30,9 @@ class CacheRule:
     window are not attended; delay: BlockFreeze's delayed freeze; refresh_every: k (0: never);
     drift: RefreshOnDrift's threshold (0: off); probe_tokens: its probes per row; canvas_refresh: a
     refresh after the first forward recomputes the generation region only (`refresh_prompt=False`:
-    from `probe_tokens` + the logit shift positions before it), reading the prompt's KV from the pool."""
+    from `probe_tokens` + the logit shift positions before it), reading the prompt's KV from the pool;
+    compression: how the prompt's KV is compressed after a forward that computes it (a
+    `Compression`; None: it stays in the pool), read from then on as a segment of its own."""
 
     mode: int
     suffix_window: int = -1
@@ -39,21 +42,23 @@ class CacheRule:
     drift: float = 0.0
     probe_tokens: int = 0
     canvas_refresh: bool = False
+    compression: Compression | None = None
 
 
 def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule | None:
     """The rule of `cache` (for a block diffusion model: `block_causal`), or None when the batched
-    engine does not run it (a compressed prompt, or a strategy it does not know)."""
-    if getattr(cache, "compression", None) is not None:
-        return None
+    engine does not run it (a strategy it does not know, or a compressed prefix of block diffusion)."""
+    compression = getattr(cache, "compression", None)
     if block_causal:
+        if compression is not None:
+            return None
         return CacheRule(CAUSAL_FULL if type(cache) is NoCache else CAUSAL)
     if type(cache) is NoCache:
         return CacheRule(NONE)
     if type(cache) is PrefixCache:
-        return CacheRule(PREFIX, canvas_refresh=not cache.refresh_prompt)
+        return CacheRule(PREFIX, canvas_refresh=not cache.refresh_prompt, compression=compression)
     if type(cache) is DualCache:
-        return CacheRule(DUAL, canvas_refresh=not cache.refresh_prompt)
+        return CacheRule(DUAL, canvas_refresh=not cache.refresh_prompt, compression=compression)
     if type(cache) is not FreeCache:
         return None
     refresh = cache.refresh_rule()
@@ -67,4 +72,5 @@ def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule |
         drift=float(cache.refresh_drift) if drift else 0.0,
         probe_tokens=cache.probe_tokens if drift else 0,
         canvas_refresh=not cache.refresh_prompt,
+        compression=compression,
     )

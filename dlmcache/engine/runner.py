@@ -13,8 +13,10 @@ import os
 
 import torch
 
-from dlmcache.kernels.ops import dense_attention, paged_attention, paged_layout
+from dlmcache.cache.store import evict_prompt, pack_prompts
+from dlmcache.kernels.ops import dense_attention, merge_attention, paged_attention, paged_layout
 from dlmcache.kernels.pool import KVPool, PoolFull, bytes_per_token
+from dlmcache.kernels.store import KVSegment
 
 from .batch import Finished, GenerationBatch, Request, StepInput
 
@@ -26,24 +28,79 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+class PromptSegments:
+    """The compressed prompts of the running requests: per request and layer, the segment its cache
+    keeps for it alone (evicted to its budget with its own queries, then KIVI-coded if it quantizes:
+    `dlmcache.cache.store.evict_prompt` / `pack_prompts`, as `CanvasStore` compresses), and per layer
+    their stacks over the batch's rows that read them (`KVSegment.stack`), one per kind of storage
+    (full precision, or KIVI at one bit width and group), rebuilt only when those rows or their
+    segments change."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.segments: dict[int, list[KVSegment | None]] = {}  # id(request) -> per layer
+        self._stack: tuple | None = None  # (key, rows [S], per-layer stacked segments)
+        self._version = 0
+
+    def put(self, request: Request, layer_idx: int, segment: KVSegment) -> None:
+        self.segments.setdefault(id(request), [None] * self.num_layers)[layer_idx] = segment
+        self._version += 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes_as(None) for each in self.segments.values() for s in each if s is not None)
+
+    def drop(self, request: Request) -> None:
+        if self.segments.pop(id(request), None) is not None:
+            self._version += 1
+
+    def stacked(self, requests: list[Request], device) -> list[tuple[torch.LongTensor, list[KVSegment]]]:
+        """Per kind of storage: (the batch rows with a compressed prompt of that kind [S], per layer the
+        stack of their segments); empty when no running request has one yet."""
+        rows = [i for i, r in enumerate(requests) if id(r) in self.segments]
+        key = (tuple((i, id(requests[i])) for i in rows), self._version)  # (a row's index moves when others leave)
+        if self._stack is None or self._stack[0] != key:
+            kinds: dict = {}
+            for i in rows:
+                quantizer = requests[i].rule.compression.quantizer
+                kinds.setdefault(None if quantizer is None else (quantizer.bits, quantizer.group_size), []).append(i)
+            stacks = []
+            for group in kinds.values():
+                per_request = [self.segments[id(requests[i])] for i in group]
+                layers = [KVSegment.stack([each[layer] for each in per_request]) for layer in range(self.num_layers)]
+                stacks.append((torch.tensor(group, device=device), layers))
+            self._stack = (key, stacks)
+        return self._stack[1]
+
+
 class PagedStore:
     """The `KVStore` of a flattened forward: per layer, store the fed tokens' K/V at their slots and
     attend each request's queries over its own keys (`paged_attention`). Keeps the last layer's fresh
-    values (the drift test reads them)."""
+    values (the drift test reads them). With compressed prompts (`step.prompts`, `prompts` the
+    decoder's `PromptSegments`, `requests` the batch's rows), the rows that read theirs merge it in,
+    and the rows that recompute theirs compress them at every layer."""
 
-    def __init__(self, pool: KVPool, step: StepInput, dtype: torch.dtype, first_slot: int | None = None):
+    def __init__(self, pool: KVPool, step: StepInput, dtype: torch.dtype, first_slot: int | None = None,
+                 prompts: PromptSegments | None = None, requests: list[Request] | None = None,
+                 mask_token_id: int | None = None):  # fmt: skip
         self.pool, self.step = pool, step
         self.layout = paged_layout(
             step.key_slots, step.key_valid, step.query_row, step.query_rank, step.max_queries, dtype,
             first_slot=first_slot, every_key=step.every_key,
         )  # fmt: skip
         self.values: torch.Tensor | None = None
+        self.prompts, self.requests, self.mask_id = prompts, requests, mask_token_id
+        self.stacked = []
+        if step.prompts is not None:
+            self.stacked = prompts.stacked(requests, step.key_slots.device)
 
     def attend(self, layer_idx: int, q, k, v, backend: str):
         # q [1, Hq, T, D], k / v [1, Hkv, T, D]: the fed tokens of every request, in a row.
         step = self.step
         if layer_idx == self.pool.num_layers - 1:
             self.values = v[0].transpose(0, 1)
+        if step.prompts is not None and step.prompts.compress:
+            self._compress(layer_idx, q, k, v)
         if step.fresh_keys:  # one row feeding all its positions: it attends the fresh K/V as they are
             if step.write_kv:
                 self.pool.write(layer_idx, step.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
@@ -51,6 +108,8 @@ class PagedStore:
         k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, Hkv, D]
         self.pool.write(layer_idx, step.slots, k, v)
         pool, layout = self.pool, self.layout
+        if self.stacked:
+            return self._attend_with_prompts(layer_idx, q[0].transpose(0, 1), backend)[None].transpose(1, 2)
         if layout.dense:  # no padding: the queries go as rows, [R, Hq, N, D] (for one row, q itself)
             rows, hq = layout.key_slots.shape[0], q.shape[1]
             q_rows = q if rows == 1 else q[0].view(hq, rows, layout.max_queries, -1).transpose(0, 1)
@@ -58,6 +117,51 @@ class PagedStore:
             return out if rows == 1 else out.transpose(0, 1).reshape(hq, -1, out.shape[-1])[None]
         out = paged_attention(q[0].transpose(0, 1), pool.k[layer_idx], pool.v[layer_idx], layout, backend=backend)
         return out.transpose(0, 1)[None]
+
+    def _attend_with_prompts(self, layer_idx: int, q: torch.Tensor, backend: str) -> torch.Tensor:
+        """q [T, Hq, D] -> [T, Hq, D]: the pool's keys (a compressed row's canvas alone), merged by
+        log-sum-exp with each merging row's prompt segment, in the order `CanvasStore` merges them
+        (the prompt's part first); one segment attention per kind of storage."""
+        step, layout = self.step, self.layout
+        pool_part = paged_attention(q, self.pool.k[layer_idx], self.pool.v[layer_idx], layout, return_lse=True,
+                                    backend=backend)  # fmt: skip
+        out = pool_part[0]
+        for rows, stacks in self.stacked:
+            merged, in_stack = self._merge_segment(q, pool_part, rows, stacks[layer_idx], backend)
+            merge = (step.prompts.merge & in_stack)[step.query_row][:, None, None]
+            out = torch.where(merge, merged.to(out.dtype), out)
+        return out
+
+    def _merge_segment(self, q, pool_part, rows: torch.LongTensor, segment: KVSegment, backend: str):
+        """Every token's pool attention merged with its row's `segment` row (rows [S]: the batch rows it
+        stacks), and which batch rows it stacks [R]. The segment's queries are laid out [S, Hq, N, D]
+        by row and rank; the other rows' tokens go to a scratch row whose result is not used."""
+        step, n, hq, d = self.step, self.layout.max_queries, q.shape[1], q.shape[2]
+        stacked = rows.numel()
+        at_stack = torch.full((self.layout.key_slots.shape[0],), stacked, device=q.device)
+        at_stack[rows] = torch.arange(stacked, device=q.device)
+        dest = at_stack[step.query_row] * n + step.query_rank  # the scratch row: `stacked`
+        queries = q.new_zeros((stacked + 1) * n, hq, d).index_copy_(0, dest, q)
+        queries = queries[: stacked * n].view(stacked, n, hq, d).transpose(1, 2)
+        seg_out, seg_lse = segment.attend(queries, backend=backend)  # [S, Hq, N, D], [S, Hq, N]
+        seg_out = torch.cat([seg_out.transpose(1, 2).reshape(-1, hq, d), seg_out.new_zeros(n, hq, d)])
+        seg_lse = torch.cat([seg_lse.transpose(1, 2).reshape(-1, hq), seg_lse.new_full((n, hq), float("-inf"))])
+        merged, _ = merge_attention([(seg_out[dest], seg_lse[dest]), pool_part])
+        return merged, at_stack < stacked
+
+    def _compress(self, layer_idx: int, q, k, v) -> None:
+        """The rows that recompute their prompt at this forward (every position fed, in order) keep
+        it compressed: evicted with this layer's queries, then packed, as the request alone would."""
+        prompts = self.step.prompts
+        for row in prompts.compress:
+            request = self.requests[row]
+            p, length = len(request.prompt), request.length
+            index = prompts.row_start[row] + torch.arange(length, device=q.device)
+            fed = (q[:, :, index], k[:, :, index], v[:, :, index])  # [1, H, length, D]
+            masked = prompts.canvas[row, p:length] == self.mask_id
+            compression = request.rule.compression
+            row_segment = evict_prompt(compression, *fed, p, masked, layer_idx, self.pool.num_layers)
+            self.prompts.put(request, layer_idx, pack_prompts(compression, [row_segment]))
 
 
 class BatchedDecoder:
@@ -92,6 +196,9 @@ class BatchedDecoder:
         self.blocks: dict[int, list[int]] = {}  # id(request in the batch) -> its pool blocks
         self.forwards = 0
         self.fed_tokens = 0
+        self.prompts = PromptSegments(model.num_layers)
+        self._trimmed: set[int] = set()  # requests that gave their compressed prompt's blocks back
+        self.peak_kv_bytes = 0  # the most KV the running requests held after a step (pool blocks + segments)
 
     @classmethod
     def for_requests(cls, model, eos_token_id: int | None, requests: list[Request], block_size: int = 16):
@@ -130,6 +237,8 @@ class BatchedDecoder:
         removed = self.batch.remove(rows)  # each request once, its unconditional row (CFG) with it
         for r in removed:
             self.pool.free(self.blocks.pop(id(r)))
+            self._trimmed.discard(id(r))
+            self.prompts.drop(r)
         return removed
 
     def _first_slot(self) -> int | None:
@@ -137,6 +246,8 @@ class BatchedDecoder:
         lowest free blocks first) reads its keys as a view of the pool: its first slot, else None. Not a
         block diffusion request: its attention rows read the null block where their block ends."""
         if len(self.batch.requests) != 1 or self.batch.block_causal:  # (its keys past a block: unwritten)
+            return None
+        if id(self.batch.requests[0]) in self._trimmed:  # its first positions no longer have blocks
             return None
         blocks = self.blocks[id(self.batch.requests[0])]
         consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
@@ -148,15 +259,46 @@ class BatchedDecoder:
         if not len(self.batch):
             return []
         step = self.batch.plan()
-        store = PagedStore(self.pool, step, self.pool.k[0].dtype, self._first_slot())
+        store = PagedStore(self.pool, step, self.pool.k[0].dtype, self._first_slot(), self.prompts,
+                           self.batch.requests, self.model.mask_token_id)  # fmt: skip
         model = self.model
         hidden = model.hidden_states(step.input_ids[None], step.positions[None], cache=store)
         logits = model.get_output_embeddings()(hidden[0, step.logit_index])
         self.forwards += 1
         self.fed_tokens += step.tokens
+        if step.prompts is not None:
+            self._release_prompts(step.prompts.compress)
         finished = self.batch.commit(logits, store.values)
         self._remove(self.batch.finished_rows)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
         return finished
+
+    def _release_prompts(self, rows: list[int]) -> None:
+        """Rows that just compressed their prompt for good (their refreshes recompute the canvas
+        alone) give back the pool blocks that hold nothing but prompt positions: their keys are read
+        from the segment from now on. Those positions' slots become the null block's, so a later
+        write to one of them (a refresh's lead position) lands there, where nothing reads it unmasked.
+        (Not for a request with a second, unconditional row, whose slots follow its own.)"""
+        size = self.pool.block_size
+        for row in rows:
+            request = self.batch.requests[row]
+            if not request.rule.canvas_refresh or request.cfg_scale or id(request) in self._trimmed:
+                continue
+            blocks = self.blocks[id(request)]
+            whole = len(request.prompt) // size
+            if whole:
+                self.pool.free(blocks[:whole])
+                self.blocks[id(request)] = blocks[whole:]
+                self.batch.key_slots[row, : whole * size] = 0
+            self._trimmed.add(id(request))
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV bytes the running requests hold: their pool blocks and their compressed prompts."""
+        per_block = bytes_per_token(self.pool.num_layers, self.pool.num_kv_heads, self.pool.head_dim,
+                                    self.pool.k[0].dtype) * self.pool.block_size  # fmt: skip
+        held = sum(len(blocks) for blocks in self.blocks.values()) * per_block
+        return held + self.prompts.nbytes
 
 
 __all__ = ["BatchedDecoder", "PagedStore", "PoolFull"]

@@ -5,7 +5,7 @@
 
 or from a shell: `dlmcache serve --model dlmcache/tiny --port 8000`. The pieces: `Engine` (continuous
 batching, `engine`), `create_app` (the routes, `api`), `load_pipeline` (the model as the CLI loads it).
-Needs the `serve` extra (fastapi, uvicorn, greenlet).
+Needs the `serve` extra (fastapi, uvicorn).
 """
 
 from __future__ import annotations

@@ -62,8 +62,7 @@ class Metrics:
                f"{per_token:.4f}")  # fmt: skip
         metric("dlmcache_batched_forwards_total", "counter", "Batched forwards the engine ran.", s.forwards)
         metric("dlmcache_forward_rows_total", "counter", "Request forwards carried by them.", s.forward_rows)
-        fill = s.forward_tokens / s.padded_tokens if s.padded_tokens else 1.0
-        metric("dlmcache_forward_padding_efficiency", "gauge", "Fed tokens over fed + padding tokens.", f"{fill:.4f}")
+        metric("dlmcache_forward_tokens_total", "counter", "Tokens fed to them (no padding).", s.forward_tokens)
         metric("dlmcache_forward_seconds_total", "counter", "Seconds spent in batched forwards.",
                f"{s.forward_seconds:.6f}")  # fmt: skip
         name = "dlmcache_request_latency_seconds"

@@ -5,6 +5,7 @@ bits) and GEAR (quantization + low-rank + sparse outliers). Each builds a per-la
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,15 @@ class KIVIStore(KVData):
             *codes, self.k_res.index_copy(0, rows, other.k_res), self.v_res.index_copy(0, rows, other.v_res)
         )
 
+    def cat_rows(self, others):
+        parts = [self, *others]
+        if len({(p.quantized_length, p.length) for p in parts}) != 1:
+            raise ValueError("KIVIStore.cat_rows: the rows must split into codes and residual alike")
+        codes = (None, None)
+        if self.k_codes is not None:
+            codes = tuple(_cat_rows([getattr(p, name) for p in parts]) for name in ("k_codes", "v_codes"))
+        return self._with(*codes, torch.cat([p.k_res for p in parts]), torch.cat([p.v_res for p in parts]))
+
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision K/V (a dequantized copy of the codes + the residual): for scoring, not attention."""
         if self.k_codes is None:
@@ -124,6 +134,13 @@ class KIVI(QuantizationPolicy):
 
     def store(self, keys, values, inputs=None):
         return KIVIStore(self, keys, values)
+
+
+def _cat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """Codes of the same layout stacked along the batch."""
+    first = parts[0]
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return dataclasses.replace(first, data=cat("data"), scale=cat("scale"), zero=cat("zero"))
 
 
 def _bytes(t: torch.Tensor, element_bytes: int | None) -> int:

@@ -184,11 +184,13 @@ def test_batch_equals_one_by_one_with_compression(arch, mode, sched, tiny_tokeni
     # float64: a padded batch attends over more (masked) keys than a row alone, which moves float32
     # logits by ~3e-7 and can flip a near-tie of a random model's entropy; the logic is what is tested.
     pipe = make_pipe(tiny_tokenizer, arch, scheduler, dtype=torch.float64)
-    batch = run(pipe, MODES[mode]())
-    assert batch.stats["kv_bytes"] < run(pipe, "freecache").stats["kv_bytes"]
+    batch = run(pipe, MODES[mode](), engine=False)
+    assert batch.stats["kv_bytes"] < run(pipe, "freecache", engine=False).stats["kv_bytes"]
+    on_engine = run(pipe, MODES[mode]())  # the batched engine: each row's prompt a segment of its own
     for i, prompt in enumerate(PROMPTS):
-        alone = run(pipe, MODES[mode](), prompts=[prompt])
+        alone = run(pipe, MODES[mode](), prompts=[prompt], engine=False)
         assert torch.equal(alone.sequences[0], batch.sequences[i]), (mode, i)
+        assert torch.equal(alone.sequences[0], on_engine.sequences[i]), (mode, i)
     if "drift" in mode:  # some steps refreshed some rows only, in forwards of their own
         assert batch.stats["forwards"] > batch.stats["steps"]
     assert not (batch.sequences == tiny_tokenizer.mask_token_id).any()
@@ -287,3 +289,58 @@ def test_keeping_everything_is_no_compression(arch, options, tiny_tokenizer):
         kept = pipe(prompts, cache=FreeCache(policy=policy, budget=1.0, **options), **kw)
         assert torch.equal(kept.sequences, plain.sequences), (policy, options)
         assert kept.nfe == plain.nfe
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_compressed_prompts_on_the_engine_join_leave_and_mix_kinds(arch, tiny_tokenizer):
+    """Rows whose prompts are kept in full precision, in 4-bit and in 2-bit codes (one stack each),
+    joining mid-flight, one cancelled, one recompressing at its refreshes: each gets the step loop's
+    tokens for it alone, and finished rows leave no blocks and no segments behind."""
+    from dlmcache.engine import BatchedDecoder
+
+    pipe = make_pipe(tiny_tokenizer, arch, dtype=torch.float64)
+    caches = [
+        lambda: make_cache("dual"),  # uncompressed, beside them, and the first to finish: the rows after it move
+        lambda: FreeCache(policy="snapkv", budget=0.5),
+        lambda: FreeCache(freeze="token", suffix_window=0, policy="maskkv", budget=0.5, quantizer="kivi4"),
+        lambda: FreeCache(policy="knorm", budget=0.4, quantizer="kivi2", refresh_drift=0.05, refresh_prompt=True),
+        lambda: make_cache("dual", policy="h2o", budget=0.5, allocator="pyramid"),
+    ]
+    schedules = {
+        0: dict(max_new_tokens=8, block_length=8, steps=4),
+        6: dict(max_new_tokens=64, block_length=8, steps=64),  # cancelled mid-flight
+    }
+
+    def settings(i):
+        return schedules.get(i, dict(max_new_tokens=24, block_length=8, steps=12))
+
+    def request(i):
+        (r,) = pipe.make_requests(PROMPTS[i % len(PROMPTS)], cache=caches[i % len(caches)](), **settings(i))
+        r.id = str(i)
+        return r
+
+    decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id, max_tokens=512, block_size=8)
+    for t in decoder.pool.k + decoder.pool.v:  # a slot read before it is written shows as NaN logits
+        t[decoder.pool.block_size :] = float("nan")
+    for i in range(3):
+        decoder.add(request(i))
+    later = [request(i) for i in range(3, 6)]
+    victim = request(6)
+    done, step = {}, 0
+    while len(decoder):
+        done.update({f.request.id: f for f in decoder.step()})
+        step += 1
+        if step == 1:  # the rows that compressed their prompt for good gave its whole blocks back
+            given_back = [r.id for r in decoder.batch.requests
+                          if len(decoder.blocks[id(r)]) < decoder.pool.blocks_for(r.kv_tokens)]  # fmt: skip
+            assert given_back == ["1", "2"]  # (not "0", whose prompt is not compressed)
+        if step == 2:
+            for r in later + [victim]:
+                decoder.add(r)
+        if step == 6:
+            assert [r.id for r in decoder.cancel({"6"})] == ["6"]
+    assert sorted(done, key=int) == [str(i) for i in range(6)]
+    for i in range(6):
+        alone = pipe(PROMPTS[i % len(PROMPTS)], cache=caches[i % len(caches)](), engine=False, **settings(i))
+        assert torch.equal(done[str(i)].sequence, alone.sequences[0].cpu()), i
+    assert decoder.pool.free_blocks == decoder.pool.num_blocks and not decoder.prompts.segments

@@ -33,6 +33,12 @@ CACHES = {
     "canvas_drift": lambda: FreeCache(refresh_drift=1e-3, refresh_prompt=False),
     "canvas_token_every2": lambda: FreeCache(freeze="token", refresh_every=2, refresh_prompt=False),
     "canvas_dual": lambda: make_cache("dual", refresh_prompt=False),
+    # compressed prompts: a segment per request and layer, merged with the pool's canvas keys
+    "snapkv": lambda: FreeCache(policy="snapkv", budget=0.5),
+    "token_maskkv": lambda: FreeCache(freeze="token", suffix_window=0, policy="maskkv", budget=0.5),
+    "dual_h2o_pyramid_refresh_prompt": lambda: make_cache(
+        "dual", policy="h2o", budget=0.5, allocator="pyramid", refresh_prompt=True
+    ),
 }
 SCHEDULERS = {
     "low_confidence": lambda: LowConfidenceScheduler(),
@@ -178,7 +184,7 @@ def test_admission_is_by_free_blocks(tiny_tokenizer):
     assert not decoder.fits(huge)
 
 
-@pytest.mark.parametrize("cache", ["token", "freecache", "dual"])
+@pytest.mark.parametrize("cache", ["token", "freecache", "dual", "token_maskkv"])
 def test_ops_and_host_reads_per_step_do_not_grow_with_the_batch(tiny_tokenizer, cache):
     """Dispatched ops of one step at 16 requests are at most 1.5x those at 1; host reads <= 3."""
     model = tiny_llada(tiny_tokenizer)
@@ -198,10 +204,12 @@ def test_ops_and_host_reads_per_step_do_not_grow_with_the_batch(tiny_tokenizer, 
     assert counts[16] <= 1.5 * counts[1], counts
 
 
-def test_unsupported_caches_have_no_rule():
-    assert cache_rule(FreeCache(policy="snapkv", budget=0.5)) is None
-    assert cache_rule(make_cache("dual", quantizer="kivi4")) is None
-    assert cache_rule(FreeCache()).drift > 0
+def test_cache_rules():
+    assert cache_rule(FreeCache(policy="snapkv", budget=0.5)).compression.policy.name == "snapkv"
+    assert cache_rule(make_cache("dual", quantizer="kivi4")).canvas_refresh  # a compressed prompt stays
+    assert cache_rule(FreeCache()).drift > 0 and cache_rule(FreeCache()).compression is None
+    # block diffusion caches its prefix exactly, uncompressed
+    assert cache_rule(make_cache("dual", quantizer="kivi4"), block_causal=True) is None
 
 
 def test_the_triton_paged_kernel_decodes_the_same_tokens(tiny_tokenizer):
@@ -240,7 +248,8 @@ def test_make_requests_decodes_what_the_call_decodes(pipe):
     with pytest.raises(TypeError, match="cache must be a DenoisingCache"):
         pipe.make_requests("Hi", cache="dual")
     assert [r.rows for r in pipe.make_requests("Hi", cfg_scale=1.0)] == [2]
-    assert pipe.make_requests("Hi", cache=FreeCache(policy="snapkv", budget=0.5)) is None
+    (compressed,) = pipe.make_requests("Hi", cache=FreeCache(policy="snapkv", budget=0.5))
+    assert compressed.rule.compression is not None
 
 
 # ---------------------------------------------------------------- DLMPipeline.__call__ on the engine
@@ -287,21 +296,14 @@ def test_a_batched_call_on_the_engine_gives_each_prompt_its_tokens(pipe, cache):
 
 
 def test_the_call_keeps_its_step_loop_where_the_engine_does_not_run(pipe):
-    """A compressed prompt and a batch sampled from one generator decode on the step loop;
-    engine=True says so instead."""
+    """A batch sampled from one generator decodes on the step loop; engine=True says so instead."""
     kw = dict(max_new_tokens=16, block_length=8, steps=8)
-    sampled = SCHEDULERS["sampled"]()
-    for options in (
-        dict(cache=FreeCache(policy="snapkv", budget=0.5)),
-        dict(scheduler=sampled, generator=seeded(1)),
-    ):
-        prompts = PROMPTS[:2]
-        loop = pipe(prompts, engine=False, **kw, **options)
-        if "generator" in options:
-            options["generator"] = seeded(1)
-        assert torch.equal(pipe(prompts, **kw, **options).sequences, loop.sequences)
-        with pytest.raises(ValueError, match="engine=True: the batched engine does not run this configuration"):
-            pipe(prompts, engine=True, **kw, **options)
+    prompts = PROMPTS[:2]
+    loop = pipe(prompts, engine=False, scheduler=SCHEDULERS["sampled"](), generator=seeded(1), **kw)
+    same = pipe(prompts, scheduler=SCHEDULERS["sampled"](), generator=seeded(1), **kw)
+    assert torch.equal(same.sequences, loop.sequences)
+    with pytest.raises(ValueError, match="engine=True: the batched engine does not run this configuration"):
+        pipe(prompts, engine=True, scheduler=SCHEDULERS["sampled"](), generator=seeded(1), **kw)
 
 
 @pytest.mark.parametrize("cache", ["none", "dual", "token", "every2_drop"])

@@ -74,7 +74,7 @@ def test_paged_attention_equals_each_request_alone(backend, case, heads, dtype):
     pool.k[0].copy_(1e4 * torch.randn(pool.k[0].shape, generator=g))
     pool.v[0].copy_(1e4 * torch.randn(pool.v[0].shape, generator=g))
     width = max(k for _, k, _ in case)
-    queries, key_slots, key_valid, row_ids, ranks, reference = [], [], [], [], [], []
+    queries, key_slots, key_valid, row_ids, ranks, reference, reference_lse = [], [], [], [], [], [], []
     pool.allocate(3 * block)  # requests do not start at slot 0
     for r, (n, stored, attended) in enumerate(case):
         slots = pool.slots(pool.allocate(stored)[::-1] if r % 2 else pool.allocate(stored), stored)
@@ -87,11 +87,12 @@ def test_paged_attention_equals_each_request_alone(backend, case, heads, dtype):
         key_valid.append(torch.arange(width, device=DEVICE) < attended)
         row_ids.append(torch.full((n,), r))
         ranks.append(torch.arange(n))
-        one = attention(
+        one, lse = attention(
             q.double().transpose(0, 1)[None], k[:attended].double().transpose(0, 1)[None],
-            v[:attended].double().transpose(0, 1)[None], backend="torch",
+            v[:attended].double().transpose(0, 1)[None], backend="torch", return_lse=True,
         )  # fmt: skip
         reference.append(one[0].transpose(0, 1))
+        reference_lse.append(lse[0].transpose(0, 1))
     layout = paged_layout(
         torch.stack(key_slots), torch.stack(key_valid), torch.cat(row_ids).to(DEVICE), torch.cat(ranks).to(DEVICE),
         max(n for n, _, _ in case), dtype,
@@ -99,6 +100,12 @@ def test_paged_attention_equals_each_request_alone(backend, case, heads, dtype):
     out = paged_attention(torch.cat(queries).to(DEVICE), pool.k[0], pool.v[0], layout, backend=backend)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double().cpu(), torch.cat(reference), rtol=tol, atol=tol)
+    # the log-sum-exps too (what merging with attention over other keys needs), the same outputs with them
+    same, lse = paged_attention(torch.cat(queries).to(DEVICE), pool.k[0], pool.v[0], layout, backend=backend,
+                                return_lse=True)  # fmt: skip
+    assert lse.shape == out.shape[:2] and lse.dtype in (torch.float32, torch.float64)
+    torch.testing.assert_close(same.double().cpu(), torch.cat(reference), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double().cpu(), torch.cat(reference_lse), rtol=tol, atol=tol)
 
 
 def test_paged_layout_rejects_bad_shapes():
@@ -135,6 +142,10 @@ def test_dense_queries_may_come_as_rows(backend, rows):
     as_rows = flat.view(rows, n, 4, 16).transpose(1, 2)
     got = paged_attention(as_rows, pool.k[0], pool.v[0], layout, backend=backend)
     torch.testing.assert_close(got.transpose(1, 2).reshape(rows * n, 4, 16), want, rtol=0, atol=0)
+    _, want_lse = paged_attention(flat, pool.k[0], pool.v[0], layout, backend=backend, return_lse=True)
+    _, got_lse = paged_attention(as_rows, pool.k[0], pool.v[0], layout, backend=backend, return_lse=True)
+    assert got_lse.shape == (rows, 4, n)
+    torch.testing.assert_close(got_lse.transpose(1, 2).reshape(rows * n, 4), want_lse, rtol=0, atol=0)
     with pytest.raises(ValueError, match="need a dense layout"):
         sparse = paged_layout(key_slots, key_valid, torch.zeros(2, dtype=torch.long, device=DEVICE),
                               torch.arange(2, device=DEVICE), 3, torch.float32)  # fmt: skip

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import BACKENDS
+from . import fused_cpu_attention, fused_cpu_available
 from .reference import masked_attention
 
 
@@ -97,13 +98,16 @@ def paged_attention(
     layout: PagedLayout,
     *,
     scale: float | None = None,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     """Attention of the flattened queries q [T, Hq, D] over their own request's keys in one layer of
     the pool, k_cache / v_cache [S, Hkv, D], laid out by `layout`; returns [T, Hq, D]. With a dense
     layout the queries may come as rows, [R, Hq, N, D] (what a model's [1, Hq, T, D] is for one
     row), and the result is shaped so too. GQA: Hq a multiple of Hkv (query head h reads KV head
-    h // (Hq / Hkv)). Every request needs one valid key."""
+    h // (Hq / Hkv)). Every request needs one valid key. `return_lse`: also each query's log-sum-exp
+    ([T, Hq], or [R, Hq, N] for rows) in float32 or wider, to merge with attention over other keys
+    (`merge_attention`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     as_rows = q.dim() == 4
@@ -119,8 +123,13 @@ def paged_attention(
 
         flat = q.transpose(1, 2).reshape(rows * n, hq, d) if as_rows else q
         valid = layout.key_valid.to(torch.int8)
-        out = paged_triton(flat, k_cache, v_cache, layout.cu_q, layout.key_slots, valid, layout.max_queries, scale)
-        return out.view(rows, n, hq, d).transpose(1, 2) if as_rows else out
+        out, lse = paged_triton(
+            flat, k_cache, v_cache, layout.cu_q, layout.key_slots, valid, layout.max_queries, scale, return_lse
+        )
+        if as_rows:
+            out = out.view(rows, n, hq, d).transpose(1, 2)
+            lse = None if lse is None else lse.view(rows, n, hq).transpose(1, 2)
+        return (out, lse) if return_lse else out
     if layout.first_slot is not None:  # one row on consecutive slots: a view, no gathered copy
         keys = slice(layout.first_slot, layout.first_slot + layout.key_slots.shape[1])
         k, v = k_cache[keys].transpose(0, 1)[None], v_cache[keys].transpose(0, 1)[None]
@@ -132,12 +141,20 @@ def paged_attention(
     else:
         padded = q if layout.dense else q.new_zeros(rows * n, hq, d).index_copy_(0, layout.at, q)
         padded = padded.view(rows, n, hq, d).transpose(1, 2)  # [R, Hq, N, D]
+    lse = None
     if backend == "torch":
-        out, _ = masked_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
+        out, lse = masked_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
+    elif return_lse and fused_cpu_available(padded):  # torch's tiled CPU kernel, which keeps the lse
+        out, lse = fused_cpu_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
+    elif return_lse:
+        out, lse = masked_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
     else:
         gqa = padded.shape[1] != k.shape[1]
         out = F.scaled_dot_product_attention(padded, k, v, attn_mask=layout.bias, scale=scale, enable_gqa=gqa)
-    if as_rows:
-        return out
-    out = out.transpose(1, 2).reshape(rows * n, hq, d)
-    return out if layout.dense else out[layout.at]
+    if not as_rows:
+        out = out.transpose(1, 2).reshape(rows * n, hq, d)
+        out = out if layout.dense else out[layout.at]
+        if lse is not None:
+            lse = lse.transpose(1, 2).reshape(rows * n, hq)
+            lse = lse if layout.dense else lse[layout.at]
+    return (out, lse) if return_lse else out

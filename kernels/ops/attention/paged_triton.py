@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from .triton import LOG2E, _online_softmax_tile
+from .triton import LN2, LOG2E, _online_softmax_tile
 
 
 @triton.jit
@@ -24,6 +24,7 @@ def _paged_attention_fwd(
     K,
     V,
     OUT,
+    LSE,
     CU_Q,
     SLOTS,
     VALID,
@@ -37,12 +38,14 @@ def _paged_attention_fwd(
     stride_oh,
     K_LEN,
     GROUP,
+    HQ,
     D,
     qk_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     i_r, i_m, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CU_Q + i_r)
@@ -72,6 +75,9 @@ def _paged_attention_fwd(
         out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
         p_o = OUT + o_q[:, None].to(tl.int64) * stride_ot + i_h * stride_oh + o_d[None, :]
         tl.store(p_o, out.to(OUT.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+        if RETURN_LSE:  # natural log, -inf where no key is valid
+            lse = tl.where(b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0))) * LN2, float("-inf"))
+            tl.store(LSE + o_q.to(tl.int64) * HQ + i_h, lse, mask=m_q)
 
 
 def paged_attention(
@@ -83,9 +89,11 @@ def paged_attention(
     key_valid: torch.Tensor,
     max_queries: int,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [T, Hq, D] (row r's queries at [cu_q[r], cu_q[r + 1])), one pool layer k / v [S, Hkv, D],
-    key_slots [R, K] (int64), key_valid [R, K] (int8) -> [T, Hq, D]. D's last stride must be 1."""
+    key_slots [R, K] (int64), key_valid [R, K] (int8) -> ([T, Hq, D], the log-sum-exps [T, Hq] in
+    float32 when `return_lse`, else None). D's last stride must be 1."""
     t, hq, d = q.shape
     hkv = k_cache.shape[1]
     rows, k_len = key_slots.shape
@@ -93,17 +101,19 @@ def paged_attention(
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
     out = torch.empty_like(q)
+    lse = torch.empty(t, hq, dtype=torch.float32, device=q.device) if return_lse else None
     if t == 0:
-        return out
+        return out, lse
     block_m = 16
     block_d = max(16, triton.next_power_of_2(d))
     block_n = 64 if block_d <= 64 else 32
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     grid = (rows, triton.cdiv(max_queries, block_m), hq)
     _paged_attention_fwd[grid](
-        q, k_cache, v_cache, out, cu_q, key_slots.contiguous(), key_valid.contiguous(),
+        q, k_cache, v_cache, out, lse if return_lse else out, cu_q, key_slots.contiguous(), key_valid.contiguous(),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), k_len, hq // hkv, d, scale * LOG2E,
+        out.stride(0), out.stride(1), k_len, hq // hkv, hq, d, scale * LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_FP32=interpreting() or q.dtype == torch.float32,
+        RETURN_LSE=return_lse,
     )  # fmt: skip
-    return out
+    return out, lse

@@ -7,8 +7,7 @@ import torch
 
 from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler, tinytask
 from dlmcache.cache import FreeCache, make_cache
-from dlmcache.serve.engine import Cancelled, Engine, ForwardCall, Job, QueueFull, forward_together, size_groups
-from tests.helpers import tiny_dream, tiny_llada
+from dlmcache.serve.engine import Cancelled, Engine, Job, QueueFull
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +104,25 @@ def test_requests_batched_together_equal_each_alone(pipe):
     engine = serve_and_compare(pipe, requests_mix(), max_batch=16)
     assert engine.stats.forward_rows > engine.stats.forwards  # forwards really carried several requests
     assert engine.running == 0
+    # every request was a row of the decoder, compressed prompts included: no request ran a loop of its own
+    assert engine.decoder.forwards == engine.stats.forwards
+
+
+def test_a_cache_without_an_engine_rule_fails_its_request_alone(pipe):
+    class Custom(FreeCache):  # a strategy the engine has no rule for
+        pass
+
+    chat = tinytask.messages(tinytask.test_problems(1)[0])
+    engine = Engine(pipe, max_batch=4).start()
+    results = Results()
+    try:
+        engine.submit(Job(chat, dict(max_new_tokens=32, cache=Custom()), results.callback(0)))
+        engine.submit(Job(chat, dict(max_new_tokens=32), results.callback(1)))
+        got = results.wait(2)
+    finally:
+        engine.stop()
+    assert isinstance(got[0], ValueError) and "has no `dlmcache.engine` rule" in str(got[0])
+    assert torch.equal(got[1].sequences, alone(pipe, chat, dict(max_new_tokens=32)).sequences)
 
 
 def test_requests_join_a_running_batch_at_the_next_step(pipe):
@@ -171,50 +189,6 @@ def test_drain_finishes_the_running_and_refuses_new(pipe):
     finally:
         engine.stop()
     assert set(results.items) == {0} and not isinstance(results.items[0], Exception)
-
-
-@pytest.mark.parametrize("build", [tiny_llada, tiny_dream])
-def test_forward_together_equals_each_forward(build, tiny_tokenizer):
-    """Calls of different lengths and rows, with and without a cache, logits for some or all fed
-    positions (Dream's shifted ones too): one batched forward gives each call its own forward's logits."""
-    model = build(tiny_tokenizer).double()
-    g = torch.Generator().manual_seed(0)
-    calls = [
-        ForwardCall(torch.randint(5, 200, (1, 9), generator=g), None, None, None, None),
-        ForwardCall(
-            torch.randint(5, 200, (2, 4), generator=g),
-            torch.arange(10, 14).expand(2, 4),
-            None,
-            None,
-            torch.tensor([1, 3]),
-        ),  # fmt: skip
-        ForwardCall(
-            torch.randint(5, 200, (1, 6), generator=g),
-            None,
-            torch.tensor([[0, 0, 1, 1, 1, 1]]),
-            None,
-            torch.tensor([0, 5]),
-        ),  # fmt: skip
-    ]
-    with torch.no_grad():
-        got = forward_together(model, calls)
-        for c, out in zip(calls, got, strict=True):
-            want = model(c.input_ids, positions=c.positions, attention_mask=c.attention_mask,
-                         logits_index=c.logits_index).logits  # fmt: skip
-            if c.attention_mask is not None:  # padded positions' outputs are not defined
-                keep = c.attention_mask[0].bool()[c.logits_index]
-                out, want = out.logits[:, keep], want[:, keep]
-            else:
-                out = out.logits
-            torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
-
-
-def test_size_groups_keep_refreshes_apart_from_cached_steps():
-    def call(n, rows=1):
-        return ForwardCall(torch.zeros(rows, n, dtype=torch.long), None, None, None, None)
-
-    groups = size_groups([call(3), call(300), call(5), call(290), call(4, rows=2)])
-    assert [[c.tokens for c in g] for g in groups] == [[300, 290], [5, 4, 3]]
 
 
 def test_engine_arguments_are_validated(pipe):
