@@ -316,21 +316,22 @@ class GenerationBatch:
         # Flatten: one host read gives the sizes, then everything stays on the device.
         counts = need.sum(-1)
         block_cols = start[:, None] + self._block_j  # [R, Bmax] the active block's canvas columns
-        # still masked (a block diffusion row's last block may end before the block length)
-        targets = (canvas.gather(1, block_cols) == mask_id) & self._in_block & (block_cols < length[:, None])
+        targets = (canvas.gather(1, block_cols) == mask_id) & self._in_block  # still masked
         per_row = targets.sum(-1)
         if self.block_causal:  # an attention row per fed block, each with its own key limit
+            targets &= block_cols < length[:, None]  # (a row's last block may end before the block length)
+            per_row = targets.sum(-1)
             block_len = s["block_len"]
             segments = (counts + block_len - 1) // block_len
-            most_queries = torch.minimum(counts, block_len).max()
+            sizes = [counts.sum(), torch.minimum(counts, block_len).max(), per_row.sum(), per_row.max(), segments.sum()]
         else:  # an attention row per request row
-            segments, most_queries = torch.ones_like(counts), counts.max()
-        sizes = torch.stack([counts.sum(), most_queries, per_row.sum(), per_row.max(), segments.sum()])
+            sizes = [counts.sum(), counts.max(), per_row.sum(), per_row.max()]
+        sizes = torch.stack(sizes)
         if self._compressed:  # which rows compress their prompt at this forward, in the same read
             compress = s["compressed"] & self._prompt_fresh
             sizes = torch.cat([sizes, compress.long()])
         sizes = sizes.tolist()
-        total, widest, n_targets, most_targets, n_segments = (int(v) for v in sizes[:5])
+        total, widest, n_targets, most_targets = (int(v) for v in sizes[:4])
         self.host_reads += 1
         row, col = torch.nonzero_static(need, size=total).unbind(1)
         flat = torch.full_like(canvas, -1)
@@ -339,7 +340,7 @@ class GenerationBatch:
         if self.block_causal:
             # Fed blocks in order, each its queries contiguous: the query in block j of a row's fed range
             # attends the row's keys before the end of that block.
-            seg_row, seg_j = torch.nonzero_static(pos < segments[:, None], size=n_segments).unbind(1)
+            seg_row, seg_j = torch.nonzero_static(pos < segments[:, None], size=int(sizes[4])).unbind(1)
             within = col - feed_from[row]
             query_row = (segments.cumsum(0) - segments)[row] + torch.div(within, block_len[row], rounding_mode="floor")
             rank = within % block_len[row]
@@ -378,7 +379,7 @@ class GenerationBatch:
         if self._compressed:
             prompts = PromptStep(
                 merge=s["compressed"] & ~self._prompt_fresh,
-                compress=[i for i, flag in enumerate(sizes[5:]) if flag],
+                compress=[i for i, flag in enumerate(sizes[4:]) if flag],  # (never block diffusion)
                 row_start=row_start,
                 canvas=canvas,
             )
