@@ -36,6 +36,8 @@ DEFAULT_SCHEDULERS = {
     "Dream": DreamScheduler,
     "sdar": functools.partial(ThresholdScheduler, threshold=0.85),
     "sdar_moe": functools.partial(ThresholdScheduler, threshold=0.85),
+    # LLaDA2's generate commits every token above 0.95 each step, at least one
+    "llada2_moe": functools.partial(ThresholdScheduler, threshold=0.95),
 }
 SCHEDULERS = {"low_confidence": LowConfidenceScheduler, "dream": DreamScheduler, "threshold": ThresholdScheduler}
 CHAT_ROLES = ("system", "user", "assistant")

@@ -31,6 +31,8 @@ from .models import (
     ARCHITECTURES,
     DreamConfig,
     DreamModel,
+    LLaDA2MoeConfig,
+    LLaDA2MoeModelLM,
     LLaDAConfig,
     LLaDAModelLM,
     LLaDAMoEConfig,
@@ -256,6 +258,35 @@ def llada_moe_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, 
     return _seeded(LLaDAMoEModelLM, config, dtype, device)
 
 
+def tiny_llada2(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LLaDA2MoeModelLM:
+    """A random 3-layer LLaDA2 (hidden 64, 4 heads of 16 over 2 KV heads with q/k norms, RoPE over half
+    of each head; layer 0 dense, layers 1-2 with 16 experts of 32 in 4 groups, 2 groups and 4 experts
+    per token, a shared expert; random expert biases and an output bias) over `tokenizer`'s
+    vocabulary; blocks of 4."""
+    tokenizer = tokenizer or bundled_tokenizer()
+    kw = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4,
+        n_group=4, topk_group=2, num_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        use_bias=True, partial_rotary_factor=0.5, rope_theta=10000.0, max_position_embeddings=512, block_size=4,
+        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    kw.update(overrides)
+    model = _seeded(LLaDA2MoeModelLM, LLaDA2MoeConfig(**kw), dtype, seed=seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.attention
+            if hasattr(attention, "query_layernorm"):
+                attention.query_layernorm.weight.uniform_(0.5, 1.5)
+                attention.key_layernorm.weight.uniform_(0.5, 1.5)
+            if attention.dense.bias is not None:
+                attention.dense.bias.normal_(0, 0.1)
+            if hasattr(layer.mlp, "router"):  # a bias that moves the choice of experts
+                layer.mlp.gate.expert_bias.normal_(0, 0.2)
+    return model
+
+
 def tiny_sdar_moe(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> SDARMoeForCausalLM:
     """`tiny_sdar` with Qwen3-MoE's layers: 8 experts of 32, 2 per token, renormalized; layer 1 dense
     (`mlp_only_layers`)."""
@@ -270,6 +301,18 @@ def sdar_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, devic
                         num_attention_heads=12, num_key_value_heads=2, head_dim=64, max_position_embeddings=16384,
                         rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=0, **SYNTHETIC_IDS)  # fmt: skip
     return _seeded(SDARForCausalLM, config, dtype, device)
+
+
+def llada2_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LLaDA2MoeModelLM:
+    """`llada_135m`'s width and depth in LLaDA2's architecture (hidden 768, 12 layers of 12 heads of 64
+    over 4 KV heads with q/k norms and half-rotary RoPE; layer 0 a dense SwiGLU of 2048, then 32 experts
+    of 256 in 8 groups, 4 groups and 4 experts per token, one shared expert; block size 32; seed 0;
+    the synthetic tokenizer's ids)."""
+    config = LLaDA2MoeConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                             num_attention_heads=12, num_key_value_heads=4, moe_intermediate_size=256, num_experts=32,
+                             num_experts_per_tok=4, n_group=8, topk_group=4, num_shared_experts=1,
+                             first_k_dense_replace=1, max_position_embeddings=16384, **SYNTHETIC_IDS)  # fmt: skip
+    return _seeded(LLaDA2MoeModelLM, config, dtype, device)
 
 
 # config.json as the hub repos write it (extra fields included), for checkpoints written by hand.
@@ -351,6 +394,31 @@ SDAR_HUB_FIELDS = {
     "use_sliding_window": False,
 }
 
+
+LLADA2_HUB_FIELDS = {
+    "architectures": ["LLaDA2MoeModelLM"],
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+        "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+        "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM",
+    },
+    "embedding_dropout": 0.0,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_window_layers": 28,
+    "model_type": "llada2_moe",
+    "norm_head": False,
+    "output_dropout": 0.0,
+    "output_router_logits": False,
+    "rope_scaling": None,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.52.3",
+    "use_cache": False,
+    "use_sliding_window": False,
+}
 
 LLADA_MOE_HUB_FIELDS = {
     "architectures": ["LLaDAMoEModelLM"],
@@ -439,6 +507,14 @@ def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int
         "norm_topk_prob",
         "decoder_sparse_step",
         "mlp_only_layers",
+        "use_qkv_bias",
+        "use_qk_norm",
+        "use_bias",
+        "num_shared_experts",
+        "n_group",
+        "topk_group",
+        "routed_scaling_factor",
+        "first_k_dense_replace",
     ]
     if "tie_word_embeddings" in arch:
         keys.append("tie_word_embeddings")
@@ -471,6 +547,7 @@ HUB_FIELDS = {
     "LLaDAMoEModelLM": LLADA_MOE_HUB_FIELDS,
     "SDARForCausalLM": SDAR_HUB_FIELDS,
     "SDARMoeForCausalLM": SDAR_MOE_HUB_FIELDS,
+    "LLaDA2MoeModelLM": LLADA2_HUB_FIELDS,
 }
 ARCHITECTURE_OF = {cls: name for name, cls in ARCHITECTURES.items()}
 TINY_BUILDERS = {
@@ -479,6 +556,7 @@ TINY_BUILDERS = {
     "LLaDAMoEModelLM": tiny_llada_moe,
     "SDARForCausalLM": tiny_sdar,
     "SDARMoeForCausalLM": tiny_sdar_moe,
+    "LLaDA2MoeModelLM": tiny_llada2,
 }
 
 

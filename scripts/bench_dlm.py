@@ -11,9 +11,10 @@
 
 The default model is a random-weight LLaDA-architecture model built from a config (d_model 768,
 12 layers, 12 heads, SwiGLU 2048, vocab 32768: 135M parameters) fed random prompt ids;
-`--model random-135m-dream` / `random-135m-sdar` / `random-135m-moe` is the same width and depth in
-Dream's / SDAR's / LLaDA-MoE's architecture (`dlmcache.testing.dream_135m`, `sdar_135m`,
-`llada_moe_135m`; SDAR with `--block-length 4`, its own). Every mode
+`--model random-135m-dream` / `random-135m-sdar` / `random-135m-moe` / `random-135m-llada2` is the
+same width and depth in Dream's / SDAR's / LLaDA-MoE's / LLaDA2's architecture
+(`dlmcache.testing.dream_135m`, `sdar_135m`, `llada_moe_135m`, `llada2_135m`; SDAR with
+`--block-length 4`, its own; LLaDA2 with its 32). Every mode
 decodes the same prompt with the same schedule (default: 256-token prompt, 256 new tokens, blocks of
 32, one token per step, greedy). For each mode: median seconds over --repeats (modes interleaved, so
 load drift hits them alike), tokens/s, ms per step, forwards, tokens fed, KV-buffer bytes, token
@@ -51,7 +52,15 @@ from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler
 from dlmcache.guidance import ARGuide
 from dlmcache.models.layers import LINEAR_BACKENDS
 from dlmcache.run_config import RunConfig, split_configs
-from dlmcache.testing import dream_135m, llada_135m, llada_moe_135m, random_guide, sdar_135m, synthetic_tokenizer
+from dlmcache.testing import (
+    dream_135m,
+    llada2_135m,
+    llada_135m,
+    llada_moe_135m,
+    random_guide,
+    sdar_135m,
+    synthetic_tokenizer,
+)
 
 DEFAULT_MODES = [
     "none",
@@ -81,6 +90,7 @@ RANDOM_MODELS = {
     "random-135m-dream": "dream",
     "random-135m-sdar": "sdar",
     "random-135m-moe": "llada-moe",
+    "random-135m-llada2": "llada2",
 }
 
 
@@ -93,6 +103,8 @@ def random_pipeline(vocab_size: int, dtype: torch.dtype, device: str, family: st
         model, scheduler = sdar_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     elif family == "llada-moe":
         model, scheduler = llada_moe_135m(vocab_size, dtype, device), LowConfidenceScheduler()
+    elif family == "llada2":
+        model, scheduler = llada2_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     else:
         model, scheduler = llada_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     return DLMPipeline(model=model, tokenizer=synthetic_tokenizer(vocab_size), scheduler=scheduler)

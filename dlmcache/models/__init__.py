@@ -8,6 +8,7 @@ to their classes; `MODEL_CLASSES` maps `model_type` likewise (for configs withou
 from .dream import DreamConfig, DreamModel
 from .layers import DLMModelMixin, DLMModelOutput
 from .llada import LLaDAConfig, LLaDAModelLM
+from .llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from .llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
 from .sdar import SDARConfig, SDARForCausalLM, SDARMoeConfig, SDARMoeForCausalLM
 
@@ -17,10 +18,14 @@ ARCHITECTURES = {
     "LLaDAMoEModelLM": LLaDAMoEModelLM,
     "SDARForCausalLM": SDARForCausalLM,
     "SDARMoeForCausalLM": SDARMoeForCausalLM,
+    "LLaDA2MoeModelLM": LLaDA2MoeModelLM,
 }
 #: by model_type, for a config.json without `architectures` ("llada" is LLaDA-8B's; LLaDA-MoE's
 #: releases, which share the model_type, list their architecture)
-MODEL_CLASSES = {"llada": LLaDAModelLM, "Dream": DreamModel, "sdar": SDARForCausalLM, "sdar_moe": SDARMoeForCausalLM}
+MODEL_CLASSES = {
+    "llada": LLaDAModelLM, "Dream": DreamModel, "sdar": SDARForCausalLM, "sdar_moe": SDARMoeForCausalLM,
+    "llada2_moe": LLaDA2MoeModelLM,
+}  # fmt: skip
 #: every architecture's config class (their `architecture_fields` tell a config of one from another's)
 CONFIG_CLASSES = {name: cls.config_class for name, cls in ARCHITECTURES.items()}
 
@@ -50,6 +55,8 @@ __all__ = [
     "DLMModelOutput",
     "DreamConfig",
     "DreamModel",
+    "LLaDA2MoeConfig",
+    "LLaDA2MoeModelLM",
     "LLaDAConfig",
     "LLaDAMoEConfig",
     "LLaDAMoEModelLM",

@@ -60,6 +60,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (h * cos + rotated * sin).to(x.dtype)
 
 
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: int) -> torch.Tensor:
+    """RoPE over the first `rotary` dims of each head of x [B, H, n, D] (tables of that width); the
+    other dims pass through."""
+    if rotary == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], -1)
+
+
 class KVStore(Protocol):
     """What attention needs from a KV cache (implemented by `dlmcache.cache.CanvasStore`).
 

@@ -33,7 +33,7 @@ from .layers import (
     RMSNorm,
     SparseMoeBlock,
     SwiGLUMLP,
-    apply_rope,
+    apply_partial_rope,
     attend,
     merge_heads,
 )
@@ -188,14 +188,9 @@ class LLaDAMoEAttention(nn.Module):
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = self._rope(q, inputs), self._rope(k, inputs)
+        q = apply_partial_rope(q, inputs.cos, inputs.sin, self.rotary)
+        k = apply_partial_rope(k, inputs.cos, inputs.sin, self.rotary)
         return self.o_proj(merge_heads(attend(q, k, v, self.layer_idx, inputs)))
-
-    def _rope(self, x, inputs: AttentionInputs):
-        if self.rotary == self.head_dim:
-            return apply_rope(x, inputs.cos, inputs.sin)
-        r = self.rotary  # RoPE over the first `rotary` dims of each head, the rest pass through
-        return torch.cat([apply_rope(x[..., :r], inputs.cos, inputs.sin), x[..., r:]], -1)
 
 
 class LLaDAMoEDecoderLayer(nn.Module):

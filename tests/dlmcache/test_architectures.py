@@ -41,10 +41,10 @@ def test_a_random_checkpoint_loads_and_decodes_with_every_cache(architecture, tm
 
 
 def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
-    config = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe"}
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     supported = ", ".join(ARCHITECTURES)
-    named = rf"architectures=\['LLaDA2MoeModelLM'\].*supported architectures: {supported}"
+    named = rf"architectures=\['GPT2LMHeadModel'\].*supported architectures: {supported}"
     with pytest.raises(ValueError, match=named):
         DLMPipeline.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="architectures='DreamModel' must be a list"):

@@ -1,0 +1,185 @@
+"""LLaDA2 (BailingMoeV2 block diffusion): the model against an independent float64 forward written from
+the release's description (fused QKV, q/k norms, half-rotary RoPE, a dense first layer, group-limited
+sigmoid routing token by token, shared experts, the block-causal mask), its routing rule, decoding on
+the engine against the reference loop, strict loading and bad configs.
+
+The release's modeling file ships on the hub only; its copy in inclusionAI/dInfer imports vLLM's fused
+MoE layer and tensor-parallel linears, which do not run on a CPU, so this reference stands in for it
+(see the model's module docstring)."""
+
+import math
+
+import pytest
+import torch
+
+from dlmcache import DLMPipeline, ThresholdScheduler
+from dlmcache.blockdiffusion import BlockCausalStore, block_causal_mask
+from dlmcache.models import LLaDA2MoeConfig
+from dlmcache.testing import random_checkpoint, tiny_llada2
+from tests.dlmcache.test_llada_moe import rms, rope, swiglu
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llada2(dtype=torch.float64)
+
+
+def route_one(scores, bias, n_group, topk_group, top_k, scaling):
+    """One token's experts and weights, from scores [E] (sigmoid) and bias [E], as the release states
+    the rule: groups scored by their two best biased scores, the best `topk_group` groups kept, the
+    `top_k` best biased scores among their experts chosen, weighted by their unbiased scores over
+    their sum, times `scaling`."""
+    biased = scores + bias
+    size = len(scores) // n_group
+    group_score = [sorted(biased[g * size : (g + 1) * size].tolist())[-2:] for g in range(n_group)]
+    kept = sorted(range(n_group), key=lambda g: -sum(group_score[g]))[:topk_group]
+    candidates = [e for g in kept for e in range(g * size, (g + 1) * size)]
+    chosen = sorted(candidates, key=lambda e: -float(biased[e]))[:top_k]
+    weights = scores[chosen] / scores[chosen].sum() if top_k > 1 else scores[chosen]
+    return chosen, weights * scaling
+
+
+def reference_logits(model, ids, block):
+    """One sequence ids [n] -> logits [n, V] in float64 from the state dict alone, under the
+    block-causal mask of blocks of `block`."""
+    c = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    n, heads, kv, hd = len(ids), c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    rot = int(hd * c.partial_rotary_factor)
+    pos = torch.arange(n)
+    allowed = (pos[None] // block) <= (pos[:, None] // block)
+    x = sd["model.word_embeddings.weight"][ids]
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        h = rms(x, sd[f"{p}.input_layernorm.weight"], c.rms_norm_eps)
+        qkv = (h @ sd[f"{p}.attention.query_key_value.weight"].T).view(n, heads + 2 * kv, hd)
+        q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv], qkv[:, heads + kv :]
+        q = rms(q, sd[f"{p}.attention.query_layernorm.weight"], c.rms_norm_eps)
+        k = rms(k, sd[f"{p}.attention.key_layernorm.weight"], c.rms_norm_eps)
+        q, k = rope(q, pos, rot, c.rope_theta), rope(k, pos, rot, c.rope_theta)
+        k, v = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+        attn = torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+        x = x + attn.reshape(n, -1) @ sd[f"{p}.attention.dense.weight"].T + sd[f"{p}.attention.dense.bias"]
+        h = rms(x, sd[f"{p}.post_attention_layernorm.weight"], c.rms_norm_eps)
+        if i < c.first_k_dense_replace:
+            x = x + swiglu(sd, f"{p}.mlp", h)
+            continue
+        out = swiglu(sd, f"{p}.mlp.shared_experts", h)
+        # the release routes in float32 (its gate casts the hidden states and the weight), as does the model
+        gate_scores = torch.sigmoid(h.float() @ sd[f"{p}.mlp.gate.weight"].float().T)
+        bias = sd[f"{p}.mlp.gate.expert_bias"].float()
+        for t in range(n):
+            chosen, weights = route_one(gate_scores[t], bias, c.n_group, c.topk_group, c.num_experts_per_tok,
+                                        c.routed_scaling_factor)  # fmt: skip
+            for e, w in zip(chosen, weights.double(), strict=True):
+                out[t] = out[t] + w * swiglu(sd, f"{p}.mlp.experts.{e}", h[t])
+        x = x + out
+    return rms(x, sd["model.norm.weight"], c.rms_norm_eps) @ sd["lm_head.weight"].T
+
+
+def test_forward_equals_an_independent_reference(model):
+    torch.manual_seed(3)
+    ids = torch.randint(3, 200, (2, 14))
+    store = BlockCausalStore(model, torch.ones(2, 14, dtype=torch.bool), 4)
+    store.begin(None, torch.arange(14).expand(2, -1), 14)
+    with torch.no_grad():
+        logits = model(ids, positions=torch.arange(14).expand(2, -1), cache=store).logits
+    for b in range(2):
+        torch.testing.assert_close(logits[b], reference_logits(model, ids[b], 4), rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_the_routing_rule_token_by_token(model):
+    """The vectorised routing equals the rule token by token, and the bias moves the choice while the
+    weights stay the unbiased scores'."""
+    block = model.model.layers[1].mlp
+    c = model.config
+    x = torch.randn(40, c.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weights, experts = block.route(x)
+    scores = torch.sigmoid(x.float() @ block.gate.weight.float().T)  # in float32, as the release routes
+    for t in range(len(x)):
+        bias = block.gate.expert_bias.float()
+        chosen, want = route_one(scores[t], bias, c.n_group, c.topk_group, c.num_experts_per_tok,
+                                 c.routed_scaling_factor)  # fmt: skip
+        assert experts[t].tolist() == chosen
+        torch.testing.assert_close(weights[t], want, rtol=1e-6, atol=1e-7)
+    # every token's experts lie in at most topk_group groups, and the weights sum to the scaling factor
+    groups = experts // (c.num_experts // c.n_group)
+    assert all(len(set(g.tolist())) <= c.topk_group for g in groups)
+    torch.testing.assert_close(weights.sum(-1), torch.full((len(x),), 2.5), rtol=1e-6, atol=1e-6)
+    saved = block.gate.expert_bias.clone()
+    block.gate.expert_bias.zero_()
+    unbiased = block.route(x)[1]
+    block.gate.expert_bias.copy_(saved)
+    assert not torch.equal(unbiased, experts)
+
+
+def test_decodes_on_the_engine_as_on_the_reference_loop(tmp_path):
+    # weights 10x the usual scale, so the random model's predictions differ from position to position
+    path = random_checkpoint("LLaDA2MoeModelLM", tmp_path / "llada2", seed=1, initializer_range=0.2)
+    pipe = DLMPipeline.from_pretrained(path, torch_dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.model.block_diffusion and pipe.default_block_length == 4
+    assert isinstance(pipe.scheduler, ThresholdScheduler) and pipe.scheduler.config.threshold == 0.95
+    prompts = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many now?", "Hi"]
+    kw = dict(max_new_tokens=12, scheduler=ThresholdScheduler(threshold=0.05))  # a few tokens per step
+    for cache in ("none", "freecache"):
+        pipe.set_cache(cache)
+        batch = pipe(prompts, **kw)
+        assert batch.stats["block_diffusion"] and batch.nfe < 12 and len(set(batch.sequences.flatten().tolist())) > 6
+        for i, prompt in enumerate(prompts):
+            alone = pipe(prompt, engine=False, **kw)
+            assert torch.equal(alone.sequences[0], batch.sequences[i]), (cache, i)
+    loaded = DLMPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)  # the bias stays float32, as released
+    assert loaded.model.model.layers[1].mlp.gate.expert_bias.dtype == torch.float32
+    assert loaded.model.model.layers[1].mlp.gate.weight.dtype == torch.bfloat16
+
+
+def test_the_attention_is_block_causal(model):
+    """A later block changes nothing before it (the mask is the decoding loop's, as for SDAR)."""
+    ids = torch.arange(10, 22)[None]
+    other = ids.clone()
+    other[0, 8:] = 5
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    outs = []
+    for x in (ids, other):
+        store = BlockCausalStore(model, valid, 4)
+        store.begin(None, torch.arange(12)[None], 12)
+        with torch.no_grad():
+            outs.append(model(x, positions=torch.arange(12)[None], cache=store).logits[0])
+    assert torch.equal(outs[0][:8], outs[1][:8]) and not torch.equal(outs[0][8:], outs[1][8:])
+    assert block_causal_mask(torch.arange(12)[None], 4, valid)[0, 0].sum() == 4
+
+
+def test_a_checkpoint_missing_an_expert_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = random_checkpoint("LLaDA2MoeModelLM", tmp_path / "llada2")
+    missing = "model.layers.2.mlp.experts.5.up_proj.weight"
+    for shard in path.glob("*.safetensors"):
+        state = load_file(shard)
+        if missing in state:
+            del state[missing]
+            save_file(state, shard)
+    with pytest.raises(ValueError, match=rf"missing tensors \['{missing}'\]"):
+        DLMPipeline.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_experts=12, n_group=8), "must split into n_group=8 groups of at least 2"),
+        (dict(num_experts=16, n_group=4, topk_group=5), "topk_group=5 exceeds n_group=4"),
+        (dict(num_experts=16, n_group=4, topk_group=1, num_experts_per_tok=5), "exceeds the 1 kept groups' 4"),
+        (dict(norm_head=True), "norm_head=True is not supported"),
+        (dict(use_sliding_window=True), "use_sliding_window=True"),
+        (dict(first_k_dense_replace=-1), "first_k_dense_replace=-1"),
+        (dict(partial_rotary_factor=0.1), r"partial_rotary_factor=0.1 rotates 1 dims"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, match):
+    base = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_experts=16, n_group=4,
+                topk_group=2, num_experts_per_tok=4, mask_token_id=5, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        LLaDA2MoeConfig(**{**base, **kwargs})
