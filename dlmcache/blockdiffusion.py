@@ -95,6 +95,8 @@ def decode_blocks(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     on_step=None,
+    attention_block: int | None = None,
+    first_token_autoregressive: bool = False,
 ) -> dict:
     """Decode `max_new_tokens` tokens after each prompt (lists of ids) with a block-causal `model`.
 
@@ -104,6 +106,14 @@ def decode_blocks(
     stop_at_eos: once a row's text up to an EOS is committed, its later positions become EOS and
     need no forward. on_step(nfe, sequences [B, G], commit_step [B, G]) after every step.
 
+    attention_block: the block the model attends in, a multiple of `block_length` (None: the same).
+    The blocks decoded in turn are then sub-blocks of it (Fast-dLLM v2's): each step feeds the whole
+    attention block, and the cache holds the attention blocks before it. A model whose logits are
+    shifted (`logit_shift`, the state at i - 1 predicts token i) also feeds the position before the
+    attention block. first_token_autoregressive: a step whose attention block's first position is
+    masked commits that position alone, as the argmax of its logits (Fast-dLLM v2's autoregressive
+    step between blocks).
+
     Each row moves through its blocks at its own pace (a row whose block is done starts its next one
     at the next step, while the others go on), and a finished row is no longer fed. Per step, a row
     feeds its active block and the blocks finished since its last forward (or, without the cache,
@@ -112,13 +122,14 @@ def decode_blocks(
 
     Returns {"sequences": [B, G], "commit_step": [B, G], "nfe": forwards after the prefill, "stats"}.
     """
-    if model.logit_shift:
-        raise ValueError(f"{type(model).__name__}: block diffusion decoding needs unshifted logits")
-    device, mask_id = model.device, model.mask_token_id
+    device, mask_id, shift = model.device, model.mask_token_id, model.logit_shift
     bs, g = block_length, max_new_tokens
+    attn = bs if attention_block is None else attention_block
+    if attn % bs:
+        raise ValueError(f"attention_block={attn} is not a multiple of block_length={bs}")
     prompt_lens = torch.tensor([len(p) for p in prompts], device=device)
     lengths = prompt_lens + g
-    width = -(-int(lengths.max()) // bs) * bs
+    width = -(-int(lengths.max()) // attn) * attn
     columns = torch.arange(width, device=device)
     canvas = torch.full((len(prompts), width), mask_id, dtype=torch.long, device=device)
     for r, ids in enumerate(prompts):
@@ -127,22 +138,21 @@ def decode_blocks(
     generated = valid & (columns[None] >= prompt_lens[:, None])
     gen_index = prompt_lens[:, None] + torch.arange(g, device=device)  # [B, G] each row's generated columns
     commit_step = torch.full_like(canvas, -1)
-    store = BlockCausalStore(model, valid, bs)
+    store = BlockCausalStore(model, valid, attn)
     stats = {"steps": 0, "prefill_forwards": 0, "fed_tokens": 0}
     in_block = torch.arange(bs, device=device)
 
     block = prompt_lens // bs  # each row's active block (the first holding a generated position)
     steps_in = torch.zeros_like(block)  # steps the active block has taken
     cached_end = torch.zeros_like(block)  # columns [0, cached_end) of the row hold final KV
-    prefill = int(block.max()) * bs
-    if cached and prefill:  # every row's complete prompt blocks in one forward (a row's later columns
-        # are written too, and rewritten before anything attends them)
+    prefill = int(prompt_lens.min()) // attn * attn  # every row's complete prompt attention blocks
+    if cached and prefill:  # in one forward
         cols = columns[:prefill].expand(len(prompts), -1)
         store.begin(None, cols, prefill)
         model(canvas[:, :prefill], positions=cols, cache=store, logits_index=columns[:0])
         stats["prefill_forwards"] += 1
         stats["fed_tokens"] += cols.numel()
-        cached_end = block * bs
+        cached_end = torch.full_like(block, prefill)
     nfe = 0
     while True:
         # A row's active block is its first with a mask left from its current one on (a block's last
@@ -161,8 +171,9 @@ def decode_blocks(
 
         rows = None if active.numel() == len(prompts) else active
         blk = block[active]
-        end = (blk + 1) * bs
-        feed_from = cached_end[active] if cached else torch.zeros_like(end)
+        attn_start = blk * bs // attn * attn  # the attention block holding the active block
+        end = attn_start + attn
+        feed_from = (cached_end[active] - shift).clamp(min=0) if cached else torch.zeros_like(end)
         span = torch.stack([(end - feed_from).max(), end.max()]).tolist()  # one host read
         n, key_end = span
         start = (end - n).clamp(min=0)
@@ -176,7 +187,7 @@ def decode_blocks(
         logits = logits.gather(1, pick[..., None].expand(-1, -1, logits.shape[-1]))
         stats["fed_tokens"] += cols.numel()
         if cached:
-            cached_end[active] = blk * bs  # the blocks before each row's active one were fed final
+            cached_end[active] = attn_start  # the attention blocks before each row's were fed final
 
         block_cols = (blk * bs)[:, None] + in_block
         sample = canvas[active[:, None], block_cols]
@@ -184,6 +195,12 @@ def decode_blocks(
         if not bool(torch.isfinite(logits[masked]).all()):
             raise FloatingPointError(f"the model's logits at step {nfe} are not finite")
         x0, transfer = _select(scheduler, logits, masked, steps_in[active], steps_per_block, generator)
+        if first_token_autoregressive:  # an attention block's first token: the argmax, committed alone
+            first = (blk * bs == attn_start) & masked[:, 0]
+            alone = torch.zeros_like(transfer)
+            alone[:, 0] = True
+            transfer = torch.where(first[:, None], alone, transfer)
+            x0[:, 0] = torch.where(first, logits[:, 0].argmax(-1), x0[:, 0])
         transfer &= masked
         canvas[active[:, None], block_cols] = torch.where(transfer, x0, sample)
         commit_step[active[:, None], block_cols] = torch.where(transfer, nfe, commit_step[active[:, None], block_cols])

@@ -38,6 +38,8 @@ DEFAULT_SCHEDULERS = {
     "sdar_moe": functools.partial(ThresholdScheduler, threshold=0.85),
     # LLaDA2's generate commits every token above 0.95 each step, at least one
     "llada2_moe": functools.partial(ThresholdScheduler, threshold=0.95),
+    # Fast-dLLM v2's released chat example decodes its sub-blocks at threshold 0.9
+    "Fast_dLLM_Qwen": functools.partial(ThresholdScheduler, threshold=0.9),
 }
 SCHEDULERS = {"low_confidence": LowConfidenceScheduler, "dream": DreamScheduler, "threshold": ThresholdScheduler}
 CHAT_ROLES = ("system", "user", "assistant")
@@ -487,6 +489,9 @@ class DLMPipeline(DiffusionPipeline):
         if generator is not None and len(requests) > 1 and not scheduler.batched and not shared_generator:
             return None
         settings = dict(stop_at_eos=stop_at_eos, generator=generator, cfg_scale=cfg_scale)
+        if self.model.block_diffusion:  # a model attending in blocks of its own (Fast-dLLM v2's 32)
+            settings.update(attention_block=self.model.attention_block,
+                            first_token_ar=self.model.first_token_autoregressive)  # fmt: skip
         return [
             Request(
                 ids, max_new_tokens, block_length, steps, copy.copy(scheduler), rule, chat=chat, id=str(i), **settings
@@ -527,7 +532,8 @@ class DLMPipeline(DiffusionPipeline):
             result = decode_blocks(
                 self.model, [ids for ids, _ in requests], max_new_tokens, block_length, steps_per_block, scheduler,
                 cached=cache.name != "none", stop_at_eos=stop_at_eos, eos_token_id=self.tokenizer.eos_token_id,
-                generator=generator, on_step=_with_bar(bar, live),
+                generator=generator, on_step=_with_bar(bar, live), attention_block=self.model.attention_block,
+                first_token_autoregressive=self.model.first_token_autoregressive,
             )  # fmt: skip
             bar.update(max(0, steps - bar.n))
         elapsed = time.perf_counter() - start_time

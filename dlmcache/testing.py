@@ -31,6 +31,8 @@ from .models import (
     ARCHITECTURES,
     DreamConfig,
     DreamModel,
+    FastDLLMV2Config,
+    FastDLLMV2ForCausalLM,
     LLaDA2MoeConfig,
     LLaDA2MoeModelLM,
     LLaDAConfig,
@@ -258,6 +260,26 @@ def llada_moe_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, 
     return _seeded(LLaDAMoEModelLM, config, dtype, device)
 
 
+def tiny_fast_dllm_v2(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      **overrides) -> FastDLLMV2ForCausalLM:  # fmt: skip
+    """`tiny_dream`'s layers in Fast-dLLM v2's architecture: attention blocks of 8 (`bd_size`), decoded
+    in sub-blocks of 4 (`small_block_size`)."""
+    tokenizer = tokenizer or bundled_tokenizer()
+    kw = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512, bd_size=8, small_block_size=4,
+        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    kw.update(overrides)
+    model = _seeded(FastDLLMV2ForCausalLM, FastDLLMV2Config(**kw), dtype, seed=seed)
+    with torch.no_grad():  # random biases so the QKV-bias path is exercised
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.1)
+    return model
+
+
 def tiny_llada2(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LLaDA2MoeModelLM:
     """A random 3-layer LLaDA2 (hidden 64, 4 heads of 16 over 2 KV heads with q/k norms, RoPE over half
     of each head; layer 0 dense, layers 1-2 with 16 experts of 32 in 4 groups, 2 groups and 4 experts
@@ -395,6 +417,27 @@ SDAR_HUB_FIELDS = {
 }
 
 
+FAST_DLLM_V2_HUB_FIELDS = {
+    "architectures": ["Fast_dLLM_QwenForCausalLM"],
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration.Fast_dLLM_QwenConfig",
+        "AutoModel": "modeling.Fast_dLLM_QwenModel",
+        "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM",
+    },
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_window_layers": 28,
+    "model_type": "Fast_dLLM_Qwen",
+    "rope_scaling": None,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.53.1",
+    "use_cache": True,
+    "use_sliding_window": False,
+}
+
 LLADA2_HUB_FIELDS = {
     "architectures": ["LLaDA2MoeModelLM"],
     "attention_dropout": 0.0,
@@ -515,6 +558,9 @@ def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int
         "topk_group",
         "routed_scaling_factor",
         "first_k_dense_replace",
+        "bd_size",
+        "small_block_size",
+        "layer_types",
     ]
     if "tie_word_embeddings" in arch:
         keys.append("tie_word_embeddings")
@@ -548,6 +594,7 @@ HUB_FIELDS = {
     "SDARForCausalLM": SDAR_HUB_FIELDS,
     "SDARMoeForCausalLM": SDAR_MOE_HUB_FIELDS,
     "LLaDA2MoeModelLM": LLADA2_HUB_FIELDS,
+    "Fast_dLLM_QwenForCausalLM": FAST_DLLM_V2_HUB_FIELDS,
 }
 ARCHITECTURE_OF = {cls: name for name, cls in ARCHITECTURES.items()}
 TINY_BUILDERS = {
@@ -557,6 +604,7 @@ TINY_BUILDERS = {
     "SDARForCausalLM": tiny_sdar,
     "SDARMoeForCausalLM": tiny_sdar_moe,
     "LLaDA2MoeModelLM": tiny_llada2,
+    "Fast_dLLM_QwenForCausalLM": tiny_fast_dllm_v2,
 }
 
 

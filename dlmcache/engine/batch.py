@@ -53,6 +53,8 @@ class Request:
     id: str = ""
     chat: object = None  # what the prompt came from (a scheduler's `begin` may read it)
     cfg_scale: float = 0.0
+    attention_block: int | None = None  # block diffusion: the block attended in (None: block_length)
+    first_token_ar: bool = False  # block diffusion: an attention block's first token is its argmax, alone
 
     @property
     def length(self) -> int:
@@ -151,7 +153,7 @@ class GenerationBatch:
         "stop_at_eos": False,
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "canvas_refresh": False, "last_start": -1, "frozen_end": 0, "stale": False,
-        "causal": False, "cached_end": 0, "compressed": False,
+        "causal": False, "cached_end": 0, "compressed": False, "attn_block": 1, "ar_first": False,
     }  # fmt: skip
     COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
 
@@ -182,6 +184,12 @@ class GenerationBatch:
                 f"request {request.id!r}: block diffusion and full-attention requests do not share a batch "
                 f"(its rule {request.rule}; the running rows are {'' if self.block_causal else 'not '}block diffusion)"
             )
+        attn = request.attention_block
+        if attn is not None and (not causal or attn % request.block_length):
+            raise ValueError(
+                f"request {request.id!r}: attention_block={attn} needs a block diffusion rule and a multiple of "
+                f"block_length={request.block_length}"
+            )
         if causal and request.cfg_scale:
             raise ValueError(
                 f"request {request.id!r}: cfg_scale={request.cfg_scale!r} is not built for block diffusion"
@@ -202,6 +210,7 @@ class GenerationBatch:
         row = {
             "length": request.length, "prompt_len": p, "block_len": request.block_length, "causal": causal,
             "compressed": rule.compression is not None,
+            "attn_block": request.attention_block or request.block_length, "ar_first": request.first_token_ar,
             # where block 0 starts: after the prompt, or for block diffusion at the absolute block
             # holding the prompt's end (its prompt tokens are given, its masks decoded)
             "origin": p // request.block_length * request.block_length if causal else p,
@@ -283,6 +292,7 @@ class GenerationBatch:
         self._modes = {r.rule.mode for r in self.requests}
         self.block_causal = bool(self._modes & {CAUSAL, CAUSAL_FULL})  # the rows are block diffusion's
         self._compressed = any(r.rule.compression is not None for r in self.requests)
+        self._ar_first = any(r.first_token_ar for r in self.requests)
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
         self._canvas_refresh = any(r.rule.canvas_refresh and r.rule.mode != NONE for r in self.requests)
@@ -318,12 +328,13 @@ class GenerationBatch:
         block_cols = start[:, None] + self._block_j  # [R, Bmax] the active block's canvas columns
         targets = (canvas.gather(1, block_cols) == mask_id) & self._in_block  # still masked
         per_row = targets.sum(-1)
-        if self.block_causal:  # an attention row per fed block, each with its own key limit
+        if self.block_causal:  # an attention row per fed attention block, each with its own key limit
             targets &= block_cols < length[:, None]  # (a row's last block may end before the block length)
             per_row = targets.sum(-1)
-            block_len = s["block_len"]
-            segments = (counts + block_len - 1) // block_len
-            sizes = [counts.sum(), torch.minimum(counts, block_len).max(), per_row.sum(), per_row.max(), segments.sum()]
+            attn = s["attn_block"]
+            first_block = torch.div(feed_from, attn, rounding_mode="floor")
+            segments = torch.div(feed_from + counts - 1, attn, rounding_mode="floor") - first_block + 1
+            sizes = [counts.sum(), torch.minimum(counts, attn).max(), per_row.sum(), per_row.max(), segments.sum()]
         else:  # an attention row per request row
             sizes = [counts.sum(), counts.max(), per_row.sum(), per_row.max()]
         sizes = torch.stack(sizes)
@@ -341,10 +352,10 @@ class GenerationBatch:
             # Fed blocks in order, each its queries contiguous: the query in block j of a row's fed range
             # attends the row's keys before the end of that block.
             seg_row, seg_j = torch.nonzero_static(pos < segments[:, None], size=int(sizes[4])).unbind(1)
-            within = col - feed_from[row]
-            query_row = (segments.cumsum(0) - segments)[row] + torch.div(within, block_len[row], rounding_mode="floor")
-            rank = within % block_len[row]
-            seg_end = torch.minimum(feed_from[seg_row] + (seg_j + 1) * block_len[seg_row], length[seg_row])
+            col_block = torch.div(col, attn[row], rounding_mode="floor")
+            query_row = (segments.cumsum(0) - segments)[row] + col_block - first_block[row]
+            rank = col - torch.maximum(feed_from[row], col_block * attn[row])  # (the first may start mid-block)
+            seg_end = torch.minimum((first_block[seg_row] + seg_j + 1) * attn[seg_row], length[seg_row])
             key_valid = pos[:, :longest] < seg_end[:, None]
             # a key after the block's end may not be written yet: it reads the null block instead
             key_slots = torch.where(key_valid, self.key_slots[seg_row, :longest], 0)
@@ -393,14 +404,17 @@ class GenerationBatch:
 
     def _causal_feed(self, start, end) -> tuple[torch.BoolTensor, torch.LongTensor, torch.LongTensor]:
         """Block diffusion: (the positions each row feeds [R, W], where they end [R], where they begin
-        [R]). A cached row feeds its active block and the blocks finished since its last forward (at
-        its first: everything before, its prompt's prefill), whose KV is final from this forward on; a
-        row without the cache feeds everything up to its active block's end."""
+        [R]). A cached row feeds its active attention block and the blocks finished since its last
+        forward (at its first: everything before, its prompt's prefill), whose KV is final from this
+        forward on; a row without the cache feeds everything up to its attention block's end."""
         s = self._state
-        feed_to = torch.minimum(end, s["length"])
+        attn = s["attn_block"]  # the block attended in: the decoding block, or one it is a sub-block of
+        attn_start = torch.div(start, attn, rounding_mode="floor") * attn
+        feed_to = torch.minimum(attn_start + attn, s["length"])
         cached = s["mode"] == CAUSAL
-        feed_from = torch.where(cached, s["cached_end"], 0)
-        s["cached_end"] = torch.where(cached, start, 0)
+        # (a model with shifted logits also feeds the position before: it predicts the block's first)
+        feed_from = torch.where(cached, (s["cached_end"] - self.shift).clamp(min=0), 0)
+        s["cached_end"] = torch.where(cached, attn_start, 0)
         s["full_forwards"] += (~cached).long()
         need = (self._positions >= feed_from[:, None]) & (self._positions < feed_to[:, None])
         return need, feed_to, feed_from
@@ -531,6 +545,13 @@ class GenerationBatch:
                 x0p[rows], transferp[rows] = gx, gt
             if self._alone:
                 self._select_alone(packed, targets, x0p, transferp)
+        if self._ar_first:  # an attention block's first token: the argmax of its logits, committed alone
+            start, attn = step["start"], s["attn_block"]
+            first = s["ar_first"] & (start % attn == 0) & (canvas.gather(1, start[:, None])[:, 0] == self.mask_id)
+            alone = torch.zeros_like(transferp)
+            alone[:, 0] = True
+            transferp = torch.where(first[:, None], alone, transferp)
+            x0p[:, 0] = torch.where(first, packed[:, 0].argmax(-1), x0p[:, 0])
         if self._cfg is not None:  # the unconditional row commits what its request's row commits
             cond, uncond, _ = self._cfg
             x0p[uncond], transferp[uncond] = x0p[cond], transferp[cond]

@@ -5,7 +5,7 @@ to their classes; `MODEL_CLASSES` maps `model_type` likewise (for configs withou
 `model_class(config)` picks one, or names what is supported.
 """
 
-from .dream import DreamConfig, DreamModel
+from .dream import DreamConfig, DreamModel, FastDLLMV2Config, FastDLLMV2ForCausalLM
 from .layers import DLMModelMixin, DLMModelOutput
 from .llada import LLaDAConfig, LLaDAModelLM
 from .llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
@@ -19,12 +19,13 @@ ARCHITECTURES = {
     "SDARForCausalLM": SDARForCausalLM,
     "SDARMoeForCausalLM": SDARMoeForCausalLM,
     "LLaDA2MoeModelLM": LLaDA2MoeModelLM,
+    "Fast_dLLM_QwenForCausalLM": FastDLLMV2ForCausalLM,
 }
 #: by model_type, for a config.json without `architectures` ("llada" is LLaDA-8B's; LLaDA-MoE's
 #: releases, which share the model_type, list their architecture)
 MODEL_CLASSES = {
     "llada": LLaDAModelLM, "Dream": DreamModel, "sdar": SDARForCausalLM, "sdar_moe": SDARMoeForCausalLM,
-    "llada2_moe": LLaDA2MoeModelLM,
+    "llada2_moe": LLaDA2MoeModelLM, "Fast_dLLM_Qwen": FastDLLMV2ForCausalLM,
 }  # fmt: skip
 #: every architecture's config class (their `architecture_fields` tell a config of one from another's)
 CONFIG_CLASSES = {name: cls.config_class for name, cls in ARCHITECTURES.items()}
@@ -55,6 +56,8 @@ __all__ = [
     "DLMModelOutput",
     "DreamConfig",
     "DreamModel",
+    "FastDLLMV2Config",
+    "FastDLLMV2ForCausalLM",
     "LLaDA2MoeConfig",
     "LLaDA2MoeModelLM",
     "LLaDAConfig",

@@ -143,3 +143,71 @@ class DreamModel(DLMModelMixin, PreTrainedModel):
 
     def _stack(self):
         return self.model.embed_tokens, self.model.layers, self.model.norm, self.lm_head
+
+
+class FastDLLMV2Config(DreamConfig):
+    """Fast-dLLM v2's `config.json` fields (its `Fast_dLLM_QwenConfig`: Qwen2's, plus `bd_size`, the
+    block the model attends in, and `layer_types`). Defaults are Fast_dLLM_v2_7B's base,
+    Qwen2.5-7B-Instruct: Dream-v0-7B's sizes (the same base family). Two fields are not in the
+    release's config.json and have its generate's defaults: `mask_token_id` (151665) and
+    `small_block_size` (8, the sub-block decoded at a time)."""
+
+    model_type = "Fast_dLLM_Qwen"
+
+    def __init__(
+        self,
+        bd_size: int = 32,
+        small_block_size: int = 8,
+        layer_types: list[str] | None = None,
+        use_sliding_window: bool = False,
+        mask_token_id: int = 151665,
+        pad_token_id: int = 151643,
+        bos_token_id: int = 151643,
+        eos_token_id: int = 151645,
+        **kwargs,
+    ):
+        self.bd_size = bd_size
+        self.small_block_size = small_block_size
+        self.use_sliding_window = use_sliding_window
+        super().__init__(mask_token_id=mask_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, **kwargs)  # fmt: skip
+        self.layer_types = ["full_attention"] * self.num_hidden_layers if layer_types is None else list(layer_types)
+        where = "FastDLLMV2Config"
+        if use_sliding_window or any(t != "full_attention" for t in self.layer_types):
+            raise ValueError(f"{where}: sliding-window layers are not supported (layer_types={self.layer_types!r})")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"{where}: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        for name in ("bd_size", "small_block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {name}={value!r} must be a positive integer")
+        if bd_size % small_block_size:
+            raise ValueError(f"{where}: small_block_size={small_block_size} does not divide bd_size={bd_size}")
+
+
+class FastDLLMV2ForCausalLM(DreamModel):
+    """Fast-dLLM v2 (Wu et al., "Fast-dLLM v2: Efficient Block-Diffusion LLM", arXiv 2509.26328):
+    Qwen2.5 turned into a block diffusion model. The layer is Qwen2's (Dream's here: QKV bias, no
+    output bias); attention is causal across blocks of `bd_size` absolute positions and bidirectional
+    inside one; the logits are shifted by one as Dream's (its "token shift": the state at i-1 predicts
+    token i). Decoding (`dlmcache.blockdiffusion`, the engine's block rules) goes sub-block by
+    sub-block (`small_block_size`) through each attention block, feeding the whole attention block
+    each step over the finished blocks' exact cache, and a block's first token is the argmax of the
+    previous block's last position, committed alone (the release's autoregressive step)."""
+
+    config_class = FastDLLMV2Config
+    _no_split_modules = ["DreamDecoderLayer"]
+    block_diffusion = True
+    first_token_autoregressive = True
+
+    @property
+    def block_size(self) -> int:
+        """The sub-block the release decodes at a time (the default block length)."""
+        return self.config.small_block_size
+
+    @property
+    def attention_block(self) -> int:
+        """The block the model attends in (causal across, bidirectional inside)."""
+        return self.config.bd_size

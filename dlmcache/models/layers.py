@@ -307,6 +307,11 @@ class DLMModelMixin:
     logit_shift: int = 0
     #: True for block diffusion models (attention causal across blocks; `dlmcache.blockdiffusion` decodes)
     block_diffusion: bool = False
+    #: a block diffusion model whose decoding commits each attention block's first token alone, as the
+    #: argmax of the previous position (Fast-dLLM v2's autoregressive step)
+    first_token_autoregressive: bool = False
+    #: a block diffusion model's fixed attention block (None: the decoding block length)
+    attention_block: int | None = None
     attention_backend: str = "auto"
     #: a `dlmcache.threads.ThreadPolicy` that sets torch's threads before each forward (None: leave them)
     thread_policy = None

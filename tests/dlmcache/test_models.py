@@ -217,13 +217,15 @@ def test_a_path_that_does_not_exist_is_named(tmp_path):
 
 
 def test_model_classes_are_registered():
-    from dlmcache.models import MODEL_CLASSES
+    from dlmcache.models import MODEL_CLASSES, FastDLLMV2ForCausalLM, LLaDA2MoeModelLM
 
     assert MODEL_CLASSES == {
         "llada": LLaDAModelLM,
         "Dream": DreamModel,
         "sdar": SDARForCausalLM,
         "sdar_moe": SDARMoeForCausalLM,
+        "llada2_moe": LLaDA2MoeModelLM,
+        "Fast_dLLM_Qwen": FastDLLMV2ForCausalLM,
     }
 
 

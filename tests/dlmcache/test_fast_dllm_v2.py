@@ -1,0 +1,167 @@
+"""Fast-dLLM v2 (block diffusion over Qwen2.5 with the token shift): the decoding loop against an
+independent implementation of the release's generate, the engine against the loop, loading and bad
+configs. The release's modeling file and generate ship on the hub only
+(Efficient-Large-Model/Fast_dLLM_v2_7B); the loop below is written from its description."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler
+from dlmcache.blockdiffusion import decode_blocks
+from dlmcache.models import FastDLLMV2Config
+from dlmcache.testing import random_checkpoint, tiny_fast_dllm_v2
+
+
+@pytest.fixture(scope="module")
+def model():
+    # weights 10x the usual scale: confident enough that a threshold commits several tokens a step
+    return tiny_fast_dllm_v2(dtype=torch.float64, initializer_range=0.2)
+
+
+class BlockKV:
+    """The release's prefix cache: per layer the K/V of the stored blocks; a forward attends the cache
+    and its own tokens under the block-causal mask, and stores its K/V only when told to."""
+
+    def __init__(self, block):
+        self.block, self.k, self.v = block, {}, {}
+
+    def run(self, model, ids, start, store):
+        """The model's output at each fed position (the raw logits: this model's `forward` applies the
+        token shift itself, so index j + 1 asks for position j's)."""
+        self.start, self.store = start, store
+        positions = torch.arange(start, start + len(ids))[None]
+        raw = torch.arange(1, len(ids) + 1)
+        with torch.no_grad():
+            return model(torch.tensor(ids)[None], positions=positions, cache=self, logits_index=raw).logits[0]
+
+    def attend(self, layer_idx, q, k, v, backend):
+        keys = k if layer_idx not in self.k else torch.cat([self.k[layer_idx], k], 2)
+        values = v if layer_idx not in self.v else torch.cat([self.v[layer_idx], v], 2)
+        if self.store:
+            self.k[layer_idx], self.v[layer_idx] = keys, values
+        q_pos = torch.arange(self.start, self.start + q.shape[2])
+        allowed = (torch.arange(keys.shape[2])[None] // self.block) <= (q_pos[:, None] // self.block)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[None, None], enable_gqa=True)
+
+
+def release_generate(model, prompt, gen_length, block, small_block, threshold):
+    """Fast-dLLM v2's generate, greedy, written from its description: the prompt's complete blocks are
+    prefilled and stored (when the prompt fills them exactly, the next token is the argmax of the
+    last position: autoregressive); then each block, padded with masks to its end, is decoded one
+    sub-block at a time, each step a forward of the whole block over the cache, with the token shift
+    (the logits of block position j come from position j - 1) and every masked sub-block position
+    above the threshold committed, the most confident at least; a finished block is forwarded once
+    more to store its KV, and the argmax of its last position is the next block's first token."""
+    mask_id = model.mask_token_id
+    x = list(prompt)
+    kv = BlockKV(block)
+    full = len(x) // block * block
+    if full:
+        logits = kv.run(model, x[:full], 0, store=True)
+        if len(x) == full:
+            x.append(int(logits[-1].argmax()))  # (the model's own logits at the last position: no shift)
+    while len(x) < len(prompt) + gen_length:
+        start = len(x) // block * block
+        cur = x[start:] + [mask_id] * (start + block - len(x))
+        for sub in range(0, block, small_block):
+            while True:
+                masked = torch.tensor([t == mask_id for t in cur[sub : sub + small_block]])
+                if not masked.any():
+                    break
+                logits = kv.run(model, cur, start, store=False)
+                logits = torch.cat([logits[:1], logits[:-1]])[sub : sub + small_block]  # the token shift
+                probs = logits.softmax(-1)
+                confidence, x0 = probs.max(-1)
+                confidence = torch.where(masked, confidence, -math.inf)
+                commit = confidence > threshold
+                commit[confidence.argmax()] = True
+                for j in torch.nonzero(commit & masked).flatten().tolist():
+                    cur[sub + j] = int(x0[j])
+        logits = kv.run(model, cur, start, store=True)
+        x = x[:start] + cur + [int(logits[-1].argmax())]
+    return x[len(prompt) : len(prompt) + gen_length]
+
+
+@pytest.mark.parametrize("prompt_len", [8, 11, 16, 5])  # ends on a block's edge, inside a block, on a sub-block
+@pytest.mark.parametrize("cached", [True, False])
+def test_equals_the_release_loop(model, prompt_len, cached):
+    prompt = list(range(10, 10 + prompt_len))
+    gen = 24 - prompt_len % 8 if prompt_len % 8 else 16  # ends on a block's edge, as the release's last block
+    threshold = 0.05
+    expected = release_generate(model, prompt, gen, 8, 4, threshold)
+    out = decode_blocks(model, [prompt], gen, 4, 4, ThresholdScheduler(threshold=threshold), cached=cached,
+                        attention_block=8, first_token_autoregressive=True)  # fmt: skip
+    assert out["sequences"][0].tolist() == expected
+    assert out["nfe"] < gen  # several tokens in some steps
+
+
+def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(tmp_path):
+    path = random_checkpoint("Fast_dLLM_QwenForCausalLM", tmp_path / "v2", seed=1, initializer_range=0.2)
+    pipe = DLMPipeline.from_pretrained(path, torch_dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.default_block_length == 4 and pipe.model.attention_block == 8 and pipe.model.logit_shift == 1
+    assert isinstance(pipe.scheduler, ThresholdScheduler) and pipe.scheduler.config.threshold == 0.9
+    prompts = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many now?", "Hi", "Compute 45+38-27."]
+    for cache in ("none", "freecache"):
+        pipe.set_cache(cache)
+        for scheduler in (ThresholdScheduler(threshold=0.05), LowConfidenceScheduler()):
+            kw = dict(max_new_tokens=16, scheduler=scheduler)
+            batch = pipe(prompts, **kw)
+            assert batch.stats["block_diffusion"] and len(set(batch.sequences.flatten().tolist())) > 6
+            for i, prompt in enumerate(prompts):
+                alone = pipe(prompt, engine=False, **kw)
+                assert torch.equal(alone.sequences[0], batch.sequences[i]), (cache, type(scheduler).__name__, i)
+                assert torch.equal(alone.commit_step[0], batch.commit_step[i].to(alone.commit_step.device))
+
+
+def test_an_attention_blocks_first_token_is_committed_alone(model):
+    """The autoregressive step: the step that opens an attention block commits its first position and
+    nothing else, even where the threshold would take more."""
+    prompt = list(range(10, 18))  # one complete block: the next one opens at position 8
+    out = decode_blocks(model, [prompt], 8, 4, 4, ThresholdScheduler(threshold=0.0), attention_block=8,
+                        first_token_autoregressive=True)  # fmt: skip
+    steps = out["commit_step"][0].tolist()
+    assert steps[0] == 0 and 0 not in steps[1:]  # position 8 alone at the first step
+    assert steps[1:4] == [1, 1, 1] and steps[4:] == [2, 2, 2, 2]  # then whole sub-blocks at threshold 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bd_size=32, small_block_size=12), "small_block_size=12 does not divide bd_size=32"),
+        (dict(layer_types=["full_attention", "sliding_attention"], num_hidden_layers=2), "sliding-window layers"),
+        (dict(use_sliding_window=True), "sliding-window layers"),
+        (dict(layer_types=["full_attention"], num_hidden_layers=2), "layer_types has 1 entries for 2 layers"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, match):
+    base = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mask_token_id=5, eos_token_id=1,
+                pad_token_id=1, bos_token_id=1)  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        FastDLLMV2Config(**{**base, **kwargs})
+
+
+def test_shifted_logits_without_the_autoregressive_step(model):
+    """Without the autoregressive step an attention block's first position may stay masked past the
+    block's first step; its logits come from the position before, which each step feeds again (its
+    KV is final), on the engine as on the loop."""
+    from dlmcache.engine import BatchedDecoder, Request
+    from dlmcache.engine.rules import CAUSAL, CacheRule
+
+    prompts = [list(range(10, 18)), list(range(20, 31)), [40, 41, 42]]
+    scheduler = LowConfidenceScheduler()  # one token a step, the most confident first: not always the first
+    reference = decode_blocks(model, prompts, 16, 4, 4, scheduler, attention_block=8)
+    assert (reference["commit_step"][:, 0] > 0).any()  # some block's first position waited
+    requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), CacheRule(CAUSAL), attention_block=8, id=str(i))
+                for i, p in enumerate(prompts)]  # fmt: skip
+    decoder = BatchedDecoder.for_requests(model, None, requests)
+    for r in requests:
+        decoder.add(r)
+    done = {}
+    while len(decoder):
+        done.update({f.request.id: f for f in decoder.step()})
+    for i in range(len(prompts)):
+        assert torch.equal(done[str(i)].sequence, reference["sequences"][i]), i
