@@ -99,6 +99,15 @@ def dream_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32, devi
     return _seeded(DreamModel, config, dtype, device)
 
 
+def fast_dllm_v2_135m(vocab_size: int = 32768, dtype: torch.dtype = torch.float32,
+                      device: str = "cpu") -> FastDLLMV2ForCausalLM:  # fmt: skip
+    """`dream_135m`'s layers in Fast-dLLM v2's architecture: attention blocks of 32, sub-blocks of 8."""
+    config = FastDLLMV2Config(vocab_size=vocab_size, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                              num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=16384,
+                              rope_theta=500000.0, bos_token_id=0, **SYNTHETIC_IDS)  # fmt: skip
+    return _seeded(FastDLLMV2ForCausalLM, config, dtype, device)
+
+
 def random_guide(tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A random-weight Llama causal LM over `tokenizer`'s vocabulary (4 layers, hidden 256)."""
     model = tiny_llama(

@@ -11,10 +11,11 @@
 
 The default model is a random-weight LLaDA-architecture model built from a config (d_model 768,
 12 layers, 12 heads, SwiGLU 2048, vocab 32768: 135M parameters) fed random prompt ids;
-`--model random-135m-dream` / `random-135m-sdar` / `random-135m-moe` / `random-135m-llada2` is the
-same width and depth in Dream's / SDAR's / LLaDA-MoE's / LLaDA2's architecture
-(`dlmcache.testing.dream_135m`, `sdar_135m`, `llada_moe_135m`, `llada2_135m`; SDAR with
-`--block-length 4`, its own; LLaDA2 with its 32). Every mode
+`--model random-135m-dream` / `random-135m-sdar` / `random-135m-moe` / `random-135m-llada2` /
+`random-135m-fastdllm-v2` is the same width and depth in Dream's / SDAR's / LLaDA-MoE's / LLaDA2's /
+Fast-dLLM v2's architecture (`dlmcache.testing.dream_135m`, `sdar_135m`, `llada_moe_135m`,
+`llada2_135m`, `fast_dllm_v2_135m`; SDAR with `--block-length 4`, its own; LLaDA2 with its 32;
+Fast-dLLM v2 with its sub-blocks of 8 in attention blocks of 32). Every mode
 decodes the same prompt with the same schedule (default: 256-token prompt, 256 new tokens, blocks of
 32, one token per step, greedy). For each mode: median seconds over --repeats (modes interleaved, so
 load drift hits them alike), tokens/s, ms per step, forwards, tokens fed, KV-buffer bytes, token
@@ -54,6 +55,7 @@ from dlmcache.models.layers import LINEAR_BACKENDS
 from dlmcache.run_config import RunConfig, split_configs
 from dlmcache.testing import (
     dream_135m,
+    fast_dllm_v2_135m,
     llada2_135m,
     llada_135m,
     llada_moe_135m,
@@ -91,6 +93,7 @@ RANDOM_MODELS = {
     "random-135m-sdar": "sdar",
     "random-135m-moe": "llada-moe",
     "random-135m-llada2": "llada2",
+    "random-135m-fastdllm-v2": "fast-dllm-v2",
 }
 
 
@@ -105,6 +108,8 @@ def random_pipeline(vocab_size: int, dtype: torch.dtype, device: str, family: st
         model, scheduler = llada_moe_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     elif family == "llada2":
         model, scheduler = llada2_135m(vocab_size, dtype, device), LowConfidenceScheduler()
+    elif family == "fast-dllm-v2":
+        model, scheduler = fast_dllm_v2_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     else:
         model, scheduler = llada_135m(vocab_size, dtype, device), LowConfidenceScheduler()
     return DLMPipeline(model=model, tokenizer=synthetic_tokenizer(vocab_size), scheduler=scheduler)
