@@ -31,7 +31,9 @@ from __future__ import annotations
 import torch
 
 from dlmcache.batching import after_eos
+from dlmcache.cache.store import evict_prompt, pack_prompts
 from dlmcache.kernels.ops import dense_attention
+from dlmcache.kernels.ops.attention import masked_attention, merge_attention
 
 
 class BlockCausalStore:
@@ -41,8 +43,15 @@ class BlockCausalStore:
     attends, among the keys before `key_end`, those of its own block and of every block before it that
     are real positions of its row (`valid` [B, W])."""
 
-    def __init__(self, model, valid: torch.BoolTensor, block_length: int):
+    def __init__(self, model, valid: torch.BoolTensor, block_length: int, compression=None,
+                 prefix: torch.LongTensor | None = None):  # fmt: skip
         self.valid, self.block_length = valid, block_length
+        # A compressed prefix (`compression`; each row's first `prefix` [B] positions): compressed at the
+        # forward whose rows `begin` names in `compress`, read from its segment by every later one.
+        self.compression, self.prefix = compression, prefix
+        self.num_layers = model.num_layers
+        self.segments: dict[int, list] = {}  # batch row -> its segment per layer
+        self.compress: list[int] = []
         dtype = next(model.parameters()).dtype
         shape = (valid.shape[0], model.num_kv_heads, valid.shape[1], model.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=valid.device) for _ in range(model.num_layers)]
@@ -52,8 +61,10 @@ class BlockCausalStore:
         self.mask: torch.BoolTensor | None = None
         self.key_end = 0
 
-    def begin(self, rows: torch.LongTensor | None, cols: torch.LongTensor, key_end: int) -> None:
-        self.rows, self.cols, self.key_end = rows, cols, key_end
+    def begin(self, rows: torch.LongTensor | None, cols: torch.LongTensor, key_end: int,
+              compress: list[int] = ()) -> None:  # fmt: skip
+        self.rows, self.cols, self.key_end, self.compress = rows, cols, key_end, list(compress)
+        self._ready = set(self.segments)  # the rows whose prefix earlier forwards compressed
         valid = self.valid if rows is None else self.valid[rows]
         self.mask = block_causal_mask(cols, self.block_length, valid[:, :key_end])
         index = torch.arange(cols.shape[0], device=cols.device) if rows is None else rows
@@ -68,11 +79,38 @@ class BlockCausalStore:
             keys, values = keys[:, :, :end], values[:, :, :end]
         else:
             keys, values = keys[self.rows, :, :end], values[self.rows, :, :end]
-        return dense_attention(q, keys, values, self.mask, backend)
+        if self.compression is None:
+            return dense_attention(q, keys, values, self.mask, backend)
+        out = self._attend_compressed(layer_idx, q, keys, values)
+        batch_rows = self._index[:, 0].tolist()
+        for row in self.compress:  # its prefix, fed whole at this forward (from column 0), compressed
+            i, p = batch_rows.index(row), int(self.prefix[row])
+            segment = evict_prompt(self.compression, q[i : i + 1, :, :p], keys[i : i + 1, :, :p],
+                                   values[i : i + 1, :, :p], p, q.new_zeros(0, dtype=torch.bool), layer_idx,
+                                   self.num_layers)  # fmt: skip
+            self.segments.setdefault(row, [None] * self.num_layers)[layer_idx] = pack_prompts(
+                self.compression, [segment]
+            )
+        return out
+
+    def _attend_compressed(self, layer_idx: int, q, keys, values):
+        """The reference with compressed prefixes: a row whose prefix is compressed attends its segment
+        and its keys after the prefix, merged by log-sum-exp (the segment's part first)."""
+        mask = self.mask.clone()
+        batch_rows = self._index[:, 0].tolist()
+        done = [i for i, row in enumerate(batch_rows) if row in self._ready]
+        for i in done:
+            mask[i, :, : int(self.prefix[batch_rows[i]])] = False
+        out, lse = masked_attention(q, keys, values, mask[:, None])
+        for i in done:
+            part = self.segments[batch_rows[i]][layer_idx].attend(q[i : i + 1])
+            out[i : i + 1] = merge_attention([part, (out[i : i + 1], lse[i : i + 1])])[0].to(out.dtype)
+        return out
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        segments = sum(s.nbytes_as(None) for each in self.segments.values() for s in each if s is not None)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v) + segments
 
 
 def block_causal_mask(cols: torch.LongTensor, block_length: int, valid: torch.BoolTensor) -> torch.BoolTensor:
@@ -97,6 +135,7 @@ def decode_blocks(
     on_step=None,
     attention_block: int | None = None,
     first_token_autoregressive: bool = False,
+    compression=None,
 ) -> dict:
     """Decode `max_new_tokens` tokens after each prompt (lists of ids) with a block-causal `model`.
 
@@ -112,7 +151,9 @@ def decode_blocks(
     shifted (`logit_shift`, the state at i - 1 predicts token i) also feeds the position before the
     attention block. first_token_autoregressive: a step whose attention block's first position is
     masked commits that position alone, as the argmax of its logits (Fast-dLLM v2's autoregressive
-    step between blocks).
+    step between blocks). compression: a `Compression` of each row's prefix, its complete prompt
+    attention blocks (needs `cached`): the first forward feeds it whole (no separate prefill) and
+    attends it so, then keeps it compressed with the prefix's own queries, as the engine does.
 
     Each row moves through its blocks at its own pace (a row whose block is done starts its next one
     at the next step, while the others go on), and a finished row is no longer fed. Per step, a row
@@ -138,7 +179,9 @@ def decode_blocks(
     generated = valid & (columns[None] >= prompt_lens[:, None])
     gen_index = prompt_lens[:, None] + torch.arange(g, device=device)  # [B, G] each row's generated columns
     commit_step = torch.full_like(canvas, -1)
-    store = BlockCausalStore(model, valid, attn)
+    compressed_len = prompt_lens // attn * attn
+    compression = compression if cached else None
+    store = BlockCausalStore(model, valid, attn, compression, compressed_len)
     stats = {"steps": 0, "prefill_forwards": 0, "fed_tokens": 0}
     in_block = torch.arange(bs, device=device)
 
@@ -146,7 +189,7 @@ def decode_blocks(
     steps_in = torch.zeros_like(block)  # steps the active block has taken
     cached_end = torch.zeros_like(block)  # columns [0, cached_end) of the row hold final KV
     prefill = int(prompt_lens.min()) // attn * attn  # every row's complete prompt attention blocks
-    if cached and prefill:  # in one forward
+    if cached and prefill and compression is None:  # in one forward
         cols = columns[:prefill].expand(len(prompts), -1)
         store.begin(None, cols, prefill)
         model(canvas[:, :prefill], positions=cols, cache=store, logits_index=columns[:0])
@@ -180,7 +223,10 @@ def decode_blocks(
         cols = start[:, None] + torch.arange(n, device=device)
         offset = blk * bs - start  # where each row's block sits in its window
         lo, hi = torch.stack([offset.min(), offset.max()]).tolist()
-        store.begin(rows, cols, key_end)
+        compress = []
+        if compression is not None and nfe == 0:  # every row's first forward: its prefix is fed whole
+            compress = [r for r in active.tolist() if int(compressed_len[r])]
+        store.begin(rows, cols, key_end, compress)
         ids = canvas[active].gather(1, cols)
         logits = model(ids, positions=cols, cache=store, logits_index=torch.arange(lo, hi + bs, device=device)).logits
         pick = (offset - lo)[:, None] + in_block  # [R, bs]

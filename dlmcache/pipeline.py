@@ -534,6 +534,7 @@ class DLMPipeline(DiffusionPipeline):
                 cached=cache.name != "none", stop_at_eos=stop_at_eos, eos_token_id=self.tokenizer.eos_token_id,
                 generator=generator, on_step=_with_bar(bar, live), attention_block=self.model.attention_block,
                 first_token_autoregressive=self.model.first_token_autoregressive,
+                compression=getattr(cache, "compression", None) if cache.name != "none" else None,
             )  # fmt: skip
             bar.update(max(0, steps - bar.n))
         elapsed = time.perf_counter() - start_time
@@ -557,10 +558,12 @@ class DLMPipeline(DiffusionPipeline):
             raise ValueError(f"cfg_scale={cfg_scale!r}: classifier-free guidance is not built for block diffusion")
         if isinstance(scheduler, GuidedScheduler):
             raise ValueError(f"guided unmasking is not built for block diffusion ({name})")
-        if getattr(cache, "compression", None) is not None:
+        compression = getattr(cache, "compression", None)
+        if compression is not None and "mask_queries" in compression.reads:
             raise ValueError(
-                f"cache={cache.name!r} with a compressed prompt: prompt compression is not built for block "
-                f"diffusion ({name}); its prefix KV is cached exactly"
+                f"cache={cache.name!r} with policy={compression.policy.name!r}: it scores the prompt by the masked "
+                f"positions' queries, and a block diffusion model ({name}) compresses its prefix with the "
+                "prefix's own queries; use a policy that reads the prompt's (snapkv, h2o, knorm, ...)"
             )
 
     def _decode_on_engine(self, requests: list[Request], cache, steps: int, callback, return_dict: bool):

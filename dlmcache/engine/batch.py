@@ -61,6 +61,18 @@ class Request:
         return len(self.prompt) + self.max_new_tokens
 
     @property
+    def compressed_len(self) -> int:
+        """The prompt positions its cache compresses: the whole prompt, or for block diffusion its
+        complete attention blocks (the block holding the prompt's end is still decoded); 0 without
+        compression."""
+        if self.rule.compression is None:
+            return 0
+        if self.rule.mode in (CAUSAL, CAUSAL_FULL):
+            attn = self.attention_block or self.block_length
+            return len(self.prompt) // attn * attn
+        return len(self.prompt)
+
+    @property
     def rows(self) -> int:
         """Rows of the batch it takes: 2 with classifier-free guidance (its unconditional row)."""
         return 2 if self.cfg_scale else 1
@@ -122,12 +134,17 @@ class PromptStep:
     merge [R] the rows whose queries attend their prompt's segment (merged with the pool's canvas
     keys by log-sum-exp), compress (host) the rows that recompute their prompt at this forward and
     compress it again, row_start [R] where each row's tokens begin in the flattened order, canvas
-    [R, W] the rows' canvases (a policy scoring by the masked positions reads them)."""
+    [R, W] the rows' canvases (a policy scoring by the masked positions reads them); a row's segment
+    attention lays its queries out by row and rank (`token_row`, `token_rank`, `most_tokens`), so a
+    block diffusion row's attention rows share it."""
 
     merge: torch.BoolTensor
     compress: list[int]
     row_start: torch.LongTensor
     canvas: torch.LongTensor
+    token_row: torch.LongTensor  # [T] each fed token's row (its request's, not its attention row)
+    token_rank: torch.LongTensor  # [T] its place among its row's fed tokens
+    most_tokens: int  # the most tokens a row feeds
 
 
 def _pad_cols(t: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -153,7 +170,8 @@ class GenerationBatch:
         "stop_at_eos": False,
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "canvas_refresh": False, "last_start": -1, "frozen_end": 0, "stale": False,
-        "causal": False, "cached_end": 0, "compressed": False, "attn_block": 1, "ar_first": False,
+        "causal": False, "cached_end": 0, "compressed": False, "compressed_len": 0, "attn_block": 1,
+        "ar_first": False,
     }  # fmt: skip
     COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
 
@@ -209,7 +227,7 @@ class GenerationBatch:
         causal = rule.mode in (CAUSAL, CAUSAL_FULL)
         row = {
             "length": request.length, "prompt_len": p, "block_len": request.block_length, "causal": causal,
-            "compressed": rule.compression is not None,
+            "compressed": request.compressed_len > 0, "compressed_len": request.compressed_len,
             "attn_block": request.attention_block or request.block_length, "ar_first": request.first_token_ar,
             # where block 0 starts: after the prompt, or for block diffusion at the absolute block
             # holding the prompt's end (its prompt tokens are given, its masks decoded)
@@ -291,7 +309,7 @@ class GenerationBatch:
         # What the running rows use, known on the host: plan and commit skip the rest.
         self._modes = {r.rule.mode for r in self.requests}
         self.block_causal = bool(self._modes & {CAUSAL, CAUSAL_FULL})  # the rows are block diffusion's
-        self._compressed = any(r.rule.compression is not None for r in self.requests)
+        self._compressed = any(r.compressed_len > 0 for r in self.requests)
         self._ar_first = any(r.first_token_ar for r in self.requests)
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
@@ -320,6 +338,7 @@ class GenerationBatch:
         if self.block_causal:
             need, attend_end, feed_from = self._causal_feed(start, end)
             refresh = torch.zeros_like(need[:, 0])
+            self._prompt_fresh = s["forwards"] == 0  # a row's first forward computes its prompt
         else:
             need, attend_end, refresh = self._feed(start, end)
 
@@ -340,9 +359,10 @@ class GenerationBatch:
         sizes = torch.stack(sizes)
         if self._compressed:  # which rows compress their prompt at this forward, in the same read
             compress = s["compressed"] & self._prompt_fresh
-            sizes = torch.cat([sizes, compress.long()])
+            sizes = torch.cat([sizes, counts.max()[None], compress.long()])
         sizes = sizes.tolist()
         total, widest, n_targets, most_targets = (int(v) for v in sizes[:4])
+        extra = 5 if self.block_causal else 4  # where the compressed prompts' values start
         self.host_reads += 1
         row, col = torch.nonzero_static(need, size=total).unbind(1)
         flat = torch.full_like(canvas, -1)
@@ -357,15 +377,17 @@ class GenerationBatch:
             rank = col - torch.maximum(feed_from[row], col_block * attn[row])  # (the first may start mid-block)
             seg_end = torch.minimum((first_block[seg_row] + seg_j + 1) * attn[seg_row], length[seg_row])
             key_valid = pos[:, :longest] < seg_end[:, None]
-            # a key after the block's end may not be written yet: it reads the null block instead
+            if self._compressed:  # a compressed prefix is read from its segment after the first forward
+                in_pool = (~s["compressed"] | self._prompt_fresh)[:, None] | (pos >= s["compressed_len"][:, None])
+                key_valid &= in_pool[seg_row, :longest]
+            # a key after the block's end (or in a compressed prefix) may hold anything: it reads the null block
             key_slots = torch.where(key_valid, self.key_slots[seg_row, :longest], 0)
         else:
             query_row = row
-            row_start = counts.cumsum(0) - counts  # where each row's tokens begin in the flattened order
-            rank = torch.arange(total, device=self.device) - row_start[row]
+            rank = torch.arange(total, device=self.device) - (counts.cumsum(0) - counts)[row]
             key_valid = pos < attend_end[:, None]
             if self._compressed:  # a compressed prompt is read from its segment, except where it is recomputed
-                in_pool = (~s["compressed"] | self._prompt_fresh)[:, None] | (pos >= s["prompt_len"][:, None])
+                in_pool = (~s["compressed"] | self._prompt_fresh)[:, None] | (pos >= s["compressed_len"][:, None])
                 key_valid = key_valid & in_pool
             key_slots, key_valid = self.key_slots[:, :longest], key_valid[:, :longest]
         t_row, t_col = torch.nonzero_static(targets, size=n_targets).unbind(1)
@@ -388,11 +410,15 @@ class GenerationBatch:
         one = len(self.requests) == 1 and not self.block_causal  # one row attending without a mask of its own
         prompts = None
         if self._compressed:
+            row_start = counts.cumsum(0) - counts  # where each row's tokens begin in the flattened order
             prompts = PromptStep(
                 merge=s["compressed"] & ~self._prompt_fresh,
-                compress=[i for i, flag in enumerate(sizes[4:]) if flag],  # (never block diffusion)
+                compress=[i for i, flag in enumerate(sizes[extra + 1 :]) if flag],
                 row_start=row_start,
                 canvas=canvas,
+                token_row=row,
+                token_rank=torch.arange(total, device=self.device) - row_start[row],
+                most_tokens=int(sizes[extra]),
             )
         return StepInput(
             input_ids=canvas[row, col], positions=col, slots=self.key_slots[row, col], query_row=query_row,

@@ -49,10 +49,12 @@ def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule |
     """The rule of `cache` (for a block diffusion model: `block_causal`), or None when the batched
     engine does not run it (a strategy it does not know, or a compressed prefix of block diffusion)."""
     compression = getattr(cache, "compression", None)
-    if block_causal:
-        if compression is not None:
-            return None
-        return CacheRule(CAUSAL_FULL if type(cache) is NoCache else CAUSAL)
+    if block_causal:  # (a compressed prefix: its complete attention blocks, after the first forward)
+        return (
+            CacheRule(CAUSAL_FULL, compression=compression)
+            if type(cache) is NoCache
+            else CacheRule(CAUSAL, compression=compression)
+        )
     if type(cache) is NoCache:
         return CacheRule(NONE)
     if type(cache) is PrefixCache:

@@ -19,6 +19,7 @@ from dlmcache.kernels.pool import KVPool, PoolFull, bytes_per_token
 from dlmcache.kernels.store import KVSegment
 
 from .batch import Finished, GenerationBatch, Request, StepInput
+from .rules import CAUSAL
 
 
 def device_memory(device: torch.device) -> int:
@@ -128,19 +129,20 @@ class PagedStore:
         out = pool_part[0]
         for rows, stacks in self.stacked:
             merged, in_stack = self._merge_segment(q, pool_part, rows, stacks[layer_idx], backend)
-            merge = (step.prompts.merge & in_stack)[step.query_row][:, None, None]
+            merge = (step.prompts.merge & in_stack)[step.prompts.token_row][:, None, None]
             out = torch.where(merge, merged.to(out.dtype), out)
         return out
 
     def _merge_segment(self, q, pool_part, rows: torch.LongTensor, segment: KVSegment, backend: str):
         """Every token's pool attention merged with its row's `segment` row (rows [S]: the batch rows it
         stacks), and which batch rows it stacks [R]. The segment's queries are laid out [S, Hq, N, D]
-        by row and rank; the other rows' tokens go to a scratch row whose result is not used."""
-        step, n, hq, d = self.step, self.layout.max_queries, q.shape[1], q.shape[2]
-        stacked = rows.numel()
-        at_stack = torch.full((self.layout.key_slots.shape[0],), stacked, device=q.device)
+        by row and rank among the row's tokens (a block diffusion row's attention rows share one);
+        the other rows' tokens go to a scratch row whose result is not used."""
+        prompts, hq, d = self.step.prompts, q.shape[1], q.shape[2]
+        n, stacked = prompts.most_tokens, rows.numel()
+        at_stack = torch.full((prompts.merge.shape[0],), stacked, device=q.device)
         at_stack[rows] = torch.arange(stacked, device=q.device)
-        dest = at_stack[step.query_row] * n + step.query_rank  # the scratch row: `stacked`
+        dest = at_stack[prompts.token_row] * n + prompts.token_rank  # the scratch row: `stacked`
         queries = q.new_zeros((stacked + 1) * n, hq, d).index_copy_(0, dest, q)
         queries = queries[: stacked * n].view(stacked, n, hq, d).transpose(1, 2)
         seg_out, seg_lse = segment.attend(queries, backend=backend)  # [S, Hq, N, D], [S, Hq, N]
@@ -155,7 +157,9 @@ class PagedStore:
         prompts = self.step.prompts
         for row in prompts.compress:
             request = self.requests[row]
-            p, length = len(request.prompt), request.length
+            # the compressed positions, then (full attention) the generation region the row feeds too
+            p = request.compressed_len
+            length = request.length if p == len(request.prompt) else p
             index = prompts.row_start[row] + torch.arange(length, device=q.device)
             fed = (q[:, :, index], k[:, :, index], v[:, :, index])  # [1, H, length, D]
             masked = prompts.canvas[row, p:length] == self.mask_id
@@ -282,10 +286,11 @@ class BatchedDecoder:
         size = self.pool.block_size
         for row in rows:
             request = self.batch.requests[row]
-            if not request.rule.canvas_refresh or request.cfg_scale or id(request) in self._trimmed:
+            never_again = request.rule.canvas_refresh or request.rule.mode == CAUSAL  # (its prompt is not recomputed)
+            if not never_again or request.cfg_scale or id(request) in self._trimmed:
                 continue
             blocks = self.blocks[id(request)]
-            whole = len(request.prompt) // size
+            whole = request.compressed_len // size
             if whole:
                 self.pool.free(blocks[:whole])
                 self.blocks[id(request)] = blocks[whole:]

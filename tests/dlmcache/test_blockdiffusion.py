@@ -170,8 +170,6 @@ def test_pipeline_defaults_and_refusals(tmp_path):
     assert torch.equal(loop.sequences, out.sequences) and loop.stats["block_diffusion"]
     with pytest.raises(ValueError, match="cfg_scale=1.0"):
         pipe("Hi", max_new_tokens=8, cfg_scale=1.0)
-    with pytest.raises(ValueError, match="prompt compression is not built for block diffusion"):
-        pipe("Hi", max_new_tokens=8, cache=make_cache("freecache", policy="snapkv", budget=0.5))
 
 
 def test_a_checkpoint_missing_a_q_norm_is_named(tmp_path):
@@ -454,3 +452,25 @@ def test_block_and_full_attention_requests_do_not_share_a_batch(model):
     with pytest.raises(ValueError, match="block diffusion and full-attention requests do not share a batch"):
         decoder.add(Request([5, 6, 7], 8, 4, 8, LowConfidenceScheduler(), cache_rule(make_cache("dual")), id="b"))
     assert decoder.pool.free_blocks == decoder.pool.num_blocks - decoder.pool.blocks_for(11)
+
+
+@pytest.mark.parametrize("options", [dict(policy="snapkv", budget=0.5), dict(policy="knorm", budget=2)])
+def test_a_compressed_prefix_on_the_engine_equals_the_loop(sdar_pipe, options):
+    """The prompt's complete blocks compressed after the first forward (with their own queries): each
+    request gets the reference loop's tokens for it alone, the compression changes them, and the
+    engine's requests give the prefix's pool blocks back."""
+    pipe = sdar_pipe
+    prompts = [p * 3 for p in BLOCK_PROMPTS]  # prompts of several blocks
+    kw = dict(max_new_tokens=12, scheduler=LowConfidenceScheduler())
+    batch = pipe(prompts, cache=make_cache("freecache", **options), **kw)
+    plain = pipe(prompts, cache=make_cache("freecache"), **kw)
+    assert not torch.equal(batch.sequences, plain.sequences)
+    assert batch.stats["kv_bytes"] < plain.stats["kv_bytes"]
+    for i, prompt in enumerate(prompts):
+        alone = pipe(prompt, cache=make_cache("freecache", **options), engine=False, **kw)
+        assert torch.equal(alone.sequences[0], batch.sequences[i]), (options, i)
+
+
+def test_a_policy_scoring_by_masked_queries_is_refused_for_block_diffusion(sdar_pipe):
+    with pytest.raises(ValueError, match="policy='maskkv': it scores the prompt by the masked positions' queries"):
+        sdar_pipe("Hi", max_new_tokens=8, cache=make_cache("freecache", policy="maskkv", budget=0.5))

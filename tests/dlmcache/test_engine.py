@@ -208,8 +208,10 @@ def test_cache_rules():
     assert cache_rule(FreeCache(policy="snapkv", budget=0.5)).compression.policy.name == "snapkv"
     assert cache_rule(make_cache("dual", quantizer="kivi4")).canvas_refresh  # a compressed prompt stays
     assert cache_rule(FreeCache()).drift > 0 and cache_rule(FreeCache()).compression is None
-    # block diffusion caches its prefix exactly, uncompressed
-    assert cache_rule(make_cache("dual", quantizer="kivi4"), block_causal=True) is None
+    # block diffusion: every cache is the exact prefix cache, its prefix compressed if asked
+    assert cache_rule(make_cache("dual", quantizer="kivi4"), block_causal=True).compression.quantizer.bits == 4
+    modes = {name: cache_rule(make_cache(name), block_causal=True).mode for name in ("none", "dual", "freecache")}
+    assert modes["none"] != modes["dual"] == modes["freecache"]
 
 
 def test_the_triton_paged_kernel_decodes_the_same_tokens(tiny_tokenizer):
