@@ -193,8 +193,12 @@ def tiny_dream(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32
         bos_token_id=tokenizer.eos_token_id,
     )
     kw.update(overrides)
-    model = _seeded(DreamModel, DreamConfig(**kw), dtype, seed=seed)
-    with torch.no_grad():  # random biases so the QKV-bias path is exercised
+    return _random_qkv_biases(_seeded(DreamModel, DreamConfig(**kw), dtype, seed=seed))
+
+
+def _random_qkv_biases(model):
+    """Random Q/K/V biases (the init zeroes them), so a test exercises that path; returns model."""
+    with torch.no_grad():
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.1)
@@ -281,12 +285,7 @@ def tiny_fast_dllm_v2(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     kw.update(overrides)
-    model = _seeded(FastDLLMV2ForCausalLM, FastDLLMV2Config(**kw), dtype, seed=seed)
-    with torch.no_grad():  # random biases so the QKV-bias path is exercised
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.1)
-    return model
+    return _random_qkv_biases(_seeded(FastDLLMV2ForCausalLM, FastDLLMV2Config(**kw), dtype, seed=seed))
 
 
 def tiny_llada2(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LLaDA2MoeModelLM:

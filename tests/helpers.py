@@ -96,3 +96,28 @@ def reference_forward(state: dict, config, input_ids: torch.Tensor, key_mask: to
         logits = lin(rms(h, sd[pre + "norm.weight"]), "lm_head")
         logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
     return logits
+
+
+def step_costs(decoder, warm_steps: int) -> tuple[int, int]:
+    """(dispatched ops, host reads) of `decoder`'s step after `warm_steps` steps: the engine's
+    ops-per-step tests, at 1 and at 16 requests."""
+    from dlmcache.testing import DispatchCount
+
+    for _ in range(warm_steps):
+        decoder.step()
+    reads = decoder.batch.host_reads
+    with DispatchCount() as count:
+        decoder.step()
+    return count.ops, decoder.batch.host_reads - reads
+
+
+def block_causal_logits(model, ids: torch.Tensor, block: int) -> torch.Tensor:
+    """Logits [B, n, V] of a block-causal model over ids [B, n] (blocks of `block`), one forward from
+    position 0."""
+    from dlmcache.blockdiffusion import BlockCausalStore
+
+    b, n = ids.shape
+    store = BlockCausalStore(model, torch.ones(b, n, dtype=torch.bool), block)
+    store.begin(None, torch.arange(n).expand(b, -1), n)
+    with torch.no_grad():
+        return model(ids, positions=torch.arange(n).expand(b, -1), cache=store).logits

@@ -15,7 +15,8 @@ from dlmcache.cache import make_cache
 from dlmcache.engine import BatchedDecoder, Request, cache_rule
 from dlmcache.engine.rules import CAUSAL, CAUSAL_FULL, CacheRule
 from dlmcache.schedulers import LowConfidenceScheduler, ThresholdScheduler
-from dlmcache.testing import DispatchCount, random_checkpoint, tiny_sdar
+from dlmcache.testing import random_checkpoint, tiny_sdar
+from tests.helpers import block_causal_logits, step_costs
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +226,7 @@ def reference_sdar_logits(model, ids, block):
 def test_the_forward_equals_an_independent_reference(model):
     torch.manual_seed(2)
     ids = torch.randint(3, 200, (2, 14))
-    store = BlockCausalStore(model, torch.ones(2, 14, dtype=torch.bool), 4)
-    store.begin(None, torch.arange(14).expand(2, -1), 14)
-    with torch.no_grad():
-        logits = model(ids, positions=torch.arange(14).expand(2, -1), cache=store).logits
+    logits = block_causal_logits(model, ids, 4)
     for b in range(2):
         torch.testing.assert_close(logits[b], reference_sdar_logits(model, ids[b], 4), rtol=1e-10, atol=1e-10)
 
@@ -436,13 +434,8 @@ def test_block_ops_and_host_reads_per_step_do_not_grow_with_the_batch(model):
         for i in range(rows):
             ids = [5 + (7 * i + j) % 90 for j in range(10 + i)]
             decoder.add(Request(ids, 32, 4, 32, LowConfidenceScheduler(), CacheRule(CAUSAL), id=str(i)))
-        for _ in range(6):  # past the prefill and into a second block
-            decoder.step()
-        reads = decoder.batch.host_reads
-        with DispatchCount() as count:
-            decoder.step()
-        counts[rows] = count.ops
-        assert decoder.batch.host_reads - reads <= 3
+        counts[rows], reads = step_costs(decoder, warm_steps=6)  # past the prefill and into a second block
+        assert reads <= 3
     assert counts[16] <= 1.5 * counts[1], counts
 
 

@@ -17,6 +17,7 @@ from dlmcache.blockdiffusion import BlockCausalStore, block_causal_mask
 from dlmcache.models import LLaDA2MoeConfig
 from dlmcache.testing import random_checkpoint, tiny_llada2
 from tests.dlmcache.test_llada_moe import rms, rope, swiglu
+from tests.helpers import block_causal_logits
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +82,7 @@ def reference_logits(model, ids, block):
 def test_forward_equals_an_independent_reference(model):
     torch.manual_seed(3)
     ids = torch.randint(3, 200, (2, 14))
-    store = BlockCausalStore(model, torch.ones(2, 14, dtype=torch.bool), 4)
-    store.begin(None, torch.arange(14).expand(2, -1), 14)
-    with torch.no_grad():
-        logits = model(ids, positions=torch.arange(14).expand(2, -1), cache=store).logits
+    logits = block_causal_logits(model, ids, 4)
     for b in range(2):
         torch.testing.assert_close(logits[b], reference_logits(model, ids[b], 4), rtol=1e-10, atol=1e-10)
 
