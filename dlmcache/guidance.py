@@ -9,6 +9,7 @@ same vocabulary, as Dream and Qwen2.5 do).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from dlmcache.kernels.cache import cache_argument
@@ -190,25 +191,34 @@ class GuideSession:
         Returns k [B], the length of the accepted prefix; those tokens are now in the guide's cache.
         """
         guide = self.guide
-        b, n = tokens.shape
-        self.forwards += 1
-        guide_ids = guide.vocab_map(tokens)
-        feed = torch.where(guide_ids >= 0, guide_ids, guide.vocab_map.fallback_id)
-        positions = self.length[:, None] + torch.arange(n, device=tokens.device)
-        mask = torch.cat([self.mask, live.long()], dim=1)
+        guide_ids, feed, positions = self._inputs(tokens)
         out = guide.model(
             input_ids=feed.to(guide.device),
-            attention_mask=mask.to(guide.device),
+            attention_mask=torch.cat([self.mask, live.long()], dim=1).to(guide.device),
             position_ids=positions.to(guide.device),
             **cache_argument(self.cache),
             use_cache=True,
         )
-        logits = out.logits.float()
+        return self._ingest(out.logits.float(), guide_ids, forced, live)
+
+    def _inputs(self, tokens: torch.LongTensor):
+        """(guide ids [B, n] (-1: none), the ids fed (unmappable ones as the fallback), positions)."""
+        vocab_map = self.guide.vocab_map
+        guide_ids = vocab_map(tokens)
+        feed = torch.where(guide_ids >= 0, guide_ids, vocab_map.fallback_id)
+        return guide_ids, feed, self.length[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+
+    def _ingest(self, logits, guide_ids, forced, live) -> torch.LongTensor:
+        """The accepted prefix of every row, given the guide's logits [B, n, V] of the fed tokens (whose
+        K/V the cache already holds): masks, lengths and the pending prediction move past it, and the
+        entries dead for every row leave the cache."""
+        self.forwards += 1
+        n = guide_ids.shape[1]
         # The prediction for token j comes from the output after token j-1 (the pending one for j = 0).
         before = torch.cat([self.next_logits[:, None], logits[:, :-1]], dim=1)
-        ok = (forced | guide.accept(before, guide_ids)) & live
+        ok = (forced | self.guide.accept(before, guide_ids)) & live
         k = ok.long().cumprod(-1).sum(-1)  # [B] leading accepted run
-        keep = torch.arange(n, device=tokens.device)[None] < k[:, None]
+        keep = torch.arange(n, device=guide_ids.device)[None] < k[:, None]
         self.mask = torch.cat([self.mask, keep.long()], dim=1)
         self.length = self.length + k
         self.next_logits = torch.where(
@@ -222,3 +232,37 @@ class GuideSession:
             self.cache.crop(-dead)  # a negative count removes that many entries (every transformers version)
             self.mask = self.mask[:, :-dead]
         return k
+
+
+@torch.no_grad()
+def verify_many(sessions: list[GuideSession], tokens, forced, live) -> list[torch.LongTensor]:
+    """`GuideSession.verify` of several sessions of one guide (one row each, as the batched engine's
+    requests hold them) in one forward of the guide: their caches left-padded to the longest and
+    stacked, masked where padded; each session then takes its row's new K/V and ingests its own
+    result. tokens / forced / live: one [1, n] per session, the same n. Returns each session's k [1]."""
+    guide = sessions[0].guide
+    if len(sessions) == 1:
+        return [sessions[0].verify(tokens[0], forced[0], live[0])]
+    longest = max(s.mask.shape[1] for s in sessions)
+    pad = [longest - s.mask.shape[1] for s in sessions]
+    cache = DynamicCache()
+    for layer in range(len(sessions[0].cache.layers)):
+        keys = [F.pad(s.cache.layers[layer].keys, (0, 0, p, 0)) for s, p in zip(sessions, pad, strict=True)]
+        values = [F.pad(s.cache.layers[layer].values, (0, 0, p, 0)) for s, p in zip(sessions, pad, strict=True)]
+        cache.update(torch.cat(keys), torch.cat(values), layer)
+    inputs = [s._inputs(t) for s, t in zip(sessions, tokens, strict=True)]
+    mask = torch.cat([F.pad(s.mask, (p, 0)) for s, p in zip(sessions, pad, strict=True)])
+    out = guide.model(
+        input_ids=torch.cat([feed for _, feed, _ in inputs]).to(guide.device),
+        attention_mask=torch.cat([mask, torch.cat(live).long()], dim=1).to(guide.device),
+        position_ids=torch.cat([positions for _, _, positions in inputs]).to(guide.device),
+        **cache_argument(cache),
+        use_cache=True,
+    )
+    logits = out.logits.float()
+    ks = []
+    for i, s in enumerate(sessions):
+        for layer, part in enumerate(cache.layers):  # the row's K/V of the fed tokens join its own cache
+            s.cache.update(part.keys[i : i + 1, :, longest:], part.values[i : i + 1, :, longest:], layer)
+        ks.append(s._ingest(logits[i : i + 1], inputs[i][0], forced[i], live[i]))
+    return ks

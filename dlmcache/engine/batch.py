@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dlmcache.batching import after_eos
-from dlmcache.schedulers import DLMScheduler
+from dlmcache.schedulers import DLMScheduler, GuidedScheduler
 from dlmcache.schedulers.base import StepContext
 
 from .rules import BLOCK, CAUSAL, CAUSAL_FULL, DUAL, NONE, PREFIX, TOKEN, CacheRule
@@ -662,6 +662,7 @@ class GenerationBatch:
         info = [s["origin"][index], s["block"][index], s["step_in_block"][index], s["steps_per_block"][index]]
         info = torch.stack(info, 1).tolist()
         self.host_reads += 1
+        guided: dict = {}  # guided rows by guide and chunk limit: their guide forwards are shared
         for i, (origin, block, step_index, num_steps) in zip(self._alone, info, strict=True):
             req = self.requests[i]
             cols = targets[i].nonzero().flatten()
@@ -671,10 +672,17 @@ class GenerationBatch:
                 end=start + req.block_length, prompt_len=len(req.prompt), mask_token_id=self.mask_id,
             )  # fmt: skip
             n = cols.numel()
-            gx, _, gt = req.scheduler._select(
-                packed[i : i + 1, :n], targets[i : i + 1, cols], step_index, num_steps, req.generator, context
-            )
+            logits, mask_index = packed[i : i + 1, :n], targets[i : i + 1, cols]
+            if isinstance(req.scheduler, GuidedScheduler):
+                key = (id(req.scheduler.guide), req.scheduler.config.max_chunks_per_step)
+                guided.setdefault(key, []).append((i, n, (req.scheduler, logits, mask_index, context)))
+                continue
+            gx, _, gt = req.scheduler._select(logits, mask_index, step_index, num_steps, req.generator, context)
             x0[i, :n], transfer[i, :n] = gx[0], gt[0]
+        for group in guided.values():
+            selected = GuidedScheduler.select_many([item for _, _, item in group])
+            for (i, n, _), (gx, _, gt) in zip(group, selected, strict=True):
+                x0[i, :n], transfer[i, :n] = gx[0], gt[0]
 
     def _observe_drift(self, values: torch.Tensor) -> None:
         """RefreshOnDrift per row: a refreshing row records its fresh last-layer values as the

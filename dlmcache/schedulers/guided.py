@@ -71,28 +71,60 @@ class GuidedScheduler(DLMScheduler):
         return {"accepted_drafts": self.accepted_drafts, "guide_forwards": self.session.forwards}
 
     def _select(self, logits, mask_index, step_index, num_steps, generator, context: StepContext | None):
-        if context is None:
-            raise ValueError("GuidedScheduler.step needs the step context (it reads the whole canvas)")
-        x0, confidence = argmax_confidence(logits)
-        confidence = confidence.masked_fill(~mask_index, float("-inf"))
-        targets = context.targets
-        drafted = context.x.clone()
-        drafted[:, targets] = torch.where(mask_index, x0, drafted[:, targets])
-        committed = context.x != context.mask_token_id
-        start = self.cursor.clone()
-        chunk = self.guide.chunk_size
-        offsets = torch.arange(chunk, device=drafted.device)
-        for _ in range(self.config.max_chunks_per_step or 1 << 30):
-            pos = self.cursor[:, None] + offsets  # [B, chunk] canvas positions to verify
-            live = pos < context.end
-            pos = pos.clamp(max=drafted.shape[1] - 1)
-            k = self.session.verify(drafted.gather(1, pos), committed.gather(1, pos), live)
-            self.cursor = self.cursor + k
-            # Rows that accepted a whole chunk with more of the block left go on (one sync per chunk).
-            if not ((k == chunk) & (self.cursor < context.end)).any():
-                break
-        in_prefix = (targets[None] >= start[:, None]) & (targets[None] < self.cursor[:, None]) & mask_index
-        self.accepted_drafts += int(in_prefix.sum())
-        stuck = ~in_prefix.any(-1)
-        fallback = select_topk(confidence, stuck.long())
-        return x0, confidence, in_prefix | fallback
+        return GuidedScheduler.select_many([(self, logits, mask_index, context)])[0]
+
+    @staticmethod
+    def select_many(items: list) -> list[tuple]:
+        """`_select` of several guided schedulers at once: items are (scheduler, logits, mask_index,
+        context), each with its own session and rows, all with one guide. Their drafts are verified
+        chunk by chunk in shared guide forwards (`guidance.verify_many` when the sessions differ): a
+        scheduler whose rows accepted a whole chunk, with more of the block left and chunks left,
+        goes on to the next round, the others stop. Returns each one's (x0, confidence, transfer)."""
+        from ..guidance import verify_many
+
+        states = []
+        for scheduler, logits, mask_index, context in items:
+            if context is None:
+                raise ValueError("GuidedScheduler.step needs the step context (it reads the whole canvas)")
+            x0, confidence = argmax_confidence(logits)
+            confidence = confidence.masked_fill(~mask_index, float("-inf"))
+            drafted = context.x.clone()
+            drafted[:, context.targets] = torch.where(mask_index, x0, drafted[:, context.targets])
+            committed = context.x != context.mask_token_id
+            states.append((x0, confidence, drafted, committed, scheduler.cursor.clone()))
+        going = list(range(len(items)))
+        rounds = 0
+        while going:
+            inputs = []
+            for i in going:
+                scheduler, _, _, context = items[i]
+                _, _, drafted, committed, _ = states[i]
+                pos = scheduler.cursor[:, None] + torch.arange(scheduler.guide.chunk_size, device=drafted.device)
+                live = pos < context.end
+                pos = pos.clamp(max=drafted.shape[1] - 1)  # [B, chunk] canvas positions to verify
+                inputs.append((drafted.gather(1, pos), committed.gather(1, pos), live))
+            sessions = [items[i][0].session for i in going]
+            if len({id(s) for s in sessions}) == len(sessions) and all(s.mask.shape[0] == 1 for s in sessions):
+                ks = verify_many(sessions, *zip(*inputs, strict=True))
+            else:  # (rows of one session are already one forward)
+                ks = [s.verify(*x) for s, x in zip(sessions, inputs, strict=True)]
+            rounds += 1
+            left = []
+            for i, k in zip(going, ks, strict=True):
+                scheduler, _, _, context = items[i]
+                scheduler.cursor = scheduler.cursor + k
+                limit = scheduler.config.max_chunks_per_step or 1 << 30
+                # rows that accepted a whole chunk with more of the block left go on (one sync each)
+                more = bool(((k == scheduler.guide.chunk_size) & (scheduler.cursor < context.end)).any())
+                if more and rounds < limit:
+                    left.append(i)
+            going = left
+        out = []
+        for (scheduler, _, mask_index, context), (x0, confidence, _, _, start) in zip(items, states, strict=True):
+            targets = context.targets
+            in_prefix = (targets[None] >= start[:, None]) & (targets[None] < scheduler.cursor[:, None]) & mask_index
+            scheduler.accepted_drafts += int(in_prefix.sum())
+            stuck = ~in_prefix.any(-1)
+            fallback = select_topk(confidence, stuck.long())
+            out.append((x0, confidence, in_prefix | fallback))
+        return out

@@ -411,3 +411,36 @@ def test_a_lone_request_on_scattered_blocks_gathers_its_keys(pipe):
         assert (decoder._first_slot() is None) == scatter
         done = run(decoder, [])
         assert torch.equal(done[r.id].sequence, alone_seq(pipe, 1, cache))
+
+
+def test_guided_rows_share_their_guide_forwards(guided_pipe):
+    """Guided requests of one guide verify their drafts in shared guide forwards (one per chunk round
+    of a step, not one per request), and each still gets its tokens alone."""
+    from dlmcache import tinytask
+
+    prompts = [tinytask.messages(p) for p in tinytask.test_problems(4)]
+    kw = dict(max_new_tokens=64, block_length=32, cache=CACHES["token"]())
+    requests = guided_pipe.make_requests(prompts, **kw)
+    for i, r in enumerate(requests):
+        r.id = str(i)
+    guide_model = guided_pipe.scheduler.guide.model
+    calls = []
+    original = guide_model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    decoder = BatchedDecoder(guided_pipe.model, guided_pipe.tokenizer.eos_token_id)
+    for r in requests:
+        decoder.add(r)  # each request's guide prefill runs here, alone
+    guide_model.forward = counted
+    try:
+        done = run(decoder, [])
+    finally:
+        guide_model.forward = original
+    per_request = sum(done[str(i)].stats["guide_forwards"] - 1 for i in range(len(prompts)))  # less the prefill
+    assert max(calls) == len(prompts) and len(calls) < per_request  # rows of one forward, fewer forwards
+    for i, prompt in enumerate(prompts):
+        alone = guided_pipe([prompt], engine=False, **kw)
+        assert torch.equal(done[str(i)].sequence, alone.sequences[0].cpu()), i
