@@ -2,6 +2,7 @@
 
     python scripts/bench_engine.py --out results/bench_engine.json
     python scripts/bench_engine.py --model dlmcache/tiny-block      # block diffusion: against decode_blocks
+    python scripts/bench_engine.py --guide dlmcache/tiny-guide      # guided unmasking (FreeCache + guide)
 
 One run, ratios within it, medians of `--repeats`:
 - one request at a time: ms per request through `DLMPipeline`'s step loop (engine=False) and through
@@ -12,7 +13,9 @@ One run, ratios within it, medians of `--repeats`:
 - dispatched ops per step at R = 1 and R = `--requests` (a dispatch counter), and host reads per step;
   `DLMPipeline`'s ops per step for one request beside them.
 The cache is the server's default (FreeCache token mode, suffix window 0, drift refresh); for a block
-diffusion model, its block cache; the scheduler and block length are the model's defaults.
+diffusion model, its block cache; the scheduler and block length are the model's defaults. With
+`--guide`, every request is guided, and the guide's forwards of the batched run are counted (the
+requests share them) against the forwards each request took part in.
 """
 
 from __future__ import annotations
@@ -47,9 +50,39 @@ def pipeline_ops_per_step(pipe, ids, max_new_tokens, cache) -> int:
     return count.ops
 
 
+class GuideCalls:
+    """Counts the guide model's forwards inside `with` (none without a guide), and the rows they carry."""
+
+    def __init__(self, pipe):
+        guide = getattr(pipe.scheduler, "guide", None)
+        self.model = None if guide is None else guide.model
+        self.forwards, self.rows = 0, 0
+
+    @property
+    def rows_per_forward(self) -> float:
+        return self.rows / max(self.forwards, 1)
+
+    def __enter__(self):
+        if self.model is not None:
+            original = self.original = self.model.forward
+
+            def counted(*args, **kwargs):
+                self.forwards += 1
+                self.rows += kwargs["input_ids"].shape[0]
+                return original(*args, **kwargs)
+
+            self.model.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        if self.model is not None:
+            self.model.forward = self.original
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dlmcache/tiny", help="dlmcache/tiny or dlmcache/tiny-block")
+    ap.add_argument("--guide", default=None, help="a guide (dlmcache/tiny-guide): every request guided")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -59,7 +92,7 @@ def main() -> None:
     if args.threads < 1:
         ap.error(f"--threads {args.threads}: must be at least 1")
     torch.set_num_threads(args.threads)
-    pipe = DLMPipeline.from_pretrained(args.model)
+    pipe = DLMPipeline.from_pretrained(args.model, guide=args.guide)
     pipe.set_progress_bar_config(disable=True)
     cache = make_cache("freecache", freeze="token", suffix_window=0)
     prompts = [pipe.encode_prompts([tinytask.messages(p)])[0] for p in tinytask.test_problems(args.requests)]
@@ -92,9 +125,10 @@ def main() -> None:
             same &= torch.equal(decode(one, [request(ids, i)])[str(i)], seqs[-1])
             t_one.append(time.perf_counter() - t)
         t = time.perf_counter()
-        batched = decode(
-            BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id), [request(p, i) for i, p in enumerate(prompts)]
-        )
+        with GuideCalls(pipe) as guide_calls:
+            batched = decode(
+                BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id), [request(p, i) for i, p in enumerate(prompts)]
+            )
         t_all = [time.perf_counter() - t]
         same &= all(torch.equal(batched[str(i)], s) for i, s in enumerate(seqs))
         answer = sum(int((s != pipe.tokenizer.eos_token_id).cumprod(0).sum()) for s in seqs)
@@ -106,6 +140,7 @@ def main() -> None:
             "batched_answer_tokens_per_s": answer / sum(t_all),
             "batched_over_one_at_a_time": sum(t_pipe) / sum(t_all),
             "same_tokens": same,
+            "guide_forwards_batched": guide_calls.forwards, "guide_rows_per_forward": guide_calls.rows_per_forward,
         })  # fmt: skip
         print(rows[-1], flush=True)
     ops = {}
