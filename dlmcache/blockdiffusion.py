@@ -64,11 +64,17 @@ class BlockCausalStore:
     def begin(self, rows: torch.LongTensor | None, cols: torch.LongTensor, key_end: int,
               compress: list[int] = ()) -> None:  # fmt: skip
         self.rows, self.cols, self.key_end, self.compress = rows, cols, key_end, list(compress)
-        self._ready = set(self.segments)  # the rows whose prefix earlier forwards compressed
         valid = self.valid if rows is None else self.valid[rows]
         self.mask = block_causal_mask(cols, self.block_length, valid[:, :key_end])
         index = torch.arange(cols.shape[0], device=cols.device) if rows is None else rows
         self._index = index[:, None]
+        if self.compression is not None:  # the same for every layer of this forward
+            self._batch_rows = index.tolist()
+            # the fed rows whose prefix earlier forwards compressed: their keys start after it
+            self._ready = [i for i, row in enumerate(self._batch_rows) if row in self.segments]
+            self._after_prefix = self.mask.clone()
+            for i in self._ready:
+                self._after_prefix[i, :, : int(self.prefix[self._batch_rows[i]])] = False
 
     def attend(self, layer_idx: int, q, k, v, backend: str = "auto"):
         end = self.key_end
@@ -82,9 +88,8 @@ class BlockCausalStore:
         if self.compression is None:
             return dense_attention(q, keys, values, self.mask, backend)
         out = self._attend_compressed(layer_idx, q, keys, values)
-        batch_rows = self._index[:, 0].tolist()
         for row in self.compress:  # its prefix, fed whole at this forward (from column 0), compressed
-            i, p = batch_rows.index(row), int(self.prefix[row])
+            i, p = self._batch_rows.index(row), int(self.prefix[row])
             segment = evict_prompt(self.compression, q[i : i + 1, :, :p], keys[i : i + 1, :, :p],
                                    values[i : i + 1, :, :p], p, q.new_zeros(0, dtype=torch.bool), layer_idx,
                                    self.num_layers)  # fmt: skip
@@ -96,14 +101,9 @@ class BlockCausalStore:
     def _attend_compressed(self, layer_idx: int, q, keys, values):
         """The reference with compressed prefixes: a row whose prefix is compressed attends its segment
         and its keys after the prefix, merged by log-sum-exp (the segment's part first)."""
-        mask = self.mask.clone()
-        batch_rows = self._index[:, 0].tolist()
-        done = [i for i, row in enumerate(batch_rows) if row in self._ready]
-        for i in done:
-            mask[i, :, : int(self.prefix[batch_rows[i]])] = False
-        out, lse = masked_attention(q, keys, values, mask[:, None])
-        for i in done:
-            part = self.segments[batch_rows[i]][layer_idx].attend(q[i : i + 1])
+        out, lse = masked_attention(q, keys, values, self._after_prefix[:, None])
+        for i in self._ready:
+            part = self.segments[self._batch_rows[i]][layer_idx].attend(q[i : i + 1])
             out[i : i + 1] = merge_attention([part, (out[i : i + 1], lse[i : i + 1])])[0].to(out.dtype)
         return out
 

@@ -170,8 +170,7 @@ class GenerationBatch:
         "stop_at_eos": False,
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "canvas_refresh": False, "last_start": -1, "frozen_end": 0, "stale": False,
-        "causal": False, "cached_end": 0, "compressed": False, "compressed_len": 0, "attn_block": 1,
-        "ar_first": False,
+        "cached_end": 0, "compressed_len": 0, "attn_block": 1, "ar_first": False,
     }  # fmt: skip
     COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
 
@@ -226,8 +225,8 @@ class GenerationBatch:
         rule = request.rule
         causal = rule.mode in (CAUSAL, CAUSAL_FULL)
         row = {
-            "length": request.length, "prompt_len": p, "block_len": request.block_length, "causal": causal,
-            "compressed": request.compressed_len > 0, "compressed_len": request.compressed_len,
+            "length": request.length, "prompt_len": p, "block_len": request.block_length,
+            "compressed_len": request.compressed_len,
             "attn_block": request.attention_block or request.block_length, "ar_first": request.first_token_ar,
             # where block 0 starts: after the prompt, or for block diffusion at the absolute block
             # holding the prompt's end (its prompt tokens are given, its masks decoded)
@@ -357,9 +356,12 @@ class GenerationBatch:
         else:  # an attention row per request row
             sizes = [counts.sum(), counts.max(), per_row.sum(), per_row.max()]
         sizes = torch.stack(sizes)
-        if self._compressed:  # which rows compress their prompt at this forward, in the same read
-            compress = s["compressed"] & self._prompt_fresh
-            sizes = torch.cat([sizes, counts.max()[None], compress.long()])
+        if self._compressed:
+            compressed = s["compressed_len"] > 0
+            # a compressed prompt is read from its segment, except at a forward that recomputes it
+            in_pool = (~compressed | self._prompt_fresh)[:, None] | (pos >= s["compressed_len"][:, None])
+            # which rows compress their prompt at this forward, in the same read
+            sizes = torch.cat([sizes, counts.max()[None], (compressed & self._prompt_fresh).long()])
         sizes = sizes.tolist()
         total, widest, n_targets, most_targets = (int(v) for v in sizes[:4])
         extra = 5 if self.block_causal else 4  # where the compressed prompts' values start
@@ -377,8 +379,7 @@ class GenerationBatch:
             rank = col - torch.maximum(feed_from[row], col_block * attn[row])  # (the first may start mid-block)
             seg_end = torch.minimum((first_block[seg_row] + seg_j + 1) * attn[seg_row], length[seg_row])
             key_valid = pos[:, :longest] < seg_end[:, None]
-            if self._compressed:  # a compressed prefix is read from its segment after the first forward
-                in_pool = (~s["compressed"] | self._prompt_fresh)[:, None] | (pos >= s["compressed_len"][:, None])
+            if self._compressed:
                 key_valid &= in_pool[seg_row, :longest]
             # a key after the block's end (or in a compressed prefix) may hold anything: it reads the null block
             key_slots = torch.where(key_valid, self.key_slots[seg_row, :longest], 0)
@@ -386,8 +387,7 @@ class GenerationBatch:
             query_row = row
             rank = torch.arange(total, device=self.device) - (counts.cumsum(0) - counts)[row]
             key_valid = pos < attend_end[:, None]
-            if self._compressed:  # a compressed prompt is read from its segment, except where it is recomputed
-                in_pool = (~s["compressed"] | self._prompt_fresh)[:, None] | (pos >= s["compressed_len"][:, None])
+            if self._compressed:
                 key_valid = key_valid & in_pool
             key_slots, key_valid = self.key_slots[:, :longest], key_valid[:, :longest]
         t_row, t_col = torch.nonzero_static(targets, size=n_targets).unbind(1)
@@ -412,12 +412,13 @@ class GenerationBatch:
         if self._compressed:
             row_start = counts.cumsum(0) - counts  # where each row's tokens begin in the flattened order
             prompts = PromptStep(
-                merge=s["compressed"] & ~self._prompt_fresh,
+                merge=compressed & ~self._prompt_fresh,
                 compress=[i for i, flag in enumerate(sizes[extra + 1 :]) if flag],
                 row_start=row_start,
                 canvas=canvas,
                 token_row=row,
-                token_rank=torch.arange(total, device=self.device) - row_start[row],
+                # (a full-attention row's attention row is its request's: the same rank)
+                token_rank=torch.arange(total, device=self.device) - row_start[row] if self.block_causal else rank,
                 most_tokens=int(sizes[extra]),
             )
         return StepInput(

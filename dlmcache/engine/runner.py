@@ -203,6 +203,7 @@ class BatchedDecoder:
         self.prompts = PromptSegments(model.num_layers)
         self._trimmed: set[int] = set()  # requests that gave their compressed prompt's blocks back
         self.peak_kv_bytes = 0  # the most KV the running requests held after a step (pool blocks + segments)
+        self._held_grew = False  # a request joined since the last step (only joins and compressions add bytes)
 
     @classmethod
     def for_requests(cls, model, eos_token_id: int | None, requests: list[Request], block_size: int = 16):
@@ -231,6 +232,7 @@ class BatchedDecoder:
             self.pool.free(blocks)
             raise
         self.blocks[id(self.batch.requests[-1])] = blocks
+        self._held_grew = True
 
     def cancel(self, ids: set[str]) -> list[Request]:
         """Drop the running requests whose `id` is in `ids`; returns them."""
@@ -270,11 +272,14 @@ class BatchedDecoder:
         logits = model.get_output_embeddings()(hidden[0, step.logit_index])
         self.forwards += 1
         self.fed_tokens += step.tokens
-        if step.prompts is not None:
+        compressed = step.prompts is not None and bool(step.prompts.compress)
+        if compressed:
             self._release_prompts(step.prompts.compress)
         finished = self.batch.commit(logits, store.values)
         self._remove(self.batch.finished_rows)
-        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
+        if self._held_grew or compressed:  # (otherwise the bytes held can only have fallen since the last step)
+            self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
+            self._held_grew = False
         return finished
 
     def _release_prompts(self, rows: list[int]) -> None:
