@@ -324,10 +324,7 @@ class DLMPipeline(DiffusionPipeline):
         requests = self._prompt_requests(prompt, chat_template)
         self.check_length(max(len(ids) for ids, _ in requests), max_new_tokens)
         if self.model.block_diffusion:
-            return self._decode_blocks(
-                requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos,
-                engine, callback_on_step_end, return_dict,
-            )  # fmt: skip
+            self._check_block_settings(cfg_scale, scheduler, cache)
         on_engine = None
         if engine is not False:  # the step loop needs no requests
             on_engine = self._engine_requests(
@@ -340,6 +337,11 @@ class DLMPipeline(DiffusionPipeline):
             )
         if on_engine is not None:
             return self._decode_on_engine(on_engine, cache, steps, callback_on_step_end, return_dict)
+        if self.model.block_diffusion:
+            return self._decode_blocks(
+                requests, max_new_tokens, block_length, steps, generator, scheduler, cache, stop_at_eos,
+                callback_on_step_end, return_dict,
+            )  # fmt: skip
         num_blocks = max_new_tokens // block_length
         steps_per_block = steps // num_blocks
         prompts = [ids for ids, _ in requests]
@@ -499,27 +501,14 @@ class DLMPipeline(DiffusionPipeline):
             for i, (ids, chat) in enumerate(requests)
         ]
 
-    def _decode_blocks(self, requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache,
-                       stop_at_eos, engine, callback, return_dict):  # fmt: skip
-        """`__call__` for a block diffusion model: the finished blocks' KV is exact, so every cache but
-        "none" runs as that prefix cache; "none" recomputes every step. On the batched engine (its
-        CAUSAL rules) unless `engine=False` or the engine does not run it (a batch sampled from one
-        shared generator); else on `dlmcache.blockdiffusion.decode_blocks`, the reference loop."""
+    def _decode_blocks(self, requests, max_new_tokens, block_length, steps, generator, scheduler, cache,
+                       stop_at_eos, callback, return_dict):  # fmt: skip
+        """`__call__` for a block diffusion model off the engine (`engine=False`, or a batch sampled from
+        one shared generator): `dlmcache.blockdiffusion.decode_blocks`, the reference loop. The
+        finished blocks' KV is exact, so every cache but "none" runs as that prefix cache; "none"
+        recomputes every step."""
         from .blockdiffusion import decode_blocks
 
-        self._check_block_settings(cfg_scale, scheduler, cache)
-        on_engine = None
-        if engine is not False:
-            on_engine = self._engine_requests(
-                requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos
-            )
-        if engine and on_engine is None:
-            raise ValueError(
-                "engine=True: the batched engine does not run a batch sampled from one shared generator "
-                f"(scheduler={scheduler!r})"
-            )
-        if on_engine is not None:
-            return self._decode_on_engine(on_engine, cache, steps, callback, return_dict)
         live = None
         if callback is not None:
 
@@ -534,7 +523,7 @@ class DLMPipeline(DiffusionPipeline):
                 cached=cache.name != "none", stop_at_eos=stop_at_eos, eos_token_id=self.tokenizer.eos_token_id,
                 generator=generator, on_step=_with_bar(bar, live), attention_block=self.model.attention_block,
                 first_token_autoregressive=self.model.first_token_autoregressive,
-                compression=getattr(cache, "compression", None) if cache.name != "none" else None,
+                compression=getattr(cache, "compression", None),
             )  # fmt: skip
             bar.update(max(0, steps - bar.n))
         elapsed = time.perf_counter() - start_time
