@@ -165,6 +165,14 @@ def check_token_ids(config, vocab: int, where: str) -> None:
                 raise ValueError(f"{where}: {field}={value!r} is outside the vocabulary of {vocab} tokens")
 
 
+def check_positive_ints(config, where: str, names) -> None:
+    """Each of the config's fields `names` a positive integer (a bool is not), or a ValueError naming it."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {name}={value!r} must be a positive integer")
+
+
 def check_activation_and_rope(where: str, hidden_act: str, rope_scaling) -> None:
     """The configs of the Qwen-style models (Dream, SDAR, LLaDA-MoE) take SwiGLU and plain RoPE only."""
     if hidden_act != "silu":

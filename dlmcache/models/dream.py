@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids
+from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids, check_positive_ints
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
@@ -179,10 +179,7 @@ class FastDLLMV2Config(DreamConfig):
             raise ValueError(
                 f"{where}: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
             )
-        for name in ("bd_size", "small_block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}: {name}={value!r} must be a positive integer")
+        check_positive_ints(self, where, ("bd_size", "small_block_size"))
         if bd_size % small_block_size:
             raise ValueError(f"{where}: small_block_size={small_block_size} does not divide bd_size={bd_size}")
 
@@ -198,7 +195,6 @@ class FastDLLMV2ForCausalLM(DreamModel):
     previous block's last position, committed alone (the release's autoregressive step)."""
 
     config_class = FastDLLMV2Config
-    _no_split_modules = ["DreamDecoderLayer"]
     block_diffusion = True
     first_token_autoregressive = True
 

@@ -37,7 +37,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from dlmcache.kernels.ops.moe import Router
 
-from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids
+from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids, check_positive_ints
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
@@ -139,11 +139,8 @@ class LLaDA2MoeConfig(PretrainedConfig):
             raise ValueError(f"{where}: use_sliding_window=True is not supported (LLaDA2 attends every key)")
         if norm_head:
             raise ValueError(f"{where}: norm_head=True is not supported (the released checkpoints set it False)")
-        for name in ("head_dim", "num_experts", "num_experts_per_tok", "n_group", "topk_group",
-                     "moe_intermediate_size", "block_size"):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}: {name}={value!r} must be a positive integer")
+        check_positive_ints(self, where, ("head_dim", "num_experts", "num_experts_per_tok", "n_group", "topk_group",
+                                          "moe_intermediate_size", "block_size"))  # fmt: skip
         dense = first_k_dense_replace
         if isinstance(dense, bool) or not isinstance(dense, int) or dense < 0:
             raise ValueError(f"{where}: first_k_dense_replace={first_k_dense_replace!r} must be an integer >= 0")

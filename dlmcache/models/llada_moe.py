@@ -25,7 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from dlmcache.kernels.ops.moe import Router
 
-from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids
+from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids, check_positive_ints
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
@@ -126,10 +126,7 @@ class LLaDAMoEConfig(PretrainedConfig):
                 f"{where}: moe_layer_freq={self.moe_layer_freq!r} must hold 0 (dense) or 1 (experts) for each of "
                 f"the {num_hidden_layers} layers"
             )
-        for name in ("expert_intermediate_size", "num_experts", "num_experts_per_tok"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}: {name}={value!r} must be a positive integer")
+        check_positive_ints(self, where, ("expert_intermediate_size", "num_experts", "num_experts_per_tok"))
         if num_experts_per_tok > num_experts:
             raise ValueError(f"{where}: num_experts_per_tok={num_experts_per_tok} exceeds num_experts={num_experts}")
         if not 0 < partial_rotary_factor <= 1:

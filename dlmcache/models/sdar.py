@@ -24,7 +24,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from dlmcache.kernels.ops.moe import Router
 
-from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids
+from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids, check_positive_ints
 from .layers import (
     AttentionInputs,
     DLMModelMixin,
@@ -97,9 +97,7 @@ class SDARConfig(PretrainedConfig):
         check_activation_and_rope("SDARConfig", hidden_act, rope_scaling)
         if use_sliding_window:
             raise ValueError("SDARConfig: use_sliding_window=True is not supported (SDAR attends every key)")
-        for name, value in (("head_dim", self.head_dim), ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SDARConfig: {name}={value!r} must be a positive integer")
+        check_positive_ints(self, "SDARConfig", ("head_dim", "block_size"))
         if self.head_dim % 2:
             raise ValueError(f"SDARConfig: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
         check_kv_heads_and_ids(self, "SDARConfig")
@@ -229,10 +227,8 @@ class SDARMoeConfig(SDARConfig):
             num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
             tie_word_embeddings=tie_word_embeddings, **kwargs,
         )  # fmt: skip
-        for name in ("moe_intermediate_size", "num_experts", "num_experts_per_tok", "decoder_sparse_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SDARMoeConfig: {name}={value!r} must be a positive integer")
+        sizes = ("moe_intermediate_size", "num_experts", "num_experts_per_tok", "decoder_sparse_step")
+        check_positive_ints(self, "SDARMoeConfig", sizes)
         if num_experts_per_tok > num_experts:
             raise ValueError(
                 f"SDARMoeConfig: num_experts_per_tok={num_experts_per_tok} exceeds num_experts={num_experts}"

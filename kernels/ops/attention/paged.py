@@ -142,12 +142,11 @@ def paged_attention(
         padded = q if layout.dense else q.new_zeros(rows * n, hq, d).index_copy_(0, layout.at, q)
         padded = padded.view(rows, n, hq, d).transpose(1, 2)  # [R, Hq, N, D]
     lse = None
-    if backend == "torch":
-        out, lse = masked_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
-    elif return_lse and fused_cpu_available(padded):  # torch's tiled CPU kernel, which keeps the lse
-        out, lse = fused_cpu_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
-    elif return_lse:
-        out, lse = masked_attention(padded, k, v, layout.key_valid[:, None, None, :], scale)
+    if backend == "torch" or return_lse:  # the reference, or torch's tiled CPU kernel (it keeps the lse)
+        fused = backend != "torch" and fused_cpu_available(padded)
+        out, lse = (fused_cpu_attention if fused else masked_attention)(
+            padded, k, v, layout.key_valid[:, None, None, :], scale
+        )
     else:
         gqa = padded.shape[1] != k.shape[1]
         out = F.scaled_dot_product_attention(padded, k, v, attn_mask=layout.bias, scale=scale, enable_gqa=gqa)
