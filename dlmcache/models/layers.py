@@ -240,6 +240,9 @@ class SparseMoeBlock(nn.Module):
     (`dlmcache.kernels.ops.moe.moe_experts`). Parameter names are the hub's (`gate`, `experts.{j}.*`).
     Subclasses with another routing rule override `route`."""
 
+    #: The order a token's weighted expert outputs are summed in (`moe_experts`' `combine`).
+    combine = "expert"
+
     def __init__(self, hidden: int, intermediate: int, router):
         super().__init__()
         self.gate = Linear(hidden, router.num_experts, bias=False)
@@ -265,7 +268,7 @@ class SparseMoeBlock(nn.Module):
         gate = [m.gate_proj.weight for m in self.experts]
         up = [m.up_proj.weight for m in self.experts]
         down = [m.down_proj.weight for m in self.experts]
-        return moe_experts(x, weights, experts, gate, up, down, check=False).view(shape)
+        return moe_experts(x, weights, experts, gate, up, down, check=False, combine=self.combine).view(shape)
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:

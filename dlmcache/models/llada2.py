@@ -170,7 +170,11 @@ class LLaDA2MoeConfig(PretrainedConfig):
 
 class LLaDA2SparseMoeBlock(SparseMoeBlock):
     """Routed experts with DeepSeek-V3's group-limited sigmoid routing (module docstring); the gate's
-    `expert_bias` buffer is the release's `mlp.gate.expert_bias`, kept in float32."""
+    `expert_bias` buffer is the release's `mlp.gate.expert_bias`, kept in float32. The experts'
+    outputs are weighed in float32 and summed in routing order, as the release's `moe_infer` sums
+    them (so float32 logits are bit-identical to it)."""
+
+    combine = "slot"
 
     def __init__(self, config: LLaDA2MoeConfig):
         router = Router(config.num_experts, config.num_experts_per_tok)

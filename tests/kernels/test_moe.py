@@ -82,7 +82,8 @@ def test_bad_router_inputs_are_refused():
     [(1, 4, 1, 4), (37, 8, 2, 3), (5, 3, 3, 3), (64, 16, 4, 16), (0, 4, 2, 4)],
     ids=["one-token", "unused-experts", "k-equals-E", "64-tokens", "no-tokens"],
 )
-def test_grouped_experts_equal_the_per_token_loop(tokens, e, k, used):
+@pytest.mark.parametrize("combine", ["expert", "slot"])
+def test_grouped_experts_equal_the_per_token_loop(tokens, e, k, used, combine):
     g = torch.Generator().manual_seed(tokens)
     d, i = 24, 40
     x = torch.randn(tokens, d, generator=g, dtype=torch.float64)
@@ -91,11 +92,36 @@ def test_grouped_experts_equal_the_per_token_loop(tokens, e, k, used):
     logits[:, used:] = -torch.inf
     weights, experts = Router(e, k)(logits)
     w = expert_weights(e, d, i)
-    want = moe_experts_reference(x, weights, experts, *w)
-    torch.testing.assert_close(moe_experts(x, weights, experts, *w), want, rtol=1e-12, atol=1e-12)
+    want = moe_experts_reference(x, weights, experts, *w, combine=combine)
+    got = moe_experts(x, weights, experts, *w, combine=combine)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        got = moe_experts(x.to(dtype), weights, experts, *(t.to(dtype) for t in w))
+        low = (x.to(dtype), weights, experts, *(t.to(dtype) for t in w))
+        got = moe_experts(*low, combine=combine)
+        assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        # each combine against the reference loop in the same dtype
+        torch.testing.assert_close(got, moe_experts_reference(*low, combine=combine), rtol=tol, atol=tol)
+
+
+def test_slot_combine_weighs_in_the_routers_dtype_and_sums_in_routing_order():
+    """"slot" (DeepSeek-V3's `moe_infer`): bf16 expert outputs are weighed by float32 weights in
+    float32 and summed over the slots in routing order before the cast back, which differs from
+    casting the weights to bf16 first ("expert"); bit for bit what that recipe computes."""
+    g = torch.Generator().manual_seed(5)
+    t, d, i, e, k = 9, 16, 24, 6, 3
+    x = torch.randn(t, d, generator=g).bfloat16()
+    weights, experts = Router(e, k)(torch.randn(t, e, generator=g))
+    w = [m.bfloat16() for m in expert_weights(e, d, i)]
+    outputs = torch.stack([  # [T, k, d] each pair's expert output, in bf16
+        torch.stack([F.linear(F.silu(F.linear(x[r], w[0][j])) * F.linear(x[r], w[1][j]), w[2][j]) for j in row])
+        for r, row in enumerate(experts.tolist())
+    ])  # fmt: skip
+    want = (outputs.float() * weights[..., None]).sum(1).bfloat16()
+    assert torch.equal(moe_experts(x, weights, experts, *w, combine="slot"), want)
+    assert not torch.equal(moe_experts(x, weights, experts, *w, combine="expert"), want)
+    with pytest.raises(ValueError, match="combine='tokens'"):
+        moe_experts(x, weights, experts, *w, combine="tokens")
 
 
 def test_router_and_experts_equal_the_dense_mixture():

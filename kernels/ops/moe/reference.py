@@ -28,16 +28,21 @@ def check_moe_inputs(x, weights, experts, w_gate, w_up, w_down) -> None:
         raise ValueError(f"x and the expert weights must share a dtype, got {sorted(map(str, dtypes))}")
 
 
-def moe_experts_reference(x, weights, experts, w_gate, w_up, w_down) -> torch.Tensor:
+def moe_experts_reference(x, weights, experts, w_gate, w_up, w_down, combine: str = "expert") -> torch.Tensor:
     """sum_j weights[t, j] * W_down[e] (silu(W_gate[e] x_t) * W_up[e] x_t), e = experts[t, j], one
     token and one expert at a time. x [T, d]; weights, experts [T, k]; w_gate, w_up [E, I, d];
-    w_down [E, d, I]. The weights are cast to x's dtype first, as the reference models do."""
+    w_down [E, d, I]. combine="expert": the weights are cast to x's dtype first, as the OLMoE-style
+    reference models do; "slot": each term is weighed in the wider of x's and the weights' dtypes and the sum cast back to
+    x's (DeepSeek-V3 style). See `moe_experts`."""
     check_moe_inputs(x, weights, experts, w_gate, w_up, w_down)
-    out = torch.zeros_like(x)
-    weights = weights.to(x.dtype)
+    if combine not in ("expert", "slot"):
+        raise ValueError(f"combine={combine!r}: expected 'expert' or 'slot'")
+    dtype = x.dtype if combine == "expert" else torch.promote_types(x.dtype, weights.dtype)
+    out = torch.zeros(x.shape, dtype=dtype, device=x.device)
+    weights = weights.to(dtype)
     for t in range(x.shape[0]):
         for j in range(experts.shape[1]):
             e = int(experts[t, j])
             h = F.silu(F.linear(x[t], w_gate[e])) * F.linear(x[t], w_up[e])
-            out[t] += weights[t, j] * F.linear(h, w_down[e])
-    return out
+            out[t] += weights[t, j] * F.linear(h, w_down[e]).to(dtype)
+    return out.to(x.dtype)
