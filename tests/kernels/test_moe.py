@@ -105,7 +105,7 @@ def test_grouped_experts_equal_the_per_token_loop(tokens, e, k, used, combine):
 
 
 def test_slot_combine_weighs_in_the_routers_dtype_and_sums_in_routing_order():
-    """"slot" (DeepSeek-V3's `moe_infer`): bf16 expert outputs are weighed by float32 weights in
+    """The "slot" combine (DeepSeek-V3's `moe_infer`): bf16 expert outputs are weighed by float32 weights in
     float32 and summed over the slots in routing order before the cast back, which differs from
     casting the weights to bf16 first ("expert"); bit for bit what that recipe computes."""
     g = torch.Generator().manual_seed(5)

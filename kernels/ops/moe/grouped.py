@@ -21,7 +21,8 @@ def moe_experts(x, weights, experts, w_gate, w_up, w_down, check: bool = True, c
     "expert" adds them in expert-id order with the weights cast to x's dtype (Mixtral / OLMoE /
     Qwen3-MoE's loop over experts); "slot" gathers them to [T, k, d], weighs them in the wider of
     x's and the weights' dtypes (float32 for a bf16 model's float32 router) and sums over the k
-    slots in routing order (DeepSeek-V3's `moe_infer`, which LLaDA2 keeps). "slot" adds no atomics, so its sum does not depend on the batch either."""
+    slots in routing order (DeepSeek-V3's `moe_infer`, which LLaDA2 keeps). "slot" adds no
+    atomics, so its sum does not depend on the batch either."""
     if combine not in ("expert", "slot"):
         raise ValueError(f"combine={combine!r}: expected 'expert' or 'slot'")
     if check:

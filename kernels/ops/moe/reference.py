@@ -32,8 +32,8 @@ def moe_experts_reference(x, weights, experts, w_gate, w_up, w_down, combine: st
     """sum_j weights[t, j] * W_down[e] (silu(W_gate[e] x_t) * W_up[e] x_t), e = experts[t, j], one
     token and one expert at a time. x [T, d]; weights, experts [T, k]; w_gate, w_up [E, I, d];
     w_down [E, d, I]. combine="expert": the weights are cast to x's dtype first, as the OLMoE-style
-    reference models do; "slot": each term is weighed in the wider of x's and the weights' dtypes and the sum cast back to
-    x's (DeepSeek-V3 style). See `moe_experts`."""
+    reference models do; "slot": each term is weighed in the wider of x's and the weights' dtypes
+    and the sum cast back to x's (DeepSeek-V3 style). See `moe_experts`."""
     check_moe_inputs(x, weights, experts, w_gate, w_up, w_down)
     if combine not in ("expert", "slot"):
         raise ValueError(f"combine={combine!r}: expected 'expert' or 'slot'")
