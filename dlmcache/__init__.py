@@ -27,6 +27,7 @@ _EXPORTS = {
     "DreamScheduler": ".schedulers",
     "LowConfidenceScheduler": ".schedulers",
     "ThresholdScheduler": ".schedulers",
+    "TokenEditingScheduler": ".schedulers",
 }
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "LLaDAModelLM",
     "LowConfidenceScheduler",
     "ThresholdScheduler",
+    "TokenEditingScheduler",
     "make_cache",
 ]
 
@@ -49,7 +51,13 @@ if TYPE_CHECKING:
     from .cache import CACHES, DenoisingCache, make_cache
     from .models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
     from .pipeline import DLMPipeline, DLMPipelineOutput
-    from .schedulers import DLMScheduler, DreamScheduler, LowConfidenceScheduler, ThresholdScheduler
+    from .schedulers import (
+        DLMScheduler,
+        DreamScheduler,
+        LowConfidenceScheduler,
+        ThresholdScheduler,
+        TokenEditingScheduler,
+    )
 
 
 def __getattr__(name: str):

@@ -34,6 +34,7 @@ from dlmcache.batching import after_eos
 from dlmcache.cache.store import evict_prompt, pack_prompts
 from dlmcache.kernels.ops import dense_attention
 from dlmcache.kernels.ops.attention import masked_attention, merge_attention
+from dlmcache.schedulers.editing import block_ends
 
 
 class BlockCausalStore:
@@ -186,7 +187,12 @@ def decode_blocks(
     in_block = torch.arange(bs, device=device)
 
     block = prompt_lens // bs  # each row's active block (the first holding a generated position)
-    steps_in = torch.zeros_like(block)  # steps the active block has taken
+    steps_in = torch.zeros_like(block)  # steps the active block has taken (with masks left, when editing)
+    # A scheduler that edits (LLaDA2.1's T2T) keeps a row in its block after its last mask for post
+    # steps (`post`: how many; `hold`: the row stays) until one edits nothing or they run out.
+    editing = getattr(scheduler, "edits", False)
+    post = torch.zeros_like(block)
+    hold = torch.zeros_like(block, dtype=torch.bool)
     cached_end = torch.zeros_like(block)  # columns [0, cached_end) of the row hold final KV
     prefill = int(prompt_lens.min()) // attn * attn  # every row's complete prompt attention blocks
     if cached and prefill and compression is None:  # in one forward
@@ -203,14 +209,14 @@ def decode_blocks(
         # the mask token itself, is left behind as the release's loop leaves it).
         masked_all = (canvas == mask_id) & generated
         ahead = masked_all & (columns[None] >= (block * bs)[:, None])
-        left = ahead.any(1)
+        left = ahead.any(1) | hold
         active = left.nonzero().flatten()  # one host read per step
         if active.numel() == 0:
             break
         first = ahead.int().argmax(1) // bs
-        moved = left & (first != block)
+        moved = left & ~hold & (first != block)
         steps_in = torch.where(moved, 0, steps_in)
-        block = torch.where(left, first, block)
+        block = torch.where(left & ~hold, first, block)
 
         rows = None if active.numel() == len(prompts) else active
         blk = block[active]
@@ -238,9 +244,12 @@ def decode_blocks(
         block_cols = (blk * bs)[:, None] + in_block
         sample = canvas[active[:, None], block_cols]
         masked = masked_all[active[:, None], block_cols]
-        if not bool(torch.isfinite(logits[masked]).all()):
+        read = generated[active[:, None], block_cols] if editing else masked  # the logits the rule reads
+        if not bool(torch.isfinite(logits[read]).all()):
             raise FloatingPointError(f"the model's logits at step {nfe} are not finite")
-        x0, transfer = _select(scheduler, logits, masked, steps_in[active], steps_per_block, generator)
+        # (a post step has no mask and may come after the last step: its index is clamped)
+        steps_now = steps_in[active].clamp(max=steps_per_block - 1)
+        x0, transfer = _select(scheduler, logits, masked, steps_now, steps_per_block, generator)
         if first_token_autoregressive:  # an attention block's first token: the argmax, committed alone
             first = (blk * bs == attn_start) & masked[:, 0]
             alone = torch.zeros_like(transfer)
@@ -248,17 +257,34 @@ def decode_blocks(
             transfer = torch.where(first[:, None], alone, transfer)
             x0[:, 0] = torch.where(first, logits[:, 0].argmax(-1), x0[:, 0])
         transfer &= masked
+        if editing:  # T2T: the block's committed generated positions whose greedy token changed
+            editable = ~masked & generated[active[:, None], block_cols]
+            x_edit, edited = scheduler.edit(logits, sample, editable)
+            x0, transfer = torch.where(edited, x_edit, x0), transfer | edited
+            stats["edited_tokens"] = stats.get("edited_tokens", 0) + edited.sum()
         canvas[active[:, None], block_cols] = torch.where(transfer, x0, sample)
         commit_step[active[:, None], block_cols] = torch.where(transfer, nfe, commit_step[active[:, None], block_cols])
-        steps_in[active] += 1
-        spent = steps_in >= steps_per_block  # the block's steps ran out: the row goes on to its next
+        eos_rows = generated
+        if editing:
+            began_empty = post[active] > 0
+            steps_in[active] += (~began_empty).long()
+            ended, post[active], hold[active] = block_ends(
+                began_empty, edited.any(1), ~(masked & ~transfer).any(1), post[active], scheduler.config.max_post_steps
+            )
+            # EOS fills only after a row's block ended (an EOS inside it may still be edited away)
+            eos_rows = generated & torch.zeros_like(hold).index_fill_(0, active[ended], True)[:, None]
+        else:
+            steps_in[active] += 1
+        spent = (steps_in >= steps_per_block) & ~hold  # the block's steps ran out: the row goes on to its next
         block, steps_in = torch.where(spent, block + 1, block), torch.where(spent, 0, steps_in)
         if stop_at_eos and eos_token_id is not None:
-            fill_after_eos(canvas, commit_step, generated, mask_id, eos_token_id, nfe)
+            fill_after_eos(canvas, commit_step, eos_rows, mask_id, eos_token_id, nfe)
         nfe += 1
         if on_step is not None:
             on_step(nfe, canvas.gather(1, gen_index), commit_step.gather(1, gen_index))
     stats["steps"] = nfe
+    if editing:
+        stats["edited_tokens"] = int(stats.get("edited_tokens", 0))
     stats["tokens_per_step"] = g / max(nfe, 1)
     stats["kv_bytes"] = store.nbytes
     return {

@@ -26,6 +26,7 @@ from .schedulers import (
     LowConfidenceScheduler,
     StepContext,
     ThresholdScheduler,
+    TokenEditingScheduler,
 )
 from .schedulers.base import check_number
 
@@ -41,7 +42,12 @@ DEFAULT_SCHEDULERS = {
     # Fast-dLLM v2's released chat example decodes its sub-blocks at threshold 0.9
     "Fast_dLLM_Qwen": functools.partial(ThresholdScheduler, threshold=0.9),
 }
-SCHEDULERS = {"low_confidence": LowConfidenceScheduler, "dream": DreamScheduler, "threshold": ThresholdScheduler}
+SCHEDULERS = {
+    "low_confidence": LowConfidenceScheduler,
+    "dream": DreamScheduler,
+    "threshold": ThresholdScheduler,
+    "token_editing": TokenEditingScheduler,  # LLaDA2.1's M2T + T2T (block diffusion models)
+}
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -108,7 +114,7 @@ class DLMPipeline(DiffusionPipeline):
         "dlmcache/tiny-guide", or an `ARGuide`) switches to guided unmasking, with `guide_options`
         passed to `ARGuide` (rule, top_k, chunk_size, ...).
         `scheduler`: a `DLMScheduler`, or the name of one built with its defaults ("low_confidence",
-        "dream", "threshold"); default: the model's own sampler.
+        "dream", "threshold", "token_editing"); default: the model's own sampler.
         """
         path = resolve_path(pretrained_model_name_or_path)
         dtype = kwargs.pop("dtype", None) or torch_dtype or torch.float32
@@ -146,8 +152,8 @@ class DLMPipeline(DiffusionPipeline):
 
     def set_scheduler(self, scheduler: DLMScheduler | str | None = None) -> None:
         """The unmasking rule of the following calls: a `DLMScheduler`, a name ("low_confidence",
-        "dream", "threshold", built with its defaults) or None for the scheduler the pipeline was
-        built with. A guide, if set, stays and wraps the new scheduler."""
+        "dream", "threshold", "token_editing", built with its defaults) or None for the scheduler the
+        pipeline was built with. A guide, if set, stays and wraps the new scheduler."""
         if scheduler is None:
             scheduler = self.default_scheduler
         elif isinstance(scheduler, str):
@@ -435,6 +441,11 @@ class DLMPipeline(DiffusionPipeline):
                 raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}: {value!r}")
         cache = copy.copy(cache if cache is not None else self.cache)
         scheduler = copy.copy(scheduler if scheduler is not None else self.scheduler)
+        if getattr(scheduler, "edits", False) and not self.model.block_diffusion:
+            raise ValueError(
+                f"scheduler {type(scheduler).__name__} edits the blocks of a block diffusion model (LLaDA2.1's rule); "
+                f"{type(self.model).__name__} is full attention"
+            )
         if stop_at_eos is None:  # the reference samplers' default; a block diffusion release stops at EOS
             stop_at_eos = scheduler.stops_at_eos or self.model.block_diffusion
         return steps, scheduler, cache, stop_at_eos
@@ -535,6 +546,8 @@ class DLMPipeline(DiffusionPipeline):
             "fed_tokens": stats["fed_tokens"] / len(requests), "kv_bytes": stats["kv_bytes"],
             "block_diffusion": True,
         }  # fmt: skip
+        if "edited_tokens" in stats:  # token editing: the committed tokens it rewrote, over the batch
+            cache_stats["edited_tokens"] = stats["edited_tokens"]
         return self._output(
             result["sequences"], result["nfe"], result["commit_step"], elapsed, cache.name, cache_stats,
             scheduler.stats, return_dict,
@@ -602,6 +615,8 @@ class DLMPipeline(DiffusionPipeline):
             cache_stats["drift_refreshes"] = sum(f.stats["drift_refreshes"] for f in done)
         if self.model.block_diffusion:
             cache_stats["block_diffusion"] = True
+        if "edited_tokens" in done[0].stats:
+            cache_stats["edited_tokens"] = sum(f.stats["edited_tokens"] for f in done)
         # the schedulers' own counters (a guide's accepted drafts and forwards), summed over the requests
         scheduler_stats = {key: sum(r.scheduler.stats[key] for r in requests) for key in requests[0].scheduler.stats}
         return self._output(sequences, nfe, commit_step, elapsed, cache.name, cache_stats, scheduler_stats, return_dict)

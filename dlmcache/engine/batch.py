@@ -26,6 +26,7 @@ import torch
 from dlmcache.batching import after_eos
 from dlmcache.schedulers import DLMScheduler, GuidedScheduler
 from dlmcache.schedulers.base import StepContext
+from dlmcache.schedulers.editing import block_ends, token_edits
 
 from .rules import BLOCK, CAUSAL, CAUSAL_FULL, DUAL, NONE, PREFIX, TOKEN, CacheRule
 
@@ -171,6 +172,7 @@ class GenerationBatch:
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "canvas_refresh": False, "last_start": -1, "frozen_end": 0, "stale": False,
         "cached_end": 0, "compressed_len": 0, "attn_block": 1, "ar_first": False,
+        "edit": False, "edit_threshold": 0.0, "max_post": 0, "post": 0, "edited": 0,
     }  # fmt: skip
     COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
 
@@ -207,6 +209,11 @@ class GenerationBatch:
                 f"request {request.id!r}: attention_block={attn} needs a block diffusion rule and a multiple of "
                 f"block_length={request.block_length}"
             )
+        if getattr(request.scheduler, "edits", False) and not causal:
+            raise ValueError(
+                f"request {request.id!r}: {type(request.scheduler).__name__} edits a block diffusion model's "
+                f"blocks; its rule {request.rule} is full attention"
+            )
         if causal and request.cfg_scale:
             raise ValueError(
                 f"request {request.id!r}: cfg_scale={request.cfg_scale!r} is not built for block diffusion"
@@ -236,6 +243,9 @@ class GenerationBatch:
             "delay": rule.delay, "refresh_every": rule.refresh_every, "drift": rule.drift,
             "probe_tokens": rule.probe_tokens, "canvas_refresh": rule.canvas_refresh,
         }  # fmt: skip
+        if getattr(request.scheduler, "edits", False):  # LLaDA2.1's token editing (`TokenEditingScheduler`)
+            config = request.scheduler.config
+            row.update(edit=True, edit_threshold=config.edit_threshold, max_post=config.max_post_steps)
         old = self._state
         # Wide enough that every row's block columns (start + j, j < the widest block) are in the canvas.
         everyone = self.requests + [request]
@@ -310,6 +320,7 @@ class GenerationBatch:
         self.block_causal = bool(self._modes & {CAUSAL, CAUSAL_FULL})  # the rows are block diffusion's
         self._compressed = any(r.compressed_len > 0 for r in self.requests)
         self._ar_first = any(r.first_token_ar for r in self.requests)
+        self._editing = any(getattr(r.scheduler, "edits", False) for r in self.requests)
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
         self._canvas_refresh = any(r.rule.canvas_refresh and r.rule.mode != NONE for r in self.requests)
@@ -346,8 +357,13 @@ class GenerationBatch:
         block_cols = start[:, None] + self._block_j  # [R, Bmax] the active block's canvas columns
         targets = (canvas.gather(1, block_cols) == mask_id) & self._in_block  # still masked
         per_row = targets.sum(-1)
+        masked = targets
         if self.block_causal:  # an attention row per fed attention block, each with its own key limit
             targets &= block_cols < length[:, None]  # (a row's last block may end before the block length)
+            masked = targets
+            if self._editing:  # an editing row reads every generated position of its block
+                generated = (block_cols >= s["prompt_len"][:, None]) & (block_cols < length[:, None])
+                targets = masked | (s["edit"][:, None] & self._in_block & generated)
             per_row = targets.sum(-1)
             attn = s["attn_block"]
             first_block = torch.div(feed_from, attn, rounding_mode="floor")
@@ -399,6 +415,7 @@ class GenerationBatch:
             row=row,
             col=col,
             targets=targets,
+            masked=masked,
             block_cols=block_cols,
             target_row=t_row,
             target_col=t_col,
@@ -546,19 +563,23 @@ class GenerationBatch:
         # The schedulers see each row's still-masked positions packed to the left, rows padded to the
         # most any row has (what the step loop gives one row: its masked columns, no others), and
         # rows of one configuration are selected together.
+        # (An editing row's targets also hold its block's committed positions: masked only where masked.)
         rows_n, t_row, t_rank = len(self.requests), step["target_row"], step["target_rank"]
+        target_masked = step["masked"][t_row, step["target_col"]]
         if rows_n == 1:
-            packed, packed_targets = logits[None], targets.new_ones(1, logits.shape[0])
+            packed, packed_targets = logits[None], target_masked[None]
         else:
             packed = logits.new_zeros(rows_n, step["most_targets"], logits.shape[-1])
             packed[t_row, t_rank] = logits
             packed_targets = targets.new_zeros(rows_n, step["most_targets"])
-            packed_targets[t_row, t_rank] = True
+            packed_targets[t_row, t_rank] = target_masked
         if self._cfg is not None:  # classifier-free guidance: the request's row gets the combined logits
             cond, uncond, scale = self._cfg
             c, u = packed[cond], packed[uncond]
             packed[cond] = u + scale.to(u.dtype) * (c - u)
         steps_in, steps_per = s["step_in_block"], s["steps_per_block"]
+        if self._editing:  # (a post step has no mask and may come after the block's last step)
+            steps_in = torch.minimum(steps_in, steps_per - 1)
         if len(self._groups) == 1 and not self._alone:  # one configuration for every row: no row gathers
             scheduler, _ = self._groups[0]
             x0p, _, transferp = scheduler._select(packed, packed_targets, steps_in, steps_per, None, None)
@@ -579,6 +600,8 @@ class GenerationBatch:
             alone[:, 0] = True
             transferp = torch.where(first[:, None], alone, transferp)
             x0p[:, 0] = torch.where(first, packed[:, 0].argmax(-1), x0p[:, 0])
+        if self._editing:  # T2T on the editing rows' committed generated block positions
+            edited = self._edit(packed, target_masked, x0p, transferp)
         if self._cfg is not None:  # the unconditional row commits what its request's row commits
             cond, uncond, _ = self._cfg
             x0p[uncond], transferp[uncond] = x0p[cond], transferp[cond]
@@ -594,26 +617,39 @@ class GenerationBatch:
         s["commit"].scatter_(1, block_cols, when)
 
         generated = self._generated
+        hold = None
+        if self._editing:  # an editing row's block ends as `block_ends` says; until then it holds it
+            began_empty = s["post"] > 0
+            empty = ~((new == self.mask_id) & step["masked"]).any(-1)
+            ended, post, hold = block_ends(began_empty, edited, empty, s["post"], s["max_post"])
+            s["post"] = torch.where(s["edit"], post, 0)
+            hold &= s["edit"]
         if self._stop_at_eos:
-            # Rows whose text up to an EOS is committed get EOS in every masked position after it.
-            fill = after_eos(canvas, self.mask_id, self.eos_id, generated) & s["stop_at_eos"][:, None]
+            # Rows whose text up to an EOS is committed get EOS in every masked position after it (an
+            # editing row's only once its block ended: an EOS inside it may still be edited away).
+            eos_rows = s["stop_at_eos"] if hold is None else s["stop_at_eos"] & (~s["edit"] | ended)
+            fill = after_eos(canvas, self.mask_id, self.eos_id, generated) & eos_rows[:, None]
             canvas.masked_fill_(fill, self.eos_id)
             s["commit"] = torch.where(fill, s["forwards"][:, None], s["commit"])
         s["last_start"] = step["start"]
         s["forwards"] += 1
-        s["step_in_block"] += 1
+        # (an editing row's post steps are not the block's steps)
+        s["step_in_block"] += 1 if hold is None else (~(s["edit"] & began_empty)).long()
 
         # Next block: the first with a masked position (blocks fill in order). A block diffusion row
         # whose block's steps ran out with masks left (the model predicted the mask token) leaves it
         # behind, as the release's loop does: its next is the first masked block after it.
         masked = (canvas == self.mask_id) & generated
         if self.block_causal:
-            spent = (s["step_in_block"] >= s["steps_per_block"]).long()
+            spent = s["step_in_block"] >= s["steps_per_block"]
+            spent = (spent if hold is None else spent & ~hold).long()
             masked &= self._positions >= (s["origin"] + (s["block"] + spent) * s["block_len"])[:, None]
         left = masked.any(-1)
         first_masked = torch.where(left, masked.int().argmax(-1), s["length"])
         block = torch.div(first_masked - s["origin"], s["block_len"], rounding_mode="floor")
         moved = left & (block > s["block"])
+        if hold is not None:
+            left, moved = left | hold, moved & ~hold
         s["block"] = torch.where(moved, block, s["block"])
         s["step_in_block"] = torch.where(moved, 0, s["step_in_block"])
 
@@ -622,7 +658,7 @@ class GenerationBatch:
             0, step["target_row"], torch.isfinite(logits).all(-1).long(), "amin"
         )
         counters = [s["forwards"], s["fed"], s["attended"], s["full_forwards"], s["canvas_refreshes"],
-                    s["drift_refreshes"], finite, ~left]  # fmt: skip
+                    s["drift_refreshes"], finite, ~left, s["edited"]]  # fmt: skip
         counters = torch.stack(counters, 1)
         snapshot = torch.cat([canvas, s["commit"], counters.long()], 1).cpu()
         self.host_reads += 1
@@ -631,7 +667,7 @@ class GenerationBatch:
         for i, req in enumerate(self.requests):
             if self._uncond[i]:
                 continue
-            forwards, fed, attended, full, canvas_refreshes, drift, ok, done = info[i]
+            forwards, fed, attended, full, canvas_refreshes, drift, ok, done, edits = info[i]
             if req.cfg_scale:  # the counters of both rows
                 both = (a + b for a, b in zip(info[i][1:6], info[i + 1][1:6], strict=True))
                 fed, attended, full, canvas_refreshes, drift = both
@@ -651,9 +687,26 @@ class GenerationBatch:
                     "canvas_refreshes": canvas_refreshes, "drift_refreshes": drift,
                     "tokens_per_step": req.max_new_tokens / max(forwards, 1), **req.scheduler.stats,
                 }  # fmt: skip
+                if getattr(req.scheduler, "edits", False):
+                    stats["edited_tokens"] = edits
                 finished.append((i, Finished(req, seq.clone(), commit.clone(), stats)))
         self.finished_rows = [i for i, _ in finished]
         return [f for _, f in finished]
+
+    def _edit(self, packed, target_masked, x0, transfer) -> torch.BoolTensor:
+        """T2T for the editing rows, on the packed logits (their targets' order), in place on x0 and
+        transfer [R, M]: returns which rows edited a token [R]."""
+        s, step = self._state, self._step
+        t_row, t_rank = step["target_row"], step["target_rank"]
+        tokens = torch.zeros_like(x0)
+        tokens[t_row, t_rank] = s["canvas"].gather(1, step["block_cols"])[t_row, step["target_col"]]
+        editable = torch.zeros_like(transfer)
+        editable[t_row, t_rank] = ~target_masked & s["edit"][t_row]
+        x_edit, edited = token_edits(packed, tokens, editable, s["edit_threshold"])
+        x0.copy_(torch.where(edited, x_edit, x0))
+        transfer |= edited
+        s["edited"] += edited.sum(-1)
+        return edited.any(-1)
 
     def _select_alone(self, packed, targets, x0, transfer) -> None:
         """Rows whose scheduler draws random numbers (or is not vectorised): each alone, on exactly the

@@ -2,6 +2,7 @@
 
 from .base import DLMScheduler, DLMSchedulerOutput, StepContext, select_topk, transfer_quota
 from .dream import DreamScheduler
+from .editing import TokenEditingScheduler
 from .guided import GuidedScheduler
 from .low_confidence import LowConfidenceScheduler
 from .threshold import ThresholdScheduler
@@ -14,6 +15,7 @@ __all__ = [
     "LowConfidenceScheduler",
     "StepContext",
     "ThresholdScheduler",
+    "TokenEditingScheduler",
     "select_topk",
     "transfer_quota",
 ]

@@ -29,8 +29,13 @@ class ThresholdScheduler(DLMScheduler):
             raise ValueError(f"threshold={threshold} must be in [0, 1]")
 
     def _select(self, logits, mask_index, step_index, num_steps, generator, context):
-        x0, confidence = argmax_confidence(logits)
-        confidence = confidence.masked_fill(~mask_index, float("-inf"))
-        quota = transfer_quota(mask_index, step_index, num_steps).clamp(min=1)
-        k = torch.maximum((confidence > self.config.threshold).sum(-1), quota)
-        return x0, confidence, select_topk(confidence, k)
+        return threshold_select(logits, mask_index, step_index, num_steps, self.config.threshold)
+
+
+def threshold_select(logits, mask_index, step_index, num_steps, threshold: float):
+    """The threshold rule's (x0, confidence, transfer_index) (see `ThresholdScheduler`)."""
+    x0, confidence = argmax_confidence(logits)
+    confidence = confidence.masked_fill(~mask_index, float("-inf"))
+    quota = transfer_quota(mask_index, step_index, num_steps).clamp(min=1)
+    k = torch.maximum((confidence > threshold).sum(-1), quota)
+    return x0, confidence, select_topk(confidence, k)

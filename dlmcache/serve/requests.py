@@ -20,7 +20,7 @@ import torch
 
 from dlmcache.cache import make_cache
 from dlmcache.run_config import RunConfig
-from dlmcache.schedulers import GuidedScheduler, ThresholdScheduler
+from dlmcache.schedulers import GuidedScheduler, ThresholdScheduler, TokenEditingScheduler
 
 #: OpenAI fields accepted only at their default (None = absent or null).
 UNSUPPORTED = {
@@ -39,7 +39,7 @@ UNSUPPORTED = {
 }
 COMMON = {
     "model", "max_tokens", "temperature", "seed", "stop", "n", "stream", "stream_options", "user", "steps",
-    "block_length", "threshold", "cache", "stream_every",
+    "block_length", "threshold", "edit_threshold", "cache", "stream_every",
 } | set(UNSUPPORTED)  # fmt: skip
 FIELDS = {"completions": COMMON | {"prompt"}, "chat": COMMON | {"messages", "max_completion_tokens"}}
 
@@ -222,15 +222,28 @@ def _characters(prompt) -> int:
 
 
 def _scheduler(body: dict, pipe):
-    """The request's scheduler: the pipeline's, with its temperature or a threshold rule if asked."""
+    """The request's scheduler: the pipeline's, with its temperature, a threshold rule or (block
+    diffusion) LLaDA2.1's token editing at `edit_threshold` if asked."""
     threshold = _number(body, "threshold", 0.0, 1.0)
+    edit_threshold = _number(body, "edit_threshold", 0.0, 1.0)
     temperature = _number(body, "temperature", 0.0, 2.0)
-    if threshold is None and temperature is None:
+    if threshold is None and temperature is None and edit_threshold is None:
         return None
     scheduler = pipe.scheduler
     guided = isinstance(scheduler, GuidedScheduler)
     base = scheduler.base if guided else scheduler
-    if threshold is not None:
+    if edit_threshold is not None and not pipe.model.block_diffusion:
+        raise ApiError(
+            400, "edit_threshold: token editing is for block diffusion models; this model is full attention",
+            "edit_threshold",
+        )  # fmt: skip
+    if edit_threshold is not None or (threshold is not None and getattr(base, "edits", False)):
+        config = (
+            {k: v for k, v in base.config.items() if not k.startswith("_")} if getattr(base, "edits", False) else {}
+        )
+        settings = {"threshold": threshold, "edit_threshold": edit_threshold}
+        base = TokenEditingScheduler(**{**config, **{k: v for k, v in settings.items() if v is not None}})
+    elif threshold is not None:
         base = ThresholdScheduler(threshold=threshold)
     if temperature is not None:
         if "temperature" not in base.config:

@@ -14,6 +14,7 @@ import torch
 
 from dlmcache import DLMPipeline, ThresholdScheduler
 from dlmcache.blockdiffusion import BlockCausalStore, block_causal_mask
+from dlmcache.cache import make_cache
 from dlmcache.models import LLaDA2MoeConfig
 from dlmcache.testing import random_checkpoint, tiny_llada2
 from tests.dlmcache.test_llada_moe import rms, rope, swiglu
@@ -181,3 +182,122 @@ def test_bad_configs_are_refused(kwargs, match):
                 topk_group=2, num_experts_per_tok=4, mask_token_id=5, eos_token_id=1, pad_token_id=1)  # fmt: skip
     with pytest.raises(ValueError, match=match):
         LLaDA2MoeConfig(**{**base, **kwargs})
+
+
+# ---------------------------------------------------------------- LLaDA2.1's token editing
+
+
+def release_editing_generate(model, prompt, gen_length, block, threshold, edit_threshold, max_post_steps):
+    """LLaDA2.1's `generate` written from its rule (greedy, no cache: every forward recomputes the
+    sequence up to the block's end under the block-causal mask): blocks of `block` absolute
+    positions from the one holding the prompt's end; per block, steps that commit the masks above
+    `threshold` (at least the most confident) and rewrite the block's generated tokens whose greedy
+    token differs with probability above `edit_threshold`; a step that starts with no mask is a post
+    step, and the block ends at one that edits nothing, or before post step `max_post_steps` + 1.
+    Returns (the generated ids, the forwards, the edits)."""
+    mask = model.mask_token_id
+    p = len(prompt)
+    total = -(-(p + gen_length) // block) * block
+    x = torch.tensor([prompt + [mask] * (total - p)])
+    forwards = edits = 0
+    for b in range(p // block, total // block):
+        start, end = b * block, (b + 1) * block
+        post = 0
+        while True:
+            old = x[0, start:end].clone()
+            masked = old == mask
+            if not masked.any():
+                post += 1
+            if post > max_post_steps:
+                break
+            logits = block_causal_logits(model, x[:, :end], block)[0, start:end]
+            forwards += 1
+            probs = torch.softmax(logits, -1)
+            x0 = probs.argmax(-1)
+            p0 = probs.gather(-1, x0[:, None])[:, 0]
+            commit = torch.zeros(block, dtype=torch.bool)
+            if masked.any():
+                confidence = torch.where(masked, p0, -torch.inf)
+                commit = confidence > threshold
+                if not commit.any():
+                    commit[confidence.argmax()] = True
+            in_prompt = torch.arange(start, end) < p
+            edit = ~masked & ~in_prompt & (p0 > edit_threshold) & (x0 != old)
+            edits += int(edit.sum())
+            x[0, start:end] = torch.where(commit | edit, x0, old)
+            if not masked.any() and not edit.any():
+                break
+    return x[0, p : p + gen_length], forwards, edits
+
+
+EDITING = [  # (threshold, edit_threshold, max_post_steps): edits that settle, edits everywhere, few edits
+    (0.3, 0.2, 16),
+    (0.95, 0.0, 3),
+    (0.5, 0.9, 16),
+]
+
+
+@pytest.fixture(scope="module")
+def editing_model():
+    """A random LLaDA2 whose predictions differ from position to position (weights 10x the usual
+    scale) and never predict the mask token (its output row is zero: logit 0 against the others'
+    maximum), on which the release's loop would spin (a block whose masks never fill)."""
+    model = tiny_llada2(dtype=torch.float64, initializer_range=0.2, seed=2)
+    with torch.no_grad():
+        model.lm_head.weight[model.mask_token_id] = 0
+    return model
+
+
+@pytest.mark.parametrize("threshold, edit_threshold, max_post_steps", EDITING, ids=["settle", "edit-all", "release"])
+@pytest.mark.parametrize(
+    "lengths, gen", [((6, 2, 10), 10), ((4, 8), 12), ((5, 1), 11)], ids=["mid-block", "on-edge", "one-in"]
+)
+def test_token_editing_equals_the_release_generate(editing_model, threshold, edit_threshold, max_post_steps,
+                                                   lengths, gen):  # fmt: skip
+    """decode_blocks with `TokenEditingScheduler`, cached (the finished blocks' exact KV) and
+    recomputed, batched: token for token, forward for forward and edit for edit what the release's
+    loop gives each prompt alone (float64). Prompts end mid-block, on a block's edge and one position
+    into a block; prompt + gen fills whole blocks (the release decodes the last block to its end)."""
+    from dlmcache import TokenEditingScheduler
+    from dlmcache.blockdiffusion import decode_blocks
+
+    model = editing_model
+    g = torch.Generator().manual_seed(sum(lengths))
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in lengths]
+    scheduler = TokenEditingScheduler(threshold, edit_threshold, max_post_steps)
+    want = [release_editing_generate(model, q, gen, 4, threshold, edit_threshold, max_post_steps) for q in prompts]
+    if edit_threshold < 0.9:
+        assert sum(w[2] for w in want) > 0  # the rule edits here
+    for cached in (True, False):
+        out = decode_blocks(model, prompts, gen, 4, gen, scheduler, cached=cached)
+        for i, (tokens, _, _) in enumerate(want):
+            assert out["sequences"][i].tolist() == tokens.tolist(), (cached, i)
+        for i, (_, forwards, edits) in enumerate(want):
+            alone = decode_blocks(model, [prompts[i]], gen, 4, gen, scheduler, cached=cached)
+            assert (alone["nfe"], alone["stats"]["edited_tokens"]) == (forwards, edits), (cached, i)
+
+
+def test_token_editing_on_the_pipeline_and_the_engine(tmp_path):
+    """`scheduler="token_editing"` by name; a batch on the engine gives each prompt what the reference
+    loop gives it alone, with edits counted; a full-attention model refuses the rule by name."""
+    from dlmcache import TokenEditingScheduler
+
+    path = random_checkpoint("LLaDA2MoeModelLM", tmp_path / "llada2", seed=1, initializer_range=0.2)
+    pipe = DLMPipeline.from_pretrained(path, torch_dtype=torch.float64, scheduler="token_editing")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, TokenEditingScheduler) and pipe.scheduler.config.edit_threshold == 0.9
+    prompts = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many now?", "Hi"]
+    kw = dict(max_new_tokens=12, scheduler=TokenEditingScheduler(threshold=0.3, edit_threshold=0.1, max_post_steps=4))
+    for cache in ("none", "freecache"):
+        batch = pipe(prompts, cache=make_cache(cache), **kw)
+        assert batch.stats["edited_tokens"] > 0
+        for i, prompt in enumerate(prompts):
+            alone = pipe(prompt, engine=False, cache=make_cache(cache), **kw)
+            assert torch.equal(alone.sequences[0], batch.sequences[i]), (cache, i)
+    llada = DLMPipeline.from_pretrained(random_checkpoint("LLaDAModelLM", tmp_path / "llada"))
+    with pytest.raises(ValueError, match="TokenEditingScheduler.*LLaDAModelLM is full attention"):
+        llada("Hi", max_new_tokens=32, scheduler=TokenEditingScheduler())
+    with pytest.raises(ValueError, match="max_post_steps=-1"):
+        TokenEditingScheduler(max_post_steps=-1)
+    with pytest.raises(ValueError, match="edit_threshold=nan"):
+        TokenEditingScheduler(edit_threshold=float("nan"))

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler, tinytask
+from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler, TokenEditingScheduler, tinytask
 from dlmcache.cache import FreeCache, make_cache
 from dlmcache.serve.engine import Cancelled, Engine, Job, QueueFull
 
@@ -209,11 +209,14 @@ def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
     sdar = DLMPipeline.from_pretrained(path, torch_dtype=torch.float64)
     sdar.set_progress_bar_config(disable=True)
     problems = tinytask.test_problems(4)
+    editing = TokenEditingScheduler(threshold=0.006, edit_threshold=0.0045, max_post_steps=3)
     items = [
         (tinytask.messages(problems[0]), dict(max_new_tokens=16)),
         (tinytask.messages(problems[1]), dict(max_new_tokens=24, steps=12)),
         (tinytask.messages(problems[2]), dict(max_new_tokens=16, scheduler=ThresholdScheduler(threshold=0.006))),
         (tinytask.messages(problems[3]), dict(max_new_tokens=16, cache=make_cache("none"))),
+        # LLaDA2.1's token editing: post steps keep the row in its block beside the others
+        (tinytask.messages(problems[1]), dict(max_new_tokens=16, scheduler=editing)),
         # the block cache: its prefill forward asks for no logits
         (tinytask.messages(problems[0]), dict(max_new_tokens=16, cache=make_cache("freecache"))),
         (tinytask.messages(problems[1]), dict(max_new_tokens=16, cache=make_cache("freecache"))),
@@ -221,3 +224,12 @@ def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
     engine = serve_and_compare(sdar, items, max_batch=4)
     assert engine.stats.forward_rows > engine.stats.forwards
     assert engine.decoder.forwards == engine.stats.forwards  # every forward was the batched decoder's
+    # the body's `edit_threshold` asks for token editing (the threshold kept, or the release's 0.95)
+    from dlmcache.serve.requests import _scheduler
+
+    asked = _scheduler({"edit_threshold": 0.5}, sdar)
+    assert isinstance(asked, TokenEditingScheduler) and asked.config.threshold == 0.95
+    assert asked.config.edit_threshold == 0.5
+    sdar.set_scheduler("token_editing")
+    kept = _scheduler({"threshold": 0.3}, sdar)
+    assert isinstance(kept, TokenEditingScheduler) and (kept.config.threshold, kept.config.edit_threshold) == (0.3, 0.9)

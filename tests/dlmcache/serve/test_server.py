@@ -146,6 +146,9 @@ def test_streaming_sends_the_committed_text_in_order(live, reference):
         ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
         ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 3}, "logprobs"),
         ("completions", {"model": MODEL, "prompt": "hi", "cache": "fastcache"}, "cache"),
+        # token editing is block diffusion's; the served model is full attention
+        ("completions", {"model": MODEL, "prompt": "hi", "edit_threshold": 0.5}, "edit_threshold"),
+        ("completions", {"model": MODEL, "prompt": "hi", "edit_threshold": 1.5}, "edit_threshold"),
         ("completions", {"model": MODEL, "prompt": "hi", "mystery": 1}, "mystery"),
         ("chat/completions", {"model": MODEL, "messages": []}, "messages"),
         ("chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages"),

@@ -1,0 +1,83 @@
+"""LLaDA2.1's joint threshold decoding: mask-to-token unmasking plus token-to-token editing (Bie et
+al., "LLaDA2.1: Speeding Up Text Diffusion via Token Editing", arXiv 2602.08676).
+
+The rule, as the release's `generate` states it for one block of a block diffusion model (SGLang's
+`JointThreshold` algorithm states the same):
+
+- M2T: every masked position whose greedy token has probability > `threshold` is committed, and at
+  least the most confident one;
+- T2T: every position of the block that is neither masked at the step's start nor part of the
+  prompt is rewritten with its greedy token where that token differs from the one there and its
+  probability is > `edit_threshold`;
+- once a step starts with no mask left in the block it is a post step: the block ends at the first
+  post step that edits nothing, or without a forward when a step would be post step number
+  `max_post_steps + 1`.
+
+A block therefore takes at least one forward more than its masks need: the last one checks that
+nothing wants editing. Edits stay inside the active block, whose KV every step recomputes, so the
+exact cache of the finished blocks is unaffected. The decoding loops (`decode_blocks` and the
+batched engine) run the block rule; this scheduler holds its settings and its two vectorised
+selections. Greedy only (the release samples with a temperature too; not built).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import register_to_config
+
+from .base import (
+    DLMScheduler,
+    SchedulerMixin,  # noqa: F401  (diffusers finds the loadable base class by name in this module)
+    argmax_confidence,
+    check_number,
+)
+from .threshold import threshold_select
+
+
+class TokenEditingScheduler(DLMScheduler):
+    """LLaDA2.1's M2T + T2T rule (module docstring); the defaults are its `generate`'s (threshold
+    0.95, edit_threshold 0.9, max_post_steps 16). Block diffusion models only."""
+
+    batched_steps = True
+    #: The decoding loops run the post-step block rule for schedulers that edit.
+    edits = True
+
+    @register_to_config
+    def __init__(self, threshold: float = 0.95, edit_threshold: float = 0.9, max_post_steps: int = 16):
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold={threshold} must be in [0, 1]")
+        check_number("edit_threshold", edit_threshold)
+        if edit_threshold > 1:
+            raise ValueError(f"edit_threshold={edit_threshold} must be in [0, 1]")
+        if isinstance(max_post_steps, bool) or not isinstance(max_post_steps, int) or max_post_steps < 0:
+            raise ValueError(f"max_post_steps={max_post_steps!r} must be an integer >= 0")
+
+    def _select(self, logits, mask_index, step_index, num_steps, generator, context):
+        return threshold_select(logits, mask_index, step_index, num_steps, self.config.threshold)
+
+    def edit(self, logits: torch.Tensor, tokens: torch.LongTensor, editable: torch.BoolTensor):
+        """T2T (x0, edited) [B, n] at this scheduler's `edit_threshold` (see `token_edits`)."""
+        return token_edits(logits, tokens, editable, self.config.edit_threshold)
+
+
+def token_edits(logits, tokens, editable, edit_threshold):
+    """T2T: (x0, edited) [B, n], the greedy tokens of logits [B, n, V] and the `editable` positions
+    whose greedy token differs from `tokens` with probability > `edit_threshold` (a float, or one
+    per row [B]: the engine's rows of different settings at once)."""
+    x0, confidence = argmax_confidence(logits)
+    if isinstance(edit_threshold, torch.Tensor):
+        edit_threshold = edit_threshold[:, None]
+    return x0, editable & (x0 != tokens) & (confidence > edit_threshold)
+
+
+def block_ends(began_empty, edited, empty, post, max_post_steps):
+    """The block rule of an editing scheduler (LLaDA2.1's), after a step of rows [R]: began_empty:
+    the step started with no mask in the block (a post step); edited: it edited a token; empty: no
+    mask is left now; post: the post steps taken. Returns (ended, post, hold): the rows whose block
+    ended (a post step that edited nothing, or the next step would be post step max_post_steps + 1),
+    their post-step counts, and the rows that stay in their block for a post step."""
+    ended = began_empty & ~edited
+    post = torch.where(ended, 0, post + empty.long())
+    ended |= post > max_post_steps
+    post = torch.where(ended, 0, post)
+    return ended, post, empty & ~ended
