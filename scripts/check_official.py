@@ -1,6 +1,7 @@
 """Our models' logits against the official modeling code on the same random weights (CPU).
 
     python scripts/check_official.py --lladamoe /path/to/dinfer/tools
+    python scripts/check_official.py --llada2 DIR [--llada2 DIR ...]
 
 --lladamoe: a directory holding dInfer's `modeling_fused_lladamoe.py` and `configuration_lladamoe.py`
 (inclusionAI/dInfer `tools/`; the hub ships LLaDA-MoE's code only as remote code, dInfer's copy is
@@ -8,6 +9,15 @@ its GitHub home). Its fused expert block needs vLLM's Triton kernel, so the refe
 file's own unfused block (`LLaDAMoESparseMoeBlock`, the hub's parameter layout), put in place of the
 fused one; `fuse_moe` is stubbed (never called), and transformers 5's RoPE registry gets back the
 "default" rule the 4.x code looks up (`default_rope`). Everything else is the file as it is.
+
+--llada2: a directory holding a copy of LLaDA2's hub modeling code: `modeling_llada2_moe.py` and
+`configuration_llada2_moe.py` (LLaDA2.0's), or the same files of LLaDA2.1 named `*_llada21_moe.py`
+(ZHZisZZ/dllm keeps both under `dllm/pipelines/llada2{,1}/models/`; the hub ships them as remote
+code). Besides the logits, the release's own `generate` runs on the same random weights (float64,
+greedy, no cache) beside ours (`decode_blocks` with the finished blocks' KV cached): LLaDA2.0's
+against `ThresholdScheduler`, LLaDA2.1's (with `editing_threshold`) against `TokenEditingScheduler`,
+for prompts ending inside a block, on its edge and one token in, under a threshold that commits
+several tokens a step and edit thresholds that edit; the tokens must be equal.
 
 For each model: a tiny random config (`dlmcache.testing`), our model built from it, the official
 model loaded with our state dict (strict), and the logits of random ids compared in float32 (bit for
@@ -97,18 +107,139 @@ def check_lladamoe(directory: Path) -> dict:
     return result
 
 
+def load_llada2(directory: Path):
+    """LLaDA2's hub modeling module (2.0's or 2.1's files) imported as a package from a temporary copy."""
+    for suffix in ("llada2_moe", "llada21_moe"):
+        files = [directory / f"{kind}_{suffix}.py" for kind in ("modeling", "configuration")]
+        if all(f.is_file() for f in files):
+            break
+    else:
+        raise SystemExit(f"check_official.py: {directory} holds no modeling_llada2_moe.py / modeling_llada21_moe.py")
+    package = Path(tempfile.mkdtemp()) / f"official_{suffix}"
+    package.mkdir()
+    for f in files:
+        (package / f.name).write_text(f.read_text())
+    (package / "__init__.py").write_text("")
+    sys.path.insert(0, str(package.parent))
+    default_rope()
+    transformers_4_helpers()
+    return importlib.import_module(f"{package.name}.modeling_{suffix}"), suffix
+
+
+def transformers_4_helpers() -> None:
+    """Two transformers 4.x names that LLaDA2.0's modeling file imports and transformers 5 dropped:
+    `is_torch_fx_available` (answered False: no FX tracing here) and
+    `is_torch_greater_or_equal_than_1_13` (True)."""
+    import transformers.pytorch_utils
+    import transformers.utils.import_utils
+
+    if not hasattr(transformers.utils.import_utils, "is_torch_fx_available"):
+        transformers.utils.import_utils.is_torch_fx_available = lambda: False
+    if not hasattr(transformers.pytorch_utils, "is_torch_greater_or_equal_than_1_13"):
+        transformers.pytorch_utils.is_torch_greater_or_equal_than_1_13 = True
+
+
+def check_llada2(directory: Path) -> dict:
+    import inspect
+
+    from dlmcache.blockdiffusion import decode_blocks
+    from dlmcache.schedulers import ThresholdScheduler, TokenEditingScheduler
+    from dlmcache.testing import tiny_llada2
+
+    official, suffix = load_llada2(directory)
+    # weights at 10x the usual scale, so that thresholds commit several tokens and edits happen; the
+    # mask token is never predicted (its output row is zero), on which the release's loop would spin
+    ours = tiny_llada2(initializer_range=0.2, seed=2)
+    with torch.no_grad():
+        ours.lm_head.weight[ours.mask_token_id] = 0
+    fields = ours.config.to_dict()
+    config = official.LLaDA2MoeConfig(**{k: fields[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "hidden_act", "use_qkv_bias", "use_qk_norm", "use_bias", "norm_head",
+        "rms_norm_eps", "max_position_embeddings", "rope_theta", "partial_rotary_factor", "num_experts",
+        "num_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "routed_scaling_factor",
+        "moe_intermediate_size", "first_k_dense_replace", "pad_token_id", "eos_token_id", "tie_word_embeddings",
+    )})  # fmt: skip
+    config._attn_implementation = "sdpa"
+    reference = official.LLaDA2MoeModelLM(config).eval()
+    missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"check_official.py: state dicts differ: missing {missing}, unexpected {unexpected}")
+    block = fields["block_size"]
+    torch.manual_seed(3)
+    ids = torch.randint(3, fields["vocab_size"], (2, 6 * block))
+    n = ids.shape[1]
+    blocks = torch.tril(torch.ones(n // block, n // block)).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    result = {"model": "LLaDA2MoeModelLM", "official": f"{directory} ({suffix}, the hub's modeling file)"}
+    for dtype in (torch.float32, torch.float64):
+        ours.to(dtype)
+        reference.to(dtype)
+        mask = torch.zeros(1, 1, n, n, dtype=dtype).masked_fill(blocks == 0, torch.finfo(dtype).min)
+        with torch.no_grad():
+            a = block_causal_forward(ours, ids, block)
+            b = reference(input_ids=ids, attention_mask=mask, position_ids=torch.arange(n).expand(2, -1)).logits
+        name = str(dtype).replace("torch.", "")
+        result[f"{name}_bit_identical"] = bool(torch.equal(a, b))
+        result[f"{name}_max_abs_diff"] = float((a - b).abs().max())
+
+    # The release's generate against ours, float64, one prompt at a time. Its block mask is bfloat16,
+    # which SDPA refuses beside float64 queries; the eager attention adds it to the scores.
+    reference.config._attn_implementation = "eager"
+    editing = "editing_threshold" in inspect.signature(reference.generate).parameters
+    settings = [(0.3, 0.2, 16), (0.95, 0.0, 3), (0.5, 0.9, 16)] if editing else [(0.3,), (0.95,), (0.05,)]
+    g = torch.Generator().manual_seed(0)
+    cases, equal, edits = 0, 0, 0
+    for setting in settings:
+        for p_len, gen in ((6, 10), (8, 12), (5, 11)):
+            prompt = torch.randint(3, 200, (p_len,), generator=g).tolist()
+            kw = dict(temperature=0.0, block_length=block, steps=block, gen_length=gen, threshold=setting[0],
+                      eos_id=fields["eos_token_id"], mask_id=ours.mask_token_id)  # fmt: skip
+            if editing:
+                kw.update(editing_threshold=setting[1], max_post_steps=setting[2])
+                scheduler = TokenEditingScheduler(*setting)
+            else:
+                scheduler = ThresholdScheduler(setting[0])
+            with torch.no_grad():
+                want = reference.generate(torch.tensor([prompt]), **kw)[0].tolist()
+            out = decode_blocks(ours, [prompt], gen, block, block, scheduler, eos_token_id=fields["eos_token_id"])
+            got = out["sequences"][0].tolist()
+            eos = fields["eos_token_id"]
+            got = got[: got.index(eos) + 1] if eos in got else got  # the release returns up to its first EOS
+            cases += 1
+            equal += got == want
+            edits += out["stats"].get("edited_tokens", 0)
+    result.update(generate="2.1 (token editing)" if editing else "2.0", generate_cases=cases,
+                  generate_equal=equal, generate_edited_tokens=edits)  # fmt: skip
+    return result
+
+
+def block_causal_forward(model, ids, block):
+    """Our logits of ids [B, n] from position 0 under the block-causal mask (blocks of `block`)."""
+    from dlmcache.blockdiffusion import BlockCausalStore
+
+    b, n = ids.shape
+    store = BlockCausalStore(model, torch.ones(b, n, dtype=torch.bool), block)
+    store.begin(None, torch.arange(n).expand(b, -1), n)
+    return model(ids, positions=torch.arange(n).expand(b, -1), cache=store).logits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lladamoe", type=Path, help="dInfer's tools/ directory (LLaDA-MoE's modeling code)")
+    ap.add_argument("--llada2", type=Path, action="append", default=[],
+                    help="a directory with LLaDA2.0's or 2.1's hub modeling code (repeatable)")  # fmt: skip
     args = ap.parse_args()
-    if args.lladamoe is None:
-        raise SystemExit("check_official.py: give at least one official code directory (--lladamoe)")
+    checks = [(check_lladamoe, args.lladamoe)] if args.lladamoe else []
+    checks += [(check_llada2, d) for d in args.llada2]
+    if not checks:
+        raise SystemExit("check_official.py: give at least one official code directory (--lladamoe, --llada2)")
     torch.set_num_threads(1)
     failed = False
-    for check, directory in ((check_lladamoe, args.lladamoe),):
+    for check, directory in checks:
         result = check(directory)
         print(json.dumps(result))
         failed |= not result["float32_bit_identical"]
+        failed |= result.get("generate_equal", 0) != result.get("generate_cases", 0)
     sys.exit(1 if failed else 0)
 
 
