@@ -63,8 +63,11 @@ class BlockCausalStore:
         self.key_end = 0
 
     def begin(self, rows: torch.LongTensor | None, cols: torch.LongTensor, key_end: int,
-              compress: list[int] = ()) -> None:  # fmt: skip
+              compress: list[int] = (), write: torch.BoolTensor | None = None) -> None:  # fmt: skip
+        """`write` [R, n]: which fed columns write their K/V (None: all); the others attend and are
+        attended with the K/V the store holds (a sub-block cache's stale ones)."""
         self.rows, self.cols, self.key_end, self.compress = rows, cols, key_end, list(compress)
+        self.write = None if write is None else write[:, :, None, None]
         valid = self.valid if rows is None else self.valid[rows]
         self.mask = block_causal_mask(cols, self.block_length, valid[:, :key_end])
         index = torch.arange(cols.shape[0], device=cols.device) if rows is None else rows
@@ -80,8 +83,12 @@ class BlockCausalStore:
     def attend(self, layer_idx: int, q, k, v, backend: str = "auto"):
         end = self.key_end
         keys, values = self.k[layer_idx], self.v[layer_idx]
-        keys[self._index, :, self.cols] = k.transpose(1, 2)  # [R, n, Hkv, D] at each row's columns
-        values[self._index, :, self.cols] = v.transpose(1, 2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [R, n, Hkv, D] at each row's columns
+        if self.write is not None:
+            k = torch.where(self.write, k, keys[self._index, :, self.cols])
+            v = torch.where(self.write, v, values[self._index, :, self.cols])
+        keys[self._index, :, self.cols] = k
+        values[self._index, :, self.cols] = v
         if self.rows is None:
             keys, values = keys[:, :, :end], values[:, :, :end]
         else:
@@ -137,6 +144,7 @@ def decode_blocks(
     attention_block: int | None = None,
     first_token_autoregressive: bool = False,
     compression=None,
+    sub_block_cache: bool = False,
 ) -> dict:
     """Decode `max_new_tokens` tokens after each prompt (lists of ids) with a block-causal `model`.
 
@@ -155,6 +163,10 @@ def decode_blocks(
     step between blocks). compression: a `Compression` of each row's prefix, its complete prompt
     attention blocks (needs `cached`): the first forward feeds it whole (no separate prefill) and
     attends it so, then keeps it compressed with the prefix's own queries, as the engine does.
+    sub_block_cache: Fast-dLLM v2's `use_block_cache` (approximate; needs `cached`): a step whose
+    sub-block's first position is already committed feeds that sub-block alone and attends the rest
+    of its attention block with the KV the store holds from the last step that fed it (the block's
+    first step, or one whose sub-block's first position was masked, feeds the whole block).
 
     Each row moves through its blocks at its own pace (a row whose block is done starts its next one
     at the next step, while the others go on), and a finished row is no longer fed. Per step, a row
@@ -169,6 +181,8 @@ def decode_blocks(
     attn = bs if attention_block is None else attention_block
     if attn % bs:
         raise ValueError(f"attention_block={attn} is not a multiple of block_length={bs}")
+    if sub_block_cache and (not cached or compression is not None):
+        raise ValueError("sub_block_cache needs the cache (cached=True) and no prefix compression")
     prompt_lens = torch.tensor([len(p) for p in prompts], device=device)
     lengths = prompt_lens + g
     width = -(-int(lengths.max()) // attn) * attn
@@ -194,6 +208,8 @@ def decode_blocks(
     post = torch.zeros_like(block)
     hold = torch.zeros_like(block, dtype=torch.bool)
     cached_end = torch.zeros_like(block)  # columns [0, cached_end) of the row hold final KV
+    # Fast-dLLM v2's sub-block cache: the attention block start each row last fed whole (-1: none)
+    refreshed_at = torch.full_like(block, -1)
     prefill = int(prompt_lens.min()) // attn * attn  # every row's complete prompt attention blocks
     if cached and prefill and compression is None:  # in one forward
         cols = columns[:prefill].expand(len(prompts), -1)
@@ -221,9 +237,15 @@ def decode_blocks(
         rows = None if active.numel() == len(prompts) else active
         blk = block[active]
         attn_start = blk * bs // attn * attn  # the attention block holding the active block
-        end = attn_start + attn
+        end = attn_start + attn  # where each row's feed ends
         feed_from = (cached_end[active] - shift).clamp(min=0) if cached else torch.zeros_like(end)
-        span = torch.stack([(end - feed_from).max(), end.max()]).tolist()  # one host read
+        key_end = end
+        if sub_block_cache:  # feed the sub-block alone unless its first position is masked (or new block)
+            sub_start = blk * bs
+            whole = (refreshed_at[active] != attn_start) | (canvas[active, sub_start] == mask_id)
+            refreshed_at[active] = torch.where(whole, attn_start, refreshed_at[active])
+            end, feed_from = torch.where(whole, end, sub_start + bs), torch.where(whole, feed_from, sub_start)
+        span = torch.stack([(end - feed_from).max(), key_end.max()]).tolist()  # one host read
         n, key_end = span
         start = (end - n).clamp(min=0)
         cols = start[:, None] + torch.arange(n, device=device)
@@ -232,7 +254,9 @@ def decode_blocks(
         compress = []
         if compression is not None and nfe == 0:  # every row's first forward: its prefix is fed whole
             compress = [r for r in active.tolist() if int(compressed_len[r])]
-        store.begin(rows, cols, key_end, compress)
+        # (a sub-block row aligned left of its feed must not overwrite the stale KV it attends)
+        write = (cols >= feed_from[:, None]) & (cols < end[:, None]) if sub_block_cache else None
+        store.begin(rows, cols, key_end, compress, write)
         ids = canvas[active].gather(1, cols)
         logits = model(ids, positions=cols, cache=store, logits_index=torch.arange(lo, hi + bs, device=device)).logits
         pick = (offset - lo)[:, None] + in_block  # [R, bs]

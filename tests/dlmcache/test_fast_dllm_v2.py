@@ -27,17 +27,27 @@ class BlockKV:
 
     def __init__(self, block):
         self.block, self.k, self.v = block, {}, {}
+        self.block_k, self.block_v = {}, {}  # the sub-block cache: the current block's K/V per layer
 
-    def run(self, model, ids, start, store):
+    def run(self, model, ids, start, store, block_cache=None):
         """The model's output at each fed position (the raw logits: this model's `forward` applies the
-        token shift itself, so index j + 1 asks for position j's)."""
-        self.start, self.store = start, store
+        token shift itself, so index j + 1 asks for position j's). block_cache: "fill" keeps the fed
+        block's K/V as the sub-block cache; an int j writes the fed sub-block's K/V at offset j of it
+        and attends the cache's whole block (the other sub-blocks' K/V as last written)."""
+        self.start, self.store, self.block_cache = start, store, block_cache
         positions = torch.arange(start, start + len(ids))[None]
         raw = torch.arange(1, len(ids) + 1)
         with torch.no_grad():
             return model(torch.tensor(ids)[None], positions=positions, cache=self, logits_index=raw).logits[0]
 
     def attend(self, layer_idx, q, k, v, backend):
+        if self.block_cache == "fill":
+            self.block_k[layer_idx], self.block_v[layer_idx] = k.clone(), v.clone()
+        elif self.block_cache is not None:
+            j = self.block_cache
+            self.block_k[layer_idx][:, :, j : j + k.shape[2]] = k
+            self.block_v[layer_idx][:, :, j : j + v.shape[2]] = v
+            k, v = self.block_k[layer_idx], self.block_v[layer_idx]
         keys = k if layer_idx not in self.k else torch.cat([self.k[layer_idx], k], 2)
         values = v if layer_idx not in self.v else torch.cat([self.v[layer_idx], v], 2)
         if self.store:
@@ -47,14 +57,19 @@ class BlockKV:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[None, None], enable_gqa=True)
 
 
-def release_generate(model, prompt, gen_length, block, small_block, threshold):
+def release_generate(model, prompt, gen_length, block, small_block, threshold, use_block_cache=False):
     """Fast-dLLM v2's generate, greedy, written from its description: the prompt's complete blocks are
     prefilled and stored (when the prompt fills them exactly, the next token is the argmax of the
     last position: autoregressive); then each block, padded with masks to its end, is decoded one
     sub-block at a time, each step a forward of the whole block over the cache, with the token shift
     (the logits of block position j come from position j - 1) and every masked sub-block position
     above the threshold committed, the most confident at least; a finished block is forwarded once
-    more to store its KV, and the argmax of its last position is the next block's first token."""
+    more to store its KV, and the argmax of its last position is the next block's first token.
+
+    use_block_cache (the release's sub-block cache): a step whose sub-block's first position is
+    committed, after the block's first forward, feeds that sub-block alone (token shift inside it)
+    over the prefix and the block's K/V as last written; otherwise the whole block is fed and its K/V
+    kept."""
     mask_id = model.mask_token_id
     x = list(prompt)
     kv = BlockKV(block)
@@ -66,13 +81,19 @@ def release_generate(model, prompt, gen_length, block, small_block, threshold):
     while len(x) < len(prompt) + gen_length:
         start = len(x) // block * block
         cur = x[start:] + [mask_id] * (start + block - len(x))
+        filled = False  # the sub-block cache holds this block
         for sub in range(0, block, small_block):
             while True:
                 masked = torch.tensor([t == mask_id for t in cur[sub : sub + small_block]])
                 if not masked.any():
                     break
-                logits = kv.run(model, cur, start, store=False)
-                logits = torch.cat([logits[:1], logits[:-1]])[sub : sub + small_block]  # the token shift
+                if use_block_cache and filled and cur[sub] != mask_id:
+                    logits = kv.run(model, cur[sub : sub + small_block], start + sub, store=False, block_cache=sub)
+                    logits = torch.cat([logits[:1], logits[:-1]])  # the token shift inside the sub-block
+                else:
+                    logits = kv.run(model, cur, start, store=False, block_cache="fill" if use_block_cache else None)
+                    logits = torch.cat([logits[:1], logits[:-1]])[sub : sub + small_block]  # the token shift
+                    filled = True
                 probs = logits.softmax(-1)
                 confidence, x0 = probs.max(-1)
                 confidence = torch.where(masked, confidence, -math.inf)
@@ -86,16 +107,42 @@ def release_generate(model, prompt, gen_length, block, small_block, threshold):
 
 
 @pytest.mark.parametrize("prompt_len", [8, 11, 16, 5])  # ends on a block's edge, inside a block, on a sub-block
-@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("cached", [True, False, "sub_block"])
 def test_equals_the_release_loop(model, prompt_len, cached):
     prompt = list(range(10, 10 + prompt_len))
     gen = 24 - prompt_len % 8 if prompt_len % 8 else 16  # ends on a block's edge, as the release's last block
     threshold = 0.05
-    expected = release_generate(model, prompt, gen, 8, 4, threshold)
-    out = decode_blocks(model, [prompt], gen, 4, 4, ThresholdScheduler(threshold=threshold), cached=cached,
-                        attention_block=8, first_token_autoregressive=True)  # fmt: skip
+    sub_block = cached == "sub_block"
+    expected = release_generate(model, prompt, gen, 8, 4, threshold, use_block_cache=sub_block)
+    out = decode_blocks(model, [prompt], gen, 4, 4, ThresholdScheduler(threshold=threshold), cached=bool(cached),
+                        attention_block=8, first_token_autoregressive=True, sub_block_cache=sub_block)  # fmt: skip
     assert out["sequences"][0].tolist() == expected
     assert out["nfe"] < gen  # several tokens in some steps
+
+
+def test_the_sub_block_cache_is_the_releases_approximation():
+    """use_block_cache feeds fewer tokens and changes the tokens (the other sub-blocks' KV is stale),
+    and a batch of mixed prompt lengths equals each prompt alone: a row aligned left of its sub-block
+    does not overwrite the stale KV it attends. Eight sub-blocks of 4 in blocks of 32, so the cache
+    has stale KV to read."""
+    model = tiny_fast_dllm_v2(dtype=torch.float64, initializer_range=0.2, bd_size=32)
+    prompts = [list(range(10, 10 + n)) for n in (40, 37, 5)]
+    gens = [24, 27, 27]  # each ends on a block's edge
+    kw = dict(attention_block=32, first_token_autoregressive=True)
+    scheduler = ThresholdScheduler(threshold=0.05)
+    fed, fed_exact, changed = 0, 0, 0
+    for prompt, gen in zip(prompts, gens, strict=True):
+        want = release_generate(model, prompt, gen, 32, 4, 0.05, use_block_cache=True)
+        out = decode_blocks(model, [prompt], gen, 4, gen, scheduler, sub_block_cache=True, **kw)
+        exact = decode_blocks(model, [prompt], gen, 4, gen, scheduler, **kw)
+        assert out["sequences"][0].tolist() == want
+        fed, fed_exact = fed + out["stats"]["fed_tokens"], fed_exact + exact["stats"]["fed_tokens"]
+        changed += out["sequences"][0].tolist() != exact["sequences"][0].tolist()
+    assert fed < 0.9 * fed_exact and changed >= 2
+    batch = decode_blocks(model, [p[:37] for p in prompts], 27, 4, 27, scheduler, sub_block_cache=True, **kw)
+    for i, prompt in enumerate(prompts):
+        alone = decode_blocks(model, [prompt[:37]], 27, 4, 27, scheduler, sub_block_cache=True, **kw)
+        assert torch.equal(batch["sequences"][i], alone["sequences"][0]), i
 
 
 def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(tmp_path):
