@@ -14,7 +14,7 @@ from diffusers.utils import BaseOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .batching import after_eos, left_pad
-from .cache import DenoisingCache, Layout, make_cache
+from .cache import DenoisingCache, DualCache, Layout, make_cache
 from .engine import Finished, Request, cache_rule
 from .engine.rules import BLOCK, DUAL, PREFIX, TOKEN
 from .locations import read_json, resolve_path
@@ -49,6 +49,13 @@ SCHEDULERS = {
     "token_editing": TokenEditingScheduler,  # LLaDA2.1's M2T + T2T (block diffusion models)
 }
 CHAT_ROLES = ("system", "user", "assistant")
+
+
+def sub_block_cache(cache, model) -> bool:
+    """Whether `cache` on block diffusion `model` is Fast-dLLM v2's sub-block cache (its
+    `use_block_cache`): `DualCache` on a model whose decoding blocks are sub-blocks of its attention
+    block. Every other cache of a block diffusion model caches the finished blocks exactly."""
+    return type(cache) is DualCache and model.attention_block is not None and model.block_diffusion
 
 
 @dataclass
@@ -534,7 +541,7 @@ class DLMPipeline(DiffusionPipeline):
                 cached=cache.name != "none", stop_at_eos=stop_at_eos, eos_token_id=self.tokenizer.eos_token_id,
                 generator=generator, on_step=_with_bar(bar, live), attention_block=self.model.attention_block,
                 first_token_autoregressive=self.model.first_token_autoregressive,
-                compression=getattr(cache, "compression", None),
+                compression=getattr(cache, "compression", None), sub_block_cache=sub_block_cache(cache, self.model),
             )  # fmt: skip
             bar.update(max(0, steps - bar.n))
         elapsed = time.perf_counter() - start_time
@@ -561,6 +568,10 @@ class DLMPipeline(DiffusionPipeline):
         if isinstance(scheduler, GuidedScheduler):
             raise ValueError(f"guided unmasking is not built for block diffusion ({name})")
         compression = getattr(cache, "compression", None)
+        if compression is not None and sub_block_cache(cache, self.model):
+            raise ValueError(
+                f"cache='dual' on {name} is Fast-dLLM v2's sub-block cache; with a compressed prefix it is not built"
+            )
         if compression is not None and "mask_queries" in compression.reads:
             raise ValueError(
                 f"cache={cache.name!r} with policy={compression.policy.name!r}: it scores the prompt by the masked "

@@ -172,7 +172,8 @@ class GenerationBatch:
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "canvas_refresh": False, "last_start": -1, "frozen_end": 0, "stale": False,
         "cached_end": 0, "compressed_len": 0, "attn_block": 1, "ar_first": False,
-        "edit": False, "edit_threshold": 0.0, "max_post": 0, "post": 0, "edited": 0,
+        "edit": False, "edit_threshold": 0.0, "max_post": 0, "post": 0, "edited": 0, "sub_block": False,
+        "refreshed_at": -1,
     }  # fmt: skip
     COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
 
@@ -242,6 +243,7 @@ class GenerationBatch:
             "mode": rule.mode, "suffix_window": rule.suffix_window, "drop_beyond": rule.drop_beyond,
             "delay": rule.delay, "refresh_every": rule.refresh_every, "drift": rule.drift,
             "probe_tokens": rule.probe_tokens, "canvas_refresh": rule.canvas_refresh,
+            "sub_block": rule.sub_block and request.attention_block is not None,
         }  # fmt: skip
         if getattr(request.scheduler, "edits", False):  # LLaDA2.1's token editing (`TokenEditingScheduler`)
             config = request.scheduler.config
@@ -321,6 +323,7 @@ class GenerationBatch:
         self._compressed = any(r.compressed_len > 0 for r in self.requests)
         self._ar_first = any(r.first_token_ar for r in self.requests)
         self._editing = any(getattr(r.scheduler, "edits", False) for r in self.requests)
+        self._sub_block = any(r.rule.sub_block and r.attention_block is not None for r in self.requests)
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
         self._canvas_refresh = any(r.rule.canvas_refresh and r.rule.mode != NONE for r in self.requests)
@@ -447,21 +450,31 @@ class GenerationBatch:
         )  # fmt: skip
 
     def _causal_feed(self, start, end) -> tuple[torch.BoolTensor, torch.LongTensor, torch.LongTensor]:
-        """Block diffusion: (the positions each row feeds [R, W], where they end [R], where they begin
-        [R]). A cached row feeds its active attention block and the blocks finished since its last
+        """Block diffusion: (the positions each row feeds [R, W], where its keys end [R], where its feed
+        begins [R]). A cached row feeds its active attention block and the blocks finished since its last
         forward (at its first: everything before, its prompt's prefill), whose KV is final from this
-        forward on; a row without the cache feeds everything up to its attention block's end."""
+        forward on; a row without the cache feeds everything up to its attention block's end. With
+        Fast-dLLM v2's sub-block cache (`CacheRule.sub_block`) a row whose sub-block's first position
+        is committed, after its attention block's first forward, feeds that sub-block alone: its
+        attention row still reaches the attention block's end, over the KV the pool holds there."""
         s = self._state
         attn = s["attn_block"]  # the block attended in: the decoding block, or one it is a sub-block of
         attn_start = torch.div(start, attn, rounding_mode="floor") * attn
-        feed_to = torch.minimum(attn_start + attn, s["length"])
+        feed_to = keys_end = torch.minimum(attn_start + attn, s["length"])
         cached = s["mode"] == CAUSAL
         # (a model with shifted logits also feeds the position before: it predicts the block's first)
         feed_from = torch.where(cached, (s["cached_end"] - self.shift).clamp(min=0), 0)
+        if self._sub_block:  # Fast-dLLM v2's sub-block cache: the sub-block alone, unless it must refresh
+            first_masked = s["canvas"].gather(1, start[:, None])[:, 0] == self.mask_id
+            whole = (s["refreshed_at"] != attn_start) | first_masked
+            alone = s["sub_block"] & cached & ~whole
+            s["refreshed_at"] = torch.where(s["sub_block"] & whole, attn_start, s["refreshed_at"])
+            feed_from = torch.where(alone, start, feed_from)
+            feed_to = torch.where(alone, torch.minimum(end, s["length"]), feed_to)
         s["cached_end"] = torch.where(cached, attn_start, 0)
         s["full_forwards"] += (~cached).long()
         need = (self._positions >= feed_from[:, None]) & (self._positions < feed_to[:, None])
-        return need, feed_to, feed_from
+        return need, keys_end, feed_from
 
     def _feed(self, start, end) -> tuple[torch.BoolTensor, torch.LongTensor, torch.BoolTensor]:
         """Full attention: (the positions each row feeds [R, W], the keys it attends end [R], whether

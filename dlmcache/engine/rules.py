@@ -32,7 +32,11 @@ class CacheRule:
     refresh after the first forward recomputes the generation region only (`refresh_prompt=False`:
     from `probe_tokens` + the logit shift positions before it), reading the prompt's KV from the pool;
     compression: how the prompt's KV is compressed after a forward that computes it (a
-    `Compression`; None: it stays in the pool), read from then on as a segment of its own."""
+    `Compression`; None: it stays in the pool), read from then on as a segment of its own;
+    sub_block: block diffusion with `DualCache`, which for a model whose decoding blocks are
+    sub-blocks of its attention block (Fast-dLLM v2) is the release's sub-block cache: a step whose
+    sub-block's first position is committed feeds the sub-block alone over the stale KV of the rest
+    of its attention block."""
 
     mode: int
     suffix_window: int = -1
@@ -43,6 +47,7 @@ class CacheRule:
     probe_tokens: int = 0
     canvas_refresh: bool = False
     compression: Compression | None = None
+    sub_block: bool = False
 
 
 def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule | None:
@@ -53,7 +58,7 @@ def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule |
         return (
             CacheRule(CAUSAL_FULL, compression=compression)
             if type(cache) is NoCache
-            else CacheRule(CAUSAL, compression=compression)
+            else CacheRule(CAUSAL, compression=compression, sub_block=type(cache) is DualCache)
         )
     if type(cache) is NoCache:
         return CacheRule(NONE)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler
 from dlmcache.blockdiffusion import decode_blocks
+from dlmcache.cache import make_cache
 from dlmcache.models import FastDLLMV2Config
 from dlmcache.testing import random_checkpoint, tiny_fast_dllm_v2
 
@@ -152,7 +153,8 @@ def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(tmp_path):
     assert pipe.default_block_length == 4 and pipe.model.attention_block == 8 and pipe.model.logit_shift == 1
     assert isinstance(pipe.scheduler, ThresholdScheduler) and pipe.scheduler.config.threshold == 0.9
     prompts = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many now?", "Hi", "Compute 45+38-27."]
-    for cache in ("none", "freecache"):
+    sequences = {}
+    for cache in ("none", "freecache", "dual"):  # dual: the release's sub-block cache
         pipe.set_cache(cache)
         for scheduler in (ThresholdScheduler(threshold=0.05), LowConfidenceScheduler()):
             kw = dict(max_new_tokens=16, scheduler=scheduler)
@@ -162,6 +164,11 @@ def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(tmp_path):
                 alone = pipe(prompt, engine=False, **kw)
                 assert torch.equal(alone.sequences[0], batch.sequences[i]), (cache, type(scheduler).__name__, i)
                 assert torch.equal(alone.commit_step[0], batch.commit_step[i].to(alone.commit_step.device))
+            sequences[cache, type(scheduler).__name__] = batch.sequences
+    assert torch.equal(sequences["none", "ThresholdScheduler"], sequences["freecache", "ThresholdScheduler"])
+    assert not torch.equal(sequences["dual", "ThresholdScheduler"], sequences["freecache", "ThresholdScheduler"])
+    with pytest.raises(ValueError, match="sub-block cache; with a compressed prefix it is not built"):
+        pipe(prompts[0], max_new_tokens=16, cache=make_cache("dual", policy="snapkv", budget=0.5))
 
 
 def test_an_attention_blocks_first_token_is_committed_alone(model):
