@@ -4,6 +4,7 @@ none                               no cache, the pipeline's scheduler
 freecache                          FreeCache with its defaults
 freecache:suffix_window=0          cache options after a colon (k=v, comma separated)
 dual+threshold=0.9                 "+" adds parts: here the threshold scheduler at 0.9
+freecache+edit_threshold=0.9       LLaDA2.1's token editing (block diffusion; threshold 0.95 unless given)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .cache import CACHES, make_cache
-from .schedulers import ThresholdScheduler
+from .schedulers import ThresholdScheduler, TokenEditingScheduler
 
 
 def split_configs(text: str) -> list[str]:
@@ -47,6 +48,7 @@ class RunConfig:
     cache: str = "none"
     cache_options: dict = field(default_factory=dict)
     threshold: float | None = None
+    edit_threshold: float | None = None
     guide: str | None = None
     guide_options: dict = field(default_factory=dict)
 
@@ -61,6 +63,8 @@ class RunConfig:
                 cfg.cache_options = _options(text, opts)
             elif key == "threshold" and val:
                 cfg.threshold = float(val)
+            elif key == "edit_threshold" and val:
+                cfg.edit_threshold = float(val)
             elif key == "guide" and val and not opts:
                 cfg.guide = val
             elif key == "guide" and not val and opts:
@@ -71,7 +75,8 @@ class RunConfig:
             else:
                 raise ValueError(
                     f"config {text!r}: unknown part {part!r} (expected a cache {sorted(CACHES)}, "
-                    "'CACHE:k=v,...', 'threshold=T', 'guide=PATH' or 'guide:path=PATH,k=v,...')"
+                    "'CACHE:k=v,...', 'threshold=T', 'edit_threshold=E', 'guide=PATH' or "
+                    "'guide:path=PATH,k=v,...')"
                 )
         return cfg
 
@@ -81,16 +86,23 @@ class RunConfig:
         from .guidance import check_guide_options
 
         make_cache(self.cache, **self.cache_options)
-        if self.threshold is not None:
-            ThresholdScheduler(threshold=self.threshold)
+        self.scheduler()
         check_guide_options(**self.guide_options)
+
+    def scheduler(self):
+        """The scheduler this configuration asks for, or None for the pipeline's own: the threshold
+        rule, or with `edit_threshold` LLaDA2.1's token editing (at `threshold`, else its 0.95)."""
+        if self.edit_threshold is not None:
+            kw = {} if self.threshold is None else {"threshold": self.threshold}
+            return TokenEditingScheduler(edit_threshold=self.edit_threshold, **kw)
+        return None if self.threshold is None else ThresholdScheduler(threshold=self.threshold)
 
     def apply(self, pipe, load_guide=None) -> None:
         """Set the pipeline's cache, scheduler and guide for this configuration (the pipeline's own
-        scheduler unless a threshold is given; no guide unless one is). `load_guide(name, options)`
+        scheduler unless a threshold or an edit threshold is given; no guide unless one is). `load_guide(name, options)`
         may turn special guide names into `ARGuide`s (scripts use it for cached loading)."""
         pipe.set_cache(self.cache, **self.cache_options)
-        pipe.set_scheduler(None if self.threshold is None else ThresholdScheduler(threshold=self.threshold))
+        pipe.set_scheduler(self.scheduler())
         if self.guide is None:
             pipe.set_guide(None)
         elif load_guide is not None:

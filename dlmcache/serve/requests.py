@@ -264,7 +264,7 @@ def _cache(body: dict):
         raise ApiError(400, f"cache={text!r} must be a string such as 'freecache:suffix_window=0'", "cache")
     try:
         cfg = RunConfig.parse(text)
-        if cfg.guide or cfg.threshold is not None:
+        if cfg.guide or cfg.threshold is not None or cfg.edit_threshold is not None:
             raise ValueError("only a cache and its options")
         return make_cache(cfg.cache, **cfg.cache_options)
     except (ValueError, TypeError) as e:

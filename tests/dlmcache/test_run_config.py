@@ -1,6 +1,6 @@
 import pytest
 
-from dlmcache import LowConfidenceScheduler, ThresholdScheduler
+from dlmcache import LowConfidenceScheduler, ThresholdScheduler, TokenEditingScheduler
 from dlmcache.cache import FreeCache, NoCache
 from dlmcache.run_config import RunConfig, split_configs
 from tests.dlmcache.test_pipeline import make_pipe
@@ -13,6 +13,10 @@ def test_parse():
     g = RunConfig.parse("dual+guide:path=dlmcache/tiny-guide,rule=greedy,chunk_size=16")
     assert (g.cache, g.guide, g.guide_options) == ("dual", "dlmcache/tiny-guide", {"rule": "greedy", "chunk_size": 16})
     assert RunConfig.parse("none+guide=some/path").guide == "some/path"
+    editing = RunConfig.parse("freecache+edit_threshold=0.5").scheduler()
+    assert isinstance(editing, TokenEditingScheduler) and editing.config.threshold == 0.95
+    editing = RunConfig.parse("freecache+threshold=0.7+edit_threshold=0.5").scheduler()
+    assert (editing.config.threshold, editing.config.edit_threshold) == (0.7, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -22,6 +26,7 @@ def test_parse():
         ("guide:rule=greedy", "need path"),
         ("dual:abc", "'abc' is not k=v"),
         ("threshold", "unknown part"),
+        ("edit_threshold", "unknown part"),
     ],
 )
 def test_parse_errors(text, match):
