@@ -64,15 +64,18 @@ class Demo:
         self.guide = guide
         self.lock = threading.Lock()
 
-    def modes(self, threshold: float) -> list[tuple[str, str]]:
-        """(label, run_config) of each panel; the threshold applies to the unguided modes."""
+    def modes(self, threshold: float, edit_threshold: float = 0.0) -> list[tuple[str, str]]:
+        """(label, run_config) of each panel; the threshold (and, for a block diffusion model, LLaDA2.1's
+        token editing at `edit_threshold`, 0: off) applies to the unguided modes."""
         th = f"+threshold={threshold}" if threshold > 0 else ""
+        th += f"+edit_threshold={edit_threshold}" if edit_threshold > 0 else ""
         modes = [("none", f"none{th}"), ("freecache", f"freecache{th}")]
         if self.guide and not self.pipe.model.block_diffusion:  # guided unmasking: full-attention models
             modes.append(("freecache + guide", f"freecache+guide={self.guide}"))
         return modes
 
-    def check(self, prompt: str, max_new_tokens: int, block_length: int, steps: int, threshold: float) -> None:
+    def check(self, prompt: str, max_new_tokens: int, block_length: int, steps: int, threshold: float,
+              edit_threshold: float = 0.0) -> None:  # fmt: skip
         """Raise a `gr.Error` (shown in the page) for a request the pipeline would refuse or that is too big."""
         if not prompt or not prompt.strip():
             raise gr.Error("The prompt is empty.")
@@ -82,6 +85,10 @@ class Demo:
             raise gr.Error(f"max_new_tokens={max_new_tokens} must be in 1..{MAX_NEW_TOKENS}.")
         if not 0 <= threshold < 1:
             raise gr.Error(f"threshold={threshold} must be in [0, 1) (0 turns it off).")
+        if not 0 <= edit_threshold < 1:
+            raise gr.Error(f"edit_threshold={edit_threshold} must be in [0, 1) (0 turns token editing off).")
+        if edit_threshold > 0 and not self.pipe.model.block_diffusion:
+            raise gr.Error("Token editing (LLaDA2.1's rule) is for block diffusion models; this one is full attention.")
         try:
             self.pipe.check_inputs(max_new_tokens, block_length, steps)
         except ValueError as e:
@@ -147,11 +154,12 @@ class Demo:
                 parts.append(f'<span class="t" style="background:hsl({hue},70%,45%)" title="step {c}">{text}</span>')
         return f'<div class="canvas"><b>{html.escape(label)}</b> · step {step}<br>{"".join(parts)}</div>'
 
-    def run(self, prompt: str, max_new_tokens: int, block_length: int, steps: int, threshold: float):
+    def run(self, prompt: str, max_new_tokens: int, block_length: int, steps: int, threshold: float,
+            edit_threshold: float = 0.0):  # fmt: skip
         """The Run button: the three panels update live one after another, then the stats table."""
         max_new_tokens, block_length, steps = int(max_new_tokens), int(block_length), int(steps or max_new_tokens)
-        self.check(prompt, max_new_tokens, block_length, steps, threshold)
-        modes = self.modes(threshold)
+        self.check(prompt, max_new_tokens, block_length, steps, threshold, edit_threshold)
+        modes = self.modes(threshold, edit_threshold)
         canvases, texts, rows = ["", "", ""], ["", "", ""], []
         with self.lock:
             for i, (label, config) in enumerate(modes):
@@ -316,6 +324,8 @@ def text_tab(demo: Demo) -> None:
         block = gr.Slider(4, 128, value=demo.pipe.default_block_length, step=4, label="block length")
         steps = gr.Number(value=64, precision=0, label="steps (0 = max_new_tokens)")
         threshold = gr.Slider(0, 0.99, value=0, step=0.01, label="threshold (0 = one token per step)")
+        edit = gr.Slider(0, 0.99, value=0, step=0.01, label="edit threshold (LLaDA2.1 token editing; 0 = off)",
+                         visible=demo.pipe.model.block_diffusion)  # fmt: skip
     gr.Examples(EXAMPLES, inputs=prompt)
     labels = [m[0] for m in demo.modes(0)] + [""] * (3 - len(demo.modes(0)))
     canvases, texts = [], []
@@ -325,7 +335,8 @@ def text_tab(demo: Demo) -> None:
                 canvases.append(gr.HTML(label=label, value=f"<b>{label}</b>"))
                 texts.append(gr.Textbox(label=f"{label} output", interactive=False))
     stats = gr.Markdown(elem_id="stats")
-    run.click(demo.run, [prompt, max_new, block, steps, threshold], [*canvases, *texts, stats], concurrency_limit=1)
+    inputs = [prompt, max_new, block, steps, threshold, edit]
+    run.click(demo.run, inputs, [*canvases, *texts, stats], concurrency_limit=1)
 
 
 def main() -> None:

@@ -44,3 +44,17 @@ def test_a_cancelled_run_stops_decoding(demo):
     assert not demo.worker.is_alive() and time.perf_counter() - t0 < 2.0
     assert demo.lock.acquire(blocking=False)  # the next run can start at once
     demo.lock.release()
+
+
+def test_token_editing_is_offered_for_block_diffusion_only(demo):
+    """The edit-threshold slider adds LLaDA2.1's token editing to the unguided panels of a block
+    diffusion model, and a full-attention model refuses it in the page."""
+    import gradio as gr
+    from app import Demo
+
+    with pytest.raises(gr.Error, match="block diffusion models"):
+        demo.check("Compute 1+2.", 32, 32, 32, 0.0, edit_threshold=0.9)
+    block = Demo("dlmcache/tiny-block", None, "cpu", torch.float32)
+    assert block.modes(0.0, 0.9) == [("none", "none+edit_threshold=0.9"), ("freecache", "freecache+edit_threshold=0.9")]
+    *_, last = block.run("Compute 45+38-27.", 16, 4, 16, 0.0, 0.9)
+    assert "| freecache |" in last[-1]
