@@ -17,8 +17,10 @@ from dlmcache.cache.store import evict_prompt, pack_prompts
 from dlmcache.kernels.ops import dense_attention, merge_attention, paged_attention, paged_layout
 from dlmcache.kernels.pool import KVPool, PoolFull, bytes_per_token
 from dlmcache.kernels.store import KVSegment
+from dlmcache.models.layers import SparseMoeBlock
 
 from .batch import Finished, GenerationBatch, Request, StepInput
+from .graphs import GRAPH_MODES, Buckets, GraphedForward, pad_step
 from .rules import CAUSAL
 
 
@@ -173,15 +175,24 @@ class BatchedDecoder:
 
     model: a native DLM (`DLMModelMixin`); eos_token_id: the tokenizer's; pool: a `KVPool` (default:
     `kv_bytes` bytes of it, or room for `max_tokens` positions but at most a quarter of the memory of
-    the model's device); block_size: the pool's page size.
+    the model's device); block_size: the pool's page size; graphs: "off" (each step at its own
+    shapes), "buckets" (every step padded to shape buckets, eager: what a captured graph replays,
+    on any device) or "cuda" (padded, one CUDA graph per bucket; `dlmcache.engine.graphs`), with
+    `buckets` the floors of the padded sizes.
     `add(request)` admits a request (raises `PoolFull` when its KV does not fit now), `step()` runs one
     denoising step of every running request and returns those that finished (their blocks are free
     again), `cancel(ids)` drops requests at once.
     """
 
     def __init__(self, model, eos_token_id: int | None, pool: KVPool | None = None, kv_bytes: int | None = None,
-                 max_tokens: int = 8192, block_size: int = 16):  # fmt: skip
+                 max_tokens: int = 8192, block_size: int = 16, graphs: str = "off",
+                 buckets: Buckets | None = None):  # fmt: skip
+        if graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs={graphs!r}: expected one of {GRAPH_MODES}")
+        if graphs == "cuda" and any(isinstance(m, SparseMoeBlock) for m in model.modules()):
+            raise ValueError("graphs='cuda': a mixture-of-experts model reads its expert counts on the host")
         self.model = model
+        self.graphs, self.buckets = graphs, buckets or Buckets()
         dtype = next(model.parameters()).dtype
         if pool is None:
             shape = (model.num_layers, model.num_kv_heads, model.head_dim)
@@ -204,15 +215,18 @@ class BatchedDecoder:
         self._trimmed: set[int] = set()  # requests that gave their compressed prompt's blocks back
         self.peak_kv_bytes = 0  # the most KV the running requests held after a step (pool blocks + segments)
         self._held_grew = False  # a request joined since the last step (only joins and compressions add bytes)
+        self._graphed = GraphedForward(model, self._store) if graphs == "cuda" else None
 
     @classmethod
-    def for_requests(cls, model, eos_token_id: int | None, requests: list[Request], block_size: int = 16):
-        """A decoder whose pool holds exactly `requests` (a `DLMPipeline` call's prompts)."""
+    def for_requests(cls, model, eos_token_id: int | None, requests: list[Request], block_size: int = 16,
+                     **options):  # fmt: skip
+        """A decoder whose pool holds exactly `requests` (a `DLMPipeline` call's prompts); `options`
+        as the constructor's (graphs, buckets)."""
         shape = (model.num_layers, model.num_kv_heads, model.head_dim)
         blocks = sum(-(-r.kv_tokens // block_size) for r in requests)
         dtype = next(model.parameters()).dtype
         pool = KVPool(*shape, num_blocks=max(1, blocks), block_size=block_size, dtype=dtype, device=model.device)
-        return cls(model, eos_token_id, pool=pool)
+        return cls(model, eos_token_id, pool=pool, **options)
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -265,22 +279,36 @@ class BatchedDecoder:
         if not len(self.batch):
             return []
         step = self.batch.plan()
-        store = PagedStore(self.pool, step, self.pool.k[0].dtype, self._first_slot(), self.prompts,
-                           self.batch.requests, self.model.mask_token_id)  # fmt: skip
-        model = self.model
-        hidden = model.hidden_states(step.input_ids[None], step.positions[None], cache=store)
-        logits = model.get_output_embeddings()(hidden[0, step.logit_index])
+        if self.graphs != "off" and step.prompts is None:  # (compressed prompts: at their own shapes)
+            sizes = self.buckets.sizes(step)
+            padded = pad_step(step, sizes)
+            if self._graphed is not None:
+                logits, values = self._graphed(padded, sizes)
+            else:
+                logits, values = self._forward(padded, self._store(padded))
+            logits, values = logits[: step.logit_index.numel()], values[: step.tokens]
+        else:
+            logits, values = self._forward(step, self._store(step, self._first_slot()))
         self.forwards += 1
         self.fed_tokens += step.tokens
         compressed = step.prompts is not None and bool(step.prompts.compress)
         if compressed:
             self._release_prompts(step.prompts.compress)
-        finished = self.batch.commit(logits, store.values)
+        finished = self.batch.commit(logits, values)
         self._remove(self.batch.finished_rows)
         if self._held_grew or compressed:  # (otherwise the bytes held can only have fallen since the last step)
             self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
             self._held_grew = False
         return finished
+
+    def _store(self, step: StepInput, first_slot: int | None = None) -> PagedStore:
+        return PagedStore(self.pool, step, self.pool.k[0].dtype, first_slot, self.prompts, self.batch.requests,
+                          self.model.mask_token_id)  # fmt: skip
+
+    def _forward(self, step: StepInput, store: PagedStore) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits of the step's logit rows and the last layer's fresh values."""
+        hidden = self.model.hidden_states(step.input_ids[None], step.positions[None], cache=store)
+        return self.model.get_output_embeddings()(hidden[0, step.logit_index]), store.values
 
     def _release_prompts(self, rows: list[int]) -> None:
         """Rows that just compressed their prompt for good (their refreshes recompute the canvas

@@ -62,7 +62,11 @@ class PagedLayout:
     def cu_q(self) -> torch.Tensor:
         rows = self.key_slots.shape[0]
         cu_q = torch.zeros(rows + 1, dtype=torch.int32, device=self.key_slots.device)
-        cu_q[1:] = torch.bincount(self.query_row, minlength=rows).cumsum(0)
+        # (a scatter, not bincount: bincount reads its input's maximum on the host, which a CUDA graph
+        # capture cannot do)
+        ones = torch.ones_like(self.query_row, dtype=torch.int32)
+        counts = torch.zeros(rows, dtype=torch.int32, device=cu_q.device).scatter_add_(0, self.query_row, ones)
+        cu_q[1:] = counts.cumsum(0)
         return cu_q
 
 
