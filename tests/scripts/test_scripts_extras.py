@@ -37,3 +37,16 @@ def test_chat_template_ids_counts_tokens(tiny_tokenizer):
     ids = chat_template_ids(tiny_tokenizer, [{"role": "user", "content": "Compute 45+38-27."}])
     assert all(isinstance(t, int) for t in ids) and len(ids) > 10
     assert tiny_tokenizer.decode(ids).startswith("<|im_start|>user")
+
+
+def test_the_graph_benchmark_runs_on_cpu_and_checks_its_tokens(tmp_path):
+    """scripts/bench_graphs.py (prepared for a GPU) runs its CPU modes and records that the padded
+    steps decode the unpadded steps' tokens."""
+    import json
+
+    out = tmp_path / "graphs.json"
+    argv = ["scripts/bench_graphs.py", "--device", "cpu", "--batches", "2", "--repeats", "1", "--out", str(out)]
+    run = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(out.read_text())["batches"]["2"]
+    assert row["off"]["same_tokens"] and row["buckets"]["same_tokens"] and "cuda" not in row
