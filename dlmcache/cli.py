@@ -67,6 +67,12 @@ def serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--graphs",
+        default="off",
+        choices=("off", "buckets", "cuda"),
+        help="static step shapes: 'cuda' replays one CUDA graph per shape bucket (GPU only)",
+    )
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--api-key", action="append", default=None,
                    help="a key clients must send as 'Authorization: Bearer <key>' (repeatable; default: the "
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.command == "serve":
         check_device(serve_p, args.device)
+        if args.graphs == "cuda" and not args.device.startswith("cuda"):
+            serve_p.error(f"argument --graphs: 'cuda' replays CUDA graphs; --device is {args.device!r}")
         keys = args.api_key or ([os.environ["DLMCACHE_API_KEY"]] if os.environ.get("DLMCACHE_API_KEY") else [])
         if any(not k or k != k.strip() for k in keys):
             serve_p.error("argument --api-key: a key must be non-empty, without surrounding spaces")
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype=args.dtype, device=args.device, model_name=args.model_name, log_level=args.log_level,
             api_keys=keys, metrics_public=args.metrics_public, max_body_mb=args.max_body_mb,
             max_prompt_chars=args.max_prompt_chars, max_connections=args.max_connections,
-            header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
+            header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout, graphs=args.graphs,
         )  # fmt: skip
 
 

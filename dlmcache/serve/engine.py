@@ -84,13 +84,14 @@ class Engine:
     decoding at once; max_queue: requests waiting beyond them; threads: the model's `ThreadPolicy` (or
     its `threads`: a count, None or "auto", the default: per forward, from its FLOPs);
     kv_bytes: the KV pool's size in bytes (default: room for `max_batch` requests of the model's
-    longest sequence); block_size: the pool's page size in tokens.
+    longest sequence); block_size: the pool's page size in tokens; graphs: the decoder's static
+    shapes ("off", "buckets" or "cuda": `dlmcache.engine.graphs`).
     `submit(job)` returns at once (raises `QueueFull` or `Draining`); the job's callbacks report.
     """
 
     def __init__(self, pipe, max_batch: int = 16, max_queue: int = 64,
                  threads: ThreadPolicy | int | str | None = "auto", kv_bytes: int | None = None,
-                 block_size: int = 16):  # fmt: skip
+                 block_size: int = 16, graphs: str = "off"):  # fmt: skip
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
@@ -103,7 +104,7 @@ class Engine:
         longest = self.model.max_length or 4096
         self.decoder = BatchedDecoder(
             self.model, pipe.tokenizer.eos_token_id, kv_bytes=kv_bytes, max_tokens=max_batch * longest,
-            block_size=block_size,
+            block_size=block_size, graphs=graphs,
         )  # fmt: skip
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()

@@ -83,10 +83,10 @@ def submit_all(engine, items, results, start=0):
         engine.submit(Job(prompt, options, results.callback(i), id=str(i)))
 
 
-def serve_and_compare(pipe, items, max_batch: int) -> Engine:
-    """Serve `items` together on an engine over `pipe`; each result must equal the pipeline alone
-    (sequences and forwards). Returns the stopped engine (for its counters)."""
-    engine = Engine(pipe, max_batch=max_batch).start()
+def serve_and_compare(pipe, items, max_batch: int, **options) -> Engine:
+    """Serve `items` together on an engine over `pipe` (`options`: the engine's); each result must
+    equal the pipeline alone (sequences and forwards). Returns the stopped engine (for its counters)."""
+    engine = Engine(pipe, max_batch=max_batch, **options).start()
     try:
         results = Results()
         submit_all(engine, items, results)
@@ -106,6 +106,13 @@ def test_requests_batched_together_equal_each_alone(pipe):
     assert engine.running == 0
     # every request was a row of the decoder, compressed prompts included: no request ran a loop of its own
     assert engine.decoder.forwards == engine.stats.forwards
+
+
+def test_steps_padded_to_shape_buckets_serve_the_same_answers(pipe):
+    """The engine with static shapes (`graphs="buckets"`, what `--graphs cuda` replays as graphs):
+    every request still gets what the pipeline gives it alone."""
+    engine = serve_and_compare(pipe, requests_mix(), max_batch=16, graphs="buckets")
+    assert engine.decoder.graphs == "buckets" and engine.stats.forward_rows > engine.stats.forwards
 
 
 def test_a_cache_without_an_engine_rule_fails_its_request_alone(pipe):

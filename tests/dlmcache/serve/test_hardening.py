@@ -158,6 +158,8 @@ def test_after_all_of_it_the_log_has_no_traceback(guarded):
         (["--max-body-mb", "nan"], "> 0"),
         (["--dtype", "int8"], "invalid choice"),
         (["--threshold", "2"], "[0, 1]"),
+        (["--graphs", "cuda"], "'cuda' replays CUDA graphs; --device is 'cpu'"),
+        (["--graphs", "tape"], "invalid choice"),
         pytest.param(["--device", "cuda"], "no such CUDA device",
                      marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
     ],
