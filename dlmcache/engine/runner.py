@@ -17,7 +17,6 @@ from dlmcache.cache.store import evict_prompt, pack_prompts
 from dlmcache.kernels.ops import dense_attention, merge_attention, paged_attention, paged_layout
 from dlmcache.kernels.pool import KVPool, PoolFull, bytes_per_token
 from dlmcache.kernels.store import KVSegment
-from dlmcache.models.layers import SparseMoeBlock
 
 from .batch import Finished, GenerationBatch, Request, StepInput
 from .graphs import GRAPH_MODES, Buckets, GraphedForward, pad_step
@@ -189,8 +188,10 @@ class BatchedDecoder:
                  buckets: Buckets | None = None):  # fmt: skip
         if graphs not in GRAPH_MODES:
             raise ValueError(f"graphs={graphs!r}: expected one of {GRAPH_MODES}")
-        if graphs == "cuda" and any(isinstance(m, SparseMoeBlock) for m in model.modules()):
-            raise ValueError("graphs='cuda': a mixture-of-experts model reads its expert counts on the host")
+        if graphs == "cuda" and any(getattr(m, "reads_host", False) for m in model.modules()):
+            raise ValueError(
+                "graphs='cuda': the model reads the host in its forward (mixture of experts: the expert counts)"
+            )
         self.model = model
         self.graphs, self.buckets = graphs, buckets or Buckets()
         dtype = next(model.parameters()).dtype

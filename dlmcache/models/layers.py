@@ -242,6 +242,8 @@ class SparseMoeBlock(nn.Module):
 
     #: The order a token's weighted expert outputs are summed in (`moe_experts`' `combine`).
     combine = "expert"
+    #: Its forward reads the tokens per expert on the host, so no CUDA graph can capture it.
+    reads_host = True
 
     def __init__(self, hidden: int, intermediate: int, router):
         super().__init__()

@@ -96,6 +96,10 @@ def test_pad_step_shapes_and_refusals(pipe):  # noqa: F811
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs the model on a CUDA device"):
             BatchedDecoder(pipe.model, None, graphs="cuda")
+    from dlmcache.testing import tiny_llada_moe
+
+    with pytest.raises(ValueError, match="reads the host in its forward"):
+        BatchedDecoder(tiny_llada_moe(), None, graphs="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
