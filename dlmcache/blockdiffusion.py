@@ -273,7 +273,12 @@ def decode_blocks(
             raise FloatingPointError(f"the model's logits at step {nfe} are not finite")
         # (a post step has no mask and may come after the last step: its index is clamped)
         steps_now = steps_in[active].clamp(max=steps_per_block - 1)
-        x0, transfer = _select(scheduler, logits, masked, steps_now, steps_per_block, generator)
+        if editing:  # M2T among the masks, T2T among the block's committed generated positions
+            editable = ~masked & generated[active[:, None], block_cols]
+            x0, transfer, edited = _select_edits(scheduler, logits, masked, editable, sample, steps_now,
+                                                 steps_per_block, generator)  # fmt: skip
+        else:
+            x0, transfer = _select(scheduler, logits, masked, steps_now, steps_per_block, generator)
         if first_token_autoregressive:  # an attention block's first token: the argmax, committed alone
             first = (blk * bs == attn_start) & masked[:, 0]
             alone = torch.zeros_like(transfer)
@@ -281,10 +286,8 @@ def decode_blocks(
             transfer = torch.where(first[:, None], alone, transfer)
             x0[:, 0] = torch.where(first, logits[:, 0].argmax(-1), x0[:, 0])
         transfer &= masked
-        if editing:  # T2T: the block's committed generated positions whose greedy token changed
-            editable = ~masked & generated[active[:, None], block_cols]
-            x_edit, edited = scheduler.edit(logits, sample, editable)
-            x0, transfer = torch.where(edited, x_edit, x0), transfer | edited
+        if editing:
+            transfer |= edited
             stats["edited_tokens"] = stats.get("edited_tokens", 0) + edited.sum()
         canvas[active[:, None], block_cols] = torch.where(transfer, x0, sample)
         commit_step[active[:, None], block_cols] = torch.where(transfer, nfe, commit_step[active[:, None], block_cols])
@@ -335,6 +338,22 @@ def _select(scheduler, logits, masked, steps_in, num_steps: int, generator):
         )
         x0[i, cols], transfer[i, cols] = out.x0[0], out.transfer_index[0]
     return x0, transfer
+
+
+def _select_edits(scheduler, logits, masked, editable, tokens, steps_in, num_steps: int, generator):
+    """An editing scheduler's (x0, transfer, edited) [R, bs]: one call where it is vectorised and
+    draws nothing, else row by row on the row's masked and editable positions alone (as the engine
+    gives one row), each with the generator in turn."""
+    if scheduler.batched:
+        return scheduler.select_edits(logits, masked, editable, tokens, steps_in, num_steps)
+    x0 = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
+    transfer, edited = torch.zeros_like(masked), torch.zeros_like(masked)
+    for i, step in enumerate(steps_in.tolist()):
+        cols = (masked[i] | editable[i]).nonzero().flatten()
+        rows = (logits[i : i + 1, cols], masked[i : i + 1, cols], editable[i : i + 1, cols], tokens[i : i + 1, cols])
+        gx, gt, ge = scheduler.select_edits(*rows, step, num_steps, generator)
+        x0[i, cols], transfer[i, cols], edited[i, cols] = gx[0], gt[0], ge[0]
+    return x0, transfer, edited
 
 
 def fill_after_eos(canvas, commit_step, generated, mask_id: int, eos_id: int, step: int) -> None:

@@ -311,6 +311,8 @@ class GenerationBatch:
             else:
                 self._alone.append(i)
         self._groups = [(s, torch.tensor(rows, device=self.device)) for s, rows in groups.values()]
+        self._alone_rows = torch.zeros(len(self.requests), dtype=torch.bool, device=self.device)
+        self._alone_rows[self._alone] = True
         uncond = [i for i, u in enumerate(self._uncond) if u]
         self._cfg = None
         if uncond:  # (conditional rows, their unconditional rows, cfg_scale + 1 [P, 1, 1])
@@ -605,6 +607,7 @@ class GenerationBatch:
                 )
                 x0p[rows], transferp[rows] = gx, gt
             if self._alone:
+                self._edited_alone = torch.zeros(rows_n, dtype=torch.bool, device=self.device)
                 self._select_alone(packed, targets, x0p, transferp)
         if self._ar_first:  # an attention block's first token: the argmax of its logits, committed alone
             start, attn = step["start"], s["attn_block"]
@@ -714,12 +717,13 @@ class GenerationBatch:
         tokens = torch.zeros_like(x0)
         tokens[t_row, t_rank] = s["canvas"].gather(1, step["block_cols"])[t_row, step["target_col"]]
         editable = torch.zeros_like(transfer)
-        editable[t_row, t_rank] = ~target_masked & s["edit"][t_row]
+        greedy = s["edit"] if not self._alone else s["edit"] & ~self._alone_rows  # (sampling rows: done alone)
+        editable[t_row, t_rank] = ~target_masked & greedy[t_row]
         x_edit, edited = token_edits(packed, tokens, editable, s["edit_threshold"])
         x0.copy_(torch.where(edited, x_edit, x0))
         transfer |= edited
         s["edited"] += edited.sum(-1)
-        return edited.any(-1)
+        return edited.any(-1) if not self._alone else edited.any(-1) | self._edited_alone
 
     def _select_alone(self, packed, targets, x0, transfer) -> None:
         """Rows whose scheduler draws random numbers (or is not vectorised): each alone, on exactly the
@@ -743,6 +747,16 @@ class GenerationBatch:
             if isinstance(req.scheduler, GuidedScheduler):
                 key = (id(req.scheduler.guide), req.scheduler.config.max_chunks_per_step)
                 guided.setdefault(key, []).append((i, n, (req.scheduler, logits, mask_index, context)))
+                continue
+            if getattr(req.scheduler, "edits", False):  # a sampling editing row: M2T and T2T from one draw
+                masked = self._step["masked"][i : i + 1, cols]
+                tokens = s["canvas"][i : i + 1, start + cols]
+                step_index = min(step_index, num_steps - 1)  # (a post step may come after the last step)
+                gx, gt, ge = req.scheduler.select_edits(logits, masked, ~masked, tokens, step_index, num_steps,
+                                                        req.generator)  # fmt: skip
+                x0[i, :n], transfer[i, :n] = gx[0], (gt | ge)[0]
+                self._edited_alone[i] = bool(ge.any())
+                s["edited"][i] += int(ge.sum())
                 continue
             gx, _, gt = req.scheduler._select(logits, mask_index, step_index, num_steps, req.generator, context)
             x0[i, :n], transfer[i, :n] = gx[0], gt[0]

@@ -13,11 +13,16 @@ The rule, as the release's `generate` states it for one block of a block diffusi
   post step that edits nothing, or without a forward when a step would be post step number
   `max_post_steps + 1`.
 
+Both rules read one proposal per position: the greedy token and its probability, or at a
+`temperature` a token drawn from softmax(logits / temperature) and its tempered probability (the
+release's sampler; here a Gumbel-max draw in float64 from the request's generator, so the same
+distribution, not the release's random stream).
+
 A block therefore takes at least one forward more than its masks need: the last one checks that
 nothing wants editing. Edits stay inside the active block, whose KV every step recomputes, so the
 exact cache of the finished blocks is unaffected. The decoding loops (`decode_blocks` and the
 batched engine) run the block rule; this scheduler holds its settings and its two vectorised
-selections. Greedy only (the release samples with a temperature too; not built).
+selections.
 """
 
 from __future__ import annotations
@@ -30,20 +35,25 @@ from .base import (
     SchedulerMixin,  # noqa: F401  (diffusers finds the loadable base class by name in this module)
     argmax_confidence,
     check_number,
+    gumbel_like,
+    token_probability,
 )
-from .threshold import threshold_select
+from .threshold import threshold_transfer
 
 
 class TokenEditingScheduler(DLMScheduler):
     """LLaDA2.1's M2T + T2T rule (module docstring); the defaults are its `generate`'s (threshold
-    0.95, edit_threshold 0.9, max_post_steps 16). Block diffusion models only."""
+    0.95, edit_threshold 0.9, max_post_steps 16, greedy). Block diffusion models only. A sampling
+    scheduler (temperature > 0) draws, so the batched engine runs its rows one by one, each with
+    its request's generator."""
 
     batched_steps = True
     #: The decoding loops run the post-step block rule for schedulers that edit.
     edits = True
 
     @register_to_config
-    def __init__(self, threshold: float = 0.95, edit_threshold: float = 0.9, max_post_steps: int = 16):
+    def __init__(self, threshold: float = 0.95, edit_threshold: float = 0.9, max_post_steps: int = 16,
+                 temperature: float = 0.0):  # fmt: skip
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold={threshold} must be in [0, 1]")
         check_number("edit_threshold", edit_threshold)
@@ -51,13 +61,33 @@ class TokenEditingScheduler(DLMScheduler):
             raise ValueError(f"edit_threshold={edit_threshold} must be in [0, 1]")
         if isinstance(max_post_steps, bool) or not isinstance(max_post_steps, int) or max_post_steps < 0:
             raise ValueError(f"max_post_steps={max_post_steps!r} must be an integer >= 0")
+        check_number("temperature", temperature)
+
+    @property
+    def batched(self) -> bool:
+        return self.config.temperature == 0
+
+    def propose(self, logits: torch.Tensor, generator: torch.Generator | None = None):
+        """(x0, confidence) [B, n]: the greedy tokens and their probabilities, or at a temperature a
+        draw from softmax(logits / temperature) (Gumbel-max in float64) and its tempered probability."""
+        if self.config.temperature == 0:
+            return argmax_confidence(logits)
+        scaled = logits.to(torch.float64) / self.config.temperature
+        x0 = (scaled + gumbel_like(scaled, generator)).argmax(-1)
+        return x0, token_probability(scaled, x0)
 
     def _select(self, logits, mask_index, step_index, num_steps, generator, context):
-        return threshold_select(logits, mask_index, step_index, num_steps, self.config.threshold)
+        x0, confidence = self.propose(logits, generator)
+        return x0, *threshold_transfer(confidence, mask_index, step_index, num_steps, self.config.threshold)
 
-    def edit(self, logits: torch.Tensor, tokens: torch.LongTensor, editable: torch.BoolTensor):
-        """T2T (x0, edited) [B, n] at this scheduler's `edit_threshold` (see `token_edits`)."""
-        return token_edits(logits, tokens, editable, self.config.edit_threshold)
+    def select_edits(self, logits, masked, editable, tokens, step_index, num_steps, generator=None):
+        """One step of the rule on block positions [B, n] from one proposal (one draw when sampling):
+        (x0, transfer, edited), M2T among the `masked` positions and T2T among the `editable` ones,
+        whose tokens are `tokens`."""
+        x0, confidence = self.propose(logits, generator)
+        _, transfer = threshold_transfer(confidence, masked, step_index, num_steps, self.config.threshold)
+        edited = editable & (x0 != tokens) & (confidence > self.config.edit_threshold)
+        return x0, transfer & masked, edited
 
 
 def token_edits(logits, tokens, editable, edit_threshold):

@@ -35,7 +35,13 @@ class ThresholdScheduler(DLMScheduler):
 def threshold_select(logits, mask_index, step_index, num_steps, threshold: float):
     """The threshold rule's (x0, confidence, transfer_index) (see `ThresholdScheduler`)."""
     x0, confidence = argmax_confidence(logits)
+    return x0, *threshold_transfer(confidence, mask_index, step_index, num_steps, threshold)
+
+
+def threshold_transfer(confidence, mask_index, step_index, num_steps, threshold: float):
+    """(confidence of the masked positions, transfer_index): every masked position above
+    `threshold`, and never fewer than the step's quota (at least one), the most confident first."""
     confidence = confidence.masked_fill(~mask_index, float("-inf"))
     quota = transfer_quota(mask_index, step_index, num_steps).clamp(min=1)
     k = torch.maximum((confidence > threshold).sum(-1), quota)
-    return x0, confidence, select_topk(confidence, k)
+    return confidence, select_topk(confidence, k)

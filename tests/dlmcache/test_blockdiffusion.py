@@ -320,6 +320,8 @@ BLOCK_SCHEDULERS = {
     "sampled": lambda: LowConfidenceScheduler(temperature=0.8),  # draws: selected alone, with its generator
     # LLaDA2.1's token editing: post steps hold the row in its block while they edit
     "editing": lambda: TokenEditingScheduler(threshold=0.006, edit_threshold=0.0045, max_post_steps=3),
+    # ... sampled: its rows run alone on the engine, each drawing from its request's generator
+    "editing_sampled": lambda: TokenEditingScheduler(0.006, 0.0045, max_post_steps=3, temperature=0.8),
 }
 # (max_new_tokens, block_length, steps): blocks of 4 (the checkpoint's) and of 8, 1 or 2 tokens per step
 BLOCK_SCHEDULES = [(16, 4, 16), (24, 4, 12), (16, 8, 16), (12, 4, 6)]
@@ -376,7 +378,7 @@ def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(sdar_pipe, c
         assert torch.equal(done[str(i)].sequence, sequence.cpu()), (cache, i, name)
         assert torch.equal(done[str(i)].commit_step, commit.cpu()), (cache, i, name)
         assert done[str(i)].stats["steps"] == nfe
-    assert all(done[str(i)].stats["edited_tokens"] > 0 for i, name, _ in items if name == "editing")
+    assert all(done[str(i)].stats["edited_tokens"] > 0 for i, name, _ in items if name.startswith("editing"))
     assert decoder.pool.free_blocks == decoder.pool.num_blocks
     # a request alone on the engine (one row: its attention rows, each ending at its block's end)
     lone = run_decoder(BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id), requests[:1])

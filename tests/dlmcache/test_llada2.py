@@ -301,3 +301,26 @@ def test_token_editing_on_the_pipeline_and_the_engine(tmp_path):
         TokenEditingScheduler(max_post_steps=-1)
     with pytest.raises(ValueError, match="edit_threshold=nan"):
         TokenEditingScheduler(edit_threshold=float("nan"))
+
+
+def test_sampled_token_editing_draws_from_the_tempered_distribution():
+    """At a temperature the proposal is a draw from softmax(logits / T) with its tempered probability
+    (the release's sampler's distribution), and one draw serves M2T and T2T; greedy at T = 0."""
+    from dlmcache import TokenEditingScheduler
+
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]]).expand(1, 20000, 4)
+    sampled = TokenEditingScheduler(temperature=0.7)
+    assert not sampled.batched and TokenEditingScheduler().batched
+    x0, confidence = sampled.propose(logits, torch.Generator().manual_seed(0))
+    want = torch.softmax(logits[0, 0].double() / 0.7, -1)
+    freq = torch.bincount(x0[0], minlength=4).double() / x0.numel()
+    torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
+    torch.testing.assert_close(confidence[0], want[x0[0]])
+    # one proposal: a committed position and a masked one of the same logits get the same token
+    tokens = torch.tensor([[3, 2]])
+    masked = torch.tensor([[False, True]])
+    two = logits[:, :2]
+    x0, transfer, edited = TokenEditingScheduler(threshold=0.0, edit_threshold=0.0).select_edits(
+        two, masked, ~masked, tokens, 0, 4
+    )
+    assert x0.tolist() == [[0, 0]] and transfer.tolist() == [[False, True]] and edited.tolist() == [[True, False]]
