@@ -240,3 +240,5 @@ def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
     sdar.set_scheduler("token_editing")
     kept = _scheduler({"threshold": 0.3}, sdar)
     assert isinstance(kept, TokenEditingScheduler) and (kept.config.threshold, kept.config.edit_threshold) == (0.3, 0.9)
+    hot = _scheduler({"edit_threshold": 0.5, "temperature": 0.7}, sdar)  # sampled token editing
+    assert isinstance(hot, TokenEditingScheduler) and hot.config.temperature == 0.7 and not hot.batched
