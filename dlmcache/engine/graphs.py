@@ -20,7 +20,9 @@ forward with no host reads (no compressed prompts, no mixture of experts: their 
 read on the host).
 
 `BatchedDecoder(..., graphs="buckets")` pads every step and runs it eagerly, on any device;
-`graphs="cuda"` pads and replays graphs; "off" (the default) runs each step at its own shape.
+`graphs="cuda"` pads and replays graphs; "off" (the default) runs each step at its own shape. (The
+`cuda` mode's test and `scripts/bench_graphs.py` need a GPU; none has been lent to this project, so
+that mode has not run yet.)
 """
 
 from __future__ import annotations
