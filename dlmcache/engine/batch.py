@@ -26,7 +26,7 @@ import torch
 from dlmcache.batching import after_eos
 from dlmcache.schedulers import DLMScheduler, GuidedScheduler
 from dlmcache.schedulers.base import StepContext
-from dlmcache.schedulers.editing import block_ends, token_edits
+from dlmcache.schedulers.editing import block_ends
 
 from .rules import BLOCK, CAUSAL, CAUSAL_FULL, DUAL, NONE, PREFIX, TOKEN, CacheRule
 
@@ -172,7 +172,7 @@ class GenerationBatch:
         "mode": NONE, "suffix_window": -1, "drop_beyond": False, "delay": True, "refresh_every": 0, "drift": 0.0,
         "probe_tokens": 0, "canvas_refresh": False, "last_start": -1, "frozen_end": 0, "stale": False,
         "cached_end": 0, "compressed_len": 0, "attn_block": 1, "ar_first": False,
-        "edit": False, "edit_threshold": 0.0, "max_post": 0, "post": 0, "edited": 0, "sub_block": False,
+        "edit": False, "max_post": 0, "post": 0, "edited": 0, "sub_block": False,
         "refreshed_at": -1,
     }  # fmt: skip
     COLUMN_STATE = {"canvas": None, "commit": -1, "final": False, "refreshed_tokens": None, "reference": 0.0}
@@ -247,7 +247,7 @@ class GenerationBatch:
         }  # fmt: skip
         if getattr(request.scheduler, "edits", False):  # LLaDA2.1's token editing (`TokenEditingScheduler`)
             config = request.scheduler.config
-            row.update(edit=True, edit_threshold=config.edit_threshold, max_post=config.max_post_steps)
+            row.update(edit=True, max_post=config.max_post_steps)
         old = self._state
         # Wide enough that every row's block columns (start + j, j < the widest block) are in the canvas.
         everyone = self.requests + [request]
@@ -311,8 +311,6 @@ class GenerationBatch:
             else:
                 self._alone.append(i)
         self._groups = [(s, torch.tensor(rows, device=self.device)) for s, rows in groups.values()]
-        self._alone_rows = torch.zeros(len(self.requests), dtype=torch.bool, device=self.device)
-        self._alone_rows[self._alone] = True
         uncond = [i for i, u in enumerate(self._uncond) if u]
         self._cfg = None
         if uncond:  # (conditional rows, their unconditional rows, cfg_scale + 1 [P, 1, 1])
@@ -593,22 +591,36 @@ class GenerationBatch:
             c, u = packed[cond], packed[uncond]
             packed[cond] = u + scale.to(u.dtype) * (c - u)
         steps_in, steps_per = s["step_in_block"], s["steps_per_block"]
-        if self._editing:  # (a post step has no mask and may come after the block's last step)
-            steps_in = torch.minimum(steps_in, steps_per - 1)
+        edit = None
+        if self._editing:  # an editing row's committed generated block positions, packed as its targets
+            steps_in = torch.minimum(steps_in, steps_per - 1)  # (a post step may come after the last step)
+            tokens = torch.zeros_like(packed_targets, dtype=torch.long)
+            tokens[t_row, t_rank] = canvas.gather(1, block_cols)[t_row, step["target_col"]]
+            editable = torch.zeros_like(packed_targets)
+            editable[t_row, t_rank] = ~target_masked & s["edit"][t_row]
+            edit = (tokens, editable, torch.zeros_like(packed_targets))  # (the last: the edits made, T2T)
+
+        def select(scheduler, rows=None):
+            """One configuration's rows (None: every row) selected at once; an editing scheduler's
+            M2T and T2T from one proposal (its edits go to `edit[2]`)."""
+            take = (lambda t: t) if rows is None else (lambda t: t[rows])
+            args = (take(packed), take(packed_targets))
+            if not getattr(scheduler, "edits", False):
+                gx, _, gt = scheduler._select(*args, take(steps_in), take(steps_per), None, None)
+                return gx, gt
+            gx, gt, ge = scheduler.select_edits(*args, take(edit[1]), take(edit[0]), take(steps_in), take(steps_per))
+            edit[2][slice(None) if rows is None else rows] = ge
+            return gx, gt
+
         if len(self._groups) == 1 and not self._alone:  # one configuration for every row: no row gathers
-            scheduler, _ = self._groups[0]
-            x0p, _, transferp = scheduler._select(packed, packed_targets, steps_in, steps_per, None, None)
+            x0p, transferp = select(self._groups[0][0])
         else:
             x0p = torch.zeros(packed_targets.shape, dtype=torch.long, device=self.device)
             transferp = torch.zeros_like(packed_targets)
             for scheduler, rows in self._groups:
-                gx, _, gt = scheduler._select(
-                    packed[rows], packed_targets[rows], steps_in[rows], steps_per[rows], None, None
-                )
-                x0p[rows], transferp[rows] = gx, gt
+                x0p[rows], transferp[rows] = select(scheduler, rows)
             if self._alone:
-                self._edited_alone = torch.zeros(rows_n, dtype=torch.bool, device=self.device)
-                self._select_alone(packed, targets, x0p, transferp)
+                self._select_alone(packed, targets, x0p, transferp, edit)
         if self._ar_first:  # an attention block's first token: the argmax of its logits, committed alone
             start, attn = step["start"], s["attn_block"]
             first = s["ar_first"] & (start % attn == 0) & (canvas.gather(1, start[:, None])[:, 0] == self.mask_id)
@@ -616,8 +628,10 @@ class GenerationBatch:
             alone[:, 0] = True
             transferp = torch.where(first[:, None], alone, transferp)
             x0p[:, 0] = torch.where(first, packed[:, 0].argmax(-1), x0p[:, 0])
-        if self._editing:  # T2T on the editing rows' committed generated block positions
-            edited = self._edit(packed, target_masked, x0p, transferp)
+        if edit is not None:  # T2T: the edits join the commits
+            transferp = transferp | edit[2]
+            s["edited"] += edit[2].sum(-1)
+            edited = edit[2].any(-1)
         if self._cfg is not None:  # the unconditional row commits what its request's row commits
             cond, uncond, _ = self._cfg
             x0p[uncond], transferp[uncond] = x0p[cond], transferp[cond]
@@ -709,25 +723,10 @@ class GenerationBatch:
         self.finished_rows = [i for i, _ in finished]
         return [f for _, f in finished]
 
-    def _edit(self, packed, target_masked, x0, transfer) -> torch.BoolTensor:
-        """T2T for the editing rows, on the packed logits (their targets' order), in place on x0 and
-        transfer [R, M]: returns which rows edited a token [R]."""
-        s, step = self._state, self._step
-        t_row, t_rank = step["target_row"], step["target_rank"]
-        tokens = torch.zeros_like(x0)
-        tokens[t_row, t_rank] = s["canvas"].gather(1, step["block_cols"])[t_row, step["target_col"]]
-        editable = torch.zeros_like(transfer)
-        greedy = s["edit"] if not self._alone else s["edit"] & ~self._alone_rows  # (sampling rows: done alone)
-        editable[t_row, t_rank] = ~target_masked & greedy[t_row]
-        x_edit, edited = token_edits(packed, tokens, editable, s["edit_threshold"])
-        x0.copy_(torch.where(edited, x_edit, x0))
-        transfer |= edited
-        s["edited"] += edited.sum(-1)
-        return edited.any(-1) if not self._alone else edited.any(-1) | self._edited_alone
-
-    def _select_alone(self, packed, targets, x0, transfer) -> None:
+    def _select_alone(self, packed, targets, x0, transfer, edit) -> None:
         """Rows whose scheduler draws random numbers (or is not vectorised): each alone, on exactly the
-        logits it would get alone (its still-masked positions), with its own generator."""
+        logits it would get alone (its still-masked positions; an editing row's committed generated
+        block positions too, `edit` as `commit` packs them), with its own generator."""
         s = self._state
         index = torch.tensor(self._alone, device=self.device)
         info = [s["origin"][index], s["block"][index], s["step_in_block"][index], s["steps_per_block"][index]]
@@ -749,14 +748,10 @@ class GenerationBatch:
                 guided.setdefault(key, []).append((i, n, (req.scheduler, logits, mask_index, context)))
                 continue
             if getattr(req.scheduler, "edits", False):  # a sampling editing row: M2T and T2T from one draw
-                masked = self._step["masked"][i : i + 1, cols]
-                tokens = s["canvas"][i : i + 1, start + cols]
+                row = (logits, self._step["masked"][i : i + 1, cols], edit[1][i : i + 1, :n], edit[0][i : i + 1, :n])
                 step_index = min(step_index, num_steps - 1)  # (a post step may come after the last step)
-                gx, gt, ge = req.scheduler.select_edits(logits, masked, ~masked, tokens, step_index, num_steps,
-                                                        req.generator)  # fmt: skip
-                x0[i, :n], transfer[i, :n] = gx[0], (gt | ge)[0]
-                self._edited_alone[i] = bool(ge.any())
-                s["edited"][i] += int(ge.sum())
+                gx, gt, ge = req.scheduler.select_edits(*row, step_index, num_steps, req.generator)
+                x0[i, :n], transfer[i, :n], edit[2][i, :n] = gx[0], gt[0], ge[0]
                 continue
             gx, _, gt = req.scheduler._select(logits, mask_index, step_index, num_steps, req.generator, context)
             x0[i, :n], transfer[i, :n] = gx[0], gt[0]

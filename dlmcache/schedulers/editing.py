@@ -90,16 +90,6 @@ class TokenEditingScheduler(DLMScheduler):
         return x0, transfer & masked, edited
 
 
-def token_edits(logits, tokens, editable, edit_threshold):
-    """T2T: (x0, edited) [B, n], the greedy tokens of logits [B, n, V] and the `editable` positions
-    whose greedy token differs from `tokens` with probability > `edit_threshold` (a float, or one
-    per row [B]: the engine's rows of different settings at once)."""
-    x0, confidence = argmax_confidence(logits)
-    if isinstance(edit_threshold, torch.Tensor):
-        edit_threshold = edit_threshold[:, None]
-    return x0, editable & (x0 != tokens) & (confidence > edit_threshold)
-
-
 def block_ends(began_empty, edited, empty, post, max_post_steps):
     """The block rule of an editing scheduler (LLaDA2.1's), after a step of rows [R]: began_empty:
     the step started with no mask in the block (a post step); edited: it edited a token; empty: no
