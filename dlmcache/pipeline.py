@@ -14,7 +14,7 @@ from diffusers.utils import BaseOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .batching import after_eos, left_pad
-from .cache import DenoisingCache, DualCache, Layout, make_cache
+from .cache import DenoisingCache, Layout, make_cache
 from .engine import Finished, Request, cache_rule
 from .engine.rules import BLOCK, DUAL, PREFIX, TOKEN
 from .locations import read_json, resolve_path
@@ -53,9 +53,14 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 def sub_block_cache(cache, model) -> bool:
     """Whether `cache` on block diffusion `model` is Fast-dLLM v2's sub-block cache (its
-    `use_block_cache`): `DualCache` on a model whose decoding blocks are sub-blocks of its attention
-    block. Every other cache of a block diffusion model caches the finished blocks exactly."""
-    return type(cache) is DualCache and model.attention_block is not None and model.block_diffusion
+    `use_block_cache`): the cache's engine rule asks for it (`CacheRule.sub_block`: `DualCache`) and
+    the model's decoding blocks are sub-blocks of its attention block, as `Request.sub_block_cache`
+    decides for the engine. Every other cache of a block diffusion model caches the finished blocks
+    exactly."""
+    if not model.block_diffusion or model.attention_block is None:
+        return False
+    rule = cache_rule(cache, block_causal=True)
+    return rule is not None and rule.sub_block
 
 
 @dataclass

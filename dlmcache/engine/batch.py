@@ -74,6 +74,12 @@ class Request:
         return len(self.prompt)
 
     @property
+    def sub_block_cache(self) -> bool:
+        """Fast-dLLM v2's sub-block cache: its rule asks for it (`CacheRule.sub_block`) and its decoding
+        blocks are sub-blocks of an attention block."""
+        return self.rule.sub_block and self.attention_block is not None
+
+    @property
     def rows(self) -> int:
         """Rows of the batch it takes: 2 with classifier-free guidance (its unconditional row)."""
         return 2 if self.cfg_scale else 1
@@ -243,7 +249,7 @@ class GenerationBatch:
             "mode": rule.mode, "suffix_window": rule.suffix_window, "drop_beyond": rule.drop_beyond,
             "delay": rule.delay, "refresh_every": rule.refresh_every, "drift": rule.drift,
             "probe_tokens": rule.probe_tokens, "canvas_refresh": rule.canvas_refresh,
-            "sub_block": rule.sub_block and request.attention_block is not None,
+            "sub_block": request.sub_block_cache,
         }  # fmt: skip
         if getattr(request.scheduler, "edits", False):  # LLaDA2.1's token editing (`TokenEditingScheduler`)
             config = request.scheduler.config
@@ -323,7 +329,7 @@ class GenerationBatch:
         self._compressed = any(r.compressed_len > 0 for r in self.requests)
         self._ar_first = any(r.first_token_ar for r in self.requests)
         self._editing = any(getattr(r.scheduler, "edits", False) for r in self.requests)
-        self._sub_block = any(r.rule.sub_block and r.attention_block is not None for r in self.requests)
+        self._sub_block = any(r.sub_block_cache for r in self.requests)
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
         self._canvas_refresh = any(r.rule.canvas_refresh and r.rule.mode != NONE for r in self.requests)
