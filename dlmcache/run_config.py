@@ -99,8 +99,9 @@ class RunConfig:
 
     def apply(self, pipe, load_guide=None) -> None:
         """Set the pipeline's cache, scheduler and guide for this configuration (the pipeline's own
-        scheduler unless a threshold or an edit threshold is given; no guide unless one is). `load_guide(name, options)`
-        may turn special guide names into `ARGuide`s (scripts use it for cached loading)."""
+        scheduler unless a threshold or an edit threshold is given; no guide unless one is).
+        `load_guide(name, options)` may turn special guide names into `ARGuide`s (scripts use it for
+        cached loading)."""
         pipe.set_cache(self.cache, **self.cache_options)
         pipe.set_scheduler(self.scheduler())
         if self.guide is None:

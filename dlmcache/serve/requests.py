@@ -237,10 +237,9 @@ def _scheduler(body: dict, pipe):
             400, "edit_threshold: token editing is for block diffusion models; this model is full attention",
             "edit_threshold",
         )  # fmt: skip
-    if edit_threshold is not None or (threshold is not None and getattr(base, "edits", False)):
-        config = (
-            {k: v for k, v in base.config.items() if not k.startswith("_")} if getattr(base, "edits", False) else {}
-        )
+    editing = getattr(base, "edits", False)  # (a threshold keeps an editing scheduler editing)
+    if edit_threshold is not None or (threshold is not None and editing):
+        config = {k: v for k, v in base.config.items() if not k.startswith("_")} if editing else {}
         settings = {"threshold": threshold, "edit_threshold": edit_threshold}
         base = TokenEditingScheduler(**{**config, **{k: v for k, v in settings.items() if v is not None}})
     elif threshold is not None:
