@@ -64,8 +64,13 @@ class Buckets:
         t, (r, k), n, m = step.tokens, step.key_slots.shape, step.max_queries, step.logit_index.numel()
         n_b = round_up(n, self.queries)
         t_b = round_up(t, self.tokens)
-        scratch = -(-(t_b - t) // n_b)
-        return t_b, round_up(r + scratch, self.rows), round_up(k, self.keys), n_b, round_up(m, self.logits)
+        rows = round_up(r + scratch_rows(t, t_b, n_b), self.rows)
+        return t_b, rows, round_up(k, self.keys), n_b, round_up(m, self.logits)
+
+
+def scratch_rows(tokens: int, padded: int, queries: int) -> int:
+    """The scratch attention rows that hold `padded - tokens` padded queries, `queries` to a row."""
+    return -(-(padded - tokens) // queries)
 
 
 def pad_step(step: StepInput, sizes: tuple[int, int, int, int, int]) -> StepInput:
@@ -75,11 +80,11 @@ def pad_step(step: StepInput, sizes: tuple[int, int, int, int, int]) -> StepInpu
         raise ValueError("a step with compressed prompts is not padded (its segments are read per real row)")
     t_b, r_b, k_b, n_b, m_b = sizes
     t, (r, k), m = step.tokens, step.key_slots.shape, step.logit_index.numel()
-    if t_b < t or k_b < k or n_b < step.max_queries or m_b < m or r_b < r + -(-(t_b - t) // n_b):
+    if t_b < t or k_b < k or n_b < step.max_queries or m_b < m or r_b < r + scratch_rows(t, t_b, n_b):
         n = step.max_queries
         raise ValueError(f"sizes {sizes} are smaller than the step's (T={t}, R={r}, K={k}, N={n}, M={m})")
     device, pad = step.input_ids.device, t_b - t
-    extra = torch.arange(pad, device=device)
+    extra, zeros = torch.arange(pad, device=device), torch.zeros(pad, device=device)
 
     def grow(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, values.to(x.dtype)])
@@ -91,9 +96,9 @@ def pad_step(step: StepInput, sizes: tuple[int, int, int, int, int]) -> StepInpu
     key_valid[r:, 0] = True  # the scratch rows' one key: the null slot
     return dataclasses.replace(
         step,
-        input_ids=grow(step.input_ids, extra * 0),
-        positions=grow(step.positions, extra * 0),
-        slots=grow(step.slots, extra * 0),
+        input_ids=grow(step.input_ids, zeros),
+        positions=grow(step.positions, zeros),
+        slots=grow(step.slots, zeros),
         query_row=grow(step.query_row, r + torch.div(extra, n_b, rounding_mode="floor")),
         query_rank=grow(step.query_rank, extra % n_b),
         max_queries=n_b,
@@ -109,18 +114,13 @@ def pad_step(step: StepInput, sizes: tuple[int, int, int, int, int]) -> StepInpu
 class GraphedForward:
     """The engine's forward (hidden states, LM head at the logit rows, the last layer's fresh values)
     as one CUDA graph per bucket of padded shapes: captured at a bucket's first step, replayed after
-    (see the module docstring). `store_for(step)` builds the step's `PagedStore`."""
+    (see the module docstring). `forward(step)` is the eager forward it captures: (logits, values)."""
 
-    def __init__(self, model, store_for):
+    def __init__(self, model, forward):
         if not torch.cuda.is_available() or model.device.type != "cuda":
             raise ValueError(f"graphs='cuda' needs the model on a CUDA device (it is on {model.device})")
-        self.model, self.store_for = model, store_for
+        self.forward = forward
         self.graphs: dict[tuple, tuple] = {}  # sizes -> (graph, static step, logits, values)
-
-    def _run(self, step: StepInput):
-        store = self.store_for(step)
-        hidden = self.model.hidden_states(step.input_ids[None], step.positions[None], cache=store)
-        return self.model.get_output_embeddings()(hidden[0, step.logit_index]), store.values
 
     def __call__(self, step: StepInput, sizes: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [M_b, V] and values [T_b, Hkv, D] of the padded `step` (its shapes are `sizes`)."""
@@ -132,11 +132,11 @@ class GraphedForward:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm up off the capture (allocator, Triton autotuning)
                 for _ in range(2):
-                    self._run(static)
+                    self.forward(static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits, values = self._run(static)
+                logits, values = self.forward(static)
             entry = self.graphs[key] = (graph, static, logits, values)
         graph, static, logits, values = entry
         for f in _TENSORS:

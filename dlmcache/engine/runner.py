@@ -216,7 +216,7 @@ class BatchedDecoder:
         self._trimmed: set[int] = set()  # requests that gave their compressed prompt's blocks back
         self.peak_kv_bytes = 0  # the most KV the running requests held after a step (pool blocks + segments)
         self._held_grew = False  # a request joined since the last step (only joins and compressions add bytes)
-        self._graphed = GraphedForward(model, self._store) if graphs == "cuda" else None
+        self._graphed = GraphedForward(model, self._padded_forward) if graphs == "cuda" else None
 
     @classmethod
     def for_requests(cls, model, eos_token_id: int | None, requests: list[Request], block_size: int = 16,
@@ -286,7 +286,7 @@ class BatchedDecoder:
             if self._graphed is not None:
                 logits, values = self._graphed(padded, sizes)
             else:
-                logits, values = self._forward(padded, self._store(padded))
+                logits, values = self._padded_forward(padded)
             logits, values = logits[: step.logit_index.numel()], values[: step.tokens]
         else:
             logits, values = self._forward(step, self._store(step, self._first_slot()))
@@ -310,6 +310,10 @@ class BatchedDecoder:
         """The logits of the step's logit rows and the last layer's fresh values."""
         hidden = self.model.hidden_states(step.input_ids[None], step.positions[None], cache=store)
         return self.model.get_output_embeddings()(hidden[0, step.logit_index]), store.values
+
+    def _padded_forward(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_forward` of a step padded to shape buckets (no first-slot view: its keys are gathered)."""
+        return self._forward(step, self._store(step))
 
     def _release_prompts(self, rows: list[int]) -> None:
         """Rows that just compressed their prompt for good (their refreshes recompute the canvas
