@@ -121,6 +121,18 @@ class BlockCausalStore:
         return sum(t.numel() * t.element_size() for t in self.k + self.v) + segments
 
 
+@torch.no_grad()
+def block_causal_logits(model, ids: torch.Tensor, block: int) -> torch.Tensor:
+    """Logits [B, n, V] of a block-causal `model` over ids [B, n] (blocks of `block` absolute
+    positions), in one forward from position 0: what the releases' full recompute gives (tests and
+    `scripts/check_official.py` compare against it)."""
+    b, n = ids.shape
+    positions = torch.arange(n, device=ids.device).expand(b, -1)
+    store = BlockCausalStore(model, torch.ones(b, n, dtype=torch.bool, device=ids.device), block)
+    store.begin(None, positions, n)
+    return model(ids, positions=positions, cache=store).logits
+
+
 def block_causal_mask(cols: torch.LongTensor, block_length: int, valid: torch.BoolTensor) -> torch.BoolTensor:
     """[R, n, L]: the query at column cols[r, q] may attend key column j < L when j's block is not after
     the query's and j is a real position of the row (`valid` [R, L])."""

@@ -142,7 +142,7 @@ def transformers_4_helpers() -> None:
 def check_llada2(directory: Path) -> dict:
     import inspect
 
-    from dlmcache.blockdiffusion import decode_blocks
+    from dlmcache.blockdiffusion import block_causal_logits, decode_blocks
     from dlmcache.schedulers import ThresholdScheduler, TokenEditingScheduler
     from dlmcache.testing import tiny_llada2
 
@@ -176,7 +176,7 @@ def check_llada2(directory: Path) -> dict:
         reference.to(dtype)
         mask = torch.zeros(1, 1, n, n, dtype=dtype).masked_fill(blocks == 0, torch.finfo(dtype).min)
         with torch.no_grad():
-            a = block_causal_forward(ours, ids, block)
+            a = block_causal_logits(ours, ids, block)
             b = reference(input_ids=ids, attention_mask=mask, position_ids=torch.arange(n).expand(2, -1)).logits
         name = str(dtype).replace("torch.", "")
         result[f"{name}_bit_identical"] = bool(torch.equal(a, b))
@@ -211,16 +211,6 @@ def check_llada2(directory: Path) -> dict:
     result.update(generate="2.1 (token editing)" if editing else "2.0", generate_cases=cases,
                   generate_equal=equal, generate_edited_tokens=edits)  # fmt: skip
     return result
-
-
-def block_causal_forward(model, ids, block):
-    """Our logits of ids [B, n] from position 0 under the block-causal mask (blocks of `block`)."""
-    from dlmcache.blockdiffusion import BlockCausalStore
-
-    b, n = ids.shape
-    store = BlockCausalStore(model, torch.ones(b, n, dtype=torch.bool), block)
-    store.begin(None, torch.arange(n).expand(b, -1), n)
-    return model(ids, positions=torch.arange(n).expand(b, -1), cache=store).logits
 
 
 def main() -> None:

@@ -109,15 +109,3 @@ def step_costs(decoder, warm_steps: int) -> tuple[int, int]:
     with DispatchCount() as count:
         decoder.step()
     return count.ops, decoder.batch.host_reads - reads
-
-
-def block_causal_logits(model, ids: torch.Tensor, block: int) -> torch.Tensor:
-    """Logits [B, n, V] of a block-causal model over ids [B, n] (blocks of `block`), one forward from
-    position 0."""
-    from dlmcache.blockdiffusion import BlockCausalStore
-
-    b, n = ids.shape
-    store = BlockCausalStore(model, torch.ones(b, n, dtype=torch.bool), block)
-    store.begin(None, torch.arange(n).expand(b, -1), n)
-    with torch.no_grad():
-        return model(ids, positions=torch.arange(n).expand(b, -1), cache=store).logits

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from dlmcache import DLMPipeline
-from dlmcache.blockdiffusion import BlockCausalStore, block_causal_mask, decode_blocks
+from dlmcache.blockdiffusion import block_causal_logits, block_causal_mask, decode_blocks
 from dlmcache.cache import make_cache
 from dlmcache.engine import BatchedDecoder, Request, cache_rule
 from dlmcache.engine.rules import CAUSAL, CAUSAL_FULL, CacheRule
 from dlmcache.schedulers import LowConfidenceScheduler, ThresholdScheduler, TokenEditingScheduler
 from dlmcache.testing import random_checkpoint, tiny_sdar
-from tests.helpers import block_causal_logits, step_costs
+from tests.helpers import step_costs
 
 
 @pytest.fixture(scope="module")
@@ -293,10 +293,8 @@ def side_by_side(ours, reference, n: int = 14, block: int = 4):
     ids = torch.randint(3, 200, (2, n))
     valid = torch.ones(2, n, dtype=torch.bool)
     cols = torch.arange(n).expand(2, -1)
-    store = BlockCausalStore(ours, valid, block)
-    store.begin(None, cols, n)
+    logits = block_causal_logits(ours, ids, block)
     with torch.no_grad():
-        logits = ours(ids, positions=cols, cache=store).logits
         mask = block_causal_mask(cols, block, valid)[:, None]
         expected = reference(input_ids=ids, attention_mask=mask, position_ids=cols).logits
     return logits, expected

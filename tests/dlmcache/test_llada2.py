@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from dlmcache import DLMPipeline, ThresholdScheduler
-from dlmcache.blockdiffusion import BlockCausalStore, block_causal_mask
+from dlmcache.blockdiffusion import block_causal_logits, block_causal_mask
 from dlmcache.cache import make_cache
 from dlmcache.models import LLaDA2MoeConfig
 from dlmcache.testing import random_checkpoint, tiny_llada2
 from tests.dlmcache.test_llada_moe import rms, rope, swiglu
-from tests.helpers import block_causal_logits
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +140,7 @@ def test_the_attention_is_block_causal(model):
     other = ids.clone()
     other[0, 8:] = 5
     valid = torch.ones(1, 12, dtype=torch.bool)
-    outs = []
-    for x in (ids, other):
-        store = BlockCausalStore(model, valid, 4)
-        store.begin(None, torch.arange(12)[None], 12)
-        with torch.no_grad():
-            outs.append(model(x, positions=torch.arange(12)[None], cache=store).logits[0])
+    outs = [block_causal_logits(model, x, 4)[0] for x in (ids, other)]
     assert torch.equal(outs[0][:8], outs[1][:8]) and not torch.equal(outs[0][8:], outs[1][8:])
     assert block_causal_mask(torch.arange(12)[None], 4, valid)[0, 0].sum() == 4
 
