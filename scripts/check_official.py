@@ -88,19 +88,31 @@ def check_lladamoe(directory: Path) -> dict:
         attention_bias=False, clip_qkv=None, rope_scaling=None,
     )  # fmt: skip
     config._attn_implementation = "sdpa"
-    reference = official.FusedLLaDAMoEModelLM(config).eval()
-    missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=False)
-    if missing or unexpected:
-        raise SystemExit(f"check_official.py: state dicts differ: missing {missing}, unexpected {unexpected}")
+    reference = with_our_weights(official.FusedLLaDAMoEModelLM(config).eval(), ours)
     torch.manual_seed(3)
     ids = torch.randint(3, fields["vocab_size"], (2, 37))
     result = {"model": "LLaDAMoEModelLM", "official": f"{directory} (dInfer tools, unfused expert block)"}
+    return result | compare_logits(ours, reference, lambda dtype: ours(ids).logits,
+                                   lambda dtype: reference(input_ids=ids).logits)  # fmt: skip
+
+
+def with_our_weights(reference, ours):
+    """`reference` loaded with our state dict, every tensor matched (else the script stops, naming them)."""
+    missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"check_official.py: state dicts differ: missing {missing}, unexpected {unexpected}")
+    return reference
+
+
+@torch.no_grad()
+def compare_logits(ours, reference, our_logits, reference_logits) -> dict:
+    """Both models in float32, then float64: whether `our_logits(dtype)` equals `reference_logits(dtype)`
+    bit for bit, and their largest difference."""
+    result = {}
     for dtype in (torch.float32, torch.float64):
         ours.to(dtype)
         reference.to(dtype)
-        with torch.no_grad():
-            a = ours(ids).logits
-            b = reference(input_ids=ids).logits
+        a, b = our_logits(dtype), reference_logits(dtype)
         name = str(dtype).replace("torch.", "")
         result[f"{name}_bit_identical"] = bool(torch.equal(a, b))
         result[f"{name}_max_abs_diff"] = float((a - b).abs().max())
@@ -161,26 +173,19 @@ def check_llada2(directory: Path) -> dict:
         "moe_intermediate_size", "first_k_dense_replace", "pad_token_id", "eos_token_id", "tie_word_embeddings",
     )})  # fmt: skip
     config._attn_implementation = "sdpa"
-    reference = official.LLaDA2MoeModelLM(config).eval()
-    missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=False)
-    if missing or unexpected:
-        raise SystemExit(f"check_official.py: state dicts differ: missing {missing}, unexpected {unexpected}")
+    reference = with_our_weights(official.LLaDA2MoeModelLM(config).eval(), ours)
     block = fields["block_size"]
     torch.manual_seed(3)
     ids = torch.randint(3, fields["vocab_size"], (2, 6 * block))
     n = ids.shape[1]
     blocks = torch.tril(torch.ones(n // block, n // block)).repeat_interleave(block, 0).repeat_interleave(block, 1)
     result = {"model": "LLaDA2MoeModelLM", "official": f"{directory} ({suffix}, the hub's modeling file)"}
-    for dtype in (torch.float32, torch.float64):
-        ours.to(dtype)
-        reference.to(dtype)
+
+    def release_logits(dtype):  # the release's forward under its block mask (additive, in the model's dtype)
         mask = torch.zeros(1, 1, n, n, dtype=dtype).masked_fill(blocks == 0, torch.finfo(dtype).min)
-        with torch.no_grad():
-            a = block_causal_logits(ours, ids, block)
-            b = reference(input_ids=ids, attention_mask=mask, position_ids=torch.arange(n).expand(2, -1)).logits
-        name = str(dtype).replace("torch.", "")
-        result[f"{name}_bit_identical"] = bool(torch.equal(a, b))
-        result[f"{name}_max_abs_diff"] = float((a - b).abs().max())
+        return reference(input_ids=ids, attention_mask=mask, position_ids=torch.arange(n).expand(2, -1)).logits
+
+    result |= compare_logits(ours, reference, lambda dtype: block_causal_logits(ours, ids, block), release_logits)
 
     # The release's generate against ours, float64, one prompt at a time. Its block mask is bfloat16,
     # which SDPA refuses beside float64 queries; the eager attention adds it to the scores.
