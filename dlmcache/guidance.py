@@ -154,33 +154,58 @@ class ARGuide:
 
     # ------------------------------------------------------------------ per generation
 
-    @torch.no_grad()
     def begin(self, prompt_ids: torch.LongTensor, prompt_mask: torch.BoolTensor) -> GuideSession:
         """Prefill the prompts: guide ids [B, P] (left-padded) and their mask [B, P]. Returns the state
         of this generation (the guide itself keeps none, so one guide serves concurrent calls)."""
+        return self.begin_many([(prompt_ids, prompt_mask)])[0]
+
+    @torch.no_grad()
+    def begin_many(self, prompts: list[tuple[torch.LongTensor, torch.BoolTensor]]) -> list[GuideSession]:
+        """`begin` of several generations in one forward of the guide: prompts are (ids [B_i, P_i],
+        mask [B_i, P_i]) each, left-padded. They are left-padded to the longest and prefilled together;
+        each session then keeps its own rows, cut back to its own width, as if prefilled alone."""
         if self.vocab_map is None:
             raise ValueError("the guide has no vocabulary map: attach it to a DLM tokenizer first (attach())")
-        return GuideSession(self, prompt_ids, prompt_mask)
+        if not prompts:
+            return []
+        longest = max(ids.shape[1] for ids, _ in prompts)
+        pad = self.vocab_map.fallback_id
+        ids = torch.cat([F.pad(ids, (longest - ids.shape[1], 0), value=pad) for ids, _ in prompts])
+        mask = torch.cat([F.pad(mask.long(), (longest - mask.shape[1], 0)) for _, mask in prompts]).to(self.device)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            **cache_argument(cache),
+            use_cache=True,
+        )
+        last = out.logits[:, -1].float()  # [B, V] each row's prediction for its first generated token
+        sessions, row = [], 0
+        for prompt_ids, _ in prompts:
+            rows, start = slice(row, row + prompt_ids.shape[0]), longest - prompt_ids.shape[1]
+            own = cache
+            if len(prompts) > 1:
+                own = DynamicCache()
+                for layer, part in enumerate(cache.layers):
+                    own.update(part.keys[rows, :, start:].clone(), part.values[rows, :, start:].clone(), layer)
+            sessions.append(GuideSession(self, own, mask[rows, start:], last[rows]))
+            row = rows.stop
+        return sessions
 
 
 class GuideSession:
     """One generation's guide state: its KV cache over each row's accepted text, the mask of live
     entries, each row's length and the pending next-token prediction."""
 
-    def __init__(self, guide: ARGuide, prompt_ids: torch.LongTensor, prompt_mask: torch.BoolTensor):
+    def __init__(self, guide: ARGuide, cache: DynamicCache, mask: torch.Tensor, next_logits: torch.Tensor):
+        """(Made by `ARGuide.begin` / `begin_many`, which prefill the prompts.)"""
         self.guide = guide
-        self.cache = DynamicCache()
-        self.forwards = 1
-        self.mask = prompt_mask.long().to(guide.device)
-        self.length = self.mask.sum(-1)  # [B] tokens each row has seen
-        out = guide.model(
-            input_ids=prompt_ids.to(guide.device),
-            attention_mask=self.mask,
-            position_ids=(self.mask.cumsum(-1) - 1).clamp(min=0),
-            **cache_argument(self.cache),
-            use_cache=True,
-        )
-        self.next_logits = out.logits[:, -1].float()  # [B, V] prediction for the first generated token
+        self.cache = cache
+        self.forwards = 1  # the prefill
+        self.mask = mask  # [B, T] live cache entries
+        self.length = mask.sum(-1)  # [B] tokens each row has seen
+        self.next_logits = next_logits  # [B, V] prediction for the first generated token
 
     @torch.no_grad()
     def verify(self, tokens: torch.LongTensor, forced: torch.BoolTensor, live: torch.BoolTensor) -> torch.LongTensor:

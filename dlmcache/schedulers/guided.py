@@ -35,7 +35,8 @@ class GuidedScheduler(DLMScheduler):
             raise ValueError(f"max_chunks_per_step={max_chunks_per_step} must be None or >= 1")
         self.guide = None
         self.base: DLMScheduler | None = None
-        self.session = None  # the guide's state for the current generation (set by `begin`)
+        self.session = None  # the guide's state for the current generation (prefilled at its first step)
+        self.prompt = None  # (ids, mask) in guide ids, from `begin` until that prefill
 
     def set_guide(self, guide, dlm_tokenizer, dlm_vocab_size: int, base: DLMScheduler | None = None) -> None:
         """Verify drafts with `guide` (an `ARGuide`, mapped to the DLM's vocabulary here), wrapping
@@ -59,14 +60,16 @@ class GuidedScheduler(DLMScheduler):
                     out = guide.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
                     rows.append(list(out["input_ids"] if not isinstance(out, list) else out))
         pad = guide.tokenizer.pad_token_id if guide.tokenizer.pad_token_id is not None else guide.vocab_map.fallback_id
-        self.session = guide.begin(*left_pad(rows, pad))
+        # The guide prefills at the first step, together with every other scheduler that begins then
+        # (`select_many`): requests a batched engine admits in one step share one prefill forward.
+        self.session, self.prompt = None, left_pad(rows, pad)
         self.cursor = torch.full((x.shape[0],), prompt_len, dtype=torch.long, device=x.device)
         self.accepted_drafts = 0
 
     @property
     def stats(self) -> dict:
         """Per generation: drafts accepted by the guide and guide forwards (prefill included)."""
-        if getattr(self, "session", None) is None:
+        if getattr(self, "session", None) is None:  # (not begun, or not prefilled yet)
             return {}
         return {"accepted_drafts": self.accepted_drafts, "guide_forwards": self.session.forwards}
 
@@ -82,6 +85,11 @@ class GuidedScheduler(DLMScheduler):
         goes on to the next round, the others stop. Returns each one's (x0, confidence, transfer)."""
         from ..guidance import verify_many
 
+        waiting = [item[0] for item in items if item[0].session is None]
+        if waiting:  # the guide's prefill of the schedulers that began since the last step: one forward
+            sessions = waiting[0].guide.begin_many([scheduler.prompt for scheduler in waiting])
+            for scheduler, session in zip(waiting, sessions, strict=True):
+                scheduler.session, scheduler.prompt = session, None
         states = []
         for scheduler, logits, mask_index, context in items:
             if context is None:

@@ -416,8 +416,9 @@ def test_a_lone_request_on_scattered_blocks_gathers_its_keys(pipe):
 
 
 def test_guided_rows_share_their_guide_forwards(guided_pipe):
-    """Guided requests of one guide verify their drafts in shared guide forwards (one per chunk round
-    of a step, not one per request), and each still gets its tokens alone."""
+    """Guided requests of one guide share their guide forwards: the prompts' prefill of the requests
+    admitted together is one forward, and the drafts are verified in one forward per chunk round of
+    a step, not one per request. Each request still gets its tokens alone."""
     from dlmcache import tinytask
 
     prompts = [tinytask.messages(p) for p in tinytask.test_problems(4)]
@@ -434,14 +435,16 @@ def test_guided_rows_share_their_guide_forwards(guided_pipe):
         return original(*args, **kwargs)
 
     decoder = BatchedDecoder(guided_pipe.model, guided_pipe.tokenizer.eos_token_id)
-    for r in requests:
-        decoder.add(r)  # each request's guide prefill runs here, alone
     guide_model.forward = counted
     try:
+        for r in requests:
+            decoder.add(r)
+        assert calls == []  # the prefill waits for the first step
         done = run(decoder, [])
     finally:
         guide_model.forward = original
-    per_request = sum(done[str(i)].stats["guide_forwards"] - 1 for i in range(len(prompts)))  # less the prefill
+    per_request = sum(done[str(i)].stats["guide_forwards"] for i in range(len(prompts)))  # prefill included
+    assert calls[0] == len(prompts)  # one prefill for the four
     assert max(calls) == len(prompts) and len(calls) < per_request  # rows of one forward, fewer forwards
     for i, prompt in enumerate(prompts):
         alone = guided_pipe([prompt], engine=False, **kw)

@@ -47,6 +47,35 @@ def test_verify_matches_full_forward_and_rolls_back(tiny_tokenizer):
     torch.testing.assert_close(session.next_logits[0], full_logits(model, seq + [60, 61])[-1], rtol=1e-5, atol=1e-5)
 
 
+def test_prefills_of_several_generations_share_one_forward(tiny_tokenizer):
+    """`begin_many` prefills generations of different widths and row counts in one forward; each
+    session is then the one `begin` makes alone: same mask, cache, prediction and verify results."""
+    model = tiny_guide(tiny_tokenizer)
+    guide = ARGuide(model, tiny_tokenizer, rule="greedy", chunk_size=4)
+    guide.attach(tiny_tokenizer, len(tiny_tokenizer))
+    prompts = [
+        (torch.tensor([[3, 40, 41]]), torch.ones(1, 3, dtype=torch.bool)),
+        (torch.tensor([[1, 3, 50, 51, 52, 53, 54], [3, 60, 61, 62, 63, 64, 65]]), torch.ones(2, 7, dtype=torch.bool)),
+        (torch.tensor([[3]]), torch.ones(1, 1, dtype=torch.bool)),
+    ]  # fmt: skip
+    prompts[1][1][0, 0] = False  # a left-padded row beside a full one
+    shared = guide.begin_many(prompts)
+    drafts = torch.tensor([[70, 71, 72, 73]])
+    for (ids, mask), together in zip(prompts, shared, strict=True):
+        alone = guide.begin(ids, mask)
+        assert torch.equal(together.mask, alone.mask) and torch.equal(together.length, alone.length)
+        torch.testing.assert_close(together.next_logits, alone.next_logits, rtol=1e-5, atol=1e-6)
+        for ours, theirs in zip(together.cache.layers, alone.cache.layers, strict=True):
+            assert ours.keys.shape == theirs.keys.shape
+            torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-6)
+        tokens = drafts.expand(ids.shape[0], -1)
+        forced, live = torch.zeros_like(tokens, dtype=torch.bool), torch.ones_like(tokens, dtype=torch.bool)
+        forced[:, :2] = True  # two tokens in (the greedy test of the rest reads the prefilled cache)
+        assert torch.equal(together.verify(tokens, forced, live), alone.verify(tokens, forced, live))
+        torch.testing.assert_close(together.next_logits, alone.next_logits, rtol=1e-5, atol=1e-6)
+    assert guide.begin_many([]) == []
+
+
 def test_rows_advance_independently(tiny_tokenizer):
     """Row 0 accepts 1 token, row 1 accepts 3; later predictions match fresh forwards per row."""
     model = tiny_guide(tiny_tokenizer)
