@@ -73,6 +73,11 @@ def serve_parser(sub) -> argparse.ArgumentParser:
         choices=("off", "buckets", "cuda"),
         help="static step shapes: 'cuda' replays one CUDA graph per shape bucket (GPU only)",
     )
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="every answer the same bits whatever else is in the batch (fixed-shape matmuls; slower)",
+    )
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--api-key", action="append", default=None,
                    help="a key clients must send as 'Authorization: Bearer <key>' (repeatable; default: the "
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             api_keys=keys, metrics_public=args.metrics_public, max_body_mb=args.max_body_mb,
             max_prompt_chars=args.max_prompt_chars, max_connections=args.max_connections,
             header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout, graphs=args.graphs,
+            batch_invariant=args.batch_invariant,
         )  # fmt: skip
 
 

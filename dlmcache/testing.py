@@ -642,3 +642,35 @@ class DispatchCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         return func(*args, **(kwargs or {}))
+
+
+def engine_logits(model, requests, join_at: int | None = None) -> dict[str, list[torch.Tensor]]:
+    """Each request's logits (its logit rows, in order) at each of its steps on a fresh
+    `BatchedDecoder` over `model`: all of `requests` together, the last one joining after step
+    `join_at` (None: all from the start). What the batch-invariance test and benchmark compare with
+    each request alone. Checks that every pool block is free at the end."""
+    from .engine import BatchedDecoder
+
+    decoder = BatchedDecoder.for_requests(model, None, requests)
+    seen: dict[str, list[torch.Tensor]] = {r.id: [] for r in requests}
+    commit = decoder.batch.commit
+
+    def recording(logits, values):
+        rows = decoder.batch._step["target_row"]
+        for i, request in enumerate(decoder.batch.requests):
+            seen[request.id].append(logits[rows == i].clone())
+        return commit(logits, values)
+
+    decoder.batch.commit = recording
+    first = requests[:-1] if join_at is not None else requests
+    for r in first:
+        decoder.add(r)
+    waiting, step = list(requests[len(first) :]), 0
+    while len(decoder) or waiting:
+        if waiting and step == join_at:
+            decoder.add(waiting.pop())
+        decoder.step()
+        step += 1
+    if decoder.pool.free_blocks != decoder.pool.num_blocks:
+        raise AssertionError(f"{decoder.pool.num_blocks - decoder.pool.free_blocks} pool blocks still held")
+    return seen

@@ -84,12 +84,14 @@ class PagedStore:
 
     def __init__(self, pool: KVPool, step: StepInput, dtype: torch.dtype, first_slot: int | None = None,
                  prompts: PromptSegments | None = None, requests: list[Request] | None = None,
-                 mask_token_id: int | None = None):  # fmt: skip
+                 mask_token_id: int | None = None, batch_invariant: bool = False):  # fmt: skip
         self.pool, self.step = pool, step
         self.layout = paged_layout(
             step.key_slots, step.key_valid, step.query_row, step.query_rank, step.max_queries, dtype,
-            first_slot=first_slot, every_key=step.every_key,
+            first_slot=first_slot, every_key=step.every_key, batch_invariant=batch_invariant,
         )  # fmt: skip
+        # (batch-invariant: a lone row feeding all its positions attends through the pool as in a batch)
+        self.fresh_keys = step.fresh_keys and not batch_invariant
         self.values: torch.Tensor | None = None
         self.prompts, self.requests, self.mask_id = prompts, requests, mask_token_id
         self.stacked = []
@@ -103,7 +105,7 @@ class PagedStore:
             self.values = v[0].transpose(0, 1)
         if step.prompts is not None and step.prompts.compress:
             self._compress(layer_idx, q, k, v)
-        if step.fresh_keys:  # one row feeding all its positions: it attends the fresh K/V as they are
+        if self.fresh_keys:  # one row feeding all its positions: it attends the fresh K/V as they are
             if step.write_kv:
                 self.pool.write(layer_idx, step.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
             return dense_attention(q, k, v, None, backend)
@@ -240,6 +242,11 @@ class BatchedDecoder:
         return self.pool.can_allocate(request.kv_tokens)
 
     def add(self, request: Request) -> None:
+        if getattr(self.model, "batch_invariant", False) and request.compressed_len:
+            raise ValueError(
+                f"request {request.id!r}: a compressed prompt ({request.rule}) is not built for batch-invariant "
+                "mode (its segment attention is batched across requests)"
+            )
         blocks = self.pool.allocate(request.kv_tokens)
         try:
             self.batch.add(request, self.pool.slots(blocks, request.kv_tokens))
@@ -267,6 +274,8 @@ class BatchedDecoder:
         lowest free blocks first) reads its keys as a view of the pool: its first slot, else None. Not a
         block diffusion request: its attention rows read the null block where their block ends."""
         if len(self.batch.requests) != 1 or self.batch.block_causal:  # (its keys past a block: unwritten)
+            return None
+        if getattr(self.model, "batch_invariant", False):  # (it attends as it would in a batch)
             return None
         if id(self.batch.requests[0]) in self._trimmed:  # its first positions no longer have blocks
             return None
@@ -304,7 +313,7 @@ class BatchedDecoder:
 
     def _store(self, step: StepInput, first_slot: int | None = None) -> PagedStore:
         return PagedStore(self.pool, step, self.pool.k[0].dtype, first_slot, self.prompts, self.batch.requests,
-                          self.model.mask_token_id)  # fmt: skip
+                          self.model.mask_token_id, getattr(self.model, "batch_invariant", False))  # fmt: skip
 
     def _forward(self, step: StepInput, store: PagedStore) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits of the step's logit rows and the last layer's fresh values."""

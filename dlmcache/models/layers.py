@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from dlmcache.kernels.ops import dense_attention
+from dlmcache.kernels.ops import batch_invariant_linear, dense_attention, rms_norm
 from dlmcache.kernels.ops.backend import BACKENDS
+from dlmcache.kernels.ops.matmul import fixed_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    #: The batch-invariant mode (`set_batch_invariant`): on CUDA a Triton kernel normalises each row in
+    #: one program (torch's reduction may split rows when there are few); elsewhere the same torch code.
+    batch_invariant = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant and x.is_cuda:
+            return rms_norm(x, self.weight, self.eps, backend="triton")
         acc = torch.promote_types(x.dtype, torch.float32)
         h = x.to(acc)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -140,8 +147,19 @@ class Linear(nn.Linear):
 
     backend = "auto"
     _tied = False
+    #: The batch-invariant mode (`set_batch_invariant`): every row's product is the same bits whatever
+    #: the other rows (`dlmcache.kernels.ops.batch_invariant_linear`: a fixed-tiling Triton kernel on
+    #: CUDA, products of a fixed row count through this module's own matmul elsewhere).
+    batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            if x.is_cuda:
+                return batch_invariant_linear(x, self.weight, self.bias, backend="triton")
+            return fixed_chunks(x, self._product)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         w = self._parameters["weight"]
         if self._onednn(x, w):
             if not w.is_mkldnn:
@@ -318,6 +336,8 @@ class DLMModelMixin:
     #: a block diffusion model's fixed attention block (None: the decoding block length)
     attention_block: int | None = None
     attention_backend: str = "auto"
+    #: every row's logits the same bits whatever the batch (`set_batch_invariant`)
+    batch_invariant: bool = False
     #: a `dlmcache.threads.ThreadPolicy` that sets torch's threads before each forward (None: leave them)
     thread_policy = None
 
@@ -392,6 +412,35 @@ class DLMModelMixin:
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
         self.attention_backend = backend
+
+    def set_batch_invariant(self, enabled: bool = True) -> None:
+        """Batch-invariant mode: a request's logits are the same bits whether it runs alone or beside
+        others in the batched engine (`dlmcache.engine.BatchedDecoder`), in any dtype. Off (the
+        default), they may differ in the last bits (float32 CPU logits by ~1e-7), because the matmul
+        libraries pick their kernels by the batch's shape; tokens almost always agree, but a near tie
+        can flip, and from there the two decodes part.
+
+        What it changes (docs/serving.md, "Batch invariance"):
+        - the projections: on CUDA a Triton matmul with one fixed tiling and no split reduction; on CPU
+          products of exactly `dlmcache.kernels.ops.matmul.CHUNK_ROWS` rows (the last padded);
+        - RMSNorm: on CUDA a Triton kernel, one program per row (on CPU torch's norm is already
+          per row);
+        - the engine's attention: on CUDA its Triton kernel (which reads every row on its own); on CPU
+          row by row, each over its own keys, and never through the one-request shortcuts.
+
+        Not for mixture-of-experts models yet (their experts multiply their tokens through torch).
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled={enabled!r} must be a bool")
+        if enabled and any(isinstance(m, SparseMoeBlock) for m in self.modules()):
+            raise ValueError(
+                f"{type(self).__name__}: batch-invariant mode is not built for mixture-of-experts models "
+                "(their expert matmuls take torch's shape-dependent kernels)"
+            )
+        for module in self.modules():
+            if isinstance(module, (Linear, RMSNorm)):
+                module.batch_invariant = enabled
+        self.batch_invariant = enabled
 
     def set_linear_backend(self, backend: str) -> None:
         """Which matmul the model's projections and LM head use on CPU (see `Linear`):

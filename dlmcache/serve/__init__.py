@@ -62,13 +62,14 @@ def serve(model: str = "dlmcache/tiny", host: str = "127.0.0.1", port: int = 800
           log_level: str = "info", kv_bytes: int | None = None, api_keys: list[str] | tuple = (),
           metrics_public: bool = False, max_body_mb: float = 8.0, max_prompt_chars: int = 1_000_000,
           max_connections: int = 1024, header_timeout: float = 10.0,
-          keep_alive_timeout: float = 5.0, graphs: str = "off") -> None:  # fmt: skip
+          keep_alive_timeout: float = 5.0, graphs: str = "off", batch_invariant: bool = False) -> None:  # fmt: skip
     """Load the model and serve it until SIGINT / SIGTERM: the first signal drains (running and queued
     requests finish, new ones get 503, /health turns 503), then the process exits; a second SIGINT
     exits at once. api_keys: bearer keys clients must present (`guard.ApiKeys`); a non-loopback host
     without one is served with a warning. max_body_mb, max_prompt_chars: request limits checked before
     parsing / tokenizing; max_connections, header_timeout, keep_alive_timeout: what one client may hold;
-    graphs: the engine's static shapes ("cuda": one CUDA graph per shape bucket)."""
+    graphs: the engine's static shapes ("cuda": one CUDA graph per shape bucket); batch_invariant: every
+    answer the same bits whatever else is in the batch (`set_batch_invariant`)."""
     import uvicorn
 
     from .api import create_app
@@ -79,6 +80,10 @@ def serve(model: str = "dlmcache/tiny", host: str = "127.0.0.1", port: int = 800
         log.warning("serving on %s without an API key: anyone who reaches it may use and cancel requests "
                     "(set --api-key or DLMCACHE_API_KEY)", host)  # fmt: skip
     pipe = load_pipeline(model, cache, guide, threshold, dtype, device)
+    if batch_invariant:
+        if getattr(pipe.cache, "compression", None) is not None:
+            raise ValueError(f"batch_invariant: the cache {cache!r} compresses prompts (not built for the mode)")
+        pipe.model.set_batch_invariant(True)
     engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue, threads=threads, kv_bytes=kv_bytes,
                     graphs=graphs).start()  # fmt: skip
     app = create_app(engine, model_name or model, timeout=timeout, defaults={"max_prompt_chars": max_prompt_chars},

@@ -3,6 +3,8 @@ dispatching function in `__init__.py` (Triton on CUDA, the reference on CPU; `ba
 
 from .attention import PagedLayout, attention, dense_attention, merge_attention, paged_attention, paged_layout
 from .gather import gather_kv
+from .matmul import batch_invariant_linear
+from .norm import rms_norm
 from .quantize import QuantizedTensor, dequantize_kv, quantize_kv
 from .quantized_attention import quantized_attention
 
@@ -10,6 +12,7 @@ __all__ = [
     "PagedLayout",
     "QuantizedTensor",
     "attention",
+    "batch_invariant_linear",
     "dense_attention",
     "dequantize_kv",
     "gather_kv",
@@ -18,4 +21,5 @@ __all__ = [
     "paged_layout",
     "quantize_kv",
     "quantized_attention",
+    "rms_norm",
 ]

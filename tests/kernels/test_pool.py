@@ -59,7 +59,13 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("heads", [(4, 4, 64), (7, 1, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_equals_each_request_alone(backend, case, heads, dtype):
+@pytest.mark.parametrize("invariant", [False, True], ids=["batched", "batch_invariant"])
+def test_paged_attention_equals_each_request_alone(backend, case, heads, dtype, invariant):
+    """Each request's queries over its own keys, against float64 attention per request; with
+    `batch_invariant` (row by row off the kernel) each row's result is also the same bits as with its
+    row alone in the layout."""
+    if invariant and backend == "triton":
+        pytest.skip("the kernel reads every row on its own either way")
     if backend == "triton":
         pytest.importorskip("triton")
         from dlmcache.kernels.ops.backend import interpreting
@@ -95,9 +101,19 @@ def test_paged_attention_equals_each_request_alone(backend, case, heads, dtype):
         reference_lse.append(lse[0].transpose(0, 1))
     layout = paged_layout(
         torch.stack(key_slots), torch.stack(key_valid), torch.cat(row_ids).to(DEVICE), torch.cat(ranks).to(DEVICE),
-        max(n for n, _, _ in case), dtype,
+        max(n for n, _, _ in case), dtype, batch_invariant=invariant,
     )  # fmt: skip
     out = paged_attention(torch.cat(queries).to(DEVICE), pool.k[0], pool.v[0], layout, backend=backend)
+    if invariant:
+        start = 0
+        for r, q in enumerate(queries):
+            own = slice(0, case[r][1])  # its own width (a batch pads to the widest row)
+            one = paged_layout(layout.key_slots[r : r + 1, own], layout.key_valid[r : r + 1, own],
+                               torch.zeros(len(q), dtype=torch.long, device=DEVICE),
+                               torch.arange(len(q), device=DEVICE), len(q), dtype, batch_invariant=True)  # fmt: skip
+            alone = paged_attention(q.to(DEVICE), pool.k[0], pool.v[0], one, backend=backend)
+            assert torch.equal(alone, out[start : start + len(q)]), r
+            start += len(q)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double().cpu(), torch.cat(reference), rtol=tol, atol=tol)
     # the log-sum-exps too (what merging with attention over other keys needs), the same outputs with them

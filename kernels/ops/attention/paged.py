@@ -45,6 +45,7 @@ class PagedLayout:
     dense: bool
     first_slot: int | None = None
     every_key: bool = False
+    batch_invariant: bool = False
 
     @functools.cached_property
     def at(self) -> torch.LongTensor:
@@ -57,6 +58,16 @@ class PagedLayout:
         valid = self.key_valid
         bias = torch.zeros(valid.shape, dtype=self.dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
         return bias[:, None, None, :]
+
+    @functools.cached_property
+    def row_bounds(self) -> tuple[list[int], list[int]]:
+        """(where each row's queries start in the flattened order [R + 1], each row's key extent
+        [R]: one past its last valid key), on the host: one device-to-host read."""
+        valid = self.key_valid
+        ends = (valid * torch.arange(1, valid.shape[1] + 1, device=valid.device)).amax(1)
+        both = torch.cat([self.cu_q.long(), ends]).tolist()
+        rows = self.key_slots.shape[0]
+        return both[: rows + 1], both[rows + 1 :]
 
     @functools.cached_property
     def cu_q(self) -> torch.Tensor:
@@ -79,10 +90,13 @@ def paged_layout(
     dtype: torch.dtype,
     first_slot: int | None = None,
     every_key: bool = False,
+    batch_invariant: bool = False,
 ) -> PagedLayout:
     """The layout of one step (see `PagedLayout`); `dtype` is the queries'. `first_slot`: the caller
     knows that the one row's keys are the consecutive slots from there (the pool's block table);
-    `every_key`: that key_valid is all true."""
+    `every_key`: that key_valid is all true. `batch_invariant`: off the Triton kernel, attend row by
+    row, each over its own keys up to its last valid one, so a row's result has the same bits
+    whatever the other rows (the Triton kernel already reads every row on its own)."""
     if key_slots.shape != key_valid.shape or key_slots.dim() != 2:
         raise ValueError(f"key_slots {tuple(key_slots.shape)} and key_valid {tuple(key_valid.shape)} must be [R, K]")
     if query_row.shape != query_rank.shape or query_row.dim() != 1:
@@ -91,8 +105,11 @@ def paged_layout(
         raise ValueError(f"max_queries={max_queries!r} must be a positive int")
     if first_slot is not None and (key_slots.shape[0] != 1 or not isinstance(first_slot, int) or first_slot < 0):
         raise ValueError(f"first_slot={first_slot!r} needs one row and a non-negative int")
+    if batch_invariant and first_slot is not None:
+        raise ValueError("batch_invariant gathers every row's keys: it takes no first_slot view")
     dense = key_slots.shape[0] * max_queries == query_row.numel()
-    return PagedLayout(query_row, query_rank, max_queries, key_slots, key_valid, dtype, dense, first_slot, every_key)
+    return PagedLayout(query_row, query_rank, max_queries, key_slots, key_valid, dtype, dense, first_slot, every_key,
+                       batch_invariant)  # fmt: skip
 
 
 def paged_attention(
@@ -122,14 +139,18 @@ def paged_attention(
         raise ValueError("queries as rows [R, Hq, N, D] need a dense layout (every row feeds max_queries tokens)")
     rows, n = layout.key_slots.shape[0], layout.max_queries
     hq, d = q.shape[-3] if as_rows else q.shape[1], q.shape[-1]
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        from .paged_triton import paged_attention as paged_triton
-
+    kernel = backend == "triton" or (backend == "auto" and q.is_cuda)
+    if kernel or layout.batch_invariant:  # each row on its own, the queries flattened
         flat = q.transpose(1, 2).reshape(rows * n, hq, d) if as_rows else q
-        valid = layout.key_valid.to(torch.int8)
-        out, lse = paged_triton(
-            flat, k_cache, v_cache, layout.cu_q, layout.key_slots, valid, layout.max_queries, scale, return_lse
-        )
+        if kernel:
+            from .paged_triton import paged_attention as paged_triton
+
+            valid = layout.key_valid.to(torch.int8)
+            out, lse = paged_triton(
+                flat, k_cache, v_cache, layout.cu_q, layout.key_slots, valid, layout.max_queries, scale, return_lse
+            )
+        else:
+            out, lse = _row_by_row(flat, k_cache, v_cache, layout, scale, return_lse, backend)
         if as_rows:
             out = out.view(rows, n, hq, d).transpose(1, 2)
             lse = None if lse is None else lse.view(rows, n, hq).transpose(1, 2)
@@ -145,15 +166,7 @@ def paged_attention(
     else:
         padded = q if layout.dense else q.new_zeros(rows * n, hq, d).index_copy_(0, layout.at, q)
         padded = padded.view(rows, n, hq, d).transpose(1, 2)  # [R, Hq, N, D]
-    lse = None
-    if backend == "torch" or return_lse:  # the reference, or torch's tiled CPU kernel (it keeps the lse)
-        fused = backend != "torch" and fused_cpu_available(padded)
-        out, lse = (fused_cpu_attention if fused else masked_attention)(
-            padded, k, v, layout.key_valid[:, None, None, :], scale
-        )
-    else:
-        gqa = padded.shape[1] != k.shape[1]
-        out = F.scaled_dot_product_attention(padded, k, v, attn_mask=layout.bias, scale=scale, enable_gqa=gqa)
+    out, lse = _attend(padded, k, v, layout.key_valid, layout.bias, scale, return_lse, backend)
     if not as_rows:
         out = out.transpose(1, 2).reshape(rows * n, hq, d)
         out = out if layout.dense else out[layout.at]
@@ -161,3 +174,30 @@ def paged_attention(
             lse = lse.transpose(1, 2).reshape(rows * n, hq)
             lse = lse if layout.dense else lse[layout.at]
     return (out, lse) if return_lse else out
+
+
+def _attend(q, k, v, valid, bias, scale, return_lse: bool, backend: str):
+    """(out, lse or None) of rows q [R, Hq, N, D] over k / v [R, Hkv, K, D], valid [R, K] (bias: its
+    additive form [R, 1, 1, K], None when every key is valid), off the Triton kernel."""
+    if backend == "torch" or return_lse:  # the reference, or torch's tiled CPU kernel (it keeps the lse)
+        fused = backend != "torch" and fused_cpu_available(q)
+        return (fused_cpu_attention if fused else masked_attention)(q, k, v, valid[:, None, None, :], scale)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa), None
+
+
+def _row_by_row(q, k_cache, v_cache, layout: PagedLayout, scale, return_lse: bool, backend: str):
+    """`paged_attention` of flattened queries q [T, Hq, D], one row at a time at its own shapes: its
+    queries, its keys up to its last valid one. Returns (out [T, Hq, D], lse [T, Hq] or None)."""
+    starts, extents = layout.row_bounds
+    outs, lses = [], []
+    for r, extent in enumerate(extents):
+        rows_q = q[starts[r] : starts[r + 1]].transpose(0, 1)[None]  # [1, Hq, n_r, D]
+        slots, valid = layout.key_slots[r : r + 1, :extent], layout.key_valid[r : r + 1, :extent]
+        k, v = k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2)  # [1, Hkv, extent, D]
+        bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+        out, lse = _attend(rows_q, k, v, valid, bias[:, None, None, :], scale, return_lse, backend)
+        outs.append(out[0].transpose(0, 1))
+        if lse is not None:
+            lses.append(lse[0].transpose(0, 1))
+    return torch.cat(outs), (torch.cat(lses) if return_lse else None)

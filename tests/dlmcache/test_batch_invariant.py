@@ -1,0 +1,99 @@
+"""Batch-invariant mode (`set_batch_invariant`): a request's logits at every step are the same bits in
+a batch (with joins mid-flight) as alone, in float32 and bfloat16, for every cache rule and for block
+diffusion; what the mode does not cover is refused by name."""
+
+import pytest
+import torch
+
+from dlmcache import LowConfidenceScheduler
+from dlmcache.cache import FreeCache, make_cache
+from dlmcache.engine import BatchedDecoder, Request, cache_rule
+from dlmcache.engine.batch import CAUSAL, CacheRule
+from dlmcache.testing import engine_logits, tiny_dream, tiny_llada, tiny_llada_moe, tiny_sdar
+
+PROMPTS = [[5, 9, 14], list(range(20, 37)), [7], list(range(40, 50))]
+SCHEDULES = [(24, 8, 12), (16, 16, 16), (24, 12, 6), (16, 4, 8)]  # (new tokens, block, steps)
+CACHES = {
+    "none": lambda: make_cache("none"),
+    "prefix": lambda: make_cache("prefix"),
+    "dual": lambda: make_cache("dual"),
+    "freecache": lambda: FreeCache(),
+    "token": lambda: FreeCache(freeze="token", suffix_window=0),
+}
+
+
+def requests(rule, schedules=SCHEDULES):
+    return [Request(PROMPTS[i], g, b, s, LowConfidenceScheduler(), rule(), id=str(i))
+            for i, (g, b, s) in enumerate(schedules)]  # fmt: skip
+
+
+def assert_invariant(model, make):
+    together = engine_logits(model, make(), join_at=2)
+    for r in make():
+        alone = engine_logits(model, [r])[r.id]
+        assert len(alone) == len(together[r.id]) > 0
+        for step, (a, b) in enumerate(zip(alone, together[r.id], strict=True)):
+            assert torch.equal(a, b), (r.id, step, (a.float() - b.float()).abs().max().item())
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def model(request):
+    built = (tiny_llada if request.param == "llada" else tiny_dream)(seed=3)
+    built.set_batch_invariant(True)
+    return built
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_a_requests_logits_are_the_same_bits_alone_and_in_a_batch(model, cache):
+    assert_invariant(model, lambda: requests(lambda: cache_rule(CACHES[cache]())))
+
+
+def test_bfloat16_and_block_diffusion():
+    bf16 = tiny_llada(seed=4, dtype=torch.bfloat16)
+    bf16.set_batch_invariant(True)
+    assert_invariant(bf16, lambda: requests(lambda: cache_rule(FreeCache(freeze="token", suffix_window=0))))
+    block = tiny_sdar(seed=5)
+    block.set_batch_invariant(True)
+    schedules = [(16, 4, 8), (16, 8, 8), (8, 4, 4), (16, 4, 16)]
+    assert_invariant(block, lambda: requests(lambda: CacheRule(CAUSAL), schedules))
+
+
+@pytest.mark.parametrize("linear", ["torch", "onednn"])
+def test_a_projection_gives_each_row_its_bits_alone(linear):
+    """In the mode a projection's rows are the same bits in any batch as alone (and the products
+    torch's, up to rounding), with plain and with oneDNN-packed weights; off, every flag is off."""
+    from dlmcache.models.layers import Linear, RMSNorm, onednn_dtypes
+
+    if linear == "onednn" and not onednn_dtypes():
+        pytest.skip("this torch build has no oneDNN linear")
+    model = tiny_llada(seed=1)
+    model.set_linear_backend(linear)
+    model.set_batch_invariant(True)
+    block = model.model.transformer.blocks[0]
+    for module, width in (
+        (model.model.transformer.ff_out, model.config.d_model),
+        (block.ff_out, block.ff_out.in_features),
+    ):
+        x = torch.randn(37, width)
+        together = module(x)
+        alone = torch.cat([module(x[i : i + 1]) for i in range(len(x))])
+        assert torch.equal(together, alone)
+        assert torch.equal(module(x[None])[0], together)  # leading dims are rows too
+        torch.testing.assert_close(together, torch.nn.functional.linear(x, module.weight), rtol=1e-5, atol=1e-5)
+    assert all(m.batch_invariant for m in model.modules() if isinstance(m, (Linear, RMSNorm)))
+    model.set_batch_invariant(False)
+    assert not any(m.batch_invariant for m in model.modules() if isinstance(m, (Linear, RMSNorm)))
+
+
+def test_what_the_mode_does_not_cover_is_refused_by_name():
+    with pytest.raises(TypeError, match="enabled='yes'"):
+        tiny_llada().set_batch_invariant("yes")
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        tiny_llada_moe().set_batch_invariant(True)
+    model = tiny_llada()
+    model.set_batch_invariant(True)
+    decoder = BatchedDecoder(model, None)
+    (compressed,) = requests(lambda: cache_rule(FreeCache(policy="snapkv", budget=0.5)), SCHEDULES[:1])
+    with pytest.raises(ValueError, match="request '0': a compressed prompt"):
+        decoder.add(compressed)
+    assert decoder.pool.free_blocks == decoder.pool.num_blocks and len(decoder) == 0
