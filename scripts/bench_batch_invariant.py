@@ -11,6 +11,8 @@ ids), with the mode off and on:
   tokens agree;
 - cost: answer tokens/s of 1 and of 8 requests decoded together (FreeCache token mode, 64 new
   tokens, greedy), off and on interleaved, `--repeats` times, medians.
+
+`--chunk-sweep`: the CPU path's price per chunk size instead (how `CHUNK_ROWS` was chosen).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+from dlmcache.kernels.ops.matmul import CHUNK_ROWS
 
-from dlmcache import DLMPipeline, tinytask
+from dlmcache import DLMPipeline, LowConfidenceScheduler, tinytask
 from dlmcache.cache import make_cache
 from dlmcache.testing import engine_logits, llada_135m, synthetic_tokenizer
 
@@ -34,7 +38,8 @@ from bench_graphs import decode  # noqa: E402  (one timed decode of the engine, 
 def pipeline(name: str, device: str) -> tuple[DLMPipeline, list]:
     """The pipeline and 8 prompts (chats for the bundled model, random ids for the 135M)."""
     if name == "random-135m":
-        pipe = DLMPipeline(model=llada_135m(32768, torch.float32, device), tokenizer=synthetic_tokenizer(32768))
+        pipe = DLMPipeline(model=llada_135m(32768, torch.float32, device), tokenizer=synthetic_tokenizer(32768),
+                           scheduler=LowConfidenceScheduler())  # fmt: skip
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, 32768, (48 + 8 * i,), generator=g).tolist() for i in range(8)]
     else:
@@ -69,13 +74,51 @@ def invariance(pipe, prompts) -> dict:
     return {"steps": steps, "steps_with_different_logits": differing, "largest_difference": largest}
 
 
+def chunk_sweep(device: str, repeats: int) -> dict:
+    """The CPU path's price per chunk size: a plain forward of the random 135M model over M tokens,
+    every product in chunks of `rows` rows, over the same forward without the mode (medians)."""
+    from dlmcache.models.layers import Linear
+
+    model = llada_135m(32768, torch.float32, device)
+    ids = torch.randint(3, 32768, (1, 340), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def seconds(m: int) -> float:
+        with torch.no_grad():
+            model(ids[:, :m])
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(ids[:, :m])
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    sweep = {}
+    for m in (21, 48, 170, 340):
+        model.set_batch_invariant(False)
+        plain = seconds(m)
+        model.set_batch_invariant(True)
+        for rows in (16, 32, 64, 128):
+            Linear.chunk_rows = rows
+            sweep.setdefault(m, {})[rows] = seconds(m) / plain
+        Linear.chunk_rows = CHUNK_ROWS
+        print("chunk sweep", m, json.dumps(sweep[m]))
+    return sweep
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="dlmcache/tiny,random-135m")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk-sweep", action="store_true", help="only the CPU path's price per chunk size (135M)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.chunk_sweep:
+        sweep = chunk_sweep(args.device, 2 * args.repeats + 1)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"device": args.device, "chunk_sweep": sweep}, indent=1))
+        return
     results = {"device": args.device, "models": {}}
     for name in args.models.split(","):
         pipe, prompts = pipeline(name, args.device)

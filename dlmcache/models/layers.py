@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 
 from dlmcache.kernels.ops import batch_invariant_linear, dense_attention, rms_norm
 from dlmcache.kernels.ops.backend import BACKENDS
-from dlmcache.kernels.ops.matmul import fixed_chunks
+from dlmcache.kernels.ops.matmul import CHUNK_ROWS, fixed_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +151,14 @@ class Linear(nn.Linear):
     #: the other rows (`dlmcache.kernels.ops.batch_invariant_linear`: a fixed-tiling Triton kernel on
     #: CUDA, products of a fixed row count through this module's own matmul elsewhere).
     batch_invariant = False
+    #: (CPU, batch-invariant mode) the rows of each product
+    chunk_rows = CHUNK_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant:
             if x.is_cuda:
                 return batch_invariant_linear(x, self.weight, self.bias, backend="triton")
-            return fixed_chunks(x, self._product)
+            return fixed_chunks(x, self._product, self.chunk_rows)
         return self._product(x)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
@@ -422,7 +424,7 @@ class DLMModelMixin:
 
         What it changes (docs/serving.md, "Batch invariance"):
         - the projections: on CUDA a Triton matmul with one fixed tiling and no split reduction; on CPU
-          products of exactly `dlmcache.kernels.ops.matmul.CHUNK_ROWS` rows (the last padded);
+          products of exactly `dlmcache.kernels.ops.matmul.CHUNK_ROWS` (32) rows (the last padded);
         - RMSNorm: on CUDA a Triton kernel, one program per row (on CPU torch's norm is already
           per row);
         - the engine's attention: on CUDA its Triton kernel (which reads every row on its own); on CPU

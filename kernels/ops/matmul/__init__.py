@@ -22,9 +22,12 @@ from ..backend import use_triton
 from .reference import check_linear_inputs
 from .reference import linear as linear_reference
 
-#: The rows of every product on the torch path. 16 is the size of a cached step's feed for one request
-#: (its block's masked positions); a request alone pays at most 15 padded rows.
-CHUNK_ROWS = 16
+#: The rows of every product on the torch path. Each chunk reads the weights once more, and the last
+#: one is padded: a forward of the random 135M model (2 threads) took 1.66x / 1.64x its plain time
+#: over 21 / 340 tokens with 16-row chunks, 1.18x / 1.28x with 32, 1.69x / 1.22x with 64
+#: (`scripts/bench_batch_invariant.py --chunk-sweep`, docs/results.md). 32 holds a cached step's feed
+#: for one request (its block's masked positions and drift probes) in one chunk.
+CHUNK_ROWS = 32
 
 
 def fixed_chunks(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], rows: int = CHUNK_ROWS):
