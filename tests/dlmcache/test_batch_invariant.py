@@ -97,3 +97,12 @@ def test_what_the_mode_does_not_cover_is_refused_by_name():
     with pytest.raises(ValueError, match="request '0': a compressed prompt"):
         decoder.add(compressed)
     assert decoder.pool.free_blocks == decoder.pool.num_blocks and len(decoder) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (Triton matmul and norm) needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cuda_path_gives_the_same_bits_alone_and_in_a_batch(dtype):
+    model = tiny_llada(seed=6, dtype=dtype).cuda()
+    model.set_batch_invariant(True)
+    for make in (CACHES["token"], CACHES["dual"]):
+        assert_invariant(model, lambda make=make: requests(lambda: cache_rule(make())))
