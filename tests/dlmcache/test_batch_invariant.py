@@ -6,20 +6,16 @@ import pytest
 import torch
 
 from dlmcache import LowConfidenceScheduler
-from dlmcache.cache import FreeCache, make_cache
+from dlmcache.cache import FreeCache
 from dlmcache.engine import BatchedDecoder, Request, cache_rule
 from dlmcache.engine.batch import CAUSAL, CacheRule
 from dlmcache.testing import engine_logits, tiny_dream, tiny_llada, tiny_llada_moe, tiny_sdar
+from tests.dlmcache.test_engine import CACHES as ENGINE_CACHES
 
 PROMPTS = [[5, 9, 14], list(range(20, 37)), [7], list(range(40, 50))]
 SCHEDULES = [(24, 8, 12), (16, 16, 16), (24, 12, 6), (16, 4, 8)]  # (new tokens, block, steps)
-CACHES = {
-    "none": lambda: make_cache("none"),
-    "prefix": lambda: make_cache("prefix"),
-    "dual": lambda: make_cache("dual"),
-    "freecache": lambda: FreeCache(),
-    "token": lambda: FreeCache(freeze="token", suffix_window=0),
-}
+# every cache rule of the engine tests but the compressed prompts (refused in the mode: tested below)
+CACHES = {name: make for name, make in ENGINE_CACHES.items() if cache_rule(make()).compression is None}
 
 
 def requests(rule, schedules=SCHEDULES):
