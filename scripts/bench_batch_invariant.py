@@ -5,7 +5,7 @@ batched engine. One script for CPU and for the GPU run, when a device is lent:
     python scripts/bench_batch_invariant.py --out "$OUT/bench_batch_invariant.json"    # CUDA
 
 Per model (the bundled tiny model; the random 135M LLaDA-architecture model, prompts of random
-ids), with the mode off and on:
+ids; `--models random-135m-moe` adds the random 135M LLaDA-MoE), with the mode off and on:
 - invariance: 4 requests of different lengths decoded together (the last joining after step 2) and
   each alone; the steps whose logits differ in any bit, the largest difference, and whether the
   tokens agree;
@@ -29,7 +29,7 @@ from dlmcache.kernels.ops.matmul import CHUNK_ROWS
 
 from dlmcache import DLMPipeline, LowConfidenceScheduler, tinytask
 from dlmcache.cache import make_cache
-from dlmcache.testing import engine_logits, llada_135m, synthetic_tokenizer
+from dlmcache.testing import engine_logits, llada_135m, llada_moe_135m, synthetic_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_graphs import decode  # noqa: E402  (one timed decode of the engine, shared)
@@ -37,8 +37,9 @@ from bench_graphs import decode  # noqa: E402  (one timed decode of the engine, 
 
 def pipeline(name: str, device: str) -> tuple[DLMPipeline, list]:
     """The pipeline and 8 prompts (chats for the bundled model, random ids for the 135M)."""
-    if name == "random-135m":
-        pipe = DLMPipeline(model=llada_135m(32768, torch.float32, device), tokenizer=synthetic_tokenizer(32768),
+    if name.startswith("random-135m"):
+        build = {"random-135m": llada_135m, "random-135m-moe": llada_moe_135m}[name]
+        pipe = DLMPipeline(model=build(32768, torch.float32, device), tokenizer=synthetic_tokenizer(32768),
                            scheduler=LowConfidenceScheduler())  # fmt: skip
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, 32768, (48 + 8 * i,), generator=g).tolist() for i in range(8)]

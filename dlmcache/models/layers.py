@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 
 from dlmcache.kernels.ops import batch_invariant_linear, dense_attention, rms_norm
 from dlmcache.kernels.ops.backend import BACKENDS
-from dlmcache.kernels.ops.matmul import CHUNK_ROWS, fixed_chunks
+from dlmcache.kernels.ops.matmul import CHUNK_ROWS, elementwise, fixed_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +45,20 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, invariant: bool = False):
     """cos/sin tables for absolute `positions` [B, n] -> two [B, 1, n, head_dim] tensors.
 
     Angles are computed in float32 (float64 for float64 models) whatever the model dtype, so a key's
     rotation depends only on its absolute position: a cached key stays valid when other positions
-    are recomputed around it.
+    are recomputed around it. `invariant` (the batch-invariant mode): cos and sin through
+    `elementwise`, so their bits do not depend on how many positions there are.
     """
     acc = torch.promote_types(dtype, torch.float32)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=acc) / head_dim))
     angles = positions.to(acc)[..., None] * inv_freq  # [B, n, D/2]
     angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, n, D]
+    if invariant:
+        return elementwise(torch.cos, angles), elementwise(torch.sin, angles)
     return angles.cos(), angles.sin()
 
 
@@ -236,8 +239,28 @@ class Linear(nn.Linear):
         return state
 
 
+#: (CPU, batch-invariant mode) the rows of each expert's products: an expert gets few of a step's
+#: tokens (T * k / E on average), so its chunks are smaller than a projection's.
+EXPERT_CHUNK_ROWS = 8
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, rows: int = EXPERT_CHUNK_ROWS) -> torch.Tensor:
+    """x @ weight.T with every row's bits independent of the other rows: the Triton kernel on CUDA,
+    products of exactly `rows` rows elsewhere (the batch-invariant mode's product for weights that are
+    not a `Linear`'s: the experts', LLaDA2's float32 gate)."""
+    if x.is_cuda:
+        return batch_invariant_linear(x, weight, backend="triton")
+    return fixed_chunks(x, lambda chunk: F.linear(chunk, weight), rows)
+
+
 def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    if getattr(gate, "batch_invariant", False):
+        return down(elementwise(F.silu, gate(x)) * up(x))
     return down(F.silu(gate(x)) * up(x))
+
+
+def invariant_silu(x: torch.Tensor) -> torch.Tensor:
+    return elementwise(F.silu, x)
 
 
 class SwiGLUMLP(nn.Module):
@@ -262,6 +285,9 @@ class SparseMoeBlock(nn.Module):
 
     #: The order a token's weighted expert outputs are summed in (`moe_experts`' `combine`).
     combine = "expert"
+    #: The batch-invariant mode (`set_batch_invariant`): the experts' products (and a gate computed
+    #: outside a `Linear`) through `invariant_linear`; the combine is per token either way.
+    batch_invariant = False
     #: Its forward reads the tokens per expert on the host, so no CUDA graph can capture it.
     reads_host = True
 
@@ -290,7 +316,10 @@ class SparseMoeBlock(nn.Module):
         gate = [m.gate_proj.weight for m in self.experts]
         up = [m.up_proj.weight for m in self.experts]
         down = [m.down_proj.weight for m in self.experts]
-        return moe_experts(x, weights, experts, gate, up, down, check=False, combine=self.combine).view(shape)
+        invariant = self.batch_invariant
+        return moe_experts(x, weights, experts, gate, up, down, check=False, combine=self.combine,
+                           linear=invariant_linear if invariant else None,
+                           activation=invariant_silu if invariant else None).view(shape)  # fmt: skip
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -418,29 +447,29 @@ class DLMModelMixin:
     def set_batch_invariant(self, enabled: bool = True) -> None:
         """Batch-invariant mode: a request's logits are the same bits whether it runs alone or beside
         others in the batched engine (`dlmcache.engine.BatchedDecoder`), in any dtype. Off (the
-        default), they may differ in the last bits (float32 CPU logits by ~1e-7), because the matmul
-        libraries pick their kernels by the batch's shape; tokens almost always agree, but a near tie
-        can flip, and from there the two decodes part.
+        default), they may differ in the last bits (float32 logits by up to 1.6e-5 on the bundled
+        tiny model, docs/results.md), because the matmul libraries pick their kernels by the batch's
+        shape; tokens mostly agree, but a near tie can flip, and from there the two decodes part.
 
-        What it changes (docs/serving.md, "Batch invariance"):
+        What it changes (docs/engine.md, "Batch invariance"):
         - the projections: on CUDA a Triton matmul with one fixed tiling and no split reduction; on CPU
           products of exactly `dlmcache.kernels.ops.matmul.CHUNK_ROWS` (32) rows (the last padded);
         - RMSNorm: on CUDA a Triton kernel, one program per row (on CPU torch's norm is already
           per row);
         - the engine's attention: on CUDA its Triton kernel (which reads every row on its own); on CPU
-          row by row, each over its own keys, and never through the one-request shortcuts.
+          row by row, each over its own keys, and never through the one-request shortcuts;
+        - mixture-of-experts layers: each expert's products the same way (`invariant_linear`, in
+          chunks of `EXPERT_CHUNK_ROWS` rows on CPU), and LLaDA2's float32 gate;
+        - on CPU, silu, sigmoid and RoPE's cos / sin through `dlmcache.kernels.ops.matmul.elementwise`
+          (torch computes a tensor's last few elements with scalar code, which rounds silu otherwise).
 
-        Not for mixture-of-experts models yet (their experts multiply their tokens through torch).
+        The engine refuses requests with compressed prompts in this mode (their segment attention is
+        batched across requests). The step loop (`DLMPipeline(..., engine=False)`) is not covered.
         """
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled={enabled!r} must be a bool")
-        if enabled and any(isinstance(m, SparseMoeBlock) for m in self.modules()):
-            raise ValueError(
-                f"{type(self).__name__}: batch-invariant mode is not built for mixture-of-experts models "
-                "(their expert matmuls take torch's shape-dependent kernels)"
-            )
         for module in self.modules():
-            if isinstance(module, (Linear, RMSNorm)):
+            if isinstance(module, (Linear, RMSNorm, SparseMoeBlock)):
                 module.batch_invariant = enabled
         self.batch_invariant = enabled
 
@@ -517,7 +546,7 @@ class DLMModelMixin:
         if positions is None:
             positions = default_positions(input_ids, attention_mask)
         x = embed(input_ids)
-        cos, sin = rope_cos_sin(positions, self.rotary_dim, self.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.rotary_dim, self.rope_theta, x.dtype, self.batch_invariant)
         inputs = AttentionInputs(cos, sin, key_mask, cache, self.attention_backend)
         for layer in layers:
             x = layer(x, inputs)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from dlmcache.kernels.ops.matmul import elementwise
 from dlmcache.kernels.ops.moe import Router
 
 from .checkpoint import check_activation_and_rope, check_kv_heads_and_ids, check_positive_ints
@@ -47,6 +48,7 @@ from .layers import (
     SwiGLUMLP,
     apply_partial_rope,
     attend,
+    invariant_linear,
     merge_heads,
 )
 
@@ -184,7 +186,10 @@ class LLaDA2SparseMoeBlock(SparseMoeBlock):
         self.scaling = config.routed_scaling_factor
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))  # [T, E]
+        if self.batch_invariant:
+            scores = elementwise(torch.sigmoid, invariant_linear(x.float(), self.gate.weight.float()))
+        else:
+            scores = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))  # [T, E]
         biased = scores + self.gate.expert_bias.float()
         t, e = biased.shape
         groups = biased.view(t, self.n_group, e // self.n_group)

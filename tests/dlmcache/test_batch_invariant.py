@@ -1,6 +1,6 @@
 """Batch-invariant mode (`set_batch_invariant`): a request's logits at every step are the same bits in
 a batch (with joins mid-flight) as alone, in float32 and bfloat16, for every cache rule and for block
-diffusion; what the mode does not cover is refused by name."""
+diffusion, and for mixture-of-experts models; what the mode does not cover is refused by name."""
 
 import pytest
 import torch
@@ -9,7 +9,15 @@ from dlmcache import LowConfidenceScheduler
 from dlmcache.cache import FreeCache
 from dlmcache.engine import BatchedDecoder, Request, cache_rule
 from dlmcache.engine.batch import CAUSAL, CacheRule
-from dlmcache.testing import engine_logits, tiny_dream, tiny_llada, tiny_llada_moe, tiny_sdar
+from dlmcache.testing import (
+    engine_logits,
+    tiny_dream,
+    tiny_llada,
+    tiny_llada2,
+    tiny_llada_moe,
+    tiny_sdar,
+    tiny_sdar_moe,
+)
 from tests.dlmcache.test_engine import CACHES as ENGINE_CACHES
 
 PROMPTS = [[5, 9, 14], list(range(20, 37)), [7], list(range(40, 50))]
@@ -42,6 +50,19 @@ def model(request):
 @pytest.mark.parametrize("cache", list(CACHES))
 def test_a_requests_logits_are_the_same_bits_alone_and_in_a_batch(model, cache):
     assert_invariant(model, lambda: requests(lambda: cache_rule(CACHES[cache]())))
+
+
+@pytest.mark.parametrize("build", [tiny_llada_moe, tiny_llada2, tiny_sdar_moe], ids=lambda b: b.__name__)
+def test_mixture_of_experts(build):
+    """The experts' products (each expert a different number of a step's tokens) and LLaDA2's float32
+    gate: every step's logits the same bits alone and in a batch."""
+    model = build(seed=7)
+    model.set_batch_invariant(True)
+    if model.block_diffusion:
+        schedules = [(16, 4, 8), (16, 8, 8), (8, 4, 4), (16, 4, 16)]
+        assert_invariant(model, lambda: requests(lambda: CacheRule(CAUSAL), schedules))
+    else:
+        assert_invariant(model, lambda: requests(lambda: cache_rule(CACHES["token"]())))
 
 
 def test_bfloat16_and_block_diffusion():
@@ -84,8 +105,6 @@ def test_a_projection_gives_each_row_its_bits_alone(linear):
 def test_what_the_mode_does_not_cover_is_refused_by_name():
     with pytest.raises(TypeError, match="enabled='yes'"):
         tiny_llada().set_batch_invariant("yes")
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        tiny_llada_moe().set_batch_invariant(True)
     model = tiny_llada()
     model.set_batch_invariant(True)
     decoder = BatchedDecoder(model, None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from dlmcache.kernels.ops import batch_invariant_linear, rms_norm
 from dlmcache.kernels.ops.backend import interpreting
-from dlmcache.kernels.ops.matmul import CHUNK_ROWS, fixed_chunks, linear_reference
+from dlmcache.kernels.ops.matmul import CHUNK_ROWS, elementwise, fixed_chunks, linear_reference
 from dlmcache.kernels.ops.norm import rms_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,6 +68,20 @@ def test_fixed_chunks_feed_every_product_the_same_row_count():
     assert fixed_chunks(x[:0], product).shape == (0, 19, 3)
     with pytest.raises(ValueError, match="rows=0"):
         fixed_chunks(x, product, rows=0)
+
+
+@pytest.mark.parametrize(
+    "fn", [torch.nn.functional.silu, torch.sigmoid, torch.cos, torch.sin], ids=lambda f: f.__name__
+)
+def test_elementwise_gives_an_element_the_same_bits_whatever_the_size(fn):
+    """torch's CPU loop computes each thread's last few elements with scalar code (silu there rounds
+    otherwise); `elementwise` pads so that none is: an element's bits do not depend on the size."""
+    x = rand(4096) * 20
+    full = elementwise(fn, x)
+    torch.testing.assert_close(full, fn(x), rtol=2e-6, atol=1e-6)
+    for n in range(1, 300):
+        assert torch.equal(elementwise(fn, x[:n]), full[:n]), n
+    assert torch.equal(elementwise(fn, x.view(64, 64)[:5, :7]), full.view(64, 64)[:5, :7])
 
 
 def test_linear_rejects_bad_inputs_by_name():

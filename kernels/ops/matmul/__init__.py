@@ -44,6 +44,21 @@ def fixed_chunks(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor
     return out[:m].reshape(*lead, out.shape[-1])
 
 
+def elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn (an elementwise op: silu, sigmoid, cos, ...) of x, every element through torch's vectorized
+    CPU loop. That loop leaves each thread's last `n mod 2 x lanes` elements to scalar code, whose
+    transcendental functions may round otherwise (silu does, measured), so an element's bits would
+    depend on the tensor's size. Here x is flattened and padded with zeros to a multiple of
+    64 x threads elements: no thread's share has a remainder. CUDA tensors go straight to `fn`."""
+    if x.is_cuda:
+        return fn(x)
+    n, unit = x.numel(), 64 * torch.get_num_threads()
+    flat = x.reshape(-1)
+    if n % unit:
+        flat = torch.cat([flat, flat.new_zeros(unit - n % unit)])
+    return fn(flat)[:n].view(x.shape)
+
+
 def batch_invariant_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -62,4 +77,4 @@ def batch_invariant_linear(
     return fixed_chunks(x, product or (lambda rows: F.linear(rows, weight, bias)))
 
 
-__all__ = ["CHUNK_ROWS", "batch_invariant_linear", "fixed_chunks", "linear_reference"]
+__all__ = ["CHUNK_ROWS", "batch_invariant_linear", "elementwise", "fixed_chunks", "linear_reference"]
