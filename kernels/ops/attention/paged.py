@@ -96,7 +96,8 @@ def paged_layout(
     knows that the one row's keys are the consecutive slots from there (the pool's block table);
     `every_key`: that key_valid is all true. `batch_invariant`: off the Triton kernel, attend row by
     row, each over its own keys up to its last valid one, so a row's result has the same bits
-    whatever the other rows (the Triton kernel already reads every row on its own)."""
+    whatever the other rows (the Triton kernel already reads every row on its own). Like the kernel,
+    it needs each row's queries contiguous and the rows in order, as `GenerationBatch` flattens them."""
     if key_slots.shape != key_valid.shape or key_slots.dim() != 2:
         raise ValueError(f"key_slots {tuple(key_slots.shape)} and key_valid {tuple(key_valid.shape)} must be [R, K]")
     if query_row.shape != query_rank.shape or query_row.dim() != 1:
