@@ -51,12 +51,15 @@ def pipeline_ops_per_step(pipe, ids, max_new_tokens, cache) -> int:
 
 
 class GuideCalls:
-    """Counts the guide model's forwards inside `with` (none without a guide), and the rows they carry."""
+    """Counts the guide model's forwards inside `with` (none without a guide) and the rows they carry,
+    and times the shared verify rounds (`guidance.verify_many`): in all, and in the guide's forwards
+    (the rest is stacking the sessions' caches, handing each its rows back and the acceptance rule)."""
 
     def __init__(self, pipe):
         guide = getattr(pipe.scheduler, "guide", None)
         self.model = None if guide is None else guide.model
         self.forwards, self.rows = 0, 0
+        self.verify_seconds, self.verify_forward_seconds, self._in_verify = 0.0, 0.0, False
 
     @property
     def rows_per_forward(self) -> float:
@@ -64,19 +67,35 @@ class GuideCalls:
 
     def __enter__(self):
         if self.model is not None:
-            original = self.original = self.model.forward
+            from dlmcache import guidance
+
+            original, verify_many = self.original, self.verify_many = self.model.forward, guidance.verify_many
 
             def counted(*args, **kwargs):
                 self.forwards += 1
                 self.rows += kwargs["input_ids"].shape[0]
-                return original(*args, **kwargs)
+                start = time.perf_counter()
+                out = original(*args, **kwargs)
+                if self._in_verify:
+                    self.verify_forward_seconds += time.perf_counter() - start
+                return out
 
-            self.model.forward = counted
+            def timed(*args, **kwargs):
+                self._in_verify, start = True, time.perf_counter()
+                try:
+                    return verify_many(*args, **kwargs)
+                finally:
+                    self.verify_seconds += time.perf_counter() - start
+                    self._in_verify = False
+
+            self.model.forward, guidance.verify_many = counted, timed
         return self
 
     def __exit__(self, *exc):
         if self.model is not None:
-            self.model.forward = self.original
+            from dlmcache import guidance
+
+            self.model.forward, guidance.verify_many = self.original, self.verify_many
 
 
 def main() -> None:
@@ -141,6 +160,9 @@ def main() -> None:
             "batched_over_one_at_a_time": sum(t_pipe) / sum(t_all),
             "same_tokens": same,
             "guide_forwards_batched": guide_calls.forwards, "guide_rows_per_forward": guide_calls.rows_per_forward,
+            "verify_ms": 1e3 * guide_calls.verify_seconds,
+            "verify_outside_guide_forward_share": 1 - guide_calls.verify_forward_seconds / guide_calls.verify_seconds
+            if guide_calls.verify_seconds else None,
         })  # fmt: skip
         print(rows[-1], flush=True)
     ops = {}
@@ -159,7 +181,8 @@ def main() -> None:
         ops[batch] = {"ops_per_step": count.ops, "host_reads_per_step": decoder.batch.host_reads - reads}
     ops["pipeline_one_request"] = {"ops_per_step": pipeline_ops_per_step(pipe, prompts[0], g, cache) or None}
     result = {
-        "medians": {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "same_tokens"},
+        "medians": {k: statistics.median(r[k] for r in rows) if rows[0][k] is not None else None
+                    for k in rows[0] if k != "same_tokens"},
         "same_tokens": all(r["same_tokens"] for r in rows), "ops": ops, "runs": rows, "args": vars(args) | {
             "out": str(args.out)},
     }  # fmt: skip
