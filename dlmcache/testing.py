@@ -644,14 +644,15 @@ class DispatchCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def engine_logits(model, requests, join_at: int | None = None) -> dict[str, list[torch.Tensor]]:
+def engine_logits(model, requests, join_at: int | None = None, **options) -> dict[str, list[torch.Tensor]]:
     """Each request's logits (its logit rows, in order) at each of its steps on a fresh
-    `BatchedDecoder` over `model`: all of `requests` together, the last one joining after step
-    `join_at` (None: all from the start). What the batch-invariance test and benchmark compare with
-    each request alone. Checks that every pool block is free at the end."""
+    `BatchedDecoder` over `model` (`options`: the decoder's, e.g. graphs): all of `requests`
+    together, the last one joining after step `join_at` (None: all from the start). What the
+    batch-invariance test and benchmark compare with each request alone. Checks that every pool
+    block is free at the end."""
     from .engine import BatchedDecoder
 
-    decoder = BatchedDecoder.for_requests(model, None, requests)
+    decoder = BatchedDecoder.for_requests(model, None, requests, **options)
     seen: dict[str, list[torch.Tensor]] = {r.id: [] for r in requests}
     commit = decoder.batch.commit
 
