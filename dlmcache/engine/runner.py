@@ -129,11 +129,32 @@ class PagedStore:
         step, layout = self.step, self.layout
         pool_part = paged_attention(q, self.pool.k[layer_idx], self.pool.v[layer_idx], layout, return_lse=True,
                                     backend=backend)  # fmt: skip
+        if layout.batch_invariant:
+            return self._merge_by_row(layer_idx, q, pool_part, backend)
         out = pool_part[0]
         for rows, stacks in self.stacked:
             merged, in_stack = self._merge_segment(q, pool_part, rows, stacks[layer_idx], backend)
             merge = (step.prompts.merge & in_stack)[step.prompts.token_row][:, None, None]
             out = torch.where(merge, merged.to(out.dtype), out)
+        return out
+
+    def _merge_by_row(self, layer_idx: int, q, pool_part, backend: str) -> torch.Tensor:
+        """`_attend_with_prompts`' merge in the batch-invariant mode: each merging request's tokens
+        attend its own segment at their own count, and merge with their pool part alone, so nothing
+        depends on the other rows (one host read of the rows' token ranges)."""
+        prompts = self.step.prompts
+        rows, counts = torch.unique_consecutive(prompts.token_row, return_counts=True)
+        ends = counts.cumsum(0)
+        out = pool_part[0].clone()
+        spans = zip(rows.tolist(), (ends - counts).tolist(), ends.tolist(), prompts.merge[rows].tolist(), strict=True)
+        for row, start, end, merge in spans:
+            segments = self.prompts.segments.get(id(self.requests[row]))
+            if not merge or segments is None:
+                continue
+            seg_out, seg_lse = segments[layer_idx].attend(q[start:end].transpose(0, 1)[None], backend=backend)
+            own = (seg_out[0].transpose(0, 1), seg_lse[0].transpose(0, 1))
+            merged, _ = merge_attention([own, (pool_part[0][start:end], pool_part[1][start:end])])
+            out[start:end] = merged.to(out.dtype)
         return out
 
     def _merge_segment(self, q, pool_part, rows: torch.LongTensor, segment: KVSegment, backend: str):
@@ -242,11 +263,6 @@ class BatchedDecoder:
         return self.pool.can_allocate(request.kv_tokens)
 
     def add(self, request: Request) -> None:
-        if getattr(self.model, "batch_invariant", False) and request.compressed_len:
-            raise ValueError(
-                f"request {request.id!r}: a compressed prompt ({request.rule}) is not built for batch-invariant "
-                "mode (its segment attention is batched across requests)"
-            )
         blocks = self.pool.allocate(request.kv_tokens)
         try:
             self.batch.add(request, self.pool.slots(blocks, request.kv_tokens))

@@ -463,8 +463,8 @@ class DLMModelMixin:
         - on CPU, silu, sigmoid and RoPE's cos / sin through `dlmcache.kernels.ops.matmul.elementwise`
           (torch computes a tensor's last few elements with scalar code, which rounds silu otherwise).
 
-        The engine refuses requests with compressed prompts in this mode (their segment attention is
-        batched across requests). The step loop (`DLMPipeline(..., engine=False)`) is not covered.
+        With compressed prompts, each request attends its own segment alone. The step loop
+        (`DLMPipeline(..., engine=False)`) is not covered.
         """
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled={enabled!r} must be a bool")

@@ -81,8 +81,6 @@ def serve(model: str = "dlmcache/tiny", host: str = "127.0.0.1", port: int = 800
                     "(set --api-key or DLMCACHE_API_KEY)", host)  # fmt: skip
     pipe = load_pipeline(model, cache, guide, threshold, dtype, device)
     if batch_invariant:
-        if getattr(pipe.cache, "compression", None) is not None:
-            raise ValueError(f"batch_invariant: the cache {cache!r} compresses prompts (not built for the mode)")
         pipe.model.set_batch_invariant(True)
     engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue, threads=threads, kv_bytes=kv_bytes,
                     graphs=graphs).start()  # fmt: skip

@@ -1,13 +1,13 @@
 """Batch-invariant mode (`set_batch_invariant`): a request's logits at every step are the same bits in
 a batch (with joins mid-flight) as alone, in float32 and bfloat16, for every cache rule and for block
-diffusion, and for mixture-of-experts models; what the mode does not cover is refused by name."""
+diffusion, and for mixture-of-experts models."""
 
 import pytest
 import torch
 
 from dlmcache import LowConfidenceScheduler
 from dlmcache.cache import FreeCache
-from dlmcache.engine import BatchedDecoder, Request, cache_rule
+from dlmcache.engine import Request, cache_rule
 from dlmcache.engine.batch import CAUSAL, CacheRule
 from dlmcache.testing import (
     engine_logits,
@@ -22,8 +22,7 @@ from tests.dlmcache.test_engine import CACHES as ENGINE_CACHES
 
 PROMPTS = [[5, 9, 14], list(range(20, 37)), [7], list(range(40, 50))]
 SCHEDULES = [(24, 8, 12), (16, 16, 16), (24, 12, 6), (16, 4, 8)]  # (new tokens, block, steps)
-# every cache rule of the engine tests but the compressed prompts (refused in the mode: tested below)
-CACHES = {name: make for name, make in ENGINE_CACHES.items() if cache_rule(make()).compression is None}
+CACHES = ENGINE_CACHES  # every cache rule of the engine tests, compressed prompts included
 
 
 def requests(rule, schedules=SCHEDULES):
@@ -110,16 +109,9 @@ def test_a_projection_gives_each_row_its_bits_alone(linear):
     assert not any(m.batch_invariant for m in model.modules() if isinstance(m, (Linear, RMSNorm)))
 
 
-def test_what_the_mode_does_not_cover_is_refused_by_name():
+def test_a_bad_flag_is_refused_by_name():
     with pytest.raises(TypeError, match="enabled='yes'"):
         tiny_llada().set_batch_invariant("yes")
-    model = tiny_llada()
-    model.set_batch_invariant(True)
-    decoder = BatchedDecoder(model, None)
-    (compressed,) = requests(lambda: cache_rule(FreeCache(policy="snapkv", budget=0.5)), SCHEDULES[:1])
-    with pytest.raises(ValueError, match="request '0': a compressed prompt"):
-        decoder.add(compressed)
-    assert decoder.pool.free_blocks == decoder.pool.num_blocks and len(decoder) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (Triton matmul and norm) needs a GPU")
