@@ -285,13 +285,19 @@ class BatchedDecoder:
             self.prompts.drop(r)
         return removed
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether the model is in batch-invariant mode (`set_batch_invariant`): then every row attends
+        at its own shapes, as it would beside others."""
+        return getattr(self.model, "batch_invariant", False)
+
     def _first_slot(self) -> int | None:
         """One running request on consecutive blocks (the usual case alone: the pool hands out the
         lowest free blocks first) reads its keys as a view of the pool: its first slot, else None. Not a
         block diffusion request: its attention rows read the null block where their block ends."""
         if len(self.batch.requests) != 1 or self.batch.block_causal:  # (its keys past a block: unwritten)
             return None
-        if getattr(self.model, "batch_invariant", False):  # (it attends as it would in a batch)
+        if self.batch_invariant:  # (it attends as it would in a batch)
             return None
         if id(self.batch.requests[0]) in self._trimmed:  # its first positions no longer have blocks
             return None
@@ -329,7 +335,7 @@ class BatchedDecoder:
 
     def _store(self, step: StepInput, first_slot: int | None = None) -> PagedStore:
         return PagedStore(self.pool, step, self.pool.k[0].dtype, first_slot, self.prompts, self.batch.requests,
-                          self.model.mask_token_id, getattr(self.model, "batch_invariant", False))  # fmt: skip
+                          self.model.mask_token_id, self.batch_invariant)  # fmt: skip
 
     def _forward(self, step: StepInput, store: PagedStore) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits of the step's logit rows and the last layer's fresh values."""

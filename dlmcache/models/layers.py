@@ -253,14 +253,14 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, rows: int = EXPERT_C
     return fixed_chunks(x, lambda chunk: F.linear(chunk, weight), rows)
 
 
-def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
-    if getattr(gate, "batch_invariant", False):
-        return down(elementwise(F.silu, gate(x)) * up(x))
-    return down(F.silu(gate(x)) * up(x))
-
-
 def invariant_silu(x: torch.Tensor) -> torch.Tensor:
+    """silu with every element's bits independent of the tensor's size (the batch-invariant mode's)."""
     return elementwise(F.silu, x)
+
+
+def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    act = invariant_silu if getattr(gate, "batch_invariant", False) else F.silu
+    return down(act(gate(x)) * up(x))
 
 
 class SwiGLUMLP(nn.Module):
