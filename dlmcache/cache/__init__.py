@@ -5,7 +5,7 @@ from __future__ import annotations
 from .base import CacheStats, DenoisingCache, Layout, NoCache
 from .freecache import FreeCache
 from .plans import Refresh, Scatter, Window
-from .reuse import DualCache, KVReuseCache, PrefixCache
+from .reuse import DualCache, KVReuseCache, PrefixCache, refreshes_prompt
 from .rules import BlockFreeze, RefreshEvery, RefreshNever, RefreshOnDrift, TokenFreeze
 from .store import CanvasStore, prompt_compression
 
@@ -52,4 +52,5 @@ __all__ = [
     "Window",
     "make_cache",
     "prompt_compression",
+    "refreshes_prompt",
 ]

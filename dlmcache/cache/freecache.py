@@ -42,10 +42,14 @@ class FreeCache(KVReuseCache):
 
     Refresh scope (`refresh_prompt`) and prompt compression (`policy`, `budget`, `allocator`,
     `quantizer`): see `KVReuseCache`. Without compression a refresh recomputes the prompt too by
-    default; `refresh_prompt=False` recomputes the canvas alone (1.5x on the long-prompt task at no
-    accuracy cost there, 1.4-1.8 points lost on the short bundled task: docs/results.md). Every row
-    decides on its own (probes, drift, refreshes in forwards of their own rows), so a batch decodes
-    exactly like its rows one by one.
+    default while the prompt is no longer than the answer, and the canvas alone when it is longer
+    (`refreshes_prompt`: on long prompts the canvas alone is as accurate and a refresh no longer
+    costs a forward over the whole prompt; on the short bundled task recomputing the prompt is worth
+    1.4-1.8 points: docs/results.md); with `refresh_every` given, always the prompt too, so that
+    `refresh_every=1` stays the no-cache reference. `refresh_prompt=True` / `False` fixes the scope
+    for every row.
+    Every row decides on its own (probes, drift, refresh scope, refreshes in forwards of their own
+    rows), so a batch decodes exactly like its rows one by one.
     """
 
     name = "freecache"
@@ -61,6 +65,7 @@ class FreeCache(KVReuseCache):
         flashdlm: bool = False,
         **compression,
     ):
+        self._periodic = refresh_every is not None  # a periodic refresh is a recompute (k = 1: `none`)
         super().__init__(**compression)
         if suffix_window is not None and (
             not isinstance(suffix_window, int) or isinstance(suffix_window, bool) or suffix_window < 0
@@ -106,6 +111,12 @@ class FreeCache(KVReuseCache):
             f"refresh_every={self.refresh_every}, freeze={self.freeze!r}, refresh_drift={self.refresh_drift}"
             f"{self._compression_repr()})"
         )
+
+    def default_refresh_prompt(self) -> bool | None:
+        # (KVReuseCache.__init__ calls this, before FreeCache's own options are set: hence `_periodic`.)
+        if self.compression is not None:
+            return False
+        return True if self._periodic else None
 
     def freeze_rule(self) -> BlockFreeze | TokenFreeze:
         """A fresh freeze rule for one generation."""

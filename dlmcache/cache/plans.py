@@ -21,7 +21,7 @@ import torch
 @dataclass(frozen=True)
 class Refresh:
     rows: torch.LongTensor | None = None  # None: every row
-    prompt: bool = True  # with a compressed prompt: recompute (and re-compress) it too
+    prompt: bool | None = True  # recompute (and re-compress) the prompt too; None: each row's own scope
 
 
 @dataclass(frozen=True)

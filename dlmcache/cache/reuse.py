@@ -15,6 +15,19 @@ from .plans import Plan, Refresh, Scatter, Window
 from .store import CanvasStore, prompt_compression
 
 
+def refreshes_prompt(prompt_len: int, new_tokens: int) -> bool:
+    """FreeCache's default refresh scope for a row with an uncompressed prompt of `prompt_len` tokens
+    and `new_tokens` to generate: recompute the prompt too while it is no longer than the answer, the
+    canvas alone when it is longer.
+
+    Both sides of the rule are measured (docs/results.md, "The scope of a refresh"): on the bundled
+    task's short prompts (20-40 tokens, 64 new) recomputing the prompt is worth 1.4-1.8 points and
+    costs at most a second canvas's worth of tokens per refresh; on long prompts the canvas alone is as
+    accurate (tiny-long, up to ~580 tokens) and a refresh no longer costs a forward over the whole
+    prompt (a 4k prompt's, ~10 s on a CPU, each time the drift test fires)."""
+    return prompt_len <= new_tokens
+
+
 class KVReuseCache(DenoisingCache):
     """Base of the KV-reusing strategies: the store, the plan dispatch and statistics.
 
@@ -27,9 +40,10 @@ class KVReuseCache(DenoisingCache):
       refresh_prompt: True: recompute the prompt too (and compress it again, if it is compressed);
         False: recompute the generation region only (and the few prompt positions the step reads
         queries from), against the prompt's KV of the first forward, computed while the whole answer
-        was masked. None (default): `default_refresh_prompt`, which is False with a compressed prompt
-        (docs/results.md measures both) and True for Fast-dLLM's prefix and dual caches otherwise
-        (their refresh recomputes everything).
+        was masked. None (default): `default_refresh_prompt`: False with a compressed prompt
+        (docs/results.md measures both), True for Fast-dLLM's prefix and dual caches otherwise
+        (their refresh recomputes everything), and for FreeCache each row's own by the length of its
+        prompt (`refreshes_prompt`).
     """
 
     def __init__(
@@ -41,8 +55,9 @@ class KVReuseCache(DenoisingCache):
             raise TypeError(f"refresh_prompt={refresh_prompt!r} must be None (the cache's default) or a bool")
         self.refresh_prompt = self.default_refresh_prompt() if refresh_prompt is None else refresh_prompt
 
-    def default_refresh_prompt(self) -> bool:
-        """Whether a refresh recomputes the prompt when `refresh_prompt` is not given."""
+    def default_refresh_prompt(self) -> bool | None:
+        """Whether a refresh recomputes the prompt when `refresh_prompt` is not given (None: each row
+        as `refreshes_prompt` says for its prompt)."""
         return self.compression is None
 
     def _compression_repr(self) -> str:
@@ -59,6 +74,10 @@ class KVReuseCache(DenoisingCache):
         super().prepare(model, layout)
         self.store = CanvasStore(model, layout, self.compression)
         self.shift = model.logit_shift
+        if self.refresh_prompt is None:  # each row's own scope, by its prompt's length (left padding off)
+            prompt_lens = layout.key_mask[:, : layout.prompt_len].sum(1).tolist()
+            new_tokens = layout.length - layout.prompt_len
+            self._row_refreshes_prompt = torch.tensor([refreshes_prompt(p, new_tokens) for p in prompt_lens])
         self.stats.extra.update(kv_bytes=self.store.nbytes, canvas_refreshes=0)
 
     def _plan(self, canvas: torch.LongTensor, targets: torch.LongTensor, start: int, end: int) -> list[Plan]:
@@ -79,8 +98,9 @@ class KVReuseCache(DenoisingCache):
         """Called once the step's forwards have run (the drift rule measures here)."""
 
     def _refresh(self) -> Refresh:
-        """The whole batch's refresh: the first recomputes the prompt, later ones as `refresh_prompt` says."""
-        return Refresh(prompt=self.step == 0 or self.refresh_prompt)
+        """The whole batch's refresh: the first recomputes the prompt, later ones as `refresh_prompt` says
+        (None: each row by its prompt's length)."""
+        return Refresh(prompt=True if self.step == 0 else self.refresh_prompt)
 
     def _refresh_lead(self) -> int:
         """How many of the prompt's last positions a refresh of the canvas alone feeds as queries
@@ -89,6 +109,8 @@ class KVReuseCache(DenoisingCache):
         return self.shift
 
     def _forward(self, x, targets, plan: Plan) -> torch.Tensor:
+        if isinstance(plan, Refresh) and plan.prompt is None:
+            return self._refresh_by_row(x, targets, plan.rows)
         if isinstance(plan, Refresh):
             rows = plan.rows
             if plan.prompt:
@@ -102,6 +124,24 @@ class KVReuseCache(DenoisingCache):
             start = max(self.layout.prompt_len - self._refresh_lead(), 0)
             return self._cached_forward(x, targets, Window(start, length, length), rows, refresh=plan)
         return self._cached_forward(x, targets, plan, None)
+
+    def _refresh_by_row(self, x, targets, rows) -> torch.Tensor:
+        """A refresh whose rows each take their own scope: one forward for the rows that recompute their
+        prompt, one for those that recompute their canvas alone, and their logits back in row order."""
+        rows = torch.arange(x.shape[0]) if rows is None else rows
+        whole = self._row_refreshes_prompt[rows.cpu()]
+        parts = [(rows[whole.to(rows.device)], True), (rows[~whole.to(rows.device)], False)]
+        parts = [(part, prompt) for part, prompt in parts if part.numel()]
+        if len(parts) == 1:
+            every = rows.numel() == x.shape[0]
+            return self._forward(x, targets, Refresh(rows=None if every else rows, prompt=parts[0][1]))
+        logits = None
+        for part, prompt in parts:
+            out = self._forward(x, targets, Refresh(rows=part, prompt=prompt))
+            if logits is None:
+                logits = out.new_empty((rows.numel(), *out.shape[1:]))
+            logits[torch.searchsorted(rows, part)] = out
+        return logits
 
     def _observe(self, x, plan: Plan, fed: torch.LongTensor) -> None:
         """Called after every forward with the plan it ran (a canvas-only refresh as its `Refresh`) and

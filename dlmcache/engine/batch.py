@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dlmcache.batching import after_eos
+from dlmcache.cache.reuse import refreshes_prompt
 from dlmcache.schedulers import DLMScheduler, GuidedScheduler
 from dlmcache.schedulers.base import StepContext
 from dlmcache.schedulers.editing import block_ends
@@ -72,6 +73,15 @@ class Request:
             attn = self.attention_block or self.block_length
             return len(self.prompt) // attn * attn
         return len(self.prompt)
+
+    @property
+    def canvas_refresh(self) -> bool:
+        """Whether its refreshes after the first forward recompute the canvas alone: its rule's, or where
+        the rule leaves it to the request (None, FreeCache's default), whether its prompt is longer
+        than its answer (`refreshes_prompt`)."""
+        if self.rule.canvas_refresh is None:
+            return not refreshes_prompt(len(self.prompt), self.max_new_tokens)
+        return self.rule.canvas_refresh
 
     @property
     def sub_block_cache(self) -> bool:
@@ -248,7 +258,7 @@ class GenerationBatch:
             "steps_per_block": request.steps // (g // request.block_length), "stop_at_eos": request.stop_at_eos,
             "mode": rule.mode, "suffix_window": rule.suffix_window, "drop_beyond": rule.drop_beyond,
             "delay": rule.delay, "refresh_every": rule.refresh_every, "drift": rule.drift,
-            "probe_tokens": rule.probe_tokens, "canvas_refresh": rule.canvas_refresh,
+            "probe_tokens": rule.probe_tokens, "canvas_refresh": request.canvas_refresh,
             "sub_block": request.sub_block_cache,
         }  # fmt: skip
         if getattr(request.scheduler, "edits", False):  # LLaDA2.1's token editing (`TokenEditingScheduler`)
@@ -332,7 +342,7 @@ class GenerationBatch:
         self._sub_block = any(r.sub_block_cache for r in self.requests)
         self._drift = any(r.rule.drift > 0 for r in self.requests)
         self._every = any(r.rule.refresh_every > 0 for r in self.requests)
-        self._canvas_refresh = any(r.rule.canvas_refresh and r.rule.mode != NONE for r in self.requests)
+        self._canvas_refresh = any(r.canvas_refresh and r.rule.mode != NONE for r in self.requests)
         self._drop_beyond = any(r.rule.drop_beyond and r.rule.mode != NONE for r in self.requests)
         self._stop_at_eos = any(r.stop_at_eos for r in self.requests)
         self._longest = max((r.length for r in self.requests), default=1)  # keys past it: nobody's

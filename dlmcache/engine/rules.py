@@ -30,7 +30,8 @@ class CacheRule:
     window are not attended; delay: BlockFreeze's delayed freeze; refresh_every: k (0: never);
     drift: RefreshOnDrift's threshold (0: off); probe_tokens: its probes per row; canvas_refresh: a
     refresh after the first forward recomputes the generation region only (`refresh_prompt=False`:
-    from `probe_tokens` + the logit shift positions before it), reading the prompt's KV from the pool;
+    from `probe_tokens` + the logit shift positions before it), reading the prompt's KV from the pool
+    (None: each request by its prompt's length, `Request.canvas_refresh`);
     compression: how the prompt's KV is compressed after a forward that computes it (a
     `Compression`; None: it stays in the pool), read from then on as a segment of its own;
     sub_block: block diffusion with `DualCache`, which for a model whose decoding blocks are
@@ -45,9 +46,15 @@ class CacheRule:
     refresh_every: int = 0
     drift: float = 0.0
     probe_tokens: int = 0
-    canvas_refresh: bool = False
+    canvas_refresh: bool | None = False
     compression: Compression | None = None
     sub_block: bool = False
+
+
+def canvas_refresh(cache) -> bool | None:
+    """`CacheRule.canvas_refresh` for a KV-reusing cache: the opposite of its `refresh_prompt`, or None
+    (each request by its prompt's length, `refreshes_prompt`) where that is None."""
+    return None if cache.refresh_prompt is None else not cache.refresh_prompt
 
 
 def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule | None:
@@ -63,9 +70,9 @@ def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule |
     if type(cache) is NoCache:
         return CacheRule(NONE)
     if type(cache) is PrefixCache:
-        return CacheRule(PREFIX, canvas_refresh=not cache.refresh_prompt, compression=compression)
+        return CacheRule(PREFIX, canvas_refresh=canvas_refresh(cache), compression=compression)
     if type(cache) is DualCache:
-        return CacheRule(DUAL, canvas_refresh=not cache.refresh_prompt, compression=compression)
+        return CacheRule(DUAL, canvas_refresh=canvas_refresh(cache), compression=compression)
     if type(cache) is not FreeCache:
         return None
     refresh = cache.refresh_rule()
@@ -78,6 +85,6 @@ def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule |
         refresh_every=cache.refresh_every or 0,
         drift=float(cache.refresh_drift) if drift else 0.0,
         probe_tokens=cache.probe_tokens if drift else 0,
-        canvas_refresh=not cache.refresh_prompt,
+        canvas_refresh=canvas_refresh(cache),
         compression=compression,
     )

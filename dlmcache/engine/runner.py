@@ -355,7 +355,7 @@ class BatchedDecoder:
         size = self.pool.block_size
         for row in rows:
             request = self.batch.requests[row]
-            never_again = request.rule.canvas_refresh or request.rule.mode == CAUSAL  # (its prompt is not recomputed)
+            never_again = request.canvas_refresh or request.rule.mode == CAUSAL  # (its prompt is not recomputed)
             if not never_again or request.cfg_scale or id(request) in self._trimmed:
                 continue
             blocks = self.blocks[id(request)]

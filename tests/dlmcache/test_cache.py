@@ -15,6 +15,7 @@ from dlmcache.cache import (
     Scatter,
     Window,
     make_cache,
+    refreshes_prompt,
 )
 from tests.helpers import tiny_dream, tiny_llada
 
@@ -60,6 +61,21 @@ def test_freecache_refresh_every_step_is_bit_identical_to_none(arch, sched, tiny
     assert torch.equal(token.sequences, ref.sequences)
     assert got.nfe == ref.nfe and torch.equal(got.commit_step, ref.commit_step)
     assert got.stats["full_forwards"] == got.nfe
+
+
+def test_the_default_refresh_scope_per_cache():
+    """Who recomputes the prompt on a refresh when `refresh_prompt` is not given: FreeCache each row by
+    its prompt's length (None), except with `refresh_every` (k = 1 must stay `none`); Fast-dLLM's
+    caches always (their refresh is a full forward); any cache with a compressed prompt never."""
+    assert refreshes_prompt(24, 24) and not refreshes_prompt(25, 24)
+    assert FreeCache().refresh_prompt is None and FreeCache(freeze="token").refresh_prompt is None
+    assert FreeCache(refresh_every=4).refresh_prompt is True
+    assert make_cache("dual").refresh_prompt is True and make_cache("prefix").refresh_prompt is True
+    assert FreeCache(policy="snapkv", budget=0.5).refresh_prompt is False
+    assert make_cache("dual", quantizer="kivi4").refresh_prompt is False
+    assert "refresh_prompt" not in repr(FreeCache()) and "refresh_prompt=True" in repr(FreeCache(refresh_prompt=True))
+    with pytest.raises(TypeError, match="refresh_prompt='yes'"):
+        FreeCache(refresh_prompt="yes")
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])

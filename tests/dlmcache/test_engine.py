@@ -293,6 +293,32 @@ def test_a_batched_call_on_the_engine_gives_each_prompt_its_tokens(pipe, cache):
     assert committed.all() and int(got.commit_step.max()) < got.nfe
 
 
+def test_freecache_default_refresh_scope_is_each_prompts_own(pipe):
+    """FreeCache's default refresh scope (`refreshes_prompt`): a prompt longer than its answer refreshes
+    its canvas alone, a shorter one its prompt too. In a batch of both, on the engine and on the step
+    loop's left-padded batch, each row gets the tokens it gets alone with its scope fixed; alone, the
+    default equals that fixed scope in tokens and counters (and the two scopes differ in both)."""
+    kw = dict(max_new_tokens=24, block_length=8, steps=12)
+    prompts = [PROMPTS[1], PROMPTS[2]]
+    lengths = [len(ids) for ids in pipe.encode_prompts(prompts)]
+    assert lengths[0] > kw["max_new_tokens"] >= lengths[1]  # one on each side of the rule
+    default = lambda: FreeCache(refresh_drift=1e-3)  # noqa: E731  (a drift threshold that fires often)
+    fixed = [FreeCache(refresh_drift=1e-3, refresh_prompt=False), FreeCache(refresh_drift=1e-3, refresh_prompt=True)]
+    for prompt, scope, other in zip(prompts, fixed, reversed(fixed), strict=True):
+        alone = pipe(prompt, cache=default(), **kw)
+        want = pipe(prompt, cache=scope, **kw)
+        assert torch.equal(alone.sequences, want.sequences)
+        for key in ("forwards", "full_forwards", "canvas_refreshes", "drift_refreshes", "fed_tokens"):
+            assert alone.stats[key] == want.stats[key], key
+        assert alone.stats["full_forwards"] != pipe(prompt, cache=other, **kw).stats["full_forwards"]
+    assert pipe(prompts[0], cache=default(), **kw).stats["canvas_refreshes"] > 0
+    for engine in (None, False):
+        got = pipe(prompts, cache=default(), engine=engine, **kw)
+        for i, (prompt, scope) in enumerate(zip(prompts, fixed, strict=True)):
+            alone = pipe(prompt, cache=scope, engine=engine, **kw)
+            assert torch.equal(got.sequences[i], alone.sequences[0]), (engine, i)
+
+
 def test_the_call_keeps_its_step_loop_where_the_engine_does_not_run(pipe):
     """A batch sampled from one generator decodes on the step loop; engine=True says so instead."""
     kw = dict(max_new_tokens=16, block_length=8, steps=8)
