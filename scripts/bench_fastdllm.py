@@ -1,0 +1,165 @@
+"""Our default path against Fast-dLLM's own generate loops, on the same random 135M LLaDA weights, in
+one run (issue 25's first goal: the default path >= 3x Fast-dLLM's DualCache).
+
+    python scripts/bench_fastdllm.py --fastdllm /path/to/Fast-dLLM/llada --out results/bench_fastdllm.json
+
+--fastdllm is NVlabs/Fast-dLLM's `llada/` directory (its `generate.py` and `model/`: the LLaDA
+modeling file with `replace_position`); it needs `einops`, which this package does not. Nothing of
+it is copied: the script imports it from where it lies and runs it beside ours.
+
+The model is `dlmcache.testing.llada_135m` (d_model 768, 12 layers, SwiGLU 2048, vocab 32768, seed
+0); the official model is built from the same config (the hub config.json's fixed fields,
+`dlmcache.testing.LLADA_HUB_FIELDS`) and loads our state dict, strict. The setup is the issue's:
+a 256-token random prompt, 256 new tokens, blocks of 32, one token per step, greedy, float32.
+
+1. Checks, with our projections on torch's matmul (the official model's): the logits are bit-identical;
+   Fast-dLLM's `generate_with_dual_cache` gives the same tokens as our `dual`, and
+   `generate_with_prefix_cache` the same as our `prefix` (the same algorithms).
+2. Timing, with our model as it loads (`set_linear_backend("auto")`, the package default; no flags):
+   Fast-dLLM's DualCache and prefix cache, and our modes (--modes), interleaved, --repeats times;
+   medians, and each mode's median per-repeat ratio to Fast-dLLM's DualCache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from dlmcache.models.layers import Linear
+from dlmcache.run_config import split_configs
+from dlmcache.testing import LLADA_HUB_FIELDS, llada_135m
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_dlm import random_pipeline, run_mode  # noqa: E402  (our side: the bench_dlm pipeline and timing)
+
+#: our modes timed by default: the algorithm Fast-dLLM's DualCache runs, FreeCache as `freecache` names
+#: it, and FreeCache's token mode (the README's headline mode: tiny-task accuracy within 1 point of none).
+DEFAULT_MODES = ["dual", "freecache", "freecache:suffix_window=0,freeze=token"]
+
+
+def load_official(directory: Path, ours) -> tuple[torch.nn.Module, object]:
+    """Fast-dLLM's LLaDA model with our weights, and its `generate` module."""
+    if not (directory / "generate.py").is_file() or not (directory / "model" / "modeling_llada.py").is_file():
+        raise SystemExit(f"--fastdllm {directory}: expected Fast-dLLM's llada/ (generate.py, model/modeling_llada.py)")
+    sys.path.insert(0, str(directory))
+    generate = importlib.import_module("generate")
+    modeling = importlib.import_module("model.modeling_llada")
+    config = modeling.LLaDAConfig(**{**LLADA_HUB_FIELDS, **ours.config.to_dict(), "init_device": "cpu"})
+    config.use_cache = False  # transformers 5's PretrainedConfig no longer defines it; the 4.x code reads it
+    official = modeling.LLaDAModelLM(config).eval()
+    official.load_state_dict(ours.state_dict(), strict=True)
+    return official, generate
+
+
+def official_run(generate, official, fn: str, ids, args, mask_id: int) -> tuple[float, torch.Tensor, int]:
+    """(seconds, generated tokens, forwards) of one of Fast-dLLM's loops (which return the prompt too)."""
+    loop = getattr(generate, fn)
+    t0 = time.perf_counter()
+    x, nfe = loop(
+        official, ids, steps=args.max_new_tokens, gen_length=args.max_new_tokens, block_length=args.block_length,
+        temperature=0.0, remasking="low_confidence", mask_id=mask_id,
+    )  # fmt: skip
+    return time.perf_counter() - t0, x[:, ids.shape[1] :], nfe
+
+
+OFFICIAL = {"fast-dllm dual cache": "generate_with_dual_cache", "fast-dllm prefix cache": "generate_with_prefix_cache"}
+SAME_ALGORITHM = {"fast-dllm dual cache": "dual", "fast-dllm prefix cache": "prefix"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fastdllm", type=Path, required=True, help="Fast-dLLM's llada/ directory")
+    ap.add_argument("--modes", default=";".join(DEFAULT_MODES), help="our configs, separated by ';'")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-prefix", action="store_true", help="skip Fast-dLLM's prefix cache (check and timing)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    for name in ("prompt_len", "max_new_tokens", "block_length", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
+    if args.max_new_tokens % args.block_length:
+        raise SystemExit(
+            f"--max-new-tokens={args.max_new_tokens} is not a multiple of --block-length={args.block_length}"
+        )
+    torch.set_num_threads(args.threads)
+    run_args = SimpleNamespace(device="cpu", max_new_tokens=args.max_new_tokens, block_length=args.block_length,
+                               steps=None)  # fmt: skip
+
+    pipe = random_pipeline(32768, torch.float32, "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    backend = next(m.backend for m in pipe.model.modules() if isinstance(m, Linear))  # as loaded
+    official, generate = load_official(args.fastdllm, llada_135m())
+    mask_id = pipe.mask_token_id
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 32768, (1, args.prompt_len), generator=gen)
+    ids[ids == mask_id] = 3
+    official_modes = [m for m in OFFICIAL if not (args.no_prefix and "prefix" in m)]
+
+    # 1. The checks, on torch's matmul (bit-identical logits, so the same tokens are expected).
+    pipe.model.set_linear_backend("torch")
+    with torch.no_grad():
+        probe = ids[:, :64]
+        logits_equal = torch.equal(pipe.model(probe).logits, official(probe).logits)
+    checks = {"logits_bit_identical": logits_equal}
+    print(f"check: float32 logits bit-identical to Fast-dLLM's model: {logits_equal}", flush=True)
+    for name in official_modes:
+        _, theirs, nfe = official_run(generate, official, OFFICIAL[name], ids, args, mask_id)
+        _, out = run_mode(pipe, ids, SAME_ALGORITHM[name], run_args, None)
+        same = torch.equal(theirs, out.sequences)
+        checks[f"{name} == our {SAME_ALGORITHM[name]}"] = {"same_tokens": same, "their_nfe": nfe, "our_nfe": out.nfe}
+        print(f"check: {name} == our {SAME_ALGORITHM[name]}: {same} (forwards {nfe} / {out.nfe})", flush=True)
+    if not all(v if isinstance(v, bool) else v["same_tokens"] for v in checks.values()):
+        raise SystemExit("bench_fastdllm.py: our model or loop differs from Fast-dLLM's; not timing")
+
+    # 2. Timing, our model on the package default matmul.
+    pipe.model.set_linear_backend(backend)
+    print(f"\nuptime: {os.getloadavg()}; our matmul backend: {backend}", flush=True)
+    warm = SimpleNamespace(**{**vars(run_args), "max_new_tokens": args.block_length})
+    run_mode(pipe, ids[:, :16], "none", warm, None)
+    paths = pipe.model.linear_paths()  # after a forward: which projections the backend packed
+    print(f"our projections: {paths}", flush=True)
+    modes = official_modes + split_configs(args.modes)
+    times = {m: [] for m in modes}
+    for r in range(args.repeats):
+        for mode in modes:
+            if mode in OFFICIAL:
+                seconds, *_ = official_run(generate, official, OFFICIAL[mode], ids, args, mask_id)
+            else:
+                seconds, _ = run_mode(pipe, ids, mode, run_args, None)
+            times[mode].append(seconds)
+            print(f"repeat {r} {mode:45s} {seconds:8.2f} s", flush=True)
+    base = "fast-dllm dual cache"
+    rows = {}
+    for mode in modes:
+        ratios = [b / s for b, s in zip(times[base], times[mode], strict=True)]
+        rows[mode] = {"seconds_median": statistics.median(times[mode]), "seconds_all": times[mode],
+                      "tokens_per_second": args.max_new_tokens / statistics.median(times[mode]),
+                      "speedup_over_fastdllm_dual": statistics.median(ratios)}  # fmt: skip
+    print("\n| implementation, mode | seconds | answer tok/s | vs Fast-dLLM DualCache |\n|---|---|---|---|")
+    for mode, r in rows.items():
+        speedup = r["speedup_over_fastdllm_dual"]
+        print(f"| {mode} | {r['seconds_median']:.1f} | {r['tokens_per_second']:.1f} | {speedup:.2f}x |")
+    if args.out:
+        meta = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                "our_linear_backend": backend, "our_linear_paths": paths}  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "checks": checks, "modes": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
