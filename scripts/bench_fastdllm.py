@@ -17,7 +17,9 @@ a 256-token random prompt, 256 new tokens, blocks of 32, one token per step, gre
    `generate_with_prefix_cache` the same as our `prefix` (the same algorithms).
 2. Timing, with our model as it loads (`set_linear_backend("auto")`, the package default; no flags):
    Fast-dLLM's DualCache and prefix cache, and our modes (--modes), interleaved, --repeats times;
-   medians, and each mode's median per-repeat ratio to Fast-dLLM's DualCache.
+   medians, and each mode's median per-repeat ratio to Fast-dLLM's DualCache. Each repeat also
+   times a plain forward of one token: `max_new_tokens` of them are the floor of any decoder that runs
+   a forward per step, so their ratio to Fast-dLLM's DualCache is the most such a decoder can reach.
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ def load_official(directory: Path, ours) -> tuple[torch.nn.Module, object]:
     official = modeling.LLaDAModelLM(config).eval()
     official.load_state_dict(ours.state_dict(), strict=True)
     return official, generate
+
+
+def one_token_forward_seconds(model, ids, calls: int = 15) -> float:
+    """Median time of a plain forward of one token (logits for it): a floor for a forward of any step."""
+    times = []
+    with torch.no_grad():
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            model(ids[:, :1])
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def official_run(generate, official, fn: str, ids, args, mask_id: int) -> tuple[float, torch.Tensor, int]:
@@ -134,7 +147,9 @@ def main() -> None:
     print(f"our projections: {paths}", flush=True)
     modes = official_modes + split_configs(args.modes)
     times = {m: [] for m in modes}
+    floor_times = []
     for r in range(args.repeats):
+        floor_times.append(one_token_forward_seconds(pipe.model, ids))
         for mode in modes:
             if mode in OFFICIAL:
                 seconds, *_ = official_run(generate, official, OFFICIAL[mode], ids, args, mask_id)
@@ -143,6 +158,11 @@ def main() -> None:
             times[mode].append(seconds)
             print(f"repeat {r} {mode:45s} {seconds:8.2f} s", flush=True)
     base = "fast-dllm dual cache"
+    # No decoder that runs a forward per step can beat `steps` forwards of a single token.
+    floor = args.max_new_tokens * statistics.median(floor_times)
+    ceiling = statistics.median(times[base]) / floor
+    print(f"\none-token forward: {1000 * floor / args.max_new_tokens:.1f} ms; x {args.max_new_tokens} steps = "
+          f"{floor:.1f} s: at most {ceiling:.2f}x Fast-dLLM's DualCache at one forward per step")  # fmt: skip
     rows = {}
     for mode in modes:
         ratios = [b / s for b, s in zip(times[base], times[mode], strict=True)]
@@ -156,7 +176,9 @@ def main() -> None:
     if args.out:
         meta = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                "our_linear_backend": backend, "our_linear_paths": paths}  # fmt: skip
+                "our_linear_backend": backend, "our_linear_paths": paths,
+                "one_token_forward_seconds": statistics.median(floor_times),
+                "ceiling_at_one_forward_per_step": ceiling}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "checks": checks, "modes": rows}, indent=1))
 
