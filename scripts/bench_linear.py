@@ -116,29 +116,38 @@ def sweep(rows: list[int], repeats: int) -> dict:
 MEMORY_PROBE = """
 import gc, resource, sys, torch
 from dlmcache.testing import llada_135m
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+base = rss()  # the interpreter, torch and dlmcache, before the model
 model = llada_135m()
+weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 model.set_linear_backend(sys.argv[1])
 with torch.no_grad():
     model(torch.randint(3, 100, (1, 16)))
 gc.collect()
-rss = int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(sys.argv[1], model.linear_paths()["onednn"], round(rss), round(peak))
+print(sys.argv[1], model.linear_paths()["onednn"], round(rss()), round(peak), round(base), round(weights))
 """
 
 
 def memory() -> dict:
-    """The 135M's resident memory after a forward, per linear backend, each in a fresh process."""
+    """The 135M's resident memory after a forward, per linear backend, each in a fresh process: RSS and
+    peak RSS, and the peak above the process before the model was built, against the weights' bytes."""
     import subprocess
     import sys
 
     out = {}
-    print("| backend | packed projections | RSS after a forward, MiB | peak RSS, MiB |\n|---|---|---|---|")
+    print(
+        "| backend | packed projections | RSS after a forward, MiB | peak RSS, MiB | before the model, MiB "
+        "| peak above that / weights |\n|---|---|---|---|---|---|"
+    )
     for backend in ("torch", "auto", "onednn"):
         line = subprocess.run([sys.executable, "-c", MEMORY_PROBE, backend], capture_output=True, text=True, check=True)
-        name, packed, rss, peak = line.stdout.split()
-        out[backend] = {"packed": int(packed), "rss_mib": int(rss), "peak_mib": int(peak)}
-        print(f"| {name} | {packed} | {rss} | {peak} |", flush=True)
+        name, packed, rss, peak, base, weights = line.stdout.split()
+        ratio = (int(peak) - int(base)) / int(weights)
+        out[backend] = {"packed": int(packed), "rss_mib": int(rss), "peak_mib": int(peak), "base_mib": int(base),
+                        "weights_mib": int(weights), "peak_above_base_over_weights": ratio}  # fmt: skip
+        print(f"| {name} | {packed} | {rss} | {peak} | {base} | {ratio:.3f} ({weights} MiB of weights) |", flush=True)
     return out
 
 
