@@ -21,7 +21,7 @@ def refreshes_prompt(prompt_len: int, new_tokens: int) -> bool:
     canvas alone when it is longer.
 
     Both sides of the rule are measured (docs/results.md, "The scope of a refresh"): on the bundled
-    task's short prompts (20-40 tokens, 64 new) recomputing the prompt is worth 1.4-1.8 points and
+    task's short prompts (19 tokens, 64 new) recomputing the prompt is worth 1.4-1.8 points and
     costs at most a second canvas's worth of tokens per refresh; on long prompts the canvas alone is as
     accurate (tiny-long, up to ~580 tokens) and a refresh no longer costs a forward over the whole
     prompt (a 4k prompt's, ~10 s on a CPU, each time the drift test fires)."""
@@ -128,9 +128,9 @@ class KVReuseCache(DenoisingCache):
     def _refresh_by_row(self, x, targets, rows) -> torch.Tensor:
         """A refresh whose rows each take their own scope: one forward for the rows that recompute their
         prompt, one for those that recompute their canvas alone, and their logits back in row order."""
-        rows = torch.arange(x.shape[0]) if rows is None else rows
-        whole = self._row_refreshes_prompt[rows.cpu()]
-        parts = [(rows[whole.to(rows.device)], True), (rows[~whole.to(rows.device)], False)]
+        rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+        whole = self._row_refreshes_prompt.to(rows.device)[rows]
+        parts = [(rows[whole], True), (rows[~whole], False)]
         parts = [(part, prompt) for part, prompt in parts if part.numel()]
         if len(parts) == 1:
             every = rows.numel() == x.shape[0]
