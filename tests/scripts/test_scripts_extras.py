@@ -50,3 +50,36 @@ def test_the_graph_benchmark_runs_on_cpu_and_checks_its_tokens(tmp_path):
     assert run.returncode == 0, run.stderr
     row = json.loads(out.read_text())["batches"]["2"]
     assert row["off"]["same_tokens"] and row["buckets"]["same_tokens"] and "cuda" not in row
+
+
+def test_the_version_benchmark_compares_trees_and_refuses_a_borrowed_kernels(tmp_path):
+    """scripts/bench_versions.py: one tree against itself gives the same texts at a ratio near 1 (not
+    asserted: a timing); a tree whose `dlmcache.kernels` would come from another checkout (what an
+    editable install does for an older worktree without the link) is refused, naming the fix."""
+    import json
+    import shutil
+
+    out = tmp_path / "versions.json"
+    argv = ["scripts/bench_versions.py", "--trees", ".,.", "--n", "1", "--rounds", "1", "--configs", "defaults"]
+    argv_out = [sys.executable, *argv, "--out", str(out)]
+    run = subprocess.run(argv_out, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (row,) = json.loads(out.read_text())["configs"]["defaults"].values()  # one tree, listed twice
+    assert row["same_texts_as_base"] and row["tokens_per_second_median"] > 0
+
+    tree = tmp_path / "old"
+    shutil.copytree(ROOT / "dlmcache", tree / "dlmcache", ignore=shutil.ignore_patterns("__pycache__"))
+    run = subprocess.run(
+        [sys.executable, *argv[:2], f"{tree},{tree}", *argv[3:]], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode != 0 and "dlmcache.kernels is imported from" in run.stderr
+    assert f"link the tree's kernels/ as {tree}/dlmcache/kernels" in run.stderr
+
+
+def test_the_fastdllm_benchmark_names_a_wrong_directory(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "scripts/bench_fastdllm.py", "--fastdllm", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert f"--fastdllm {tmp_path}: expected Fast-dLLM's llada/" in run.stderr
