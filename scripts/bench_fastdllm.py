@@ -41,10 +41,10 @@ import torch
 
 from dlmcache.models.layers import Linear
 from dlmcache.run_config import split_configs
-from dlmcache.testing import LLADA_HUB_FIELDS, llada_135m
+from dlmcache.testing import LLADA_HUB_FIELDS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dlm import random_pipeline, run_mode  # noqa: E402  (our side: the bench_dlm pipeline and timing)
+from bench_dlm import prompt_ids, random_pipeline, run_mode  # noqa: E402  (our side: the bench_dlm pipeline and timing)
 
 #: our modes timed by default: the algorithm Fast-dLLM's DualCache runs, FreeCache as `freecache` names
 #: it, and FreeCache's token mode (the README's headline mode: tiny-task accuracy within 1 point of none).
@@ -117,11 +117,9 @@ def main() -> None:
     pipe = random_pipeline(32768, torch.float32, "cpu")
     pipe.set_progress_bar_config(disable=True)
     backend = next(m.backend for m in pipe.model.modules() if isinstance(m, Linear))  # as loaded
-    official, generate = load_official(args.fastdllm, llada_135m())
+    official, generate = load_official(args.fastdllm, pipe.model)  # (nothing is packed before a forward)
     mask_id = pipe.mask_token_id
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 32768, (1, args.prompt_len), generator=gen)
-    ids[ids == mask_id] = 3
+    ids = prompt_ids(pipe, 1, args.prompt_len)  # bench_dlm's prompt
     official_modes = [m for m in OFFICIAL if not (args.no_prefix and "prefix" in m)]
 
     # 1. The checks, on torch's matmul (bit-identical logits, so the same tokens are expected).

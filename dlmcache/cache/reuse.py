@@ -128,19 +128,15 @@ class KVReuseCache(DenoisingCache):
     def _refresh_by_row(self, x, targets, rows) -> torch.Tensor:
         """A refresh whose rows each take their own scope: one forward for the rows that recompute their
         prompt, one for those that recompute their canvas alone, and their logits back in row order."""
-        rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-        whole = self._row_refreshes_prompt.to(rows.device)[rows]
-        parts = [(rows[whole], True), (rows[~whole], False)]
-        parts = [(part, prompt) for part, prompt in parts if part.numel()]
-        if len(parts) == 1:
-            every = rows.numel() == x.shape[0]
-            return self._forward(x, targets, Refresh(rows=None if every else rows, prompt=parts[0][1]))
-        logits = None
-        for part, prompt in parts:
-            out = self._forward(x, targets, Refresh(rows=part, prompt=prompt))
-            if logits is None:
-                logits = out.new_empty((rows.numel(), *out.shape[1:]))
-            logits[torch.searchsorted(rows, part)] = out
+        index = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+        whole = self._row_refreshes_prompt.to(index.device)[index]
+        if bool(whole.all()) or not bool(whole.any()):  # one scope for all of them: one forward
+            return self._forward(x, targets, Refresh(rows=rows, prompt=bool(whole[0])))
+        parts = [(index[whole], True), (index[~whole], False)]
+        outs = [self._forward(x, targets, Refresh(rows=part, prompt=prompt)) for part, prompt in parts]
+        logits = outs[0].new_empty((index.numel(), *outs[0].shape[1:]))
+        for (part, _), out in zip(parts, outs, strict=True):
+            logits[torch.searchsorted(index, part)] = out
         return logits
 
     def _observe(self, x, plan: Plan, fed: torch.LongTensor) -> None:

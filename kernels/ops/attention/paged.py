@@ -55,9 +55,7 @@ class PagedLayout:
     def bias(self) -> torch.Tensor | None:
         if self.every_key:
             return None
-        valid = self.key_valid
-        bias = torch.zeros(valid.shape, dtype=self.dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
-        return bias[:, None, None, :]
+        return key_bias(self.key_valid, self.dtype)
 
     @functools.cached_property
     def row_bounds(self) -> tuple[list[int], list[int]]:
@@ -79,6 +77,11 @@ class PagedLayout:
         counts = torch.zeros(rows, dtype=torch.int32, device=cu_q.device).scatter_add_(0, self.query_row, ones)
         cu_q[1:] = counts.cumsum(0)
         return cu_q
+
+
+def key_bias(valid: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form [R, 1, 1, K] of a key mask [R, K]: 0 where valid, -inf elsewhere."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))[:, None, None]
 
 
 def paged_layout(
@@ -196,8 +199,7 @@ def _row_by_row(q, k_cache, v_cache, layout: PagedLayout, scale, return_lse: boo
         rows_q = q[starts[r] : starts[r + 1]].transpose(0, 1)[None]  # [1, Hq, n_r, D]
         slots, valid = layout.key_slots[r : r + 1, :extent], layout.key_valid[r : r + 1, :extent]
         k, v = k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2)  # [1, Hkv, extent, D]
-        bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
-        out, lse = _attend(rows_q, k, v, valid, bias[:, None, None, :], scale, return_lse, backend)
+        out, lse = _attend(rows_q, k, v, valid, key_bias(valid, q.dtype), scale, return_lse, backend)
         outs.append(out[0].transpose(0, 1))
         if lse is not None:
             lses.append(lse[0].transpose(0, 1))
