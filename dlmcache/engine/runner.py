@@ -181,9 +181,11 @@ class PagedStore:
         prompts = self.step.prompts
         for row in prompts.compress:
             request = self.requests[row]
-            # the compressed positions, then (full attention) the generation region the row feeds too
+            # the compressed positions, then (full attention) the generation region the row feeds too; a
+            # block diffusion row's prefix is its prompt's complete attention blocks alone, even when
+            # they are the whole prompt
             p = request.compressed_len
-            length = request.length if p == len(request.prompt) else p
+            length = p if request.rule.mode == CAUSAL else request.length
             index = prompts.row_start[row] + torch.arange(length, device=q.device)
             fed = (q[:, :, index], k[:, :, index], v[:, :, index])  # [1, H, length, D]
             masked = prompts.canvas[row, p:length] == self.mask_id
