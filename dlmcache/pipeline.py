@@ -13,8 +13,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .batching import after_eos, left_pad
-from .cache import DenoisingCache, Layout, make_cache
+from .cache import CACHES, DenoisingCache, make_cache
 from .engine import Finished, Request, cache_rule
 from .engine.rules import BLOCK, DUAL, PREFIX, TOKEN
 from .locations import read_json, resolve_path
@@ -24,7 +23,6 @@ from .schedulers import (
     DreamScheduler,
     GuidedScheduler,
     LowConfidenceScheduler,
-    StepContext,
     ThresholdScheduler,
     TokenEditingScheduler,
 )
@@ -49,18 +47,6 @@ SCHEDULERS = {
     "token_editing": TokenEditingScheduler,  # LLaDA2.1's M2T + T2T (block diffusion models)
 }
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-def sub_block_cache(cache, model) -> bool:
-    """Whether `cache` on block diffusion `model` is Fast-dLLM v2's sub-block cache (its
-    `use_block_cache`): the cache's engine rule asks for it (`CacheRule.sub_block`: `DualCache`) and
-    the model's decoding blocks are sub-blocks of its attention block, as `Request.sub_block_cache`
-    decides for the engine. Every other cache of a block diffusion model caches the finished blocks
-    exactly."""
-    if not model.block_diffusion or model.attention_block is None:
-        return False
-    rule = cache_rule(cache, block_causal=True)
-    return rule is not None and rule.sub_block
 
 
 @dataclass
@@ -274,22 +260,6 @@ class DLMPipeline(DiffusionPipeline):
             raise ValueError(f"the tokenizer's pad token id equals the mask token id {self.mask_token_id}")
         return num_blocks
 
-    def prepare_canvas(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.LongTensor, Layout]:
-        """Left-pad the prompts and append `max_new_tokens` masks: x [B, P + G] and its layout."""
-        device = self.model.device
-        p_len = max(len(p) for p in prompts)
-        self.check_length(p_len, max_new_tokens)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        ids, real = left_pad(prompts, pad)
-        masks = torch.full((len(prompts), max_new_tokens), self.mask_token_id, dtype=torch.long)
-        x = torch.cat([ids, masks], dim=1)
-        key_mask = torch.cat([real, torch.ones_like(masks, dtype=torch.bool)], dim=1)
-        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-        x, key_mask, positions = x.to(device), key_mask.to(device), positions.to(device)
-        return x, Layout(
-            key_mask=key_mask, positions=positions, prompt_len=p_len, block_length=0, mask_token_id=self.mask_token_id
-        )
-
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
@@ -307,7 +277,6 @@ class DLMPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         scheduler: DLMScheduler | None = None,
         cache: DenoisingCache | None = None,
-        engine: bool | None = None,
     ) -> DLMPipelineOutput | tuple:
         """Generate `max_new_tokens` tokens after each prompt.
 
@@ -320,122 +289,26 @@ class DLMPipeline(DiffusionPipeline):
         classifier-free guidance as LLaDA writes it: an extra forward of the canvas with the prompt
         masked each step, logits uncond + (cfg_scale + 1) * (cond - uncond); 0 turns it off.
         callback_on_step_end: `fn(pipe, step, {"sequences": [B, G], "commit_step": [B, G]})` after
-        every denoising step (masked positions hold the mask token; commit_step is -1 there); the
-        tensors are updated in place after each step (host tensors on the engine, the canvas itself
-        on the step loop), so copy what you keep. Used by the demo's live view.
+        every denoising step (masked positions hold the mask token; commit_step is -1 there); the host
+        tensors are updated in place after each step, so copy what you keep. Used by the demo's live
+        view.
         scheduler / cache: this call's own (instead of the pipeline's), e.g. a server's per-request
         settings; the pipeline is left as it is.
-        engine: decode on the batched engine (`dlmcache.engine`: every prompt a request, all of them
-        in one flattened forward per step, their KV in one paged pool) or, with False, on the cache
-        strategy's own step loop (the reference the engine is tested against). Default: the engine
-        wherever it runs the configuration (not a batch sampled from one shared generator, whose
-        draws the reference makes for all rows at once). Both give each prompt the tokens it gets
-        alone.
+
+        Every prompt is a request of the batched engine (`dlmcache.engine`): all of them decode in one
+        flattened forward per step, their KV in one paged pool, and each gets the tokens it gets
+        alone. A `generator` is shared by the prompts of a sampling scheduler: each request draws from
+        it in turn.
         """
-        # 1. Check inputs and encode the prompts. Per-call state lives on this call's own copies of the
-        # cache strategy and the scheduler, so one pipeline may serve several threads (and `set_cache`
-        # during a call changes later calls).
-        block_length = self.default_block_length if block_length is None else block_length
-        steps, scheduler, cache, stop_at_eos = self._call_settings(
-            max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
-        )
-        requests = self._prompt_requests(prompt, chat_template)
-        self.check_length(max(len(ids) for ids, _ in requests), max_new_tokens)
-        if self.model.block_diffusion:
-            self._check_block_settings(cfg_scale, scheduler, cache)
-        on_engine = None
-        if engine is not False:  # the step loop needs no requests
-            on_engine = self._engine_requests(
-                requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos
-            )
-        if engine and on_engine is None:
-            raise ValueError(
-                "engine=True: the batched engine does not run this configuration (a batch sampled from one "
-                f"shared generator); scheduler={scheduler!r}, cache={cache.name!r}"
-            )
-        if on_engine is not None:
-            return self._decode_on_engine(on_engine, cache, steps, callback_on_step_end, return_dict)
-        if self.model.block_diffusion:
-            return self._decode_blocks(
-                requests, max_new_tokens, block_length, steps, generator, scheduler, cache, stop_at_eos,
-                callback_on_step_end, return_dict,
-            )  # fmt: skip
-        num_blocks = max_new_tokens // block_length
-        steps_per_block = steps // num_blocks
-        prompts = [ids for ids, _ in requests]
-
-        # 2. The canvas: left-padded prompts followed by masks.
-        x, layout = self.prepare_canvas(prompts, max_new_tokens)
-        layout.block_length = block_length
-        mask_id, p_len = self.mask_token_id, layout.prompt_len
-        cfg = cfg_scale > 0
-        if cfg:  # unconditional rows: the same canvas with the prompt masked
-            x_un = x.clone()
-            x_un[:, :p_len] = torch.where(layout.key_mask[:, :p_len], mask_id, x[:, :p_len])
-            layout = Layout(
-                key_mask=layout.key_mask.repeat(2, 1),
-                positions=layout.positions.repeat(2, 1),
-                prompt_len=p_len,
-                block_length=block_length,
-                mask_token_id=mask_id,
-            )
-
-        # 3. The cache strategy and the scheduler's per-generation state.
-        cache.prepare(self.model, layout)
-        scheduler.begin(prompts, [r for _, r in requests], x, p_len)
-
-        # 4. Denoise block by block.
-        batch = x.shape[0]
-        commit_step = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=x.device)
-        nfe = 0
-        start_time = time.perf_counter()
-        with self.progress_bar(total=steps) as bar:
-            for b in range(num_blocks):
-                start, end = p_len + b * block_length, p_len + (b + 1) * block_length
-                for i in range(steps_per_block):
-                    masked = x[:, start:end] == mask_id
-                    # Only columns still masked in some row need logits (one host sync per step).
-                    cols = masked.any(0).nonzero().flatten()
-                    if cols.numel() == 0:
-                        bar.update(steps_per_block - i)
-                        break
-                    targets = start + cols
-                    if cfg:
-                        x_un[:, p_len:] = x[:, p_len:]
-                        cond, uncond = cache.step_logits(torch.cat([x, x_un]), targets, start, end).chunk(2)
-                        logits = uncond + (cfg_scale + 1) * (cond - uncond)
-                    else:
-                        logits = cache.step_logits(x, targets, start, end)
-                    if not bool(torch.isfinite(logits).all()):
-                        raise FloatingPointError(non_finite_message(nfe))
-                    context = StepContext(
-                        x=x, targets=targets, start=start, end=end, prompt_len=p_len, mask_token_id=mask_id
-                    )
-                    out = scheduler.step(
-                        logits,
-                        x[:, targets],
-                        masked[:, cols],
-                        i,
-                        steps_per_block,
-                        generator=generator,
-                        context=context,
-                    )
-                    x[:, targets] = out.prev_sample
-                    commit = commit_step[:, targets - p_len]
-                    commit_step[:, targets - p_len] = commit.masked_fill(out.transfer_index, nfe)
-                    if stop_at_eos:
-                        filled = self._fill_after_eos(x[:, p_len:])
-                        commit_step.masked_fill_(filled, nfe)
-                    nfe += 1
-                    if callback_on_step_end is not None:
-                        callback_on_step_end(self, nfe, {"sequences": x[:, p_len:], "commit_step": commit_step})
-                    bar.update()
-        elapsed = time.perf_counter() - start_time
-
-        # 5. Decode.
-        return self._output(
-            x[:, p_len:], nfe, commit_step, elapsed, cache.name, cache.stats.as_dict(), scheduler.stats, return_dict
-        )
+        # 1. Check the inputs and build the requests. Per-call state lives on each request's own copy
+        # of the scheduler, so one pipeline may serve several threads (and `set_cache` during a call
+        # changes later calls).
+        requests = self.make_requests(
+            prompt, max_new_tokens, block_length, steps, generator, chat_template, stop_at_eos, cfg_scale,
+            scheduler, cache,
+        )  # fmt: skip
+        # 2. Decode them, one engine step at a time.
+        return self._decode(requests, callback_on_step_end, return_dict)
 
     @property
     def default_block_length(self) -> int:
@@ -452,6 +325,8 @@ class DLMPipeline(DiffusionPipeline):
             if value is not None and not isinstance(value, cls):
                 raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}: {value!r}")
         cache = copy.copy(cache if cache is not None else self.cache)
+        if cache_rule(cache) is None:
+            raise ValueError(f"cache={cache!r}: the engine runs {sorted(CACHES)}, not a {type(cache).__name__}")
         scheduler = copy.copy(scheduler if scheduler is not None else self.scheduler)
         if getattr(scheduler, "edits", False) and not self.model.block_diffusion:
             raise ValueError(
@@ -474,25 +349,31 @@ class DLMPipeline(DiffusionPipeline):
         cfg_scale: float = 0.0,
         scheduler: DLMScheduler | None = None,
         cache: DenoisingCache | None = None,
-    ) -> list[Request] | None:
+    ) -> list[Request]:
         """The batched engine's requests (`dlmcache.engine`, one per prompt, each with its own copy of
         the scheduler) for what `__call__` with these arguments decodes, checked as `__call__` checks
-        them; None when the engine does not run this configuration (see `__call__`). A
-        generator is shared by the prompts' requests (each draws on its own, in turn). Run them with
-        `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`. A block diffusion
-        model's requests run its block-causal rule (`dlmcache.engine.rules.CAUSAL`)."""
+        them. A generator is shared by the prompts' requests (each draws on its own, in turn). Run them
+        with `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`. A block
+        diffusion model's requests run its block-causal rule (`dlmcache.engine.rules.CAUSAL`)."""
         block_length = self.default_block_length if block_length is None else block_length
         steps, scheduler, cache, stop_at_eos = self._call_settings(
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
         )
-        requests = self._prompt_requests(prompt, chat_template)
-        self.check_length(max(len(ids) for ids, _ in requests), max_new_tokens)
+        prompts = self._prompt_requests(prompt, chat_template)
+        self.check_length(max(len(ids) for ids, _ in prompts), max_new_tokens)
         if self.model.block_diffusion:
             self._check_block_settings(cfg_scale, scheduler, cache)
-        return self._engine_requests(
-            requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler, cache, stop_at_eos,
-            shared_generator=True,
-        )  # fmt: skip
+        rule = cache_rule(cache, block_causal=self.model.block_diffusion)
+        settings = dict(stop_at_eos=stop_at_eos, generator=generator, cfg_scale=cfg_scale)
+        if self.model.block_diffusion:  # a model attending in blocks of its own (Fast-dLLM v2's 32)
+            settings.update(attention_block=self.model.attention_block,
+                            first_token_ar=self.model.first_token_autoregressive)  # fmt: skip
+        return [
+            Request(
+                ids, max_new_tokens, block_length, steps, copy.copy(scheduler), rule, chat=chat, id=str(i), **settings
+            )  # fmt: skip
+            for i, (ids, chat) in enumerate(prompts)
+        ]
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         """The longest prompt plus `max_new_tokens` within the model's longest sequence."""
@@ -503,68 +384,6 @@ class DLMPipeline(DiffusionPipeline):
                 f"the model's {limit}"
             )
 
-    def _engine_requests(self, requests, max_new_tokens, block_length, steps, generator, cfg_scale, scheduler,
-                         cache, stop_at_eos, shared_generator: bool = False) -> list[Request] | None:  # fmt: skip
-        """The engine's requests for checked settings, or None where it does not run them. A batch that
-        samples (a scheduler that is not `batched`) from one generator stays on the reference loop
-        unless `shared_generator` (the reference draws for every row at once; the engine row by row)."""
-        rule = cache_rule(cache, block_causal=self.model.block_diffusion)
-        if rule is None:
-            return None
-        if generator is not None and len(requests) > 1 and not scheduler.batched and not shared_generator:
-            return None
-        settings = dict(stop_at_eos=stop_at_eos, generator=generator, cfg_scale=cfg_scale)
-        if self.model.block_diffusion:  # a model attending in blocks of its own (Fast-dLLM v2's 32)
-            settings.update(attention_block=self.model.attention_block,
-                            first_token_ar=self.model.first_token_autoregressive)  # fmt: skip
-        return [
-            Request(
-                ids, max_new_tokens, block_length, steps, copy.copy(scheduler), rule, chat=chat, id=str(i), **settings
-            )
-            for i, (ids, chat) in enumerate(requests)
-        ]
-
-    def _decode_blocks(self, requests, max_new_tokens, block_length, steps, generator, scheduler, cache,
-                       stop_at_eos, callback, return_dict):  # fmt: skip
-        """`__call__` for a block diffusion model off the engine (`engine=False`, or a batch sampled from
-        one shared generator): `dlmcache.blockdiffusion.decode_blocks`, the reference loop. The
-        finished blocks' KV is exact, so every cache but "none" runs as that prefix cache; "none"
-        recomputes every step."""
-        from .blockdiffusion import decode_blocks
-
-        live = None
-        if callback is not None:
-
-            def live(nfe, sequences, commit_step):
-                callback(self, nfe, {"sequences": sequences, "commit_step": commit_step})
-
-        steps_per_block = steps // (max_new_tokens // block_length)
-        start_time = time.perf_counter()
-        with self.progress_bar(total=steps) as bar:
-            result = decode_blocks(
-                self.model, [ids for ids, _ in requests], max_new_tokens, block_length, steps_per_block, scheduler,
-                cached=cache.name != "none", stop_at_eos=stop_at_eos, eos_token_id=self.tokenizer.eos_token_id,
-                generator=generator, on_step=_with_bar(bar, live), attention_block=self.model.attention_block,
-                first_token_autoregressive=self.model.first_token_autoregressive,
-                compression=getattr(cache, "compression", None), sub_block_cache=sub_block_cache(cache, self.model),
-            )  # fmt: skip
-            bar.update(max(0, steps - bar.n))
-        elapsed = time.perf_counter() - start_time
-        stats = result["stats"]
-        cache_stats = {
-            "forwards": stats["steps"] + stats["prefill_forwards"], "prefill_forwards": stats["prefill_forwards"],
-            # without a cache every step recomputes the prefix; with one, no step does
-            "full_forwards": stats["steps"] if cache.name == "none" else 0,
-            "fed_tokens": stats["fed_tokens"] / len(requests), "kv_bytes": stats["kv_bytes"],
-            "block_diffusion": True,
-        }  # fmt: skip
-        if "edited_tokens" in stats:  # token editing: the committed tokens it rewrote, over the batch
-            cache_stats["edited_tokens"] = stats["edited_tokens"]
-        return self._output(
-            result["sequences"], result["nfe"], result["commit_step"], elapsed, cache.name, cache_stats,
-            scheduler.stats, return_dict,
-        )  # fmt: skip
-
     def _check_block_settings(self, cfg_scale, scheduler, cache) -> None:
         """What block diffusion does not run yet, refused by name."""
         name = type(self.model).__name__
@@ -573,7 +392,7 @@ class DLMPipeline(DiffusionPipeline):
         if isinstance(scheduler, GuidedScheduler):
             raise ValueError(f"guided unmasking is not built for block diffusion ({name})")
         compression = getattr(cache, "compression", None)
-        if compression is not None and sub_block_cache(cache, self.model):
+        if compression is not None and self.model.attention_block is not None and cache.name == "dual":
             raise ValueError(
                 f"cache='dual' on {name} is Fast-dLLM v2's sub-block cache; with a compressed prefix it is not built"
             )
@@ -584,12 +403,12 @@ class DLMPipeline(DiffusionPipeline):
                 "prefix's own queries; use a policy that reads the prompt's (snapkv, h2o, knorm, ...)"
             )
 
-    def _decode_on_engine(self, requests: list[Request], cache, steps: int, callback, return_dict: bool):
-        """`__call__` on the batched engine: every prompt a row, all added before the first step, so a
-        row's step count is the call's and commit steps count over the whole call, as in the loop."""
+    def _decode(self, requests: list[Request], callback, return_dict: bool):
+        """Decode `requests` on the batched engine: every prompt a row, all added before the first
+        step, so a row's step count is the call's and commit steps count over the whole call."""
         from .engine import BatchedDecoder
 
-        batch, g = len(requests), requests[0].max_new_tokens
+        batch, g, steps = len(requests), requests[0].max_new_tokens, requests[0].steps
         decoder = BatchedDecoder.for_requests(self.model, self.tokenizer.eos_token_id, requests)
         if callback is not None:  # the callback sees every row's canvas after each step (host copies)
             live = torch.full((batch, g), self.mask_token_id, dtype=torch.long)
@@ -616,7 +435,7 @@ class DLMPipeline(DiffusionPipeline):
         commit_step = torch.stack([f.commit_step for f in done]).to(device)
         nfe = decoder.forwards
 
-        rows = sum(r.rows for r in requests)  # per sequence, as the loop counts: CFG's rows are sequences too
+        rows = sum(r.rows for r in requests)  # per sequence: CFG's unconditional rows are sequences too
 
         def mean(key: str) -> float:
             return sum(f.stats[key] for f in done) / rows
@@ -635,7 +454,8 @@ class DLMPipeline(DiffusionPipeline):
             cache_stats["edited_tokens"] = sum(f.stats["edited_tokens"] for f in done)
         # the schedulers' own counters (a guide's accepted drafts and forwards), summed over the requests
         scheduler_stats = {key: sum(r.scheduler.stats[key] for r in requests) for key in requests[0].scheduler.stats}
-        return self._output(sequences, nfe, commit_step, elapsed, cache.name, cache_stats, scheduler_stats, return_dict)
+        cache_name = requests[0].rule.name
+        return self._output(sequences, nfe, commit_step, elapsed, cache_name, cache_stats, scheduler_stats, return_dict)
 
     def _output(self, sequences, nfe, commit_step, elapsed, cache_name, cache_stats, scheduler_stats, return_dict):
         texts = self.decode(sequences)
@@ -657,13 +477,6 @@ class DLMPipeline(DiffusionPipeline):
             return texts, sequences, nfe, commit_step, stats
         return DLMPipelineOutput(texts=texts, sequences=sequences, nfe=nfe, commit_step=commit_step, stats=stats)
 
-    def _fill_after_eos(self, gen: torch.LongTensor) -> torch.BoolTensor:
-        """Rows whose text up to an EOS is fully committed get EOS in every masked position after it
-        (in place on `gen` [B, G]); returns the filled positions."""
-        fill = after_eos(gen, self.mask_token_id, self.tokenizer.eos_token_id)
-        gen.masked_fill_(fill, self.tokenizer.eos_token_id)
-        return fill
-
     def decode(self, sequences: torch.LongTensor) -> list[str]:
         """Text of each row up to its first EOS (masks left over, if any, are dropped)."""
         eos = self.tokenizer.eos_token_id
@@ -680,17 +493,6 @@ def chat_template_ids(tokenizer, chat: list[dict]) -> list[int]:
     (transformers 5 returns a `BatchEncoding`, a mapping whose len() counts its keys, not a list)."""
     out = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     return list(out if isinstance(out, list) else out["input_ids"])
-
-
-def _with_bar(bar, on_step):
-    """An on_step callback that also advances the progress bar by one step."""
-
-    def step(nfe, sequences, commit_step):
-        bar.update(min(1, bar.total - bar.n))
-        if on_step is not None:
-            on_step(nfe, sequences, commit_step)
-
-    return step
 
 
 def _copy_row(sequence: torch.Tensor, commit_step: torch.Tensor, seq: torch.Tensor, commit: torch.Tensor) -> None:

@@ -514,6 +514,24 @@ SDAR_MOE_HUB_FIELDS = dict(
 )
 
 
+def block_causal_mask(cols: torch.LongTensor, block_length: int, valid: torch.BoolTensor) -> torch.BoolTensor:
+    """[R, n, L]: the query at column cols[r, q] may attend key column j < L when j's block is not after
+    the query's and j is a real position of the row (`valid` [R, L])."""
+    key_block = torch.arange(valid.shape[1], device=valid.device) // block_length
+    return (key_block[None, None, :] <= (cols // block_length)[:, :, None]) & valid[:, None, :]
+
+
+@torch.no_grad()
+def block_causal_logits(model, ids: torch.Tensor, block: int) -> torch.Tensor:
+    """Logits [B, n, V] of a block-causal `model` over ids [B, n] (blocks of `block` absolute
+    positions), in one forward from position 0 under the block-causal mask: what the releases' full
+    recompute gives (tests and `scripts/check_official.py` compare against it)."""
+    b, n = ids.shape
+    positions = torch.arange(n, device=ids.device).expand(b, -1)
+    mask = block_causal_mask(positions, block, torch.ones(b, n, dtype=torch.bool, device=ids.device))
+    return model(ids, positions=positions, attention_mask=mask).logits
+
+
 def write_checkpoint(model, directory: str | Path, tokenizer=None, n_shards: int = 3) -> Path:
     """Write `model` the way the hub repos are laid out: config.json with the release's fields,
     `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`, written with
@@ -675,3 +693,45 @@ def engine_logits(model, requests, join_at: int | None = None, **options) -> dic
     if decoder.pool.free_blocks != decoder.pool.num_blocks:
         raise AssertionError(f"{decoder.pool.num_blocks - decoder.pool.free_blocks} pool blocks still held")
     return seen
+
+
+@torch.no_grad()
+def decode(model, prompts: list[list[int]], max_new_tokens: int, block_length: int, steps_per_block: int, scheduler,
+           cache="freecache", eos_token_id: int | None = None, stop_at_eos: bool = False,
+           generator: torch.Generator | None = None, **cache_options) -> dict:  # fmt: skip
+    """Decode `prompts` (id lists) with a bare `model` on the batched engine, all in one batch: what the
+    tests and `scripts/check_official.py` compare with the releases' own loops. `steps_per_block`: the
+    most forwards a block takes; `cache`: a name (with `cache_options`) or a `DenoisingCache`; a block
+    diffusion model decodes in its own attention blocks, with its autoregressive first token where it
+    has one. Returns {"sequences": [B, G], "commit_step": [B, G], "nfe": the batch's forwards, "stats":
+    each request's counters}."""
+    import copy
+
+    from .cache import make_cache
+    from .engine import BatchedDecoder, Request, cache_rule
+
+    if max_new_tokens < block_length:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is shorter than block_length={block_length}")
+    rule = cache_rule(make_cache(cache, **cache_options), block_causal=model.block_diffusion)
+    settings = dict(stop_at_eos=stop_at_eos, generator=generator)
+    if model.block_diffusion:
+        settings.update(attention_block=model.attention_block, first_token_ar=model.first_token_autoregressive)
+    steps = steps_per_block * (max_new_tokens // block_length)
+    requests = [Request(list(p), max_new_tokens, block_length, steps, copy.copy(scheduler), rule, id=str(i), **settings)
+                for i, p in enumerate(prompts)]  # fmt: skip
+    decoder = BatchedDecoder.for_requests(model, eos_token_id, requests)
+    for request in requests:
+        decoder.add(request)
+    done = {}
+    while len(decoder):
+        for finished in decoder.step():
+            if finished.error is not None:
+                raise finished.error
+            done[finished.request.id] = finished
+    ordered = [done[str(i)] for i in range(len(prompts))]
+    return {
+        "sequences": torch.stack([f.sequence for f in ordered]),
+        "commit_step": torch.stack([f.commit_step for f in ordered]),
+        "nfe": decoder.forwards,
+        "stats": [f.stats for f in ordered],
+    }

@@ -7,7 +7,6 @@
     python scripts/bench_dlm.py --modes \\
         "none;freecache:suffix_window=0;freecache:suffix_window=0+guide:path=random,top_k=32768,relative=0"
     python scripts/bench_dlm.py --long --memory --out results/bench_long.json   # long prompts, compressed
-    python scripts/bench_dlm.py --compare-loop      # the batched engine against the step loop, per mode
 
 The default model is a random-weight LLaDA-architecture model built from a config (d_model 768,
 12 layers, 12 heads, SwiGLU 2048, vocab 32768: 135M parameters) fed random prompt ids;
@@ -164,9 +163,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_mode(pipe, ids, mode: str, args, load_guide, engine: bool | None = None):
-    """(seconds, output) of one generation; `output.step_seconds` lists each step's duration.
-    engine: `DLMPipeline.__call__`'s (None: the batched engine where it runs the mode)."""
+def run_mode(pipe, ids, mode: str, args, load_guide):
+    """(seconds, output) of one generation; `output.step_seconds` lists each step's duration."""
     RunConfig.parse(mode).apply(pipe, load_guide=load_guide)
     marks = []
 
@@ -178,7 +176,7 @@ def run_mode(pipe, ids, mode: str, args, load_guide, engine: bool | None = None)
     t0 = time.perf_counter()
     out = pipe(
         ids, max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
-        callback_on_step_end=mark, engine=engine,
+        callback_on_step_end=mark,
     )  # fmt: skip
     sync(args.device)
     seconds = time.perf_counter() - t0
@@ -265,10 +263,6 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="long prompts (--prompt-lens), FreeCache compressed or not")
     ap.add_argument("--prompt-lens", type=lambda t: [int(x) for x in t.split(",")], default=[1024, 4096, 8192])
     ap.add_argument("--out", type=Path)
-    ap.add_argument(
-        "--compare-loop", action="store_true",
-        help="also time every mode on the cache strategies' own step loop (engine=False), interleaved",
-    )  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -320,7 +314,6 @@ def bench(pipe, ids, modes, args, load_guide) -> tuple[dict, float]:
     """Every mode on `ids`, --repeats times interleaved: a row per mode, and the plain forward's time."""
     times = {m: [] for m in modes}
     outputs, step_times, plain_times = {}, {m: [] for m in modes}, []
-    loop_times, loop_same = {m: [] for m in modes}, {}
     for r in range(args.repeats):
         # The floor `none` must not exceed, timed within every repeat so load drift hits it alike.
         plain_times.append(plain_forward_seconds(pipe, ids, args))
@@ -330,11 +323,6 @@ def bench(pipe, ids, modes, args, load_guide) -> tuple[dict, float]:
             step_times[mode].append(out.step_seconds)
             outputs[mode] = out
             print(f"repeat {r} {mode:45s} {seconds:8.2f} s  nfe {out.nfe}", flush=True)
-            if args.compare_loop:
-                loop_seconds, loop_out = run_mode(pipe, ids, mode, args, load_guide, engine=False)
-                loop_times[mode].append(loop_seconds)
-                loop_same[mode] = torch.equal(loop_out.sequences, out.sequences) and loop_out.nfe == out.nfe
-                print(f"repeat {r} {mode + ' (loop)':45s} {loop_seconds:8.2f} s  nfe {loop_out.nfe}", flush=True)
     plain = statistics.median(plain_times)
     ref_seq = outputs[modes[0]].sequences
     generated = ids.shape[0] * args.max_new_tokens
@@ -356,10 +344,6 @@ def bench(pipe, ids, modes, args, load_guide) -> tuple[dict, float]:
             "kv_bytes": out.stats.get("kv_bytes", 0),
             "agreement_with_first_mode": (out.sequences == ref_seq).float().mean().item(),
         }
-        if args.compare_loop:  # the engine against the step loop, the median of per-repeat ratios
-            pairs = zip(times[mode], loop_times[mode], strict=True)
-            rows[mode]["engine_over_loop"] = statistics.median(e / loop for e, loop in pairs)
-            rows[mode]["loop_same_tokens"] = loop_same[mode]
         if args.memory:
             mem = peak_memory(mode, args)
             rows[mode]["peak_mib"] = mem["peak_mib"]
@@ -379,11 +363,6 @@ def bench(pipe, ids, modes, args, load_guide) -> tuple[dict, float]:
         f" | tokens fed | KV MiB | KV ratio | agreement |{mem}"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.memory else ""))
-    if args.compare_loop:
-        print("\n| mode | engine time / step-loop time | same tokens and forwards |\n|---|---|---|")
-        for mode, r in rows.items():
-            print(f"| {mode} | {r['engine_over_loop']:.3f} | {r['loop_same_tokens']} |")
-        print()
     for mode, r in rows.items():
         extra = f" {r['peak_mib']:.0f} ({r['decode_extra_mib']:+.0f}) |" if args.memory else ""
         print(

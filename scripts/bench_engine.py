@@ -1,14 +1,14 @@
 """The batched engine in-process against `DLMPipeline`, on a bundled model (--threads, default 1).
 
     python scripts/bench_engine.py --out results/bench_engine.json
-    python scripts/bench_engine.py --model dlmcache/tiny-block      # block diffusion: against decode_blocks
+    python scripts/bench_engine.py --model dlmcache/tiny-block      # block diffusion
     python scripts/bench_engine.py --guide dlmcache/tiny-guide      # guided unmasking (FreeCache + guide)
 
 One run, ratios within it, medians of `--repeats`:
-- one request at a time: ms per request through `DLMPipeline`'s step loop (engine=False) and through
-  `BatchedDecoder` (R = 1),
-  interleaved request by request, the median of the per-request ratios, and the check that both give
-  the same tokens;
+- one request at a time: ms per request through `DLMPipeline.__call__` and through a `BatchedDecoder`
+  directly (R = 1; the difference is the call's own work: encoding, requests, outputs), interleaved
+  request by request, the median of the per-request ratios, and the check that both give the same
+  tokens;
 - all `--requests` at once through the engine: answer tokens per second against one at a time;
 - dispatched ops per step at R = 1 and R = `--requests` (a dispatch counter), and host reads per step;
   `DLMPipeline`'s ops per step for one request beside them.
@@ -45,8 +45,7 @@ def pipeline_ops_per_step(pipe, ids, max_new_tokens, cache) -> int:
         elif step == 4:
             count.__exit__(None, None, None)
 
-    pipe([ids], max_new_tokens=max_new_tokens, cache=cache, stop_at_eos=True, callback_on_step_end=callback,
-         engine=False)  # fmt: skip
+    pipe([ids], max_new_tokens=max_new_tokens, cache=cache, stop_at_eos=True, callback_on_step_end=callback)
     return count.ops
 
 
@@ -138,7 +137,7 @@ def main() -> None:
         t_pipe, t_one, seqs, same = [], [], [], True
         for i, ids in enumerate(prompts):
             t = time.perf_counter()
-            seqs.append(pipe([ids], max_new_tokens=g, cache=cache, stop_at_eos=True, engine=False).sequences[0])
+            seqs.append(pipe([ids], max_new_tokens=g, cache=cache, stop_at_eos=True).sequences[0])
             t_pipe.append(time.perf_counter() - t)
             t = time.perf_counter()
             same &= torch.equal(decode(one, [request(ids, i)])[str(i)], seqs[-1])

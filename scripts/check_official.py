@@ -14,7 +14,7 @@ fused one; `fuse_moe` is stubbed (never called), and transformers 5's RoPE regis
 `configuration_llada2_moe.py` (LLaDA2.0's), or the same files of LLaDA2.1 named `*_llada21_moe.py`
 (ZHZisZZ/dllm keeps both under `dllm/pipelines/llada2{,1}/models/`; the hub ships them as remote
 code). Besides the logits, the release's own `generate` runs on the same random weights (float64,
-greedy, no cache) beside ours (`decode_blocks` with the finished blocks' KV cached): LLaDA2.0's
+greedy, no cache) beside ours (the engine, the finished blocks' KV cached: `dlmcache.testing.decode`): LLaDA2.0's
 against `ThresholdScheduler`, LLaDA2.1's (with `editing_threshold`) against `TokenEditingScheduler`,
 for prompts ending inside a block, on its edge and one token in, under a threshold that commits
 several tokens a step and edit thresholds that edit; the tokens must be equal.
@@ -154,9 +154,8 @@ def transformers_4_helpers() -> None:
 def check_llada2(directory: Path) -> dict:
     import inspect
 
-    from dlmcache.blockdiffusion import block_causal_logits, decode_blocks
     from dlmcache.schedulers import ThresholdScheduler, TokenEditingScheduler
-    from dlmcache.testing import tiny_llada2
+    from dlmcache.testing import block_causal_logits, decode, tiny_llada2
 
     official, suffix = load_llada2(directory)
     # weights at 10x the usual scale, so that thresholds commit several tokens and edits happen; the
@@ -206,13 +205,13 @@ def check_llada2(directory: Path) -> dict:
                 scheduler = ThresholdScheduler(setting[0])
             with torch.no_grad():
                 want = reference.generate(torch.tensor([prompt]), **kw)[0].tolist()
-            out = decode_blocks(ours, [prompt], gen, block, block, scheduler, eos_token_id=fields["eos_token_id"])
+            out = decode(ours, [prompt], gen, block, block, scheduler, eos_token_id=fields["eos_token_id"])
             got = out["sequences"][0].tolist()
             eos = fields["eos_token_id"]
             got = got[: got.index(eos) + 1] if eos in got else got  # the release returns up to its first EOS
             cases += 1
             equal += got == want
-            edits += out["stats"].get("edited_tokens", 0)
+            edits += out["stats"][0].get("edited_tokens", 0)
     result.update(generate="2.1 (token editing)" if editing else "2.0", generate_cases=cases,
                   generate_equal=equal, generate_edited_tokens=edits)  # fmt: skip
     return result

@@ -109,3 +109,34 @@ def step_costs(decoder, warm_steps: int) -> tuple[int, int]:
     with DispatchCount() as count:
         decoder.step()
     return count.ops, decoder.batch.host_reads - reads
+
+
+def trace(pipe, prompt, cache, **kw) -> list[dict]:
+    """`prompt` decoded alone on the engine, step by step: per step, the canvas before it ("canvas",
+    [L]: prompt and generated region, masks where nothing is committed), the positions it feeds
+    ("fed", sorted) and the logits it computes ("logits" [M, V], one row per still-masked position of
+    the active block, in position order). `kw`: the pipeline call's settings."""
+    from dlmcache.engine import BatchedDecoder
+
+    (request,) = pipe.make_requests(prompt, cache=cache, **kw)
+    mask_id = pipe.mask_token_id
+    canvas = torch.tensor(request.prompt + [mask_id] * request.max_new_tokens)
+    p = len(request.prompt)
+
+    def on_step(sequence, commit_step):
+        canvas[p:] = sequence
+
+    request.on_step = on_step
+    decoder = BatchedDecoder.for_requests(pipe.model, pipe.tokenizer.eos_token_id, [request])
+    decoder.add(request)
+    steps, forward = [], decoder._forward
+
+    def spy(step, store):
+        logits, values = forward(step, store)
+        steps.append({"canvas": canvas.clone(), "fed": sorted(step.positions.tolist()), "logits": logits})
+        return logits, values
+
+    decoder._forward = spy
+    while len(decoder):
+        decoder.step()
+    return steps

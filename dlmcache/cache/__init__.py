@@ -1,13 +1,11 @@
-"""KV reuse across denoising steps: `make_cache("none" | "prefix" | "dual" | "freecache", **options)`."""
+"""The cache strategies the engine runs: `make_cache("none" | "prefix" | "dual" | "freecache", **options)`."""
 
 from __future__ import annotations
 
-from .base import CacheStats, DenoisingCache, Layout, NoCache
+from .base import DenoisingCache, NoCache
+from .compression import prompt_compression
 from .freecache import FreeCache
-from .plans import Refresh, Scatter, Window
 from .reuse import DualCache, KVReuseCache, PrefixCache, refreshes_prompt
-from .rules import BlockFreeze, RefreshEvery, RefreshNever, RefreshOnDrift, TokenFreeze
-from .store import CanvasStore, prompt_compression
 
 CACHES: dict[str, type[DenoisingCache]] = {
     "none": NoCache,
@@ -32,24 +30,13 @@ def make_cache(cache: str | DenoisingCache = "none", **options) -> DenoisingCach
 
 
 __all__ = [
-    "BlockFreeze",
     "CACHES",
-    "CanvasStore",
-    "CacheStats",
     "DenoisingCache",
     "DualCache",
     "FreeCache",
     "KVReuseCache",
-    "Layout",
     "NoCache",
     "PrefixCache",
-    "Refresh",
-    "RefreshEvery",
-    "RefreshNever",
-    "RefreshOnDrift",
-    "Scatter",
-    "TokenFreeze",
-    "Window",
     "make_cache",
     "prompt_compression",
     "refreshes_prompt",

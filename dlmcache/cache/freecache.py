@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from .plans import Refresh
 from .reuse import KVReuseCache
-from .rules import BlockFreeze, RefreshEvery, RefreshNever, RefreshOnDrift, TokenFreeze
 
 #: FreeCache's default drift threshold (a cosine distance); see `FreeCache`.
 DEFAULT_DRIFT = 0.02
@@ -14,13 +12,13 @@ _UNSET = object()
 class FreeCache(KVReuseCache):
     """`cache="freecache"`: the prompt's KV is computed once and frozen; a block's KV is frozen once the
     block is finished; each step feeds only the active window: the current block plus `suffix_window`
-    later positions (all of them by default). It is two rules (`rules`): a freeze rule, which says
+    later positions (all of them by default). It is two rules: a freeze rule, which says
     what a cached step feeds, and a refresh rule, which says when a step recomputes instead.
 
     Freeze rule:
-      freeze: "block" (default, `rules.BlockFreeze`): the active block is fed whole until it is
+      freeze: "block" (default): the active block is fed whole until it is
         finished, and once more on the first step of the next block (its last step committed tokens
-        whose KV was computed while they were masked); "token" (`rules.TokenFreeze`): only the
+        whose KV was computed while they were masked); "token": only the
         positions whose KV is not final yet: the still-masked ones in the window, and each token
         committed since it was last fed, once.
       suffix_window: later (masked) positions recomputed with the block each step; None = all.
@@ -28,7 +26,7 @@ class FreeCache(KVReuseCache):
         KV, as DualCache reuses the suffix) or "drop" (not attended, as the FlashDLM code does).
 
     Refresh rule:
-      refresh_drift (default 0.02, `rules.RefreshOnDrift`): a row recomputes its canvas when the
+      refresh_drift (default 0.02): a row recomputes its canvas when the
         frozen KV it reads has drifted by more than this cosine distance, measured each cached step on
         `probe_tokens` (default 4) frozen positions next to the window; None: never.
       refresh_every: also recompute every row every k steps (k = 1: the no-cache reference, bit for
@@ -117,57 +115,3 @@ class FreeCache(KVReuseCache):
         if self.compression is not None:
             return False
         return True if self._periodic else None
-
-    def freeze_rule(self) -> BlockFreeze | TokenFreeze:
-        """A fresh freeze rule for one generation."""
-        if self.freeze == "token":
-            return TokenFreeze(self.suffix_window, self.beyond_window)
-        return BlockFreeze(self.suffix_window, self.beyond_window, delay=not self.flashdlm)
-
-    def refresh_rule(self) -> RefreshNever:
-        """A fresh refresh rule for one generation."""
-        if self.refresh_drift is not None:
-            return RefreshOnDrift(self.refresh_drift, self.probe_tokens, every=self.refresh_every)
-        return RefreshEvery(self.refresh_every) if self.refresh_every else RefreshNever()
-
-    def prepare(self, model, layout) -> None:
-        super().prepare(model, layout)
-        self.freezer, self.refresher = self.freeze_rule(), self.refresh_rule()
-        # The prompt's KV is final from a refresh on, whatever its tokens: CFG's unconditional rows
-        # hold masks there, which never change (and a compressed prompt is not in the buffer at all).
-        self.freezer.start(layout, self.shift, first=layout.prompt_len)
-        self.refresher.start(layout.key_mask.shape[0], layout.key_mask.device)
-        self.stats.extra["drift_refreshes"] = 0  # row refreshes triggered by the drift test
-
-    def _refresh_lead(self) -> int:
-        # A refresh of the canvas alone also feeds the prompt positions the drift test may probe, so
-        # their reference is that of the refresh.
-        return self.shift + (self.probe_tokens if self.refresh_drift is not None else 0)
-
-    def _plan(self, canvas, targets, start, end):
-        due = self.refresher.due()
-        if due is True:
-            self.freezer.refreshed(canvas, start)
-            return [self._refresh()]
-        plan = self.freezer.plan(canvas, targets, start, end)
-        if not isinstance(self.refresher, RefreshOnDrift):
-            return [plan]
-        stale = due
-        plan = self.refresher.add_probes(plan, canvas, self.layout, stale)
-        if not bool(stale.any()):
-            return [plan]
-        # The stale rows run the cached plan too (cheaper than splitting the batch), then a refresh of
-        # their own rows rewrites their KV and gives their logits.
-        rows = stale.nonzero().flatten()
-        self.freezer.refreshed(canvas, start, rows)
-        return [plan, Refresh(rows=rows, prompt=self.refresh_prompt)]
-
-    def _observe(self, x, plan, fed) -> None:
-        if isinstance(self.refresher, RefreshOnDrift):
-            rows = plan.rows if isinstance(plan, Refresh) else None
-            self.refresher.observe(isinstance(plan, Refresh), rows, fed, self.store.fresh_values, x)
-
-    def _after_step(self, x, plans) -> None:
-        if isinstance(self.refresher, RefreshOnDrift):
-            self.refresher.end_step()
-            self.stats.extra["drift_refreshes"] = self.refresher.drift_refreshes

@@ -1,18 +1,16 @@
-"""KV reuse across denoising steps: the shared loop and Fast-dLLM's prefix and dual caches.
+"""KV reuse across denoising steps: the options every reusing cache shares, and Fast-dLLM's prefix
+and dual caches.
 
-Every strategy here keeps one `CanvasStore` and, per step, either refreshes it (`plans.Refresh`) or
-feeds some positions that attend to cached KV for the rest (`plans.Window`, `plans.Scatter`). They
-differ only in `_plan`. Each can also compress the prompt's KV with the shared policies
-(`store.prompt_compression`): evicted to a budget and / or stored in KIVI's packed codes.
+Each strategy here refreshes (recomputes the canvas) at some steps and between them feeds some
+positions that attend to the KV the pool holds for the rest. Each can also compress the prompt's KV
+with the shared policies (`compression.prompt_compression`): evicted to a budget and / or stored in
+KIVI's packed codes.
 """
 
 from __future__ import annotations
 
-import torch
-
 from .base import DenoisingCache
-from .plans import Plan, Refresh, Scatter, Window
-from .store import CanvasStore, prompt_compression
+from .compression import prompt_compression
 
 
 def refreshes_prompt(prompt_len: int, new_tokens: int) -> bool:
@@ -29,13 +27,13 @@ def refreshes_prompt(prompt_len: int, new_tokens: int) -> bool:
 
 
 class KVReuseCache(DenoisingCache):
-    """Base of the KV-reusing strategies: the store, the plan dispatch and statistics.
+    """Base of the KV-reusing strategies: their shared options.
 
     Options every KV-reusing cache takes, to compress the prompt's KV after the first forward:
       policy: an eviction policy by registry name or instance (None: keep every prompt entry);
         budget: the fraction of each row's prompt kept, in (0, 1], or a token count; allocator: how
         the budget splits over layers ("uniform", "pyramid"); quantizer: "kivi2" / "kivi4" / "kivi8"
-        or a `KIVI`. See `store.prompt_compression` for what is refused and why.
+        or a `KIVI`. See `compression.prompt_compression` for what is refused and why.
     The scope of a refresh after the first forward, for every KV-reusing cache:
       refresh_prompt: True: recompute the prompt too (and compress it again, if it is compressed);
         False: recompute the generation region only (and the few prompt positions the step reads
@@ -70,101 +68,6 @@ class KVReuseCache(DenoisingCache):
         quantizer = None if c.quantizer is None else f"kivi{c.quantizer.bits}"
         return f", policy={policy!r}, budget={c.budget}, quantizer={quantizer!r}{scope}"
 
-    def prepare(self, model, layout) -> None:
-        super().prepare(model, layout)
-        self.store = CanvasStore(model, layout, self.compression)
-        self.shift = model.logit_shift
-        if self.refresh_prompt is None:  # each row's own scope, by its prompt's length (left padding off)
-            prompt_lens = layout.key_mask[:, : layout.prompt_len].sum(1).tolist()
-            new_tokens = layout.length - layout.prompt_len
-            self._row_refreshes_prompt = torch.tensor([refreshes_prompt(p, new_tokens) for p in prompt_lens])
-        self.stats.extra.update(kv_bytes=self.store.nbytes, canvas_refreshes=0)
-
-    def _plan(self, canvas: torch.LongTensor, targets: torch.LongTensor, start: int, end: int) -> list[Plan]:
-        """The step's plans: the first for the whole batch, the next ones `Refresh` some of its rows
-        (one forward each; their logits replace those rows')."""
-        raise NotImplementedError
-
-    def _logits(self, x, targets, start, end):
-        plans = self._plan(x, targets, start, end)
-        logits = self._forward(x, targets, plans[0])
-        for plan in plans[1:]:
-            logits[plan.rows] = self._forward(x, targets, plan)
-        self._after_step(x, plans)
-        self.stats.extra["kv_bytes"] = self.store.nbytes
-        return logits
-
-    def _after_step(self, x: torch.LongTensor, plans: list[Plan]) -> None:
-        """Called once the step's forwards have run (the drift rule measures here)."""
-
-    def _refresh(self) -> Refresh:
-        """The whole batch's refresh: the first recomputes the prompt, later ones as `refresh_prompt` says
-        (None: each row by its prompt's length)."""
-        return Refresh(prompt=True if self.step == 0 else self.refresh_prompt)
-
-    def _refresh_lead(self) -> int:
-        """How many of the prompt's last positions a refresh of the canvas alone feeds as queries
-        (their KV is rewritten unless the prompt is compressed): Dream predicts its first target from
-        the prompt's last position."""
-        return self.shift
-
-    def _forward(self, x, targets, plan: Plan) -> torch.Tensor:
-        if isinstance(plan, Refresh) and plan.prompt is None:
-            return self._refresh_by_row(x, targets, plan.rows)
-        if isinstance(plan, Refresh):
-            rows = plan.rows
-            if plan.prompt:
-                self.store.begin(plan, x, rows, None)
-                logits = self.full_forward(x if rows is None else x[rows], targets, kv=self.store, rows=rows)
-                self._observe(x, plan, torch.arange(self.layout.length, device=x.device))
-                return logits
-            # The generation region only, against the prompt's stored (maybe compressed) KV.
-            self.stats.extra["canvas_refreshes"] += self._share(rows)
-            length = self.layout.length
-            start = max(self.layout.prompt_len - self._refresh_lead(), 0)
-            return self._cached_forward(x, targets, Window(start, length, length), rows, refresh=plan)
-        return self._cached_forward(x, targets, plan, None)
-
-    def _refresh_by_row(self, x, targets, rows) -> torch.Tensor:
-        """A refresh whose rows each take their own scope: one forward for the rows that recompute their
-        prompt, one for those that recompute their canvas alone, and their logits back in row order."""
-        index = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-        whole = self._row_refreshes_prompt.to(index.device)[index]
-        if bool(whole.all()) or not bool(whole.any()):  # one scope for all of them: one forward
-            return self._forward(x, targets, Refresh(rows=rows, prompt=bool(whole[0])))
-        parts = [(index[whole], True), (index[~whole], False)]
-        outs = [self._forward(x, targets, Refresh(rows=part, prompt=prompt)) for part, prompt in parts]
-        logits = outs[0].new_empty((index.numel(), *outs[0].shape[1:]))
-        for (part, _), out in zip(parts, outs, strict=True):
-            logits[torch.searchsorted(index, part)] = out
-        return logits
-
-    def _observe(self, x, plan: Plan, fed: torch.LongTensor) -> None:
-        """Called after every forward with the plan it ran (a canvas-only refresh as its `Refresh`) and
-        the positions it fed; the store's `fresh_values` holds their last-layer values."""
-
-    def _cached_forward(self, x, targets, plan: Window | Scatter, rows, refresh: Refresh | None = None) -> torch.Tensor:
-        if isinstance(plan, Scatter):
-            fed = plan.index
-            logits_index = torch.searchsorted(fed, targets)
-        else:
-            # Targets lie in [start, end) of the block; a window starts at or before start - shift,
-            # since Dream predicts token i from hidden state i-1.
-            fed = slice(plan.start, plan.end)
-            logits_index = targets - plan.start
-        index = fed if isinstance(fed, torch.Tensor) else torch.arange(plan.start, plan.end, device=x.device)
-        self.store.begin(plan, x, rows, index)
-        n_fed, share = index.numel(), self._share(rows)
-        self.stats.forwards += 1
-        self.stats.fed_tokens += n_fed * share
-        self.stats.reused_tokens += (plan.attend_end - n_fed) * share
-        xs, positions = x, self.layout.positions
-        if rows is not None:
-            xs, positions = x[rows], positions[rows]
-        logits = self.model(xs[:, fed], positions=positions[:, fed], cache=self.store, logits_index=logits_index).logits
-        self._observe(x, refresh or plan, index)
-        return logits
-
 
 class PrefixCache(KVReuseCache):
     """`cache="prefix"` (Fast-dLLM prefix cache, Wu et al., arXiv 2505.22618): a full forward at the
@@ -176,29 +79,9 @@ class PrefixCache(KVReuseCache):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._compression_repr().removeprefix(', ')})"
 
-    def prepare(self, model, layout) -> None:
-        super().prepare(model, layout)
-        self._block = None
-
-    def _new_block(self, start: int) -> bool:
-        new = self._block != start
-        self._block = start
-        return new
-
-    def _plan(self, canvas, targets, start, end):
-        if self._new_block(start):
-            return [self._refresh()]
-        length = self.layout.length
-        return [Window(start - self.shift, length, length)]
-
 
 class DualCache(PrefixCache):
     """`cache="dual"` (Fast-dLLM DualCache): like `prefix`, but the masked suffix after the block is
     reused too, so only the current block is fed between refreshes."""
 
     name = "dual"
-
-    def _plan(self, canvas, targets, start, end):
-        if self._new_block(start):
-            return [self._refresh()]
-        return [Window(start - self.shift, end, self.layout.length)]

@@ -5,7 +5,7 @@ rules are rows of `GenerationBatch`'s tensors (row r = request r, canvas column 
 a request never shares a row, so no left padding). Per step:
 
 - `plan()` -> `StepInput`: for every row at once, whether it refreshes and which positions it feeds
-  (the freeze rules of `dlmcache.cache.rules`, written as masks over [R, W]), flattened into one list
+  (the cache's freeze rules, written as masks over [R, W]), flattened into one list
   of tokens with their pool slots, and the keys each row attends;
 - the runner computes the logits of the rows' still-masked block positions in one forward;
 - `commit(logits, values)` runs the schedulers (one call per scheduler configuration, rows padded to
@@ -590,7 +590,7 @@ class GenerationBatch:
             self._observe_drift(values)
 
         # The schedulers see each row's still-masked positions packed to the left, rows padded to the
-        # most any row has (what the step loop gives one row: its masked columns, no others), and
+        # most any row has (what a row alone has: its masked columns, no others), and
         # rows of one configuration are selected together.
         # (An editing row's targets also hold its block's committed positions: masked only where masked.)
         rows_n, t_row, t_rank = len(self.requests), step["target_row"], step["target_rank"]

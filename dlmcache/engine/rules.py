@@ -1,19 +1,17 @@
 """A request's cache strategy as numbers, so that one set of tensor ops plans every request's step.
 
 `CacheRule` is what the vectorised planner (`batch.GenerationBatch.plan`) reads of a
-`DenoisingCache`: which freeze rule (`dlmcache.cache.rules`), its window, and its refresh rule. The
-planner implements, per row and without a loop over rows, exactly what those rule objects do for a
-batch of one (tested token for token against `DLMPipeline` with the same cache). A block diffusion
-model has two rules of its own: its finished blocks' KV is exact, so every cache is the prefix cache
-of `dlmcache.blockdiffusion` (CAUSAL), and `none` recomputes the prefix every step (CAUSAL_FULL).
+`DenoisingCache`: which freeze rule, its window, and its refresh rule. A block diffusion model has
+two rules of its own: its finished blocks' KV is exact, so every cache is a prefix cache of the
+finished blocks (CAUSAL), and `none` recomputes the prefix every step (CAUSAL_FULL).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from dlmcache.cache import DenoisingCache, DualCache, FreeCache, NoCache, PrefixCache
-from dlmcache.cache.rules import RefreshOnDrift
 from dlmcache.kernels.compression import Compression
 
 #: Freeze modes: what a step that does not refresh feeds (the last two: block diffusion's).
@@ -27,8 +25,8 @@ class CacheRule:
     CAUSAL_FULL (block diffusion: feed the active block and the blocks finished since the row's last
     forward / everything up to the active block's end);
     suffix_window: later positions fed with the block (-1: all); drop_beyond: positions after the
-    window are not attended; delay: BlockFreeze's delayed freeze; refresh_every: k (0: never);
-    drift: RefreshOnDrift's threshold (0: off); probe_tokens: its probes per row; canvas_refresh: a
+    window are not attended; delay: block freezing's delayed freeze; refresh_every: k (0: never);
+    drift: the drift test's threshold (0: off); probe_tokens: its probes per row; canvas_refresh: a
     refresh after the first forward recomputes the generation region only (`refresh_prompt=False`:
     from `probe_tokens` + the logit shift positions before it), reading the prompt's KV from the pool
     (None: each request by its prompt's length, `Request.canvas_refresh`);
@@ -49,6 +47,7 @@ class CacheRule:
     canvas_refresh: bool | None = False
     compression: Compression | None = None
     sub_block: bool = False
+    name: str = ""  # the cache strategy's name ("none", "freecache", ...)
 
 
 def canvas_refresh(cache) -> bool | None:
@@ -59,7 +58,12 @@ def canvas_refresh(cache) -> bool | None:
 
 def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule | None:
     """The rule of `cache` (for a block diffusion model: `block_causal`), or None when the batched
-    engine does not run it (a strategy it does not know, or a compressed prefix of block diffusion)."""
+    engine does not run it (a strategy it does not know)."""
+    rule = _rule(cache, block_causal)
+    return None if rule is None else dataclasses.replace(rule, name=cache.name)
+
+
+def _rule(cache: DenoisingCache, block_causal: bool) -> CacheRule | None:
     compression = getattr(cache, "compression", None)
     if block_causal:  # (a compressed prefix: its complete attention blocks, after the first forward)
         return (
@@ -75,8 +79,7 @@ def cache_rule(cache: DenoisingCache, block_causal: bool = False) -> CacheRule |
         return CacheRule(DUAL, canvas_refresh=canvas_refresh(cache), compression=compression)
     if type(cache) is not FreeCache:
         return None
-    refresh = cache.refresh_rule()
-    drift = isinstance(refresh, RefreshOnDrift)
+    drift = cache.refresh_drift is not None
     return CacheRule(
         mode=TOKEN if cache.freeze == "token" else BLOCK,
         suffix_window=-1 if cache.suffix_window is None else cache.suffix_window,

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from dlmcache.cache.store import evict_prompt, pack_prompts
+from dlmcache.cache.compression import evict_prompt, pack_prompts
 from dlmcache.kernels.ops import dense_attention, merge_attention, paged_attention, paged_layout
 from dlmcache.kernels.pool import KVPool, PoolFull, bytes_per_token
 from dlmcache.kernels.store import KVSegment
@@ -33,7 +33,7 @@ def device_memory(device: torch.device) -> int:
 class PromptSegments:
     """The compressed prompts of the running requests: per request and layer, the segment its cache
     keeps for it alone (evicted to its budget with its own queries, then KIVI-coded if it quantizes:
-    `dlmcache.cache.store.evict_prompt` / `pack_prompts`, as `CanvasStore` compresses), and per layer
+    `dlmcache.cache.compression.evict_prompt` / `pack_prompts`), and per layer
     their stacks over the batch's rows that read them (`KVSegment.stack`), one per kind of storage
     (full precision, or KIVI at one bit width and group), rebuilt only when those rows or their
     segments change."""
@@ -124,8 +124,8 @@ class PagedStore:
 
     def _attend_with_prompts(self, layer_idx: int, q: torch.Tensor, backend: str) -> torch.Tensor:
         """q [T, Hq, D] -> [T, Hq, D]: the pool's keys (a compressed row's canvas alone), merged by
-        log-sum-exp with each merging row's prompt segment, in the order `CanvasStore` merges them
-        (the prompt's part first); one segment attention per kind of storage."""
+        log-sum-exp with each merging row's prompt segment (the prompt's part first); one segment
+        attention per kind of storage."""
         step, layout = self.step, self.layout
         pool_part = paged_attention(q, self.pool.k[layer_idx], self.pool.v[layer_idx], layout, return_lse=True,
                                     backend=backend)  # fmt: skip

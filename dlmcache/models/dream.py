@@ -189,7 +189,7 @@ class FastDLLMV2ForCausalLM(DreamModel):
     Qwen2.5 turned into a block diffusion model. The layer is Qwen2's (Dream's here: QKV bias, no
     output bias); attention is causal across blocks of `bd_size` absolute positions and bidirectional
     inside one; the logits are shifted by one as Dream's (its "token shift": the state at i-1 predicts
-    token i). Decoding (`dlmcache.blockdiffusion`, the engine's block rules) goes sub-block by
+    token i). Decoding (the engine's block rules) goes sub-block by
     sub-block (`small_block_size`) through each attention block, feeding the whole attention block
     each step over the finished blocks' exact cache, and a block's first token is the argmax of the
     previous block's last position, committed alone (the release's autoregressive step)."""

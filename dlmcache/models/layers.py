@@ -79,11 +79,11 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ro
 
 
 class KVStore(Protocol):
-    """What attention needs from a KV cache (implemented by `dlmcache.cache.CanvasStore`).
+    """What attention needs from a KV cache (implemented by the engine's `PagedStore`).
 
     `attend` stores the freshly computed keys/values of the fed tokens (already rotated) for layer
-    `layer_idx` where the cache's current plan says, and returns the fed queries' attention output
-    [B, Hq, n, D] over every key the plan makes them see (cached and fresh).
+    `layer_idx` where the step says, and returns the fed queries' attention output [B, Hq, n, D] over
+    every key the step makes them see (cached and fresh).
     """
 
     def attend(
@@ -359,7 +359,7 @@ class DLMModelMixin:
     """
 
     logit_shift: int = 0
-    #: True for block diffusion models (attention causal across blocks; `dlmcache.blockdiffusion` decodes)
+    #: True for block diffusion models (attention causal across blocks, bidirectional inside one)
     block_diffusion: bool = False
     #: a block diffusion model whose decoding commits each attention block's first token alone, as the
     #: argmax of the previous position (Fast-dLLM v2's autoregressive step)
@@ -463,8 +463,7 @@ class DLMModelMixin:
         - on CPU, silu, sigmoid and RoPE's cos / sin through `dlmcache.kernels.ops.matmul.elementwise`
           (torch computes a tensor's last few elements with scalar code, which rounds silu otherwise).
 
-        With compressed prompts, each request attends its own segment alone. The step loop
-        (`DLMPipeline(..., engine=False)`) is not covered.
+        With compressed prompts, each request attends its own segment alone.
         """
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled={enabled!r} must be a bool")
@@ -544,6 +543,8 @@ class DLMModelMixin:
             self.thread_policy.apply(self.flops_per_token * input_ids.numel())
         key_mask = None if attention_mask is None else attention_mask.bool()
         if positions is None:
+            if key_mask is not None and key_mask.dim() == 3:
+                raise ValueError("a per-token attention_mask [B, n, n] needs explicit positions")
             positions = default_positions(input_ids, attention_mask)
         x = embed(input_ids)
         cos, sin = rope_cos_sin(positions, self.rotary_dim, self.rope_theta, x.dtype, self.batch_invariant)
@@ -570,8 +571,9 @@ class DLMModelMixin:
         `logits_index[j]` (every fed index when None).
 
         positions: absolute positions [B, n] (default: counted from the first non-padding token).
-        attention_mask: [B, n], 1 for real tokens, 0 for padding; used without a `cache` (a cache
-        carries its own key mask over the whole sequence).
+        attention_mask: [B, n], 1 for real tokens, 0 for padding, or [B, n, n] bool, the keys each fed
+        token attends (block diffusion's block-causal mask; then `positions` must be given); used
+        without a `cache` (a cache carries its own key mask over the whole sequence).
         With `logit_shift == 1` the prediction for fed token j comes from hidden state j-1, so the
         caller feeds each target's predecessor right before it; fed token 0 then predicts from itself,
         as Dream's reference does for the very first position.

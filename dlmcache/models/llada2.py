@@ -1,6 +1,6 @@
 """LLaDA2.0 / 2.1 (inclusionAI/LLaDA2.0-mini, -flash, LLaDA2.1-mini; "LLaDA2.0", arXiv 2512.15745) in
 plain PyTorch: block diffusion (as SDAR: causal across blocks of `block_size` absolute positions,
-bidirectional inside one, decoded by `dlmcache.blockdiffusion` and the engine's block rules) over
+bidirectional inside one, decoded by the engine's block rules) over
 BailingMoeV2 layers.
 
 The layer, as the release's modeling file describes it (its vLLM-bound copy in inclusionAI/dInfer

@@ -4,7 +4,7 @@ plain PyTorch.
 SDAR turns a Qwen3 model into a *block diffusion* model: the sequence is cut into blocks of
 `block_length` absolute positions; attention is causal across blocks and bidirectional inside one
 (a query in block b sees every key in blocks 0..b). Generation denoises one block at a time, so a
-finished block's KV is final and is cached like an autoregressive prefix (`dlmcache.blockdiffusion`).
+finished block's KV is final and is cached like an autoregressive prefix (the engine's block rules).
 
 The layer is Qwen3's: GQA with an explicit `head_dim`, no QKV bias by default (`attention_bias`), an
 RMSNorm over each head's queries and keys (`q_norm`, `k_norm`) before RoPE, SwiGLU, tied embeddings
@@ -153,7 +153,7 @@ class SDARBaseModel(nn.Module):
 
 class SDARForCausalLM(DLMModelMixin, PreTrainedModel):
     """SDAR block diffusion LM. Hidden state i predicts token i (no shift: SDAR's generate reads the
-    logits of the block's own positions). `block_diffusion`: decoded by `dlmcache.blockdiffusion`."""
+    logits of the block's own positions). `block_diffusion`: decoded by the engine's block rules."""
 
     config_class = SDARConfig
     base_model_prefix = "model"

@@ -20,9 +20,8 @@ distribution, not the release's random stream).
 
 A block therefore takes at least one forward more than its masks need: the last one checks that
 nothing wants editing. Edits stay inside the active block, whose KV every step recomputes, so the
-exact cache of the finished blocks is unaffected. The decoding loops (`decode_blocks` and the
-batched engine) run the block rule; this scheduler holds its settings and its two vectorised
-selections.
+exact cache of the finished blocks is unaffected. The batched engine runs the block rule; this
+scheduler holds its settings and its two vectorised selections.
 """
 
 from __future__ import annotations

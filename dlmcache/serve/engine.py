@@ -207,11 +207,7 @@ class Engine:
 
     def _request(self, job: Job) -> Request:
         """The batched decoder's request for `job` (its options checked as `DLMPipeline` checks them)."""
-        requests = self.pipe.make_requests(job.prompt, **job.options)
-        if requests is None:
-            cache = job.options.get("cache")
-            raise ValueError(f"the serving engine does not run cache={cache!r}: it has no `dlmcache.engine` rule")
-        (request,) = requests
+        (request,) = self.pipe.make_requests(job.prompt, **job.options)
         request.id = f"{id(job)}"
         if job.on_step is not None:
             request.on_step = lambda seq, commit: job.on_step(seq[None], commit[None])

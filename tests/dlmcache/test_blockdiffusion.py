@@ -1,5 +1,6 @@
-"""Block diffusion (SDAR): the cached loop against recomputing everything and against an independent
-implementation of the release's generate loop; batches against prompts alone; the model's layout."""
+"""Block diffusion (SDAR) on the engine: the finished blocks' exact cache against recomputing
+everything and against an independent implementation of the release's generate loop; batches
+against prompts alone; the model's layout."""
 
 import copy
 import json
@@ -10,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from dlmcache import DLMPipeline
-from dlmcache.blockdiffusion import block_causal_logits, block_causal_mask, decode_blocks
 from dlmcache.cache import make_cache
 from dlmcache.engine import BatchedDecoder, Request, cache_rule
 from dlmcache.engine.rules import CAUSAL, CAUSAL_FULL, CacheRule
 from dlmcache.schedulers import LowConfidenceScheduler, ThresholdScheduler, TokenEditingScheduler
-from dlmcache.testing import random_checkpoint, tiny_sdar
+from dlmcache.testing import block_causal_logits, block_causal_mask, decode, random_checkpoint, tiny_sdar
 from tests.helpers import step_costs
 
 
@@ -105,7 +105,7 @@ def test_equals_the_release_loop(model, strategy, prompt_len, gen_length, steps,
     prompt = list(range(10, 10 + prompt_len))
     scheduler = SCHEDULERS[strategy]
     expected = release_generate(model, prompt, gen_length, 4, steps, strategy, threshold=0.006)
-    out = decode_blocks(model, [prompt], gen_length, 4, steps, scheduler, cached=cached)
+    out = decode(model, [prompt], gen_length, 4, steps, scheduler, cache="freecache" if cached else "none")
     assert out["sequences"][0].tolist() == expected
     if strategy == "dynamic":  # the threshold commits several tokens in some step
         assert out["nfe"] < gen_length
@@ -114,27 +114,16 @@ def test_equals_the_release_loop(model, strategy, prompt_len, gen_length, steps,
 def test_a_batch_of_mixed_prompt_lengths_equals_each_prompt_alone(model):
     prompts = [list(range(10, 17)), list(range(20, 33)), [40, 41], list(range(50, 54))]
     scheduler = ThresholdScheduler(threshold=0.006)
-    for cached in (True, False):
-        batch = decode_blocks(model, prompts, 12, 4, 4, scheduler, cached=cached)
+    for cache in ("freecache", "none"):
+        batch = decode(model, prompts, 12, 4, 4, scheduler, cache=cache)
         steps = []
         for i, prompt in enumerate(prompts):
-            alone = decode_blocks(model, [prompt], 12, 4, 4, scheduler, cached=cached)
-            assert torch.equal(alone["sequences"][0], batch["sequences"][i]), (cached, i)
-            assert torch.equal(alone["commit_step"][0], batch["commit_step"][i]), (cached, i)
+            alone = decode(model, [prompt], 12, 4, 4, scheduler, cache=cache)
+            assert torch.equal(alone["sequences"][0], batch["sequences"][i]), (cache, i)
+            assert torch.equal(alone["commit_step"][0], batch["commit_step"][i]), (cache, i)
             steps.append(alone["nfe"])
         # every row at its own pace: the batch takes the steps of its slowest row, no more
         assert batch["nfe"] == max(steps) and min(steps) < max(steps)
-
-
-def test_the_cache_feeds_the_active_block_and_the_newly_finished_ones(model):
-    prompt = list(range(10, 18))  # two complete blocks: one prefill forward
-    cached = decode_blocks(model, [prompt], 16, 4, 4, LowConfidenceScheduler(), cached=True)
-    full = decode_blocks(model, [prompt], 16, 4, 4, LowConfidenceScheduler(), cached=False)
-    assert torch.equal(cached["sequences"], full["sequences"])
-    assert cached["stats"]["prefill_forwards"] == 1 and cached["nfe"] == full["nfe"] == 16
-    # 4 blocks x 4 steps of 4 tokens, plus the previous block once at each of the last 3 blocks' first step
-    assert cached["stats"]["fed_tokens"] == 8 + 16 * 4 + 3 * 4
-    assert full["stats"]["fed_tokens"] == sum(4 * (3 + b) * 4 for b in range(4))
 
 
 def test_attention_is_causal_across_blocks(model):
@@ -166,9 +155,6 @@ def test_pipeline_defaults_and_refusals(tmp_path):
     assert out.sequences.shape == (1, 8) and out.stats["block_diffusion"]
     with pytest.raises(ValueError, match="max_new_tokens=10 is not divisible by block_length=4"):
         pipe("Hi", max_new_tokens=10)
-    # the batched engine by default; the reference loop with engine=False
-    loop = pipe("Mia has 3 pens.", max_new_tokens=8, engine=False)
-    assert torch.equal(loop.sequences, out.sequences) and loop.stats["block_diffusion"]
     with pytest.raises(ValueError, match="cfg_scale=1.0"):
         pipe("Hi", max_new_tokens=8, cfg_scale=1.0)
 
@@ -334,11 +320,11 @@ def block_request(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
 
 
 def block_alone(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
-    """The prompt alone on the reference loop (`decode_blocks`): sequence, commit steps and forwards."""
+    """The prompt alone (a pipeline call of its own): sequence, commit steps and forwards."""
     g, b, s = schedule or BLOCK_SCHEDULES[i % len(BLOCK_SCHEDULES)]
     generator = None if scheduler.batched else torch.Generator().manual_seed(100 + i)
     out = pipe(BLOCK_PROMPTS[i % len(BLOCK_PROMPTS)], max_new_tokens=g, block_length=b, steps=s, scheduler=scheduler,
-               cache=cache, generator=generator, stop_at_eos=stop_at_eos, engine=False)  # fmt: skip
+               cache=cache, generator=generator, stop_at_eos=stop_at_eos)  # fmt: skip
     return out.sequences[0], out.commit_step[0], out.nfe
 
 
@@ -362,10 +348,10 @@ def run_decoder(decoder, requests, on_step=None):
 
 
 @pytest.mark.parametrize("cache", ["freecache", "none"])
-def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(sdar_pipe, cache):
+def test_a_batch_gives_each_request_what_it_gets_alone(sdar_pipe, cache):
     """Block diffusion rows of one flattened forward, with different prompts (ending inside a block
     or on its edge), lengths, block lengths, steps, schedulers (a sampling one with its generator) and
-    EOS stops: each gets the reference loop's tokens, commit steps and forwards for it alone."""
+    EOS stops: each gets the tokens, commit steps and forwards it gets alone."""
     pipe = sdar_pipe
     items = [(i, name, bool(i % 2)) for i, name in enumerate(list(BLOCK_SCHEDULERS) * 2)]
     requests = [block_request(pipe, i, BLOCK_SCHEDULERS[n](), make_cache(cache), eos) for i, n, eos in items]
@@ -383,16 +369,17 @@ def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(sdar_pipe, c
     assert torch.equal(lone["0"].sequence, done["0"].sequence)
 
 
-def test_the_engine_feeds_each_row_its_blocks_without_padding(model):
-    """The engine's block cache feeds what the loop's does, less the loop's alignment padding: at its
-    first forward a row's prompt blocks and active block (the loop's prefill merged in), then its
-    active block, plus the previous block at each block's first step."""
+def test_the_cache_feeds_each_row_its_active_block_and_the_newly_finished_ones(model):
+    """The finished blocks' cache feeds, per row and without padding: at its first forward the row's
+    prompt blocks and its active block (the prefill merged in), then its active block, plus the
+    previous block at each block's first step (its final KV); and gives the tokens of recomputing
+    everything up to the active block's end at every step."""
     prompts = [list(range(10, 18)), list(range(20, 27))]  # two complete blocks; one complete + 3 tokens
     requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), CacheRule(CAUSAL), id=str(i))
                 for i, p in enumerate(prompts)]  # fmt: skip
     decoder = BatchedDecoder.for_requests(model, None, requests)
     done = run_decoder(decoder, requests)
-    reference = decode_blocks(model, prompts, 16, 4, 4, LowConfidenceScheduler())
+    reference = decode(model, prompts, 16, 4, 4, LowConfidenceScheduler(), cache="none")
     for i in range(2):
         assert torch.equal(done[str(i)].sequence, reference["sequences"][i]), i
     # row 0: blocks [8, 12) .. [20, 24), 4 steps each: [0, 12) at its first forward, then 4 per step and
@@ -401,9 +388,9 @@ def test_the_engine_feeds_each_row_its_blocks_without_padding(model):
     # row 1: block [4, 8) holds 3 prompt tokens and 1 mask (one step, feeding [0, 8)); [8, 12) .. [16, 20)
     # as row 0's; the last, [20, 23), has 3 masks: 3 steps of 3, the first with [16, 20)
     assert done["1"].stats["fed_tokens"] == 8 + 3 * (8 + 3 * 4) + (7 + 2 * 3)
-    # the loop's steps, without its separate prefill forward
-    assert decoder.forwards == reference["nfe"] == 16 and reference["stats"]["prefill_forwards"] == 1
-    assert reference["stats"]["fed_tokens"] > done["0"].stats["fed_tokens"] + done["1"].stats["fed_tokens"]
+    # no separate prefill forward; recomputing feeds everything up to the active block's end each step
+    assert decoder.forwards == reference["nfe"] == 16
+    assert reference["stats"][0]["fed_tokens"] == sum(4 * (3 + b) * 4 for b in range(4))
 
 
 def test_block_requests_join_mid_flight_and_cancels_leave_the_others_alone(sdar_pipe):
@@ -451,10 +438,10 @@ def test_block_and_full_attention_requests_do_not_share_a_batch(model):
 
 
 @pytest.mark.parametrize("options", [dict(policy="snapkv", budget=0.5), dict(policy="knorm", budget=2)])
-def test_a_compressed_prefix_on_the_engine_equals_the_loop(sdar_pipe, options):
+def test_a_compressed_prefix_gives_each_request_what_it_gets_alone(sdar_pipe, options):
     """The prompt's complete blocks compressed after the first forward (with their own queries): each
-    request gets the reference loop's tokens for it alone, the compression changes them, and the
-    engine's requests give the prefix's pool blocks back."""
+    request gets the tokens it gets alone, the compression changes them, and the requests give the
+    prefix's pool blocks back."""
     pipe = sdar_pipe
     prompts = [p * 3 for p in BLOCK_PROMPTS]  # prompts of several blocks
     kw = dict(max_new_tokens=12, scheduler=LowConfidenceScheduler())
@@ -463,7 +450,7 @@ def test_a_compressed_prefix_on_the_engine_equals_the_loop(sdar_pipe, options):
     assert not torch.equal(batch.sequences, plain.sequences)
     assert batch.stats["kv_bytes"] < plain.stats["kv_bytes"]
     for i, prompt in enumerate(prompts):
-        alone = pipe(prompt, cache=make_cache("freecache", **options), engine=False, **kw)
+        alone = pipe(prompt, cache=make_cache("freecache", **options), **kw)
         assert torch.equal(alone.sequences[0], batch.sequences[i]), (options, i)
 
 

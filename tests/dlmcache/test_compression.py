@@ -1,7 +1,5 @@
 """Denoising caches that compress the prompt's KV with the shared policies (`dlmcache.kernels`)."""
 
-import math
-
 import pytest
 import torch
 from dlmcache.kernels.compression import score_inputs
@@ -11,9 +9,9 @@ from dlmcache.kernels.policies.quant import KIVIStore
 from dlmcache.kernels.store import KVSegment
 
 from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler, ThresholdScheduler
-from dlmcache.cache import CanvasStore, FreeCache, Refresh, Window, make_cache, prompt_compression
+from dlmcache.cache import FreeCache, make_cache, prompt_compression
 from dlmcache.guidance import ARGuide
-from tests.helpers import tiny_dream, tiny_llada, tiny_llama
+from tests.helpers import tiny_dream, tiny_llada, tiny_llama, trace
 
 PROMPTS = ["Mia has 3 pens.", "Tom has 10 eggs. He buys 4 more eggs. How many eggs does Tom have now?", "Hi"]
 
@@ -79,81 +77,62 @@ def test_compression_options_resolve():
     assert "policy='maskkv', budget=0.5" in repr(FreeCache(policy="maskkv", budget=0.5))
 
 
-@pytest.mark.parametrize("arch", ["llada", "dream"])
-@pytest.mark.parametrize("quantizer", [None, "kivi8"])
-def test_window_over_compressed_prompt_equals_full_forward(arch, quantizer, tiny_tokenizer):
-    """With every prompt entry kept (and stored exactly in float64, or in 8-bit codes), a window that
-    attends over the prompt segment and the canvas buffer, merged by log-sum-exp, reproduces the full
-    forward: checks the segment assembly of a padded batch, absolute positions and the merge."""
-    pipe = make_pipe(tiny_tokenizer, arch, dtype=torch.float64)
-    model = pipe.model
-    x, layout = pipe.prepare_canvas(pipe.encode_prompts(PROMPTS), 24)
-    layout.block_length = 8
-    torch.manual_seed(0)
-    gen = x[:, layout.prompt_len :]
-    gen[torch.rand(gen.shape) < 0.5] = 7
-    p, length, shift = layout.prompt_len, layout.length, model.logit_shift
-    targets = torch.arange(p + 8, p + 16)
-    store = CanvasStore(model, layout, prompt_compression("knorm", 10_000, quantizer=quantizer))  # keeps all
-    with torch.no_grad():
-        store.begin(Refresh(), x, None, None)
-        full = model(x, positions=layout.positions, cache=store, logits_index=targets).logits
-        assert store.base == p and store.k[0].shape[2] == length - p
-        for w_start in (p + 8 - shift, p):
-            store.begin(Window(w_start, length, length), x, None, torch.arange(w_start, length))
-            got = model(
-                x[:, w_start:], positions=layout.positions[:, w_start:], cache=store, logits_index=targets - w_start
-            ).logits
-            if quantizer is None:
-                torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-10)
-            else:  # 8-bit keys and values: close, not equal
-                torch.testing.assert_close(got.softmax(-1), full.softmax(-1), rtol=0, atol=2e-2)
-    segment = store.prompt[0]
-    real = layout.key_mask[:, :p].sum(-1)
-    assert torch.equal(segment.valid[:, 0].sum(-1), real)  # every real prompt token, no padding
-    assert segment.length == (p if quantizer is None else math.ceil(p / 32) * 32)
+def test_a_segment_that_keeps_every_entry_decodes_as_the_pool(tiny_tokenizer):
+    """With every prompt entry kept and stored exactly (float64), attention over the prompt's segment
+    merged by log-sum-exp with the pool's canvas keys gives, step for step, the logits of the
+    uncompressed cache (which reads the prompt from the pool): checks the segment's assembly, its
+    absolute positions and the merge. (No drift test, and LLaDA's unshifted logits: the drift test's
+    probes in the prompt, like the prompt's last position that predicts Dream's first target, write
+    their fresh KV to the pool, never to a compressed prompt's segment.)"""
+    pipe = make_pipe(tiny_tokenizer, "llada", dtype=torch.float64)
+    kw = dict(max_new_tokens=24, block_length=8, steps=12)
+    for prompt in PROMPTS[:2]:
+        plain = trace(pipe, prompt, FreeCache(refresh_prompt=False, refresh_drift=None), **kw)
+        kept = trace(pipe, prompt, FreeCache(policy="knorm", budget=10_000, refresh_prompt=False, refresh_drift=None),
+                     **kw)  # fmt: skip
+        assert len(kept) == len(plain)
+        for a, b in zip(kept, plain, strict=True):
+            assert torch.equal(a["canvas"], b["canvas"]) and a["fed"] == b["fed"]
+            torch.testing.assert_close(a["logits"], b["logits"], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "maskkv", "h2o", "knorm"])
 def test_each_row_keeps_what_its_policy_ranks_best(policy, tiny_tokenizer, monkeypatch):
-    """The compressed prompt of each row of a padded batch is the top `keep` of the policy's ranking
-    computed on that row's prompt alone (without its padding), from the refresh's own queries, and
-    holds those entries' keys exactly."""
+    """Each request's compressed prompt is the top `keep` of the policy's ranking computed on that
+    prompt alone, from the first forward's own queries (a policy scoring by the masked positions reads
+    theirs), and holds those entries' keys exactly."""
+    from dlmcache.engine import BatchedDecoder, runner
+
     pipe = make_pipe(tiny_tokenizer, "llada")
     model = pipe.model
-    x, layout = pipe.prepare_canvas(pipe.encode_prompts(PROMPTS), 24)
-    p = layout.prompt_len
-    store = CanvasStore(model, layout, prompt_compression(policy, 0.5))
-    seen, write_refresh = {}, CanvasStore._write_refresh
+    seen, evict = [], runner.evict_prompt
 
-    def spy(self, layer_idx, q, k, v):
-        seen[layer_idx] = (q.clone(), k.clone(), v.clone())
-        write_refresh(self, layer_idx, q, k, v)
+    def spy(compression, q, k, v, prompt_len, masked, layer_idx, num_layers):
+        segment = evict(compression, q, k, v, prompt_len, masked, layer_idx, num_layers)
+        seen.append((q.clone(), k.clone(), prompt_len, layer_idx, segment))
+        return segment
 
-    monkeypatch.setattr(CanvasStore, "_write_refresh", spy)
+    monkeypatch.setattr(runner, "evict_prompt", spy)
+    cache = FreeCache(policy=policy, budget=0.5)
+    requests = pipe.make_requests(PROMPTS, max_new_tokens=24, block_length=8, cache=cache)
+    decoder = BatchedDecoder.for_requests(model, None, requests)
+    for r in requests:
+        decoder.add(r)
     with torch.no_grad():
-        store.begin(Refresh(), x, None, None)
-        model(x, positions=layout.positions, cache=store)
-    c = store.compression
-    assert sorted(seen) == list(range(model.num_layers))
-    for layer_idx, (q, k, v) in seen.items():
-        segment = store.prompt[layer_idx]
+        decoder.step()
+    assert len(seen) == len(PROMPTS) * model.num_layers
+    c = requests[0].rule.compression
+    for q, k, p, layer_idx, segment in seen:
+        extra = {"mask_queries": q[:, :, p:]} if policy == "maskkv" else {"queries": q[:, :, :p]}
+        prompt = KVSegment.dense(k[:, :, :p], k[:, :, :p])
+        inputs = score_inputs(prompt, layer_idx, model.num_layers, scale=q.shape[-1] ** -0.5, **extra)
+        keep = c.layer_budget(p, layer_idx, model.num_layers)
+        want = c.policy.ranking(inputs).topk(keep, dim=-1).indices.sort(-1).values[0]  # [H, keep]
         stored_keys = segment.read()[0]
-        for b in range(len(PROMPTS)):
-            n = int(layout.key_mask[b, :p].sum())
-            rows = slice(b, b + 1)
-            if policy == "maskkv":  # the whole answer is masked at the first step
-                extra = {"mask_queries": q[rows, :, p:]}
-            else:
-                extra = {"queries": q[rows, :, p - n : p]}
-            prompt = KVSegment.dense(k[rows, :, p - n : p], v[rows, :, p - n : p])
-            inputs = score_inputs(prompt, layer_idx, model.num_layers, scale=32**-0.5, **extra)
-            keep = c.layer_budget(n, layer_idx, model.num_layers)
-            want = c.policy.ranking(inputs).topk(keep, dim=-1).indices.sort(-1).values[0] + (p - n)  # [H, keep]
-            for h in range(want.shape[0]):
-                kept = segment.valid[b, h]
-                assert torch.equal(segment.origin[b, h][kept], want[h]), (layer_idx, b, h)
-                assert torch.equal(stored_keys[b, h][kept], k[b, h, want[h]])
+        for h in range(want.shape[0]):
+            kept = segment.valid[0, h]
+            assert torch.equal(segment.origin[0, h][kept], want[h]), (layer_idx, h)
+            assert torch.equal(stored_keys[0, h][kept], k[0, h, want[h]])
 
 
 MODES = {
@@ -174,26 +153,19 @@ MODES = {
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("sched", ["low_confidence", "threshold", "entropy"])
-def test_batch_equals_one_by_one_with_compression(arch, mode, sched, tiny_tokenizer):
-    scheduler = {
-        "low_confidence": LowConfidenceScheduler(),
-        "threshold": ThresholdScheduler(threshold=0.1),
-        "entropy": DreamScheduler(alg="entropy"),
-    }[sched]
-    # float64: a padded batch attends over more (masked) keys than a row alone, which moves float32
-    # logits by ~3e-7 and can flip a near-tie of a random model's entropy; the logic is what is tested.
-    pipe = make_pipe(tiny_tokenizer, arch, scheduler, dtype=torch.float64)
-    batch = run(pipe, MODES[mode](), engine=False)
-    assert batch.stats["kv_bytes"] < run(pipe, "freecache", engine=False).stats["kv_bytes"]
-    on_engine = run(pipe, MODES[mode]())  # the batched engine: each row's prompt a segment of its own
-    for i, prompt in enumerate(PROMPTS):
-        alone = run(pipe, MODES[mode](), prompts=[prompt], engine=False)
-        assert torch.equal(alone.sequences[0], batch.sequences[i]), (mode, i)
-        assert torch.equal(alone.sequences[0], on_engine.sequences[i]), (mode, i)
-    if "drift" in mode:  # some steps refreshed some rows only, in forwards of their own
-        assert batch.stats["forwards"] > batch.stats["steps"]
-    assert not (batch.sequences == tiny_tokenizer.mask_token_id).any()
+def test_batch_equals_one_by_one_with_compression(arch, mode, tiny_tokenizer):
+    """Each row's prompt a segment of its own: a batch gives every prompt what it gets alone, with
+    fewer KV bytes than the uncompressed cache where the prompt is never recomputed (its pool blocks
+    go back; float64, so that near ties of a random model's logits are the logic's, not rounding's)."""
+    for scheduler in (ThresholdScheduler(threshold=0.1), DreamScheduler(alg="entropy")):
+        pipe = make_pipe(tiny_tokenizer, arch, scheduler, dtype=torch.float64)
+        batch = run(pipe, MODES[mode]())
+        if not MODES[mode]().refresh_prompt:
+            assert batch.stats["kv_bytes"] < run(pipe, "freecache").stats["kv_bytes"]
+        for i, prompt in enumerate(PROMPTS):
+            alone = run(pipe, MODES[mode](), prompts=[prompt])
+            assert torch.equal(alone.sequences[0], batch.sequences[i]), (mode, i)
+        assert not (batch.sequences == tiny_tokenizer.mask_token_id).any()
 
 
 def test_drift_refreshes_happen_with_a_compressed_prompt(tiny_tokenizer):
@@ -294,8 +266,8 @@ def test_keeping_everything_is_no_compression(arch, options, tiny_tokenizer):
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_compressed_prompts_on_the_engine_join_leave_and_mix_kinds(arch, tiny_tokenizer):
     """Rows whose prompts are kept in full precision, in 4-bit and in 2-bit codes (one stack each),
-    joining mid-flight, one cancelled, one recompressing at its refreshes: each gets the step loop's
-    tokens for it alone, and finished rows leave no blocks and no segments behind."""
+    joining mid-flight, one cancelled, one recompressing at its refreshes: each gets the tokens it
+    gets alone, and finished rows leave no blocks and no segments behind."""
     from dlmcache.engine import BatchedDecoder
 
     pipe = make_pipe(tiny_tokenizer, arch, dtype=torch.float64)
@@ -341,6 +313,6 @@ def test_compressed_prompts_on_the_engine_join_leave_and_mix_kinds(arch, tiny_to
             assert [r.id for r in decoder.cancel({"6"})] == ["6"]
     assert sorted(done, key=int) == [str(i) for i in range(6)]
     for i in range(6):
-        alone = pipe(PROMPTS[i % len(PROMPTS)], cache=caches[i % len(caches)](), engine=False, **settings(i))
+        alone = pipe(PROMPTS[i % len(PROMPTS)], cache=caches[i % len(caches)](), **settings(i))
         assert torch.equal(done[str(i)].sequence, alone.sequences[0].cpu()), i
     assert decoder.pool.free_blocks == decoder.pool.num_blocks and not decoder.prompts.segments

@@ -1,5 +1,6 @@
-"""The batched engine against each request decoded alone by `DLMPipeline`: token for token, with mixed
-prompts, schedules, schedulers and caches, joins mid-flight and cancels; its pool, ops and host reads."""
+"""The batched engine: a batch against each request decoded alone (token for token, with mixed
+prompts, schedules, schedulers and caches, joins mid-flight and cancels); its pool, ops and host
+reads; `DLMPipeline.__call__` on it."""
 
 import copy
 import random
@@ -75,7 +76,7 @@ def alone(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
     g, b, s = schedule or SCHEDULES[i % len(SCHEDULES)]
     generator = seeded(i) if not scheduler.batched else None
     out = pipe(PROMPTS[i % len(PROMPTS)], max_new_tokens=g, block_length=b, steps=s, scheduler=scheduler,
-               cache=cache, generator=generator, stop_at_eos=stop_at_eos, engine=False)  # fmt: skip
+               cache=cache, generator=generator, stop_at_eos=stop_at_eos)  # fmt: skip
     return out.sequences[0], out.nfe
 
 
@@ -232,7 +233,7 @@ def test_the_triton_paged_kernel_decodes_the_same_tokens(tiny_tokenizer):
 
 def test_make_requests_decodes_what_the_call_decodes(pipe):
     """`DLMPipeline.make_requests` takes `__call__`'s arguments: the engine decodes each prompt as the
-    call does alone, bad arguments fail as the call's do, and what the engine does not run is None."""
+    call does alone, and bad arguments fail as the call's do."""
     kw = dict(max_new_tokens=24, block_length=8, steps=12, cache=FreeCache(freeze="token"), stop_at_eos=True)
     requests = pipe.make_requests(PROMPTS[:3], **kw)
     decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
@@ -240,7 +241,7 @@ def test_make_requests_decodes_what_the_call_decodes(pipe):
         r.id = str(i)
     done = run(decoder, requests)
     for i, prompt in enumerate(PROMPTS[:3]):
-        assert torch.equal(done[str(i)].sequence, pipe(prompt, **kw, engine=False).sequences[0]), i
+        assert torch.equal(done[str(i)].sequence, pipe(prompt, **kw).sequences[0]), i
     with pytest.raises(ValueError, match="not divisible by block_length=5"):
         pipe.make_requests("Hi", max_new_tokens=24, block_length=5)
     with pytest.raises(TypeError, match="cache must be a DenoisingCache"):
@@ -253,51 +254,28 @@ def test_make_requests_decodes_what_the_call_decodes(pipe):
 # ---------------------------------------------------------------- DLMPipeline.__call__ on the engine
 
 
-@pytest.mark.parametrize(
-    "cache", ["none", "dual", "freecache", "token", "every2_drop", "canvas_drift", "canvas_token_every2", "canvas_dual"]
-)
-@pytest.mark.parametrize("sched", ["low_confidence", "threshold", "sampled", "dream_origin"])
-def test_the_call_on_the_engine_equals_its_step_loop(pipe, cache, sched):
-    """One prompt: `__call__` on the engine (the default) and on the cache strategy's step loop
-    (engine=False) give the same tokens, forwards, commit steps and cache counters."""
-    kw = dict(max_new_tokens=24, block_length=8, steps=12, scheduler=SCHEDULERS[sched]())
-    outs = [
-        pipe(PROMPTS[1], cache=CACHES[cache](), generator=seeded(0), engine=engine, **kw) for engine in (None, False)
-    ]
-    got, want = outs
-    assert torch.equal(got.sequences, want.sequences) and got.texts == want.texts
-    assert got.nfe == want.nfe and torch.equal(got.commit_step, want.commit_step)
-    for key in ("steps", "forwards", "full_forwards", "fed_tokens", "reused_tokens", "answer_tokens"):
-        assert got.stats[key] == want.stats[key], key
-    for key in ("drift_refreshes", "canvas_refreshes"):
-        assert got.stats.get(key) == want.stats.get(key), key
-    if cache.startswith("canvas"):
-        assert got.stats["canvas_refreshes"] > 0 and got.stats["full_forwards"] == 1
-
-
 @pytest.mark.parametrize("cache", ["dual", "token"])
-def test_a_batched_call_on_the_engine_gives_each_prompt_its_tokens(pipe, cache):
+def test_a_batched_call_gives_each_prompt_its_tokens(pipe, cache):
     """A batch of prompts of different lengths: the engine's rows (no left padding, each at its own
-    pace) give the tokens of the step loop's padded batch and of each prompt alone; the callback sees
-    every row's canvas after every step, and its last view is the output."""
+    pace) give the tokens of each prompt alone; the callback sees every row's canvas after every
+    step, and its last view is the output."""
     kw = dict(max_new_tokens=24, block_length=8, steps=12, cache=CACHES[cache](), stop_at_eos=True)
     views = []
     got = pipe(PROMPTS, callback_on_step_end=lambda _, step, s: views.append((step, s["sequences"].clone())), **kw)
-    loop = pipe(PROMPTS, engine=False, **kw)
-    assert torch.equal(got.sequences, loop.sequences)
-    for i, prompt in enumerate(PROMPTS):
-        assert torch.equal(pipe(prompt, **kw).sequences[0], got.sequences[i])
+    alone = [pipe(prompt, **kw) for prompt in PROMPTS]
+    for i, out in enumerate(alone):
+        assert torch.equal(out.sequences[0], got.sequences[i])
     assert [step for step, _ in views] == list(range(1, got.nfe + 1))
-    assert torch.equal(views[-1][1], got.sequences.cpu()) and got.nfe <= loop.nfe
+    assert torch.equal(views[-1][1], got.sequences.cpu()) and got.nfe == max(out.nfe for out in alone)
     committed = got.commit_step >= 0
     assert committed.all() and int(got.commit_step.max()) < got.nfe
 
 
 def test_freecache_default_refresh_scope_is_each_prompts_own(pipe):
     """FreeCache's default refresh scope (`refreshes_prompt`): a prompt longer than its answer refreshes
-    its canvas alone, a shorter one its prompt too. In a batch of both, on the engine and on the step
-    loop's left-padded batch, each row gets the tokens it gets alone with its scope fixed; alone, the
-    default equals that fixed scope in tokens and counters (and the two scopes differ in both)."""
+    its canvas alone, a shorter one its prompt too. In a batch of both, each row gets the tokens it
+    gets alone with its scope fixed; alone, the default equals that fixed scope in tokens and counters
+    (and the two scopes differ in both)."""
     kw = dict(max_new_tokens=24, block_length=8, steps=12)
     prompts = [PROMPTS[1], PROMPTS[2]]
     lengths = [len(ids) for ids in pipe.encode_prompts(prompts)]
@@ -312,36 +290,34 @@ def test_freecache_default_refresh_scope_is_each_prompts_own(pipe):
             assert alone.stats[key] == want.stats[key], key
         assert alone.stats["full_forwards"] != pipe(prompt, cache=other, **kw).stats["full_forwards"]
     assert pipe(prompts[0], cache=default(), **kw).stats["canvas_refreshes"] > 0
-    for engine in (None, False):
-        got = pipe(prompts, cache=default(), engine=engine, **kw)
-        for i, (prompt, scope) in enumerate(zip(prompts, fixed, strict=True)):
-            alone = pipe(prompt, cache=scope, engine=engine, **kw)
-            assert torch.equal(got.sequences[i], alone.sequences[0]), (engine, i)
+    got = pipe(prompts, cache=default(), **kw)
+    for i, (prompt, scope) in enumerate(zip(prompts, fixed, strict=True)):
+        assert torch.equal(got.sequences[i], pipe(prompt, cache=scope, **kw).sequences[0]), i
 
 
-def test_the_call_keeps_its_step_loop_where_the_engine_does_not_run(pipe):
-    """A batch sampled from one generator decodes on the step loop; engine=True says so instead."""
-    kw = dict(max_new_tokens=16, block_length=8, steps=8)
-    prompts = PROMPTS[:2]
-    loop = pipe(prompts, engine=False, scheduler=SCHEDULERS["sampled"](), generator=seeded(1), **kw)
-    same = pipe(prompts, scheduler=SCHEDULERS["sampled"](), generator=seeded(1), **kw)
-    assert torch.equal(same.sequences, loop.sequences)
-    with pytest.raises(ValueError, match="engine=True: the batched engine does not run this configuration"):
-        pipe(prompts, engine=True, scheduler=SCHEDULERS["sampled"](), generator=seeded(1), **kw)
+def test_a_batch_sampled_from_one_generator_draws_row_by_row(pipe):
+    """A sampling batch with one generator: each request draws from it in turn (the first prompt's
+    draws are the ones it makes alone from a fresh generator, the second's then differ from its own
+    alone), and the same seed decodes the same tokens."""
+    kw = dict(max_new_tokens=16, block_length=8, steps=16, scheduler=SCHEDULERS["sampled"]())
+    prompts = [PROMPTS[0], PROMPTS[0]]
+    batch = pipe(prompts, generator=seeded(1), **kw)
+    assert torch.equal(batch.sequences, pipe(prompts, generator=seeded(1), **kw).sequences)
+    assert not torch.equal(batch.sequences[0], batch.sequences[1])  # one stream, two draws per step
+    with pytest.raises(TypeError, match="'engine'"):  # (the step loop is gone: one loop)
+        pipe(prompts, engine=False, **kw)
 
 
 @pytest.mark.parametrize("cache", ["none", "dual", "token", "every2_drop"])
 def test_classifier_free_guidance_is_a_second_row(pipe, cache):
     """CFG on the engine: each request's unconditional row (prompt masked, its own KV) runs beside
-    it; the tokens equal the step loop's CFG, alone and in a batch with requests without CFG, and
-    the pool holds and frees both rows."""
+    it; a batch gives each request its tokens alone, also beside requests without CFG, and the pool
+    holds and frees both rows (test_pipeline checks the formula)."""
     kw = dict(max_new_tokens=24, block_length=8, steps=12, cfg_scale=1.5, cache=CACHES[cache]())
-    loop = pipe(PROMPTS[:3], engine=False, **kw)
     got = pipe(PROMPTS[:3], **kw)
-    assert torch.equal(got.sequences, loop.sequences)
     assert not torch.equal(got.sequences, pipe(PROMPTS[:3], **{**kw, "cfg_scale": 0.0}).sequences)
-    alone = pipe(PROMPTS[1], engine=False, **kw)
-    assert alone.nfe == pipe(PROMPTS[1], **kw).nfe
+    alone = pipe(PROMPTS[1], **kw)
+    assert torch.equal(alone.sequences[0], got.sequences[1])
 
     decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
     free = decoder.pool.free_blocks
@@ -397,19 +373,20 @@ def guided_pipe():
 
 @pytest.mark.parametrize("cache", ["none", "dual", "freecache", "token"])
 def test_guided_unmasking_runs_as_rows_of_the_engine(guided_pipe, cache):
-    """The bundled model and its trained guide (which accepts long runs of drafts): on the engine each
-    prompt gets the step loop's tokens, forwards and accepted drafts, alone and batched; in a
-    `BatchedDecoder` a guided request decodes beside unguided ones as it does alone."""
+    """The bundled model and its trained guide (which accepts long runs of drafts): a batch gives each
+    prompt its tokens and accepted drafts alone, in fewer forwards than tokens; in a `BatchedDecoder`
+    a guided request decodes beside unguided ones as it does alone."""
     from dlmcache import tinytask
 
     prompts = [tinytask.messages(p) for p in tinytask.test_problems(3)]
     kw = dict(max_new_tokens=64, block_length=32, cache=CACHES[cache]())
-    for prompt in prompts[:2]:
-        got, want = guided_pipe([prompt], **kw), guided_pipe([prompt], engine=False, **kw)
-        assert torch.equal(got.sequences, want.sequences) and got.nfe == want.nfe < 64
-        assert got.stats["accepted_drafts"] == want.stats["accepted_drafts"] > 0
     batch = guided_pipe(prompts, **kw)
-    assert torch.equal(batch.sequences, guided_pipe(prompts, engine=False, **kw).sequences)
+    accepted = 0
+    for i, prompt in enumerate(prompts):
+        alone = guided_pipe([prompt], **kw)
+        assert torch.equal(alone.sequences[0], batch.sequences[i]) and alone.nfe < 64
+        accepted += alone.stats["accepted_drafts"]
+    assert accepted == batch.stats["accepted_drafts"] > 0
 
     decoder = BatchedDecoder(guided_pipe.model, guided_pipe.tokenizer.eos_token_id)
     (guided,) = guided_pipe.make_requests([prompts[0]], **kw)
@@ -419,7 +396,7 @@ def test_guided_unmasking_runs_as_rows_of_the_engine(guided_pipe, cache):
     done = run(decoder, [plain[0], guided, plain[1]])
     assert torch.equal(done["0"].sequence, batch.sequences[0])
     for i in (1, 2):
-        alone = guided_pipe([prompts[i]], scheduler=LowConfidenceScheduler(), engine=False, **kw)
+        alone = guided_pipe([prompts[i]], scheduler=LowConfidenceScheduler(), **kw)
         assert torch.equal(done[str(i)].sequence, alone.sequences[0])
     assert done["0"].stats["accepted_drafts"] > 0 and done["0"].stats["steps"] < done["1"].stats["steps"]
 
@@ -473,5 +450,5 @@ def test_guided_rows_share_their_guide_forwards(guided_pipe):
     assert calls[0] == len(prompts)  # one prefill for the four
     assert max(calls) == len(prompts) and len(calls) < per_request  # rows of one forward, fewer forwards
     for i, prompt in enumerate(prompts):
-        alone = guided_pipe([prompt], engine=False, **kw)
+        alone = guided_pipe([prompt], **kw)
         assert torch.equal(done[str(i)].sequence, alone.sequences[0].cpu()), i

@@ -1,6 +1,6 @@
-"""Fast-dLLM v2 (block diffusion over Qwen2.5 with the token shift): the decoding loop against an
-independent implementation of the release's generate, the engine against the loop, loading and bad
-configs. The release's modeling file and generate ship on the hub only
+"""Fast-dLLM v2 (block diffusion over Qwen2.5 with the token shift): the engine against an
+independent implementation of the release's generate, batches against requests alone, loading and
+bad configs. The release's modeling file and generate ship on the hub only
 (Efficient-Large-Model/Fast_dLLM_v2_7B); the loop below is written from its description."""
 
 import math
@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler
-from dlmcache.blockdiffusion import decode_blocks
 from dlmcache.cache import make_cache
 from dlmcache.models import FastDLLMV2Config
-from dlmcache.testing import random_checkpoint, tiny_fast_dllm_v2
+from dlmcache.testing import decode, random_checkpoint, tiny_fast_dllm_v2
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +114,8 @@ def test_equals_the_release_loop(model, prompt_len, cached):
     threshold = 0.05
     sub_block = cached == "sub_block"
     expected = release_generate(model, prompt, gen, 8, 4, threshold, use_block_cache=sub_block)
-    out = decode_blocks(model, [prompt], gen, 4, 4, ThresholdScheduler(threshold=threshold), cached=bool(cached),
-                        attention_block=8, first_token_autoregressive=True, sub_block_cache=sub_block)  # fmt: skip
+    cache = "dual" if sub_block else "freecache" if cached else "none"
+    out = decode(model, [prompt], gen, 4, 4, ThresholdScheduler(threshold=threshold), cache=cache)
     assert out["sequences"][0].tolist() == expected
     assert out["nfe"] < gen  # several tokens in some steps
 
@@ -129,24 +128,23 @@ def test_the_sub_block_cache_is_the_releases_approximation():
     model = tiny_fast_dllm_v2(dtype=torch.float64, initializer_range=0.2, bd_size=32)
     prompts = [list(range(10, 10 + n)) for n in (40, 37, 5)]
     gens = [24, 27, 27]  # each ends on a block's edge
-    kw = dict(attention_block=32, first_token_autoregressive=True)
     scheduler = ThresholdScheduler(threshold=0.05)
     fed, fed_exact, changed = 0, 0, 0
     for prompt, gen in zip(prompts, gens, strict=True):
         want = release_generate(model, prompt, gen, 32, 4, 0.05, use_block_cache=True)
-        out = decode_blocks(model, [prompt], gen, 4, gen, scheduler, sub_block_cache=True, **kw)
-        exact = decode_blocks(model, [prompt], gen, 4, gen, scheduler, **kw)
+        out = decode(model, [prompt], gen, 4, gen, scheduler, cache="dual")
+        exact = decode(model, [prompt], gen, 4, gen, scheduler, cache="freecache")
         assert out["sequences"][0].tolist() == want
-        fed, fed_exact = fed + out["stats"]["fed_tokens"], fed_exact + exact["stats"]["fed_tokens"]
+        fed, fed_exact = fed + out["stats"][0]["fed_tokens"], fed_exact + exact["stats"][0]["fed_tokens"]
         changed += out["sequences"][0].tolist() != exact["sequences"][0].tolist()
     assert fed < 0.9 * fed_exact and changed >= 2
-    batch = decode_blocks(model, [p[:37] for p in prompts], 27, 4, 27, scheduler, sub_block_cache=True, **kw)
+    batch = decode(model, [p[:37] for p in prompts], 27, 4, 27, scheduler, cache="dual")
     for i, prompt in enumerate(prompts):
-        alone = decode_blocks(model, [prompt[:37]], 27, 4, 27, scheduler, sub_block_cache=True, **kw)
+        alone = decode(model, [prompt[:37]], 27, 4, 27, scheduler, cache="dual")
         assert torch.equal(batch["sequences"][i], alone["sequences"][0]), i
 
 
-def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(tmp_path):
+def test_a_batch_gives_each_request_what_it_gets_alone(tmp_path):
     path = random_checkpoint("Fast_dLLM_QwenForCausalLM", tmp_path / "v2", seed=1, initializer_range=0.2)
     pipe = DLMPipeline.from_pretrained(path, torch_dtype=torch.float64)
     pipe.set_progress_bar_config(disable=True)
@@ -161,7 +159,7 @@ def test_the_engine_gives_each_request_what_the_loop_gives_it_alone(tmp_path):
             batch = pipe(prompts, **kw)
             assert batch.stats["block_diffusion"] and len(set(batch.sequences.flatten().tolist())) > 6
             for i, prompt in enumerate(prompts):
-                alone = pipe(prompt, engine=False, **kw)
+                alone = pipe(prompt, **kw)
                 assert torch.equal(alone.sequences[0], batch.sequences[i]), (cache, type(scheduler).__name__, i)
                 assert torch.equal(alone.commit_step[0], batch.commit_step[i].to(alone.commit_step.device))
             sequences[cache, type(scheduler).__name__] = batch.sequences
@@ -175,8 +173,7 @@ def test_an_attention_blocks_first_token_is_committed_alone(model):
     """The autoregressive step: the step that opens an attention block commits its first position and
     nothing else, even where the threshold would take more."""
     prompt = list(range(10, 18))  # one complete block: the next one opens at position 8
-    out = decode_blocks(model, [prompt], 8, 4, 4, ThresholdScheduler(threshold=0.0), attention_block=8,
-                        first_token_autoregressive=True)  # fmt: skip
+    out = decode(model, [prompt], 8, 4, 4, ThresholdScheduler(threshold=0.0))
     steps = out["commit_step"][0].tolist()
     assert steps[0] == 0 and 0 not in steps[1:]  # position 8 alone at the first step
     assert steps[1:4] == [1, 1, 1] and steps[4:] == [2, 2, 2, 2]  # then whole sub-blocks at threshold 0
@@ -201,21 +198,23 @@ def test_bad_configs_are_refused(kwargs, match):
 def test_shifted_logits_without_the_autoregressive_step(model):
     """Without the autoregressive step an attention block's first position may stay masked past the
     block's first step; its logits come from the position before, which each step feeds again (its
-    KV is final), on the engine as on the loop."""
+    KV is final): the cached rule gives the tokens of recomputing everything before the block's end."""
     from dlmcache.engine import BatchedDecoder, Request
-    from dlmcache.engine.rules import CAUSAL, CacheRule
+    from dlmcache.engine.rules import CAUSAL, CAUSAL_FULL, CacheRule
 
     prompts = [list(range(10, 18)), list(range(20, 31)), [40, 41, 42]]
-    scheduler = LowConfidenceScheduler()  # one token a step, the most confident first: not always the first
-    reference = decode_blocks(model, prompts, 16, 4, 4, scheduler, attention_block=8)
-    assert (reference["commit_step"][:, 0] > 0).any()  # some block's first position waited
-    requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), CacheRule(CAUSAL), attention_block=8, id=str(i))
-                for i, p in enumerate(prompts)]  # fmt: skip
-    decoder = BatchedDecoder.for_requests(model, None, requests)
-    for r in requests:
-        decoder.add(r)
-    done = {}
-    while len(decoder):
-        done.update({f.request.id: f for f in decoder.step()})
+    out = {}
+    for mode in (CAUSAL, CAUSAL_FULL):
+        # one token a step, the most confident first: not always the first
+        requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), CacheRule(mode), attention_block=8, id=str(i))
+                    for i, p in enumerate(prompts)]  # fmt: skip
+        decoder = BatchedDecoder.for_requests(model, None, requests)
+        for r in requests:
+            decoder.add(r)
+        done = {}
+        while len(decoder):
+            done.update({f.request.id: f for f in decoder.step()})
+        out[mode] = done
+    assert any(int(out[CAUSAL][str(i)].commit_step[0]) > 0 for i in range(3))  # some block's first position waited
     for i in range(len(prompts)):
-        assert torch.equal(done[str(i)].sequence, reference["sequences"][i]), i
+        assert torch.equal(out[CAUSAL][str(i)].sequence, out[CAUSAL_FULL][str(i)].sequence), i

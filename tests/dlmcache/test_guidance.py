@@ -156,11 +156,14 @@ def test_batch_equals_one_by_one(rule, tiny_tokenizer):
 
 
 def test_stops_at_eos(tiny_tokenizer):
-    pipe = DLMPipeline(model=tiny_llada(tiny_tokenizer), tokenizer=tiny_tokenizer, scheduler=LowConfidenceScheduler())
-    pipe.set_progress_bar_config(disable=True)
+    """A row whose text up to an EOS is committed has every masked position after it filled with EOS;
+    a row with a mask before its EOS does not."""
+    from dlmcache.batching import after_eos
+
     eos, mask = tiny_tokenizer.eos_token_id, tiny_tokenizer.mask_token_id
     gen = torch.tensor([[5, eos, mask, mask], [mask, eos, mask, 6], [7, 8, 9, eos]])
-    filled = pipe._fill_after_eos(gen)
+    filled = after_eos(gen, mask, eos)
+    gen.masked_fill_(filled, eos)
     assert gen.tolist() == [[5, eos, eos, eos], [mask, eos, mask, 6], [7, 8, 9, eos]]
     assert filled.sum().item() == 2
 

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from dlmcache import DLMPipeline, ThresholdScheduler
-from dlmcache.blockdiffusion import block_causal_logits, block_causal_mask
 from dlmcache.cache import make_cache
 from dlmcache.models import LLaDA2MoeConfig
-from dlmcache.testing import random_checkpoint, tiny_llada2
+from dlmcache.testing import block_causal_logits, block_causal_mask, decode, random_checkpoint, tiny_llada2
 from tests.dlmcache.test_llada_moe import rms, rope, swiglu
 
 
@@ -113,7 +112,7 @@ def test_the_routing_rule_token_by_token(model):
     assert not torch.equal(unbiased, experts)
 
 
-def test_decodes_on_the_engine_as_on_the_reference_loop(tmp_path):
+def test_a_batch_decodes_each_prompt_as_alone(tmp_path):
     # weights 10x the usual scale, so the random model's predictions differ from position to position
     path = random_checkpoint("LLaDA2MoeModelLM", tmp_path / "llada2", seed=1, initializer_range=0.2)
     pipe = DLMPipeline.from_pretrained(path, torch_dtype=torch.float64)
@@ -127,7 +126,7 @@ def test_decodes_on_the_engine_as_on_the_reference_loop(tmp_path):
         batch = pipe(prompts, **kw)
         assert batch.stats["block_diffusion"] and batch.nfe < 12 and len(set(batch.sequences.flatten().tolist())) > 6
         for i, prompt in enumerate(prompts):
-            alone = pipe(prompt, engine=False, **kw)
+            alone = pipe(prompt, **kw)
             assert torch.equal(alone.sequences[0], batch.sequences[i]), (cache, i)
     loaded = DLMPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)  # the bias stays float32, as released
     assert loaded.model.model.layers[1].mlp.gate.expert_bias.dtype == torch.float32
@@ -248,12 +247,11 @@ def editing_model():
 )
 def test_token_editing_equals_the_release_generate(editing_model, threshold, edit_threshold, max_post_steps,
                                                    lengths, gen):  # fmt: skip
-    """decode_blocks with `TokenEditingScheduler`, cached (the finished blocks' exact KV) and
+    """The engine with `TokenEditingScheduler`, cached (the finished blocks' exact KV) and
     recomputed, batched: token for token, forward for forward and edit for edit what the release's
     loop gives each prompt alone (float64). Prompts end mid-block, on a block's edge and one position
     into a block; prompt + gen fills whole blocks (the release decodes the last block to its end)."""
     from dlmcache import TokenEditingScheduler
-    from dlmcache.blockdiffusion import decode_blocks
 
     model = editing_model
     g = torch.Generator().manual_seed(sum(lengths))
@@ -262,18 +260,16 @@ def test_token_editing_equals_the_release_generate(editing_model, threshold, edi
     want = [release_editing_generate(model, q, gen, 4, threshold, edit_threshold, max_post_steps) for q in prompts]
     if edit_threshold < 0.9:
         assert sum(w[2] for w in want) > 0  # the rule edits here
-    for cached in (True, False):
-        out = decode_blocks(model, prompts, gen, 4, gen, scheduler, cached=cached)
-        for i, (tokens, _, _) in enumerate(want):
-            assert out["sequences"][i].tolist() == tokens.tolist(), (cached, i)
-        for i, (_, forwards, edits) in enumerate(want):
-            alone = decode_blocks(model, [prompts[i]], gen, 4, gen, scheduler, cached=cached)
-            assert (alone["nfe"], alone["stats"]["edited_tokens"]) == (forwards, edits), (cached, i)
+    for cache in ("freecache", "none"):
+        out = decode(model, prompts, gen, 4, gen, scheduler, cache=cache)
+        for i, (tokens, forwards, edits) in enumerate(want):
+            assert out["sequences"][i].tolist() == tokens.tolist(), (cache, i)
+            assert (out["stats"][i]["steps"], out["stats"][i]["edited_tokens"]) == (forwards, edits), (cache, i)
 
 
 def test_token_editing_on_the_pipeline_and_the_engine(tmp_path):
-    """`scheduler="token_editing"` by name; a batch on the engine gives each prompt what the reference
-    loop gives it alone, with edits counted; a full-attention model refuses the rule by name."""
+    """`scheduler="token_editing"` by name; a batch gives each prompt what it gets alone, with edits
+    counted; a full-attention model refuses the rule by name."""
     from dlmcache import TokenEditingScheduler
 
     path = random_checkpoint("LLaDA2MoeModelLM", tmp_path / "llada2", seed=1, initializer_range=0.2)
@@ -286,7 +282,7 @@ def test_token_editing_on_the_pipeline_and_the_engine(tmp_path):
         batch = pipe(prompts, cache=make_cache(cache), **kw)
         assert batch.stats["edited_tokens"] > 0
         for i, prompt in enumerate(prompts):
-            alone = pipe(prompt, engine=False, cache=make_cache(cache), **kw)
+            alone = pipe(prompt, cache=make_cache(cache), **kw)
             assert torch.equal(alone.sequences[0], batch.sequences[i]), (cache, i)
     llada = DLMPipeline.from_pretrained(random_checkpoint("LLaDAModelLM", tmp_path / "llada"))
     with pytest.raises(ValueError, match="TokenEditingScheduler.*LLaDAModelLM is full attention"):

@@ -67,19 +67,27 @@ FULL_CACHES = {
     "block_drift": ("freecache", dict(freeze="block", refresh_drift=0.02)),
     "token_window0": ("freecache", dict(freeze="token", suffix_window=0, refresh_drift=0.02)),
     "flashdlm": ("freecache", dict(flashdlm=True)),
-    "every2_drop": ("freecache", dict(freeze="block", refresh_every=2, refresh_drift=None, suffix_window=2,
-                                      beyond_window="drop")),  # fmt: skip
+    "every2_drop": (
+        "freecache",
+        dict(freeze="block", refresh_every=2, refresh_drift=None, suffix_window=2, beyond_window="drop"),
+    ),  # fmt: skip
     "token_every3": ("freecache", dict(freeze="token", refresh_every=3, refresh_drift=0.02, probe_tokens=2)),
     "canvas_drift": ("freecache", dict(freeze="block", refresh_drift=1e-3, refresh_prompt=False)),
-    "canvas_token_every2": ("freecache", dict(freeze="token", refresh_every=2, refresh_drift=0.02,
-                                              refresh_prompt=False)),  # fmt: skip
+    "canvas_token_every2": (
+        "freecache",
+        dict(freeze="token", refresh_every=2, refresh_drift=0.02, refresh_prompt=False),
+    ),  # fmt: skip
     "canvas_dual": ("dual", dict(refresh_prompt=False)),
     "token_canvas": ("freecache", dict(freeze="token", refresh_drift=0.02, refresh_prompt=False)),
     "snapkv": ("freecache", dict(freeze="block", refresh_drift=0.02, policy="snapkv", budget=0.5)),
-    "token_maskkv": ("freecache", dict(freeze="token", suffix_window=0, refresh_drift=0.02, policy="maskkv",
-                                       budget=0.5)),  # fmt: skip
-    "dual_h2o_pyramid_refresh_prompt": ("dual", dict(policy="h2o", budget=0.5, allocator="pyramid",
-                                                     refresh_prompt=True)),  # fmt: skip
+    "token_maskkv": (
+        "freecache",
+        dict(freeze="token", suffix_window=0, refresh_drift=0.02, policy="maskkv", budget=0.5),
+    ),  # fmt: skip
+    "dual_h2o_pyramid_refresh_prompt": (
+        "dual",
+        dict(policy="h2o", budget=0.5, allocator="pyramid", refresh_prompt=True),
+    ),  # fmt: skip
 }
 #: Block diffusion caches: "none" recomputes the prefix every step; the others cache the finished
 #: blocks exactly ("dual" is Fast-dLLM v2's sub-block cache on that model); a compressed prefix.
@@ -193,17 +201,26 @@ def record(sequence, commit_step, stats: dict) -> dict:
 #: Cases through `DLMPipeline.__call__` (name -> the call's keyword arguments besides the prompts), on
 #: the full-attention models: what only a pipeline call does.
 PIPELINE_CASES = {
-    "cfg/low_confidence/freecache": dict(cfg_scale=1.5, cache=("freecache", dict(freeze="block")), steps=16,
-                                         max_new_tokens=16, block_length=8),  # fmt: skip
-    "cfg/threshold/token": dict(cfg_scale=0.5, cache=("freecache", dict(freeze="token", suffix_window=0)),
-                                scheduler="threshold", max_new_tokens=16, block_length=8),  # fmt: skip
-    "shared_generator/sampled/dual": dict(cache=("dual", {}), scheduler="sampled", seed=7, max_new_tokens=16,
-                                          block_length=8),  # fmt: skip
-    "guided/freecache": dict(cache=("freecache", dict(freeze="block")), guide=True, max_new_tokens=24,
-                             block_length=8),  # fmt: skip
+    "cfg/low_confidence/freecache": dict(
+        cfg_scale=1.5, cache=("freecache", dict(freeze="block")), steps=16, max_new_tokens=16, block_length=8
+    ),  # fmt: skip
+    "cfg/threshold/token": dict(
+        cfg_scale=0.5,
+        cache=("freecache", dict(freeze="token", suffix_window=0)),
+        scheduler="threshold",
+        max_new_tokens=16,
+        block_length=8,
+    ),  # fmt: skip
+    "shared_generator/sampled/dual": dict(
+        cache=("dual", {}), scheduler="sampled", seed=7, max_new_tokens=16, block_length=8
+    ),  # fmt: skip
+    "guided/freecache": dict(
+        cache=("freecache", dict(freeze="block")), guide=True, max_new_tokens=24, block_length=8
+    ),  # fmt: skip
     "guided/none": dict(cache=("none", {}), guide=True, max_new_tokens=16, block_length=16),
-    "eos/threshold/prefix": dict(cache=("prefix", {}), scheduler="threshold", stop_at_eos=True, max_new_tokens=24,
-                                 block_length=8),  # fmt: skip
+    "eos/threshold/prefix": dict(
+        cache=("prefix", {}), scheduler="threshold", stop_at_eos=True, max_new_tokens=24, block_length=8
+    ),  # fmt: skip
 }
 
 
