@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -18,12 +19,12 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torc
     return ids, mask
 
 
-def after_eos(tokens: torch.LongTensor, mask_id: int, eos_id: int, region: torch.BoolTensor | None = None):
+def after_eos(tokens: np.ndarray, mask_id: int, eos_id: int, region: np.ndarray | None = None) -> np.ndarray:
     """The positions [B, L] that stopping at EOS fills with EOS: in each row whose text up to an EOS is
     committed (no mask before it), every masked position after that EOS. `region` [B, L]: the
-    generated positions the rule reads (None: all of `tokens`)."""
+    generated positions the rule reads (None: all of `tokens`). Host arrays (the engine's row state)."""
     masked, eos = tokens == mask_id, tokens == eos_id
     if region is not None:
         masked, eos = masked & region, eos & region
-    clean_eos = eos & (masked.long().cumsum(-1) == 0)
-    return (clean_eos.long().cumsum(-1) > 0) & masked
+    clean_eos = eos & (masked.cumsum(-1) == 0)
+    return (clean_eos.cumsum(-1) > 0) & masked

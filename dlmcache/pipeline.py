@@ -13,9 +13,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .cache import CACHES, DenoisingCache, make_cache
-from .engine import Finished, Request, cache_rule
-from .engine.rules import BLOCK, DUAL, PREFIX, TOKEN
+from .cache import CACHES, BlockCache, DenoisingCache, FreeCache, KVReuseCache, make_cache
+from .engine import Finished, Request
 from .locations import read_json, resolve_path
 from .models import model_class
 from .schedulers import (
@@ -325,8 +324,11 @@ class DLMPipeline(DiffusionPipeline):
             if value is not None and not isinstance(value, cls):
                 raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}: {value!r}")
         cache = copy.copy(cache if cache is not None else self.cache)
-        if cache_rule(cache) is None:
-            raise ValueError(f"cache={cache!r}: the engine runs {sorted(CACHES)}, not a {type(cache).__name__}")
+        if type(cache).feed.__func__ is DenoisingCache.feed.__func__:  # (no rule of its own)
+            raise ValueError(
+                f"cache={cache!r}: a {type(cache).__name__} has no rule for the engine (its `refresh` and `feed`); "
+                f"the package's caches are {sorted(CACHES)}"
+            )
         scheduler = copy.copy(scheduler if scheduler is not None else self.scheduler)
         if getattr(scheduler, "edits", False) and not self.model.block_diffusion:
             raise ValueError(
@@ -354,7 +356,7 @@ class DLMPipeline(DiffusionPipeline):
         the scheduler) for what `__call__` with these arguments decodes, checked as `__call__` checks
         them. A generator is shared by the prompts' requests (each draws on its own, in turn). Run them
         with `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`. A block
-        diffusion model's requests run its block-causal rule (`dlmcache.engine.rules.CAUSAL`)."""
+        diffusion model's requests run its cache as a `BlockCache`."""
         block_length = self.default_block_length if block_length is None else block_length
         steps, scheduler, cache, stop_at_eos = self._call_settings(
             max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
@@ -363,7 +365,7 @@ class DLMPipeline(DiffusionPipeline):
         self.check_length(max(len(ids) for ids, _ in prompts), max_new_tokens)
         if self.model.block_diffusion:
             self._check_block_settings(cfg_scale, scheduler, cache)
-        rule = cache_rule(cache, block_causal=self.model.block_diffusion)
+        rule = BlockCache(cache) if self.model.block_diffusion else cache
         settings = dict(stop_at_eos=stop_at_eos, generator=generator, cfg_scale=cfg_scale)
         if self.model.block_diffusion:  # a model attending in blocks of its own (Fast-dLLM v2's 32)
             settings.update(attention_block=self.model.attention_block,
@@ -444,9 +446,9 @@ class DLMPipeline(DiffusionPipeline):
             "forwards": nfe, "full_forwards": mean("full_forwards"), "fed_tokens": mean("fed_tokens"),
             "reused_tokens": mean("reused_tokens"), "kv_bytes": decoder.peak_kv_bytes,
         }  # fmt: skip
-        if any(r.rule.mode in (PREFIX, DUAL, BLOCK, TOKEN) for r in requests):  # counts its canvas-only refreshes
+        if any(isinstance(r.rule, KVReuseCache) for r in requests):  # counts its canvas-only refreshes
             cache_stats["canvas_refreshes"] = mean("canvas_refreshes")
-        if any(r.rule.mode in (BLOCK, TOKEN) for r in requests):  # FreeCache counts its drift refreshes
+        if any(isinstance(r.rule, FreeCache) for r in requests):  # FreeCache counts its drift refreshes
             cache_stats["drift_refreshes"] = sum(f.stats["drift_refreshes"] for f in done)
         if self.model.block_diffusion:
             cache_stats["block_diffusion"] = True

@@ -677,7 +677,7 @@ def engine_logits(model, requests, join_at: int | None = None, **options) -> dic
     def recording(logits, values):
         rows = decoder.batch._step["target_row"]
         for i, request in enumerate(decoder.batch.requests):
-            seen[request.id].append(logits[rows == i].clone())
+            seen[request.id].append(logits[torch.from_numpy(rows == i)].clone())
         return commit(logits, values)
 
     decoder.batch.commit = recording
@@ -707,12 +707,13 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, block_length: i
     each request's counters}."""
     import copy
 
-    from .cache import make_cache
-    from .engine import BatchedDecoder, Request, cache_rule
+    from .cache import BlockCache, make_cache
+    from .engine import BatchedDecoder, Request
 
     if max_new_tokens < block_length:
         raise ValueError(f"max_new_tokens={max_new_tokens} is shorter than block_length={block_length}")
-    rule = cache_rule(make_cache(cache, **cache_options), block_causal=model.block_diffusion)
+    rule = make_cache(cache, **cache_options)
+    rule = BlockCache(rule) if model.block_diffusion else rule
     settings = dict(stop_at_eos=stop_at_eos, generator=generator)
     if model.block_diffusion:
         settings.update(attention_block=model.attention_block, first_token_ar=model.first_token_autoregressive)

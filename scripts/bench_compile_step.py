@@ -25,7 +25,7 @@ import torch._dynamo
 
 from dlmcache import DLMPipeline, tinytask
 from dlmcache.cache import make_cache
-from dlmcache.engine import BatchedDecoder, Request, cache_rule
+from dlmcache.engine import BatchedDecoder, Request
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         model.hidden_states = forward
         decoder = BatchedDecoder(model, pipe.tokenizer.eos_token_id)
         for i, ids in enumerate(prompts[:n]):
-            decoder.add(Request(ids, 64, 32, 64, copy.copy(pipe.scheduler), cache_rule(cache), stop_at_eos=True,
+            decoder.add(Request(ids, 64, 32, 64, copy.copy(pipe.scheduler), cache, stop_at_eos=True,
                                 id=str(i)))  # fmt: skip
         out, start = {}, time.perf_counter()
         while len(decoder):

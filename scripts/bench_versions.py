@@ -32,11 +32,16 @@ CONFIGS = {
     "defaults": {},
     "freecache": {"cache": "freecache"},
     "freecache + threshold 0.9": {"cache": "freecache", "threshold": 0.9},
+    "token freecache": {"cache": "freecache", "freeze": "token"},
+    # the step loop of a tree that still has one (`engine=False`, deleted by issue 36), else the default path
+    "token freecache, step loop": {"cache": "freecache", "freeze": "token", "loop": True},
 }
 
 
 def child(n: int, names: list[str]) -> None:
     """Runs in the tree under test: prints one JSON line {config: {seconds, texts}}."""
+    import inspect
+
     import dlmcache.kernels
     import torch
 
@@ -59,7 +64,10 @@ def child(n: int, names: list[str]) -> None:
         options = dict(CONFIGS[name])
         kw = {"max_new_tokens": 64}
         if "cache" in options:
-            kw["cache"] = make_cache(options["cache"])  # (an object: the old call took no names)
+            freeze = {"freeze": options["freeze"]} if "freeze" in options else {}
+            kw["cache"] = make_cache(options["cache"], **freeze)  # (an object: the old call took no names)
+        if options.get("loop") and "engine" in inspect.signature(pipe.__call__).parameters:
+            kw["engine"] = False
         if "threshold" in options:
             kw["scheduler"] = ThresholdScheduler(threshold=options["threshold"])
         with torch.no_grad():

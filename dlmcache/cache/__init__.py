@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import DenoisingCache, NoCache
+from .block import BlockCache
 from .compression import prompt_compression
 from .freecache import FreeCache
 from .reuse import DualCache, KVReuseCache, PrefixCache, refreshes_prompt
@@ -30,6 +31,7 @@ def make_cache(cache: str | DenoisingCache = "none", **options) -> DenoisingCach
 
 
 __all__ = [
+    "BlockCache",
     "CACHES",
     "DenoisingCache",
     "DualCache",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from .reuse import KVReuseCache
 
 #: FreeCache's default drift threshold (a cosine distance); see `FreeCache`.
@@ -115,3 +118,140 @@ class FreeCache(KVReuseCache):
         if self.compression is not None:
             return False
         return True if self._periodic else None
+
+    # ------------------------------------------------------------------ the rule, vectorised over rows
+
+    row_state = {
+        "token": False,  # freeze="token"
+        "suffix_window": -1,  # -1: every later position
+        "drop_beyond": False,  # beyond_window="drop"
+        "delay": True,  # block freezing's delayed freeze (off for FlashDLM's)
+        "refresh_every": 0,  # 0: never
+        "drift": 0.0,  # the drift test's threshold (0: off)
+        "probe_tokens": 0,
+        "frozen_end": 0,  # block freezing: positions before it hold final KV
+        "stale": False,  # the drift test fired: refresh at this step
+    }
+    column_state = {"final": (False, bool), "refreshed_tokens": (None, np.int64)}
+    #: the last layer's values of each row at its last refresh ([R, W, Hkv, D], on the model's device)
+    device_state = ("reference",)
+
+    @property
+    def refresh_lead(self) -> int:
+        # a refresh of the canvas alone also feeds the prompt positions the drift test may probe, so
+        # that their reference is the refresh's
+        return self.probe_tokens if self.refresh_drift is not None else 0
+
+    def row(self, request) -> dict:
+        drift = self.refresh_drift is not None
+        return {
+            "token": self.freeze == "token", "suffix_window": -1 if self.suffix_window is None else self.suffix_window,
+            "drop_beyond": self.beyond_window == "drop", "delay": not self.flashdlm,
+            "refresh_every": self.refresh_every or 0, "drift": float(self.refresh_drift) if drift else 0.0,
+            "probe_tokens": self.probe_tokens if drift else 0,
+        }  # fmt: skip
+
+    @classmethod
+    def refresh(cls, b, rows):
+        s = b.state
+        forwards, every = s["forwards"][rows], s["refresh_every"][rows]
+        periodic = (every > 0) & (forwards % np.maximum(every, 1) == 0)
+        stale = s["stale"][rows]
+        s["drift_refreshes"][rows] += stale & ~periodic & (forwards > 0)
+        return periodic | stale
+
+    @classmethod
+    def feed(cls, b, rows, refresh):
+        s, pos = b.state, b.pos
+        start, end, length = b.start[rows], b.end[rows], s["length"][rows]
+        window = s["suffix_window"][rows]
+        window_end = np.where(window < 0, length, np.minimum(length, end + window))
+        attend_end = np.where(s["drop_beyond"][rows], window_end, length)
+        # block freezing: from the frozen boundary (every position before the active block is final
+        # once this forward has run) through the window
+        frozen_end = s["frozen_end"][rows]
+        frozen = np.where(s["delay"][rows], frozen_end, np.maximum(frozen_end, start))
+        win_start = np.minimum(frozen, start - b.shift)
+        need = (pos >= win_start[:, None]) & (pos < window_end[:, None])
+        s["frozen_end"][rows] = np.maximum(frozen_end, start)
+        token = s["token"][rows]
+        if token.any():  # token freezing: the positions whose KV is not final, the block's masks
+            need = np.where(token[:, None], cls._not_final(b, rows, refresh, window_end), need)
+        drift = (s["drift"][rows] > 0) & ~refresh
+        if drift.any():
+            need |= cls._probes(b, rows, need, drift)
+        refreshing = (s["drift"][rows] > 0) & refresh  # their canvas is the drift test's reference now
+        s["refreshed_tokens"][rows] = np.where(refreshing[:, None], s["canvas"][rows], s["refreshed_tokens"][rows])
+        return need, attend_end
+
+    @classmethod
+    def _not_final(cls, b, rows, refresh, window_end) -> np.ndarray:
+        """Token freezing [n, W]: the window's positions whose KV is not final, the still-masked block
+        positions (and each one's predecessor, for a shifted model); the committed ones among them are
+        final after this forward, and a refresh makes every committed position final."""
+        s, pos = b.state, b.pos
+        canvas, final = s["canvas"][rows], s["final"][rows]
+        masked = (canvas == b.mask_id) & (pos >= b.start[rows, None]) & (pos < b.end[rows, None])
+        token = ~final & (pos < window_end[:, None]) | masked
+        if b.shift:
+            token[:, : -b.shift] |= masked[:, b.shift :]
+        committed = (canvas != b.mask_id) | (pos < s["prompt_len"][rows, None])  # a masked prompt (CFG) too
+        is_token = s["token"][rows, None]
+        again = refresh[:, None] & is_token
+        s["final"][rows] = np.where(again, committed, final | (token & committed & is_token & ~refresh[:, None]))
+        return token
+
+    @classmethod
+    def _probes(cls, b, rows, need, drift) -> np.ndarray:
+        """The drift test's probes [n, W]: per `drift` row, its `probe_tokens` positions closest before
+        the first it feeds whose tokens were committed at its last refresh (their inputs did not
+        change since, like every frozen token's, so their fresh values measure the frozen KV's drift
+        where the newly committed tokens act most)."""
+        s, pos = b.state, b.pos
+        first = np.where(need.any(-1), need.argmax(-1), 0)
+        ready = (s["refreshed_tokens"][rows] != b.mask_id) & b.in_len[rows] & (pos < first[:, None])
+        rank = ready[:, ::-1].cumsum(-1)[:, ::-1]  # 1 at the last ready position, 2 before it, ...
+        probe = ready & (rank <= s["probe_tokens"][rows, None]) & drift[:, None]
+        b.scratch[cls, "probe"] = (rows, probe)
+        return probe
+
+    @classmethod
+    def observe(cls, b, rows, values):
+        """The drift test: a refreshing row records its fresh last-layer values as its reference; a
+        cached row's drift is the largest cosine distance of its probes' fresh values from that
+        reference."""
+        s = b.state
+        drift_rows = s["drift"][rows] > 0
+        if not drift_rows.any():
+            return None
+        index = np.arange(len(s["length"]))[rows]  # the batch rows of this rule
+        refreshing = np.zeros(len(s["length"]), dtype=bool)
+        refreshing[index] = b.refresh[rows] & drift_rows
+        fed_row, fed_col = b.fed_row, b.fed_col
+        reference = b.device_state["reference"]
+        record = np.nonzero(refreshing[fed_row])[0]
+        if len(record):
+            at = b.to_device(record)
+            reference[b.to_device(fed_row[record]), b.to_device(fed_col[record])] = values[at]
+        probe_rows, probe = b.scratch.pop((cls, "probe"), (None, None))
+        drift = torch.zeros(len(index), device=values.device)
+        if probe is not None:
+            probed = np.zeros((len(s["length"]), probe.shape[1]), dtype=bool)
+            probed[np.arange(len(s["length"]))[probe_rows]] = probe
+            tokens = np.nonzero(probed[fed_row, fed_col])[0]
+            if len(tokens):
+                rows_t, cols_t = b.to_device(fed_row[tokens]), b.to_device(fed_col[tokens])
+                fresh, old = values[b.to_device(tokens)].float(), reference[rows_t, cols_t].float()
+                distance = (1 - torch.nn.functional.cosine_similarity(fresh, old, dim=-1)).amax(-1)
+                local = b.to_device(np.searchsorted(index, fed_row[tokens]))
+                drift = drift.scatter_reduce(0, local, distance, "amax")
+        b.scratch[cls, "refreshing"] = refreshing[index]
+        return drift
+
+    @classmethod
+    def observed(cls, b, rows, result):
+        s = b.state
+        refreshing = b.scratch.pop((cls, "refreshing"))
+        drift_rows = s["drift"][rows] > 0
+        # compared in float32, as the drift was measured
+        s["stale"][rows] = (result.astype(np.float32) > s["drift"][rows].astype(np.float32)) & ~refreshing & drift_rows

@@ -79,9 +79,25 @@ class PrefixCache(KVReuseCache):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._compression_repr().removeprefix(', ')})"
 
+    @classmethod
+    def refresh(cls, b, rows):
+        return b.start[rows] != b.state["last_start"][rows]  # a new block
+
+    @classmethod
+    def feed(cls, b, rows, refresh):
+        length = b.state["length"][rows]
+        return (b.pos >= (b.start[rows] - b.shift)[:, None]) & b.in_len[rows], length
+
 
 class DualCache(PrefixCache):
     """`cache="dual"` (Fast-dLLM DualCache): like `prefix`, but the masked suffix after the block is
     reused too, so only the current block is fed between refreshes."""
 
     name = "dual"
+
+    block_mode = "sub_block"  # on Fast-dLLM v2 (decoding blocks inside an attention block)
+
+    @classmethod
+    def feed(cls, b, rows, refresh):
+        start, end = b.start[rows, None], b.end[rows, None]
+        return (b.pos >= start - b.shift) & (b.pos < end), b.state["length"][rows]

@@ -2,17 +2,14 @@
 KV pool (`dlmcache.kernels.pool.KVPool`) and one flattened forward per step (`BatchedDecoder`)."""
 
 from .batch import Finished, GenerationBatch, Request, StepInput
-from .rules import CacheRule, cache_rule
 from .runner import BatchedDecoder, PagedStore, PoolFull
 
 __all__ = [
     "BatchedDecoder",
-    "CacheRule",
     "Finished",
     "GenerationBatch",
     "PagedStore",
     "PoolFull",
     "Request",
     "StepInput",
-    "cache_rule",
 ]

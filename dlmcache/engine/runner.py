@@ -20,7 +20,6 @@ from dlmcache.kernels.store import KVSegment
 
 from .batch import Finished, GenerationBatch, Request, StepInput
 from .graphs import GRAPH_MODES, Buckets, GraphedForward, pad_step
-from .rules import CAUSAL
 
 
 def device_memory(device: torch.device) -> int:
@@ -185,10 +184,10 @@ class PagedStore:
             # block diffusion row's prefix is its prompt's complete attention blocks alone, even when
             # they are the whole prompt
             p = request.compressed_len
-            length = p if request.rule.mode == CAUSAL else request.length
+            length = p if request.block_causal else request.length
             index = prompts.row_start[row] + torch.arange(length, device=q.device)
             fed = (q[:, :, index], k[:, :, index], v[:, :, index])  # [1, H, length, D]
-            masked = prompts.canvas[row, p:length] == self.mask_id
+            masked = prompts.masked[row]
             compression = request.rule.compression
             row_segment = evict_prompt(compression, *fed, p, masked, layer_idx, self.pool.num_layers)
             self.prompts.put(request, layer_idx, pack_prompts(compression, [row_segment]))
@@ -357,7 +356,7 @@ class BatchedDecoder:
         size = self.pool.block_size
         for row in rows:
             request = self.batch.requests[row]
-            never_again = request.canvas_refresh or request.rule.mode == CAUSAL  # (its prompt is not recomputed)
+            never_again = not request.refreshes_prompt  # (its prompt is not recomputed)
             if not never_again or request.cfg_scale or id(request) in self._trimmed:
                 continue
             blocks = self.blocks[id(request)]
@@ -365,7 +364,7 @@ class BatchedDecoder:
             if whole:
                 self.pool.free(blocks[:whole])
                 self.blocks[id(request)] = blocks[whole:]
-                self.batch.key_slots[row, : whole * size] = 0
+                self.batch.state["key_slots"][row, : whole * size] = 0
             self._trimmed.add(id(request))
 
     @property

@@ -46,7 +46,7 @@ class DLMSchedulerOutput(BaseOutput):
 class DLMScheduler(SchedulerMixin, ConfigMixin):
     """What a scheduler is to the pipeline (the whole contract; the pipeline reads nothing else):
 
-    - `_select(logits, mask_index, step_index, num_steps, generator, context)` -> (x0, confidence,
+    - `select(logits, mask_index, step_index, num_steps, generator, context)` -> (x0, confidence,
       transfer_index): the rule, implemented by each subclass; `step` wraps it.
     - `begin(prompts, requests, x, prompt_len)`: called once per generation, on the pipeline call's
       own copy of the scheduler, before the first step; per-generation state goes there.
@@ -58,14 +58,14 @@ class DLMScheduler(SchedulerMixin, ConfigMixin):
     config_name = "scheduler_config.json"
     order = 1
     stops_at_eos: bool = False
-    #: `_select` takes per-row `step_index` / `num_steps` tensors [B] and draws no random numbers for
+    #: `select` takes per-row `step_index` / `num_steps` tensors [B] and draws no random numbers for
     #: this configuration, so the batched engine runs every row of the same configuration in one call
     #: (see `batched`).
     batched_steps: bool = False
 
     @property
     def batched(self) -> bool:
-        """Whether `_select` may serve rows at different steps, padded to one block width, at once:
+        """Whether `select` may serve rows at different steps, padded to one block width, at once:
         it is row-wise, vectorised over per-row steps, and draws no random numbers (draws depend on
         the shape they are drawn in, so a sampling row runs alone to get what it gets alone)."""
         return self.batched_steps
@@ -96,14 +96,14 @@ class DLMScheduler(SchedulerMixin, ConfigMixin):
             )
         if not 0 <= step_index < num_steps:
             raise ValueError(f"step_index={step_index} is outside 0..{num_steps - 1}")
-        x0, confidence, transfer = self._select(logits, mask_index, step_index, num_steps, generator, context)
+        x0, confidence, transfer = self.select(logits, mask_index, step_index, num_steps, generator, context)
         transfer = transfer & mask_index
         prev = torch.where(transfer, x0, sample)
         if not return_dict:
             return prev, transfer, x0, confidence
         return DLMSchedulerOutput(prev_sample=prev, transfer_index=transfer, x0=x0, confidence=confidence)
 
-    def _select(self, logits, mask_index, step_index, num_steps, generator, context):
+    def select(self, logits, mask_index, step_index, num_steps, generator, context):
         raise NotImplementedError
 
     def begin(self, prompts: list[list[int]], chats: list, x: torch.LongTensor, prompt_len: int) -> None:

@@ -126,7 +126,7 @@ class DreamScheduler(DLMScheduler):
             x0 = probs.argmax(-1)
         return x0, probs
 
-    def _select(self, logits, mask_index, step_index, num_steps, generator, context):
+    def select(self, logits, mask_index, step_index, num_steps, generator, context):
         cfg = self.config
         ratio = self.transfer_ratio(step_index, num_steps)
         x0, probs = self.sample_tokens(logits, generator)

@@ -26,6 +26,7 @@ scheduler holds its settings and its two vectorised selections.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
@@ -75,7 +76,7 @@ class TokenEditingScheduler(DLMScheduler):
         x0 = (scaled + gumbel_like(scaled, generator)).argmax(-1)
         return x0, token_probability(scaled, x0)
 
-    def _select(self, logits, mask_index, step_index, num_steps, generator, context):
+    def select(self, logits, mask_index, step_index, num_steps, generator, context):
         x0, confidence = self.propose(logits, generator)
         return x0, *threshold_transfer(confidence, mask_index, step_index, num_steps, self.config.threshold)
 
@@ -90,13 +91,14 @@ class TokenEditingScheduler(DLMScheduler):
 
 
 def block_ends(began_empty, edited, empty, post, max_post_steps):
-    """The block rule of an editing scheduler (LLaDA2.1's), after a step of rows [R]: began_empty:
-    the step started with no mask in the block (a post step); edited: it edited a token; empty: no
-    mask is left now; post: the post steps taken. Returns (ended, post, hold): the rows whose block
-    ended (a post step that edited nothing, or the next step would be post step max_post_steps + 1),
-    their post-step counts, and the rows that stay in their block for a post step."""
+    """The block rule of an editing scheduler (LLaDA2.1's), after a step of rows [R] (host arrays):
+    began_empty: the step started with no mask in the block (a post step); edited: it edited a token;
+    empty: no mask is left now; post: the post steps taken. Returns (ended, post, hold): the rows whose
+    block ended (a post step that edited nothing, or the next step would be post step
+    max_post_steps + 1), their post-step counts, and the rows that stay in their block for a post
+    step."""
     ended = began_empty & ~edited
-    post = torch.where(ended, 0, post + empty.long())
+    post = np.where(ended, 0, post + empty)
     ended |= post > max_post_steps
-    post = torch.where(ended, 0, post)
+    post = np.where(ended, 0, post)
     return ended, post, empty & ~ended

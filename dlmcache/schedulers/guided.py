@@ -73,12 +73,12 @@ class GuidedScheduler(DLMScheduler):
             return {}
         return {"accepted_drafts": self.accepted_drafts, "guide_forwards": self.session.forwards}
 
-    def _select(self, logits, mask_index, step_index, num_steps, generator, context: StepContext | None):
+    def select(self, logits, mask_index, step_index, num_steps, generator, context: StepContext | None):
         return GuidedScheduler.select_many([(self, logits, mask_index, context)])[0]
 
     @staticmethod
     def select_many(items: list) -> list[tuple]:
-        """`_select` of several guided schedulers at once: items are (scheduler, logits, mask_index,
+        """`select` of several guided schedulers at once: items are (scheduler, logits, mask_index,
         context), each with its own session and rows, all with one guide. Their drafts are verified
         chunk by chunk in shared guide forwards (`guidance.verify_many` when the sessions differ): a
         scheduler whose rows accepted a whole chunk, with more of the block left and chunks left,

@@ -37,7 +37,7 @@ class LowConfidenceScheduler(DLMScheduler):
             raise ValueError(f"remasking={remasking!r}: expected 'low_confidence' or 'random'")
         check_number("temperature", temperature)
 
-    def _select(self, logits, mask_index, step_index, num_steps, generator, context):
+    def select(self, logits, mask_index, step_index, num_steps, generator, context):
         cfg = self.config
         if cfg.temperature > 0:
             u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)

@@ -28,7 +28,7 @@ class ThresholdScheduler(DLMScheduler):
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold={threshold} must be in [0, 1]")
 
-    def _select(self, logits, mask_index, step_index, num_steps, generator, context):
+    def select(self, logits, mask_index, step_index, num_steps, generator, context):
         return threshold_select(logits, mask_index, step_index, num_steps, self.config.threshold)
 
 

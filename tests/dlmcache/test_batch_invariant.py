@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from dlmcache import LowConfidenceScheduler
-from dlmcache.cache import FreeCache
-from dlmcache.engine import Request, cache_rule
-from dlmcache.engine.batch import CAUSAL, CacheRule
+from dlmcache.cache import BlockCache, FreeCache, make_cache
+from dlmcache.engine import Request
 from dlmcache.testing import (
     engine_logits,
     tiny_dream,
@@ -48,7 +47,7 @@ def model(request):
 
 @pytest.mark.parametrize("cache", list(CACHES))
 def test_a_requests_logits_are_the_same_bits_alone_and_in_a_batch(model, cache):
-    assert_invariant(model, lambda: requests(lambda: cache_rule(CACHES[cache]())))
+    assert_invariant(model, lambda: requests(lambda: CACHES[cache]()))
 
 
 @pytest.mark.parametrize("build", [tiny_llada_moe, tiny_llada2, tiny_sdar_moe], ids=lambda b: b.__name__)
@@ -59,9 +58,9 @@ def test_mixture_of_experts(build):
     model.set_batch_invariant(True)
     if model.block_diffusion:
         schedules = [(16, 4, 8), (16, 8, 8), (8, 4, 4), (16, 4, 16)]
-        assert_invariant(model, lambda: requests(lambda: CacheRule(CAUSAL), schedules))
+        assert_invariant(model, lambda: requests(lambda: BlockCache(make_cache("freecache")), schedules))
     else:
-        assert_invariant(model, lambda: requests(lambda: cache_rule(CACHES["token"]())))
+        assert_invariant(model, lambda: requests(lambda: CACHES["token"]()))
 
 
 def test_steps_padded_to_shape_buckets():
@@ -69,17 +68,17 @@ def test_steps_padded_to_shape_buckets():
     change nothing in a row's bits."""
     model = tiny_llada(seed=8)
     model.set_batch_invariant(True)
-    assert_invariant(model, lambda: requests(lambda: cache_rule(CACHES["token"]())), graphs="buckets")
+    assert_invariant(model, lambda: requests(lambda: CACHES["token"]()), graphs="buckets")
 
 
 def test_bfloat16_and_block_diffusion():
     bf16 = tiny_llada(seed=4, dtype=torch.bfloat16)
     bf16.set_batch_invariant(True)
-    assert_invariant(bf16, lambda: requests(lambda: cache_rule(FreeCache(freeze="token", suffix_window=0))))
+    assert_invariant(bf16, lambda: requests(lambda: FreeCache(freeze="token", suffix_window=0)))
     block = tiny_sdar(seed=5)
     block.set_batch_invariant(True)
     schedules = [(16, 4, 8), (16, 8, 8), (8, 4, 4), (16, 4, 16)]
-    assert_invariant(block, lambda: requests(lambda: CacheRule(CAUSAL), schedules))
+    assert_invariant(block, lambda: requests(lambda: BlockCache(make_cache("freecache")), schedules))
 
 
 @pytest.mark.parametrize("linear", ["torch", "onednn"])
@@ -120,4 +119,4 @@ def test_the_cuda_path_gives_the_same_bits_alone_and_in_a_batch(dtype):
     model = tiny_llada(seed=6, dtype=dtype).cuda()
     model.set_batch_invariant(True)
     for make in (CACHES["token"], CACHES["dual"]):
-        assert_invariant(model, lambda make=make: requests(lambda: cache_rule(make())))
+        assert_invariant(model, lambda make=make: requests(lambda: make()))

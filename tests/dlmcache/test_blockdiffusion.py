@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from dlmcache import DLMPipeline
-from dlmcache.cache import make_cache
-from dlmcache.engine import BatchedDecoder, Request, cache_rule
-from dlmcache.engine.rules import CAUSAL, CAUSAL_FULL, CacheRule
+from dlmcache.cache import BlockCache, make_cache
+from dlmcache.engine import BatchedDecoder, Request
 from dlmcache.schedulers import LowConfidenceScheduler, ThresholdScheduler, TokenEditingScheduler
 from dlmcache.testing import block_causal_logits, block_causal_mask, decode, random_checkpoint, tiny_sdar
 from tests.helpers import step_costs
@@ -315,7 +314,7 @@ def block_request(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
     ids = pipe.encode_prompts(BLOCK_PROMPTS[i % len(BLOCK_PROMPTS)])[0]
     g, b, s = schedule or BLOCK_SCHEDULES[i % len(BLOCK_SCHEDULES)]
     generator = None if scheduler.batched else torch.Generator().manual_seed(100 + i)
-    return Request(ids, g, b, s, copy.copy(scheduler), cache_rule(cache, block_causal=True), stop_at_eos=stop_at_eos,
+    return Request(ids, g, b, s, copy.copy(scheduler), BlockCache(cache), stop_at_eos=stop_at_eos,
                    generator=generator, id=str(i))  # fmt: skip
 
 
@@ -375,7 +374,7 @@ def test_the_cache_feeds_each_row_its_active_block_and_the_newly_finished_ones(m
     previous block at each block's first step (its final KV); and gives the tokens of recomputing
     everything up to the active block's end at every step."""
     prompts = [list(range(10, 18)), list(range(20, 27))]  # two complete blocks; one complete + 3 tokens
-    requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), CacheRule(CAUSAL), id=str(i))
+    requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), BlockCache(make_cache("freecache")), id=str(i))
                 for i, p in enumerate(prompts)]  # fmt: skip
     decoder = BatchedDecoder.for_requests(model, None, requests)
     done = run_decoder(decoder, requests)
@@ -423,7 +422,9 @@ def test_block_ops_and_host_reads_per_step_do_not_grow_with_the_batch(model):
         decoder = BatchedDecoder(model, None)
         for i in range(rows):
             ids = [5 + (7 * i + j) % 90 for j in range(10 + i)]
-            decoder.add(Request(ids, 32, 4, 32, LowConfidenceScheduler(), CacheRule(CAUSAL), id=str(i)))
+            decoder.add(
+                Request(ids, 32, 4, 32, LowConfidenceScheduler(), BlockCache(make_cache("freecache")), id=str(i))
+            )
         counts[rows], reads = step_costs(decoder, warm_steps=6)  # past the prefill and into a second block
         assert reads <= 3
     assert counts[16] <= 1.5 * counts[1], counts
@@ -431,9 +432,9 @@ def test_block_ops_and_host_reads_per_step_do_not_grow_with_the_batch(model):
 
 def test_block_and_full_attention_requests_do_not_share_a_batch(model):
     decoder = BatchedDecoder(model, None)
-    decoder.add(Request([5, 6, 7], 8, 4, 8, LowConfidenceScheduler(), CacheRule(CAUSAL_FULL), id="a"))
+    decoder.add(Request([5, 6, 7], 8, 4, 8, LowConfidenceScheduler(), BlockCache(make_cache("none")), id="a"))
     with pytest.raises(ValueError, match="block diffusion and full-attention requests do not share a batch"):
-        decoder.add(Request([5, 6, 7], 8, 4, 8, LowConfidenceScheduler(), cache_rule(make_cache("dual")), id="b"))
+        decoder.add(Request([5, 6, 7], 8, 4, 8, LowConfidenceScheduler(), make_cache("dual"), id="b"))
     assert decoder.pool.free_blocks == decoder.pool.num_blocks - decoder.pool.blocks_for(11)
 
 

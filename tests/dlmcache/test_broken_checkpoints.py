@@ -9,7 +9,7 @@ import torch
 
 from dlmcache import DLMPipeline, LowConfidenceScheduler
 from dlmcache.cache import FreeCache
-from dlmcache.engine import BatchedDecoder, Request, cache_rule
+from dlmcache.engine import BatchedDecoder, Request
 from dlmcache.models import LLaDAModelLM
 from tests.helpers import tiny_dream, tiny_llada, write_hub_checkpoint
 
@@ -108,8 +108,8 @@ def test_the_engine_fails_only_the_request_whose_logits_are_not_finite(tiny_toke
     decoder = BatchedDecoder(model, tiny_tokenizer.eos_token_id)
     good, bad = pipe.encode_prompts(["Mia has 3 pens.", "Hi"])
     poison = next(t for t in bad if t not in good)  # a token only the second prompt has
-    decoder.add(Request(good, 8, 8, 8, LowConfidenceScheduler(), cache_rule(FreeCache()), id="ok"))
-    decoder.add(Request(bad, 8, 8, 8, LowConfidenceScheduler(), cache_rule(FreeCache()), id="bad"))
+    decoder.add(Request(good, 8, 8, 8, LowConfidenceScheduler(), FreeCache(), id="ok"))
+    decoder.add(Request(bad, 8, 8, 8, LowConfidenceScheduler(), FreeCache(), id="bad"))
     embed = model.get_input_embeddings().weight
     saved = embed[poison].clone()
     with torch.no_grad():

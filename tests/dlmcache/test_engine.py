@@ -10,8 +10,8 @@ import torch
 from dlmcache.kernels.pool import PoolFull
 
 from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler, ThresholdScheduler
-from dlmcache.cache import FreeCache, make_cache
-from dlmcache.engine import BatchedDecoder, Request, cache_rule
+from dlmcache.cache import BlockCache, FreeCache, make_cache
+from dlmcache.engine import BatchedDecoder, Request
 from tests.helpers import step_costs, tiny_dream, tiny_llada
 
 PROMPTS = [
@@ -68,7 +68,7 @@ def request(pipe, i, scheduler, cache, stop_at_eos=False, schedule=None):
     ids = pipe.encode_prompts(PROMPTS[i % len(PROMPTS)])[0]
     g, b, s = schedule or SCHEDULES[i % len(SCHEDULES)]
     generator = seeded(i) if not scheduler.batched else None
-    return Request(ids, g, b, s, copy.copy(scheduler), cache_rule(cache), stop_at_eos=stop_at_eos,
+    return Request(ids, g, b, s, copy.copy(scheduler), cache, stop_at_eos=stop_at_eos,
                    generator=generator, id=str(i))  # fmt: skip
 
 
@@ -155,7 +155,7 @@ def test_a_thousand_requests_with_random_cancels_free_every_block(tiny_tokenizer
             8,
             2,
             ThresholdScheduler(0.5),
-            cache_rule(FreeCache(freeze="token")),
+            FreeCache(freeze="token"),
             id=str(i),
         )  # fmt: skip
         for i in range(1000)
@@ -175,12 +175,12 @@ def test_a_thousand_requests_with_random_cancels_free_every_block(tiny_tokenizer
 def test_admission_is_by_free_blocks(tiny_tokenizer):
     model = tiny_llada(tiny_tokenizer)
     decoder = BatchedDecoder(model, tiny_tokenizer.eos_token_id, max_tokens=64, block_size=16)
-    big = Request(list(range(5, 45)), 16, 16, 16, LowConfidenceScheduler(), cache_rule(FreeCache()))  # 56 tokens
+    big = Request(list(range(5, 45)), 16, 16, 16, LowConfidenceScheduler(), FreeCache())  # 56 tokens
     decoder.add(big)
     assert not decoder.can_add(big) and decoder.fits(big)
     with pytest.raises(PoolFull, match="free"):
         decoder.add(big)
-    huge = Request(list(range(5, 100)), 16, 16, 16, LowConfidenceScheduler(), cache_rule(FreeCache()))
+    huge = Request(list(range(5, 100)), 16, 16, 16, LowConfidenceScheduler(), FreeCache())
     assert not decoder.fits(huge)
 
 
@@ -193,20 +193,24 @@ def test_ops_and_host_reads_per_step_do_not_grow_with_the_batch(tiny_tokenizer, 
         decoder = BatchedDecoder(model, tiny_tokenizer.eos_token_id)
         for i in range(rows):
             ids = [5 + (7 * i + j) % 90 for j in range(10 + i)]
-            decoder.add(Request(ids, 32, 16, 32, LowConfidenceScheduler(), cache_rule(CACHES[cache]()), id=str(i)))
+            decoder.add(Request(ids, 32, 16, 32, LowConfidenceScheduler(), CACHES[cache](), id=str(i)))
         counts[rows], reads = step_costs(decoder, warm_steps=3)  # past the first (refreshing) forward
         assert reads <= 3
     assert counts[16] <= 1.5 * counts[1], counts
 
 
-def test_cache_rules():
-    assert cache_rule(FreeCache(policy="snapkv", budget=0.5)).compression.policy.name == "snapkv"
-    assert cache_rule(make_cache("dual", quantizer="kivi4")).canvas_refresh  # a compressed prompt stays
-    assert cache_rule(FreeCache()).drift > 0 and cache_rule(FreeCache()).compression is None
-    # block diffusion: every cache is the exact prefix cache, its prefix compressed if asked
-    assert cache_rule(make_cache("dual", quantizer="kivi4"), block_causal=True).compression.quantizer.bits == 4
-    modes = {name: cache_rule(make_cache(name), block_causal=True).mode for name in ("none", "dual", "freecache")}
-    assert modes["none"] != modes["dual"] == modes["freecache"]
+def test_every_cache_is_a_rule_and_block_diffusion_has_its_own():
+    """The caches are the engine's rules: their scope and compression as given; on a block diffusion
+    model every cache is the exact cache of the finished blocks, `none` the full recompute, `dual` the
+    sub-block cache, each with its name and compression."""
+    assert FreeCache(policy="snapkv", budget=0.5).compression.policy.name == "snapkv"
+    assert make_cache("dual", quantizer="kivi4").refresh_prompt is False  # a compressed prompt stays
+    assert FreeCache().refresh_drift > 0 and FreeCache().compression is None
+    block = {name: BlockCache(make_cache(name)) for name in ("none", "dual", "freecache", "prefix")}
+    assert all(isinstance(rule, BlockCache) and rule.name == name for name, rule in block.items())
+    assert block["none"].recompute and block["dual"].sub_block
+    assert not block["freecache"].recompute and not block["freecache"].sub_block
+    assert BlockCache(make_cache("dual", quantizer="kivi4")).compression.quantizer.bits == 4
 
 
 def test_the_triton_paged_kernel_decodes_the_same_tokens(tiny_tokenizer):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler
-from dlmcache.cache import make_cache
+from dlmcache.cache import BlockCache, make_cache
 from dlmcache.models import FastDLLMV2Config
 from dlmcache.testing import decode, random_checkpoint, tiny_fast_dllm_v2
 
@@ -200,13 +200,13 @@ def test_shifted_logits_without_the_autoregressive_step(model):
     block's first step; its logits come from the position before, which each step feeds again (its
     KV is final): the cached rule gives the tokens of recomputing everything before the block's end."""
     from dlmcache.engine import BatchedDecoder, Request
-    from dlmcache.engine.rules import CAUSAL, CAUSAL_FULL, CacheRule
 
     prompts = [list(range(10, 18)), list(range(20, 31)), [40, 41, 42]]
     out = {}
-    for mode in (CAUSAL, CAUSAL_FULL):
+    for mode in ("freecache", "none"):
         # one token a step, the most confident first: not always the first
-        requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), CacheRule(mode), attention_block=8, id=str(i))
+        rule = BlockCache(make_cache(mode))
+        requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), rule, attention_block=8, id=str(i))
                     for i, p in enumerate(prompts)]  # fmt: skip
         decoder = BatchedDecoder.for_requests(model, None, requests)
         for r in requests:
@@ -215,6 +215,6 @@ def test_shifted_logits_without_the_autoregressive_step(model):
         while len(decoder):
             done.update({f.request.id: f for f in decoder.step()})
         out[mode] = done
-    assert any(int(out[CAUSAL][str(i)].commit_step[0]) > 0 for i in range(3))  # some block's first position waited
+    assert any(int(out["freecache"][str(i)].commit_step[0]) > 0 for i in range(3))  # a block's first position waited
     for i in range(len(prompts)):
-        assert torch.equal(out[CAUSAL][str(i)].sequence, out[CAUSAL_FULL][str(i)].sequence), i
+        assert torch.equal(out["freecache"][str(i)].sequence, out["none"][str(i)].sequence), i

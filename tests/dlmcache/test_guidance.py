@@ -1,5 +1,6 @@
 """Guided unmasking: the guide's cache and acceptance rule, vocabulary mapping and the scheduler."""
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -161,9 +162,9 @@ def test_stops_at_eos(tiny_tokenizer):
     from dlmcache.batching import after_eos
 
     eos, mask = tiny_tokenizer.eos_token_id, tiny_tokenizer.mask_token_id
-    gen = torch.tensor([[5, eos, mask, mask], [mask, eos, mask, 6], [7, 8, 9, eos]])
+    gen = np.array([[5, eos, mask, mask], [mask, eos, mask, 6], [7, 8, 9, eos]])
     filled = after_eos(gen, mask, eos)
-    gen.masked_fill_(filled, eos)
+    gen[filled] = eos
     assert gen.tolist() == [[5, eos, eos, eos], [mask, eos, mask, 6], [7, 8, 9, eos]]
     assert filled.sum().item() == 2
 

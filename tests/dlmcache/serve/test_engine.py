@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler, TokenEditingScheduler, tinytask
-from dlmcache.cache import FreeCache, make_cache
+from dlmcache.cache import DenoisingCache, FreeCache, make_cache
 from dlmcache.serve.engine import Cancelled, Engine, Job, QueueFull
 
 
@@ -127,8 +127,8 @@ def test_the_batch_invariant_mode_serves_the_same_answers():
 
 
 def test_a_cache_without_an_engine_rule_fails_its_request_alone(pipe):
-    class Custom(FreeCache):  # a strategy the engine has no rule for
-        pass
+    class Custom(DenoisingCache):  # a strategy without a rule for the engine
+        name = "custom"
 
     chat = tinytask.messages(tinytask.test_problems(1)[0])
     engine = Engine(pipe, max_batch=4).start()
@@ -139,7 +139,7 @@ def test_a_cache_without_an_engine_rule_fails_its_request_alone(pipe):
         got = results.wait(2)
     finally:
         engine.stop()
-    assert isinstance(got[0], ValueError) and "the engine runs" in str(got[0]) and "not a Custom" in str(got[0])
+    assert isinstance(got[0], ValueError) and "a Custom has no rule for the engine" in str(got[0])
     assert torch.equal(got[1].sequences, alone(pipe, chat, dict(max_new_tokens=32)).sequences)
 
 
