@@ -65,7 +65,12 @@ class BlockCache(DenoisingCache):
             first_masked = s["canvas"][rows][np.arange(len(start)), start] == b.mask_id
             whole = (s["refreshed_at"][rows] != attn_start) | first_masked
             alone = sub_block & cached & ~whole
-            s["refreshed_at"][rows] = np.where(sub_block & whole, attn_start, s["refreshed_at"][rows])
+            # The forward that commits an attention block's first token alone (the autoregressive step)
+            # is the release's store forward of the block before: the release fills the sub-block cache
+            # at the block's next forward, with that token in place.
+            ar_step = s["ar_first"][rows] & (start == attn_start) & first_masked
+            fills = sub_block & whole & ~ar_step
+            s["refreshed_at"][rows] = np.where(fills, attn_start, s["refreshed_at"][rows])
             feed_from = np.where(alone, start, feed_from)
             feed_to = np.where(alone, np.minimum(end, length), feed_to)
         s["cached_end"][rows] = np.where(cached, attn_start, 0)

@@ -120,6 +120,68 @@ def test_equals_the_release_loop(model, prompt_len, cached):
     assert out["nfe"] < gen  # several tokens in some steps
 
 
+ATTENTION_BLOCK = 32
+SWEEP_PROMPTS = [1, 4, 8, 13, 16, 24, 31, 32, 33, 40, 47, 48, 56, 63, 64]  # 1 to 2 attention blocks
+SWEEP = [
+    (sub, threshold, SWEEP_PROMPTS[(3 * i + j) % len(SWEEP_PROMPTS)], dtype)
+    for i, (sub, threshold) in enumerate((s, t) for s in (4, 8, 16) for t in (0.5, 0.7, 0.9, 0.95))
+    for j in range(3)
+    for dtype in (torch.float32, torch.float64)
+]
+
+
+@pytest.fixture(scope="module")
+def sweep_models():
+    """Per sub-block size and dtype: a random Fast-dLLM v2 with attention blocks of 32 (weights at 10x
+    the usual scale: thresholds from 0.5 to 0.95 commit one token or several) that never predicts the
+    mask token (its output row is zero), on which the release's loop would spin."""
+    built = {}
+
+    def get(sub, dtype):
+        if (sub, dtype) not in built:
+            model = tiny_fast_dllm_v2(dtype=dtype, initializer_range=0.2, bd_size=ATTENTION_BLOCK, small_block_size=sub)
+            with torch.no_grad():
+                model.lm_head.weight[model.mask_token_id] = 0
+            built[sub, dtype] = model
+        return built[sub, dtype]
+
+    return get
+
+
+@pytest.mark.parametrize("sub, threshold, prompt_len, dtype", SWEEP,
+                         ids=[f"sub{s}-t{t}-p{p}-{str(d)[6:]}" for s, t, p, d in SWEEP])  # fmt: skip
+def test_the_sub_block_cache_is_the_releases_in_every_setting(sweep_models, sub, threshold, prompt_len, dtype):
+    """`cache="dual"` on Fast-dLLM v2 against the release's generate with `use_block_cache=True`
+    (`release_generate`), 72 settings: prompts of 1 to 2 attention blocks (exact multiples of the
+    attention block and of the sub-block among them), thresholds 0.5 to 0.95, sub-blocks of 4, 8 and
+    16, float32 and float64; the answer runs to the end of the attention block after the prompt's, as
+    the release decodes."""
+    model = sweep_models(sub, dtype)
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(10, 250, (prompt_len,), generator=g).tolist()
+    gen = (prompt_len // ATTENTION_BLOCK + 2) * ATTENTION_BLOCK - prompt_len  # (at least one sub-block)
+    want = release_generate(model, prompt, gen, ATTENTION_BLOCK, sub, threshold, use_block_cache=True)
+    out = decode(model, [prompt], gen, sub, sub, ThresholdScheduler(threshold=threshold), cache="dual")
+    assert out["sequences"][0].tolist() == want
+
+
+def test_a_prompt_of_exactly_one_attention_block():
+    """The release prefills only a prompt longer than one attention block (`input_ids.shape[1] >
+    block_size`): a prompt of exactly one block is neither prefilled nor fed, and its answer is decoded
+    as if there were no prompt (positions from 0). Here such a prompt is what a prompt of two blocks
+    is to the release: prefilled, its next token the argmax of its last position. So ours equals the
+    release's loop with that prefill, and differs from the release's own answer, the one to no prompt."""
+    model = tiny_fast_dllm_v2(dtype=torch.float64, initializer_range=0.2, bd_size=ATTENTION_BLOCK, small_block_size=8)
+    with torch.no_grad():
+        model.lm_head.weight[model.mask_token_id] = 0
+    prompt = torch.randint(10, 250, (ATTENTION_BLOCK,), generator=torch.Generator().manual_seed(0)).tolist()
+    for cache, block_cache in (("dual", True), ("freecache", False)):
+        out = decode(model, [prompt], 32, 8, 8, ThresholdScheduler(threshold=0.7), cache=cache)[
+            "sequences"][0].tolist()  # fmt: skip
+        assert out == release_generate(model, prompt, 32, ATTENTION_BLOCK, 8, 0.7, use_block_cache=block_cache)
+        assert out != release_generate(model, [], 32, ATTENTION_BLOCK, 8, 0.7, use_block_cache=block_cache)
+
+
 def test_the_sub_block_cache_is_the_releases_approximation():
     """use_block_cache feeds fewer tokens and changes the tokens (the other sub-blocks' KV is stale),
     and a batch of mixed prompt lengths equals each prompt alone: a row aligned left of its sub-block
