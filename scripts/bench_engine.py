@@ -1,191 +1,196 @@
-"""The batched engine in-process against `DLMPipeline`, on a bundled model (--threads, default 1).
+"""Where a step of the batched engine spends its time, on a bundled model (--threads, default 1).
 
     python scripts/bench_engine.py --out results/bench_engine.json
     python scripts/bench_engine.py --model dlmcache/tiny-block      # block diffusion
-    python scripts/bench_engine.py --guide dlmcache/tiny-guide      # guided unmasking (FreeCache + guide)
+    python scripts/bench_engine.py --cache dual --threshold 0.9       # another rule and scheduler
 
-One run, ratios within it, medians of `--repeats`:
-- one request at a time: ms per request through `DLMPipeline.__call__` and through a `BatchedDecoder`
-  directly (R = 1; the difference is the call's own work: encoding, requests, outputs), interleaved
-  request by request, the median of the per-request ratios, and the check that both give the same
-  tokens;
-- all `--requests` at once through the engine: answer tokens per second against one at a time;
-- dispatched ops per step at R = 1 and R = `--requests` (a dispatch counter), and host reads per step;
-  `DLMPipeline`'s ops per step for one request beside them.
-The cache is the server's default (FreeCache token mode, suffix window 0, drift refresh); for a block
-diffusion model, its block cache; the scheduler and block length are the model's defaults. With
-`--guide`, every request is guided, and the guide's forwards of the batched run are counted (the
-requests share them) against the forwards each request took part in.
+The default cache is FreeCache's token freezing (`freecache:freeze=token`), the scheduler the model's.
+
+For each batch size of --requests (default 1 and 64), the tiny task's held-out problems decode as
+one batch, --repeats times; every step is split into
+- model: the forward (layers, attention over the pool, LM head: `BatchedDecoder._forward`);
+- plan: `GenerationBatch.plan` (the rules, flattening, the upload of the step's inputs);
+- commit: `GenerationBatch.commit` (the schedulers on the device, the one read back, the host
+  bookkeeping);
+- rest: the step's other work (the attention layout, the pool's blocks, finished rows).
+Host time is plan + commit + rest. Per call (one request through `DLMPipeline.__call__`): the time
+outside its steps (encoding, the request, the decoder and its pool, the output). Also the
+dispatched ops of a step (model and host), host reads per step, and whether every request of a
+batch got its tokens alone. Medians over steps (and calls); ratios only within this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from dlmcache import DLMPipeline, tinytask
+from dlmcache import DLMPipeline, ThresholdScheduler, tinytask
 from dlmcache.cache import make_cache
 from dlmcache.engine import BatchedDecoder
+from dlmcache.run_config import RunConfig
 from dlmcache.testing import DispatchCount
 
-
-def pipeline_ops_per_step(pipe, ids, max_new_tokens, cache) -> int:
-    """Dispatched ops of `DLMPipeline`'s 4th denoising step for one request (counted between the
-    step callbacks of steps 3 and 4)."""
-    count = DispatchCount()
-
-    def callback(_, step, state):
-        if step == 3:
-            count.__enter__()
-        elif step == 4:
-            count.__exit__(None, None, None)
-
-    pipe([ids], max_new_tokens=max_new_tokens, cache=cache, stop_at_eos=True, callback_on_step_end=callback)
-    return count.ops
+PARTS = ("model", "plan", "commit", "rest")
 
 
-class GuideCalls:
-    """Counts the guide model's forwards inside `with` (none without a guide) and the rows they carry,
-    and times the shared verify rounds (`guidance.verify_many`): in all, and in the guide's forwards
-    (the rest is stacking the sessions' caches, handing each its rows back and the acceptance rule)."""
+class StepTimer:
+    """Times the parts of every step of `decoder` (see the module docstring)."""
 
-    def __init__(self, pipe):
-        guide = getattr(pipe.scheduler, "guide", None)
-        self.model = None if guide is None else guide.model
-        self.forwards, self.rows = 0, 0
-        self.verify_seconds, self.verify_forward_seconds, self._in_verify = 0.0, 0.0, False
+    def __init__(self, decoder: BatchedDecoder):
+        self.decoder, self.steps = decoder, []
+        self._now: dict[str, float] = {}
+        for owner, name, part in ((decoder.batch, "plan", "plan"), (decoder.batch, "commit", "commit"),
+                                  (decoder, "_forward", "model")):  # fmt: skip
+            setattr(owner, name, self._timed(getattr(owner, name), part))
 
-    @property
-    def rows_per_forward(self) -> float:
-        return self.rows / max(self.forwards, 1)
+    def _timed(self, fn, part):
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self._now[part] = self._now.get(part, 0.0) + time.perf_counter() - start
 
-    def __enter__(self):
-        if self.model is not None:
-            from dlmcache import guidance
+        return timed
 
-            original, verify_many = self.original, self.verify_many = self.model.forward, guidance.verify_many
+    def step(self) -> list:
+        self._now = {}
+        start = time.perf_counter()
+        done = self.decoder.step()
+        total = time.perf_counter() - start
+        self._now["rest"] = total - sum(self._now.values())
+        self._now["total"] = total
+        self.steps.append(self._now)
+        return done
 
-            def counted(*args, **kwargs):
-                self.forwards += 1
-                self.rows += kwargs["input_ids"].shape[0]
-                start = time.perf_counter()
-                out = original(*args, **kwargs)
-                if self._in_verify:
-                    self.verify_forward_seconds += time.perf_counter() - start
-                return out
 
-            def timed(*args, **kwargs):
-                self._in_verify, start = True, time.perf_counter()
-                try:
-                    return verify_many(*args, **kwargs)
-                finally:
-                    self.verify_seconds += time.perf_counter() - start
-                    self._in_verify = False
+def decode(pipe, prompts, kw, timer_steps=None) -> dict:
+    requests = pipe.make_requests(prompts, **kw)
+    decoder = BatchedDecoder.for_requests(pipe.model, pipe.tokenizer.eos_token_id, requests)
+    timer = StepTimer(decoder)
+    for r in requests:
+        decoder.add(r)
+    out = {}
+    while len(decoder):
+        out.update({f.request.id: f.sequence for f in timer.step()})
+    if timer_steps is not None:
+        timer_steps.extend(timer.steps)
+    return out
 
-            self.model.forward, guidance.verify_many = counted, timed
-        return self
 
-    def __exit__(self, *exc):
-        if self.model is not None:
-            from dlmcache import guidance
+def medians_ms(steps: list[dict]) -> dict:
+    return {k: 1e3 * statistics.median(s[k] for s in steps) for k in (*PARTS, "total")} | {
+        "host": 1e3 * statistics.median(s["plan"] + s["commit"] + s["rest"] for s in steps)
+    }
 
-            self.model.forward, guidance.verify_many = self.original, self.verify_many
+
+def ops_per_step(pipe, prompts, kw, warm: int = 3) -> dict:
+    """Dispatched ops of one step after `warm` steps, in all and inside the model's forward."""
+    requests = pipe.make_requests(prompts, **kw)
+    decoder = BatchedDecoder.for_requests(pipe.model, pipe.tokenizer.eos_token_id, requests)
+    for r in requests:
+        decoder.add(r)
+    for _ in range(warm):
+        decoder.step()
+    forward, counted = decoder._forward, {}
+
+    def counting(*args):
+        with DispatchCount() as count:
+            out = forward(*args)
+        counted["model"] = count.ops
+        return out
+
+    decoder._forward = counting
+    reads = decoder.batch.host_reads
+    with DispatchCount() as count:
+        decoder.step()
+    return {"ops": count.ops, "model_ops": counted["model"], "host_ops": count.ops - counted["model"],
+            "host_reads": decoder.batch.host_reads - reads}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dlmcache/tiny", help="dlmcache/tiny or dlmcache/tiny-block")
-    ap.add_argument("--guide", default=None, help="a guide (dlmcache/tiny-guide): every request guided")
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--cache", default="freecache:freeze=token",
+                    help="a cache as run configs write it: NAME or NAME:k=v,...")  # fmt: skip
+    ap.add_argument("--threshold", type=float, default=None, help="the threshold scheduler (default: the model's own)")
+    ap.add_argument("--requests", default="1,64", help="batch sizes, comma-separated")
+    ap.add_argument("--calls", type=int, default=16, help="one-request pipeline calls for the per-call time")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for everything (one run, one count)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    if args.threads < 1:
-        ap.error(f"--threads {args.threads}: must be at least 1")
+    sizes = [int(n) for n in args.requests.split(",")]
+    if args.threads < 1 or args.repeats < 1 or args.calls < 1 or min(sizes) < 1:
+        ap.error("--threads, --repeats, --calls and every --requests size must be at least 1")
     torch.set_num_threads(args.threads)
-    pipe = DLMPipeline.from_pretrained(args.model, guide=args.guide)
+    print(f"load average: {os.getloadavg()}", flush=True)
+    pipe = DLMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    cache = make_cache("freecache", freeze="token", suffix_window=0)
-    prompts = [pipe.encode_prompts([tinytask.messages(p)])[0] for p in tinytask.test_problems(args.requests)]
-    g = args.max_new_tokens
+    config = RunConfig.parse(args.cache)
+    kw = dict(max_new_tokens=args.max_new_tokens, cache=make_cache(config.cache, **config.cache_options),
+              stop_at_eos=True)  # fmt: skip
+    if args.threshold is not None:
+        kw["scheduler"] = ThresholdScheduler(threshold=args.threshold)
+    problems = [tinytask.messages(p) for p in tinytask.test_problems(max(max(sizes), args.calls) + 1)]
+    result = {"args": vars(args) | {"out": str(args.out)}, "batches": {}}
+    with torch.no_grad():
+        decode(pipe, problems[:1], kw)  # warm-up
+        for size in sizes:
+            steps, same = [], True
+            for _ in range(args.repeats):
+                batch = decode(pipe, problems[1 : size + 1], kw, steps)
+            if size > 1:  # every request its tokens alone
+                for i in range(min(size, 8)):
+                    alone = decode(pipe, problems[1 + i : 2 + i], kw)["0"]
+                    same &= torch.equal(alone, batch[str(i)])
+            row = {"steps": len(steps) // args.repeats, "ms_per_step": medians_ms(steps), "same_tokens": same,
+                   **ops_per_step(pipe, problems[1 : size + 1], kw)}  # fmt: skip
+            result["batches"][size] = row
+            print(json.dumps({size: row}), flush=True)
+        # Per call: a pipeline call of one request, less its steps.
+        calls, step_sums = [], []
+        for chat in problems[1 : args.calls + 1]:
+            timers: list = []
+            original = BatchedDecoder.step
 
-    def request(ids, i):
-        (r,) = pipe.make_requests([ids], max_new_tokens=g, cache=cache, stop_at_eos=True)
-        r.id = str(i)
-        return r
+            def counted(decoder, timers=timers, original=original):
+                start = time.perf_counter()
+                out = original(decoder)
+                timers.append(time.perf_counter() - start)
+                return out
 
-    def decode(decoder, requests) -> dict:
-        for r in requests:
-            decoder.add(r)
-        out = {}
-        while len(decoder):
-            out.update({f.request.id: f.sequence for f in decoder.step()})
-        return out
-
-    rows = []
-    one = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
-    for _ in range(args.repeats):
-        # One request at a time, the pipeline and the engine interleaved request by request, so a
-        # drift in the machine's speed hits both alike.
-        t_pipe, t_one, seqs, same = [], [], [], True
-        for i, ids in enumerate(prompts):
-            t = time.perf_counter()
-            seqs.append(pipe([ids], max_new_tokens=g, cache=cache, stop_at_eos=True).sequences[0])
-            t_pipe.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            same &= torch.equal(decode(one, [request(ids, i)])[str(i)], seqs[-1])
-            t_one.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        with GuideCalls(pipe) as guide_calls:
-            batched = decode(
-                BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id), [request(p, i) for i, p in enumerate(prompts)]
-            )
-        t_all = [time.perf_counter() - t]
-        same &= all(torch.equal(batched[str(i)], s) for i, s in enumerate(seqs))
-        answer = sum(int((s != pipe.tokenizer.eos_token_id).cumprod(0).sum()) for s in seqs)
-        rows.append({
-            "pipeline_ms_per_request": 1e3 * statistics.median(t_pipe),
-            "engine_ms_per_request": 1e3 * statistics.median(t_one),
-            "engine_over_pipeline": statistics.median(e / p for e, p in zip(t_one, t_pipe, strict=True)),
-            "one_at_a_time_answer_tokens_per_s": answer / sum(t_pipe),
-            "batched_answer_tokens_per_s": answer / sum(t_all),
-            "batched_over_one_at_a_time": sum(t_pipe) / sum(t_all),
-            "same_tokens": same,
-            "guide_forwards_batched": guide_calls.forwards, "guide_rows_per_forward": guide_calls.rows_per_forward,
-            "verify_ms": 1e3 * guide_calls.verify_seconds,
-            "verify_outside_guide_forward_share": 1 - guide_calls.verify_forward_seconds / guide_calls.verify_seconds
-            if guide_calls.verify_seconds else None,
-        })  # fmt: skip
-        print(rows[-1], flush=True)
-    ops = {}
-    for batch in (1, len(prompts)):
-        decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
-        for i in range(batch):
-            decoder.add(request(prompts[i], i))
-        for _ in range(3):
-            decoder.step()
-        if not len(decoder):  # (a guided batch may be done in three steps: no fourth to count)
-            ops[batch] = None
-            continue
-        reads = decoder.batch.host_reads
-        with DispatchCount() as count:
-            decoder.step()
-        ops[batch] = {"ops_per_step": count.ops, "host_reads_per_step": decoder.batch.host_reads - reads}
-    ops["pipeline_one_request"] = {"ops_per_step": pipeline_ops_per_step(pipe, prompts[0], g, cache) or None}
-    result = {
-        "medians": {k: statistics.median(r[k] for r in rows) if rows[0][k] is not None else None
-                    for k in rows[0] if k != "same_tokens"},
-        "same_tokens": all(r["same_tokens"] for r in rows), "ops": ops, "runs": rows, "args": vars(args) | {
-            "out": str(args.out)},
-    }  # fmt: skip
-    print(json.dumps({k: result[k] for k in ("medians", "same_tokens", "ops")}, indent=1))
+            BatchedDecoder.step = counted
+            try:
+                start = time.perf_counter()
+                pipe(chat, **kw)
+                calls.append(time.perf_counter() - start)
+            finally:
+                BatchedDecoder.step = original
+            step_sums.append(sum(timers))
+        outside = [c - s for c, s in zip(calls, step_sums, strict=True)]
+        result["per_call_ms"] = {"outside_steps": 1e3 * statistics.median(outside),
+                                 "call": 1e3 * statistics.median(calls)}  # fmt: skip
+    print(json.dumps({k: result[k] for k in ("batches", "per_call_ms")}, indent=1))
+    print("\n| requests | host ms / step (plan, commit, rest) | model ms / step | ops (host, model) | reads |")
+    print("|---|---|---|---|---|")
+    for size, row in result["batches"].items():
+        m = row["ms_per_step"]
+        print(
+            f"| {size} | {m['host']:.3f} ({m['plan']:.3f}, {m['commit']:.3f}, {m['rest']:.3f}) | {m['model']:.2f} | "
+            f"{row['ops']} ({row['host_ops']}, {row['model_ops']}) | {row['host_reads']} |"
+        )
+    print(
+        f"\nper call, outside its steps: {result['per_call_ms']['outside_steps']:.2f} ms "
+        f"(a call: {result['per_call_ms']['call']:.1f} ms)"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

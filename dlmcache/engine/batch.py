@@ -357,6 +357,8 @@ class GenerationBatch:
         self._block_j = np.arange(widest_block)
         self._in_block = self._block_j < s["block_len"][:, None]
         self._rows = np.arange(n)
+        self._uncond_rows = np.array(self._uncond, dtype=bool)
+        self._reports = np.array([r.on_step is not None for r in self.requests], dtype=bool)
 
     # ------------------------------------------------------------------ one step
 
@@ -654,30 +656,34 @@ class GenerationBatch:
             transferp = torch.where(at[:, None], alone, transferp)
             x0p[:, 0] = torch.where(at, packed[:, 0].argmax(-1), x0p[:, 0])
         # One host read: the choices, which rows' logits were finite, what the rules observed.
-        finite = torch.ones(rows_n, dtype=torch.long, device=device).scatter_reduce(
-            0, t_row, torch.isfinite(logits).all(-1).long(), "amin"
-        )
+        # (a non-finite logit makes its row's sum non-finite; float32, so no half-precision sum overflows)
+        finite = torch.isfinite(logits.sum(-1, dtype=torch.float32))
         observed = [cls.observe(self, rules_rows, values) for cls, rules_rows in self._rules]
-        parts = [x0p, transferp.long()] + ([edit[2].long()] if edit is not None else []) + [finite]
-        parts += [o.double().view(torch.long) for o in observed if o is not None]
-        host = torch.cat([p.flatten() for p in parts]).cpu().numpy()
+        x0p_h, transfer_h, edits_h, finite_h, *results = self._download(
+            [x0p, transferp, None if edit is None else edit[2], finite, *observed]
+        )
+        finite_rows = np.ones(rows_n, dtype=bool)
+        finite_rows[step["target_row"][~finite_h]] = False
+        return x0p_h, transfer_h, edits_h, finite_rows, results
+
+    def _download(self, tensors: list[torch.Tensor | None]) -> list[np.ndarray | None]:
+        """The step's results on the host, in one copy: views of the tensors on the CPU; elsewhere
+        one int64 buffer (float results carried as float64 bits), split on the host."""
         self.host_reads += 1
-        shape, size = (rows_n, x0p.shape[1]), x0p.numel()
-        x0p_h = host[:size].reshape(shape)
-        transfer_h = host[size : 2 * size].reshape(shape).astype(bool)
-        at = 2 * size
-        edits_h = None
-        if edit is not None:
-            edits_h, at = host[at : at + size].reshape(shape).astype(bool), at + size
-        finite_h, at = host[at : at + rows_n].astype(bool), at + rows_n
-        results = []
-        for o in observed:
-            if o is None:
-                results.append(None)
+        if self.device.type == "cpu":
+            return [None if t is None else t.numpy() for t in tensors]
+        given = [t for t in tensors if t is not None]
+        parts = [t.double().view(torch.long) if t.is_floating_point() else t.long() for t in given]
+        host = torch.cat([p.flatten() for p in parts]).cpu().numpy()
+        out, at = [], 0
+        for t in tensors:
+            if t is None:
+                out.append(None)
                 continue
-            results.append(host[at : at + o.numel()].view(np.float64))
-            at += o.numel()
-        return x0p_h, transfer_h, edits_h, finite_h, results
+            a = host[at : at + t.numel()].reshape(t.shape)
+            at += t.numel()
+            out.append(a.view(np.float64) if t.is_floating_point() else a.astype(bool) if t.dtype == torch.bool else a)
+        return out
 
     def _select_alone(self, packed, x0, transfer, edit, steps_in) -> None:
         """Rows whose scheduler draws random numbers (or is not vectorised): each alone, on exactly the
@@ -717,13 +723,15 @@ class GenerationBatch:
         """Report each request's step (`on_step`) and collect the finished and failed ones."""
         s = self.state
         finished = []
-        for i, req in enumerate(self.requests):
-            if self._uncond[i]:
-                continue
+        if self._cfg is not None:  # a request fails with its unconditional row
+            finite[self._cfg[0]] &= finite[self._cfg[1]]
+        # (only the rows with something to do: a callback, a finish, a failure)
+        attend = done | ~finite | self._reports
+        for i in np.nonzero(attend & ~self._uncond_rows)[0].tolist():
+            req = self.requests[i]
             both = [i, i + 1] if req.cfg_scale else [i]  # (the counters of both rows)
-            ok = bool(finite[both].all())
             forwards = int(s["forwards"][i])
-            if not ok:
+            if not finite[i]:
                 error = FloatingPointError(f"the model's logits at step {forwards - 1} are not finite")
                 empty = torch.zeros(0, dtype=torch.long)
                 finished.append((i, Finished(req, empty, empty, error=error)))

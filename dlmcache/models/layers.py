@@ -39,10 +39,24 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant and x.is_cuda:
             return rms_norm(x, self.weight, self.eps, backend="triton")
-        acc = torch.promote_types(x.dtype, torch.float32)
-        h = x.to(acc)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        if x.dtype in FUSED_NORM_DTYPES and x.dtype == self.weight.dtype and not x.is_cuda:
+            # one op, the same bits as the reference below in these dtypes on the CPU (tested)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+#: The dtypes in which torch's fused `F.rms_norm` gives the reference's bits on the CPU (in bfloat16 it
+#: multiplies by the weight before rounding to bfloat16; the reference rounds first, as the releases do).
+FUSED_NORM_DTYPES = (torch.float32, torch.float64)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the releases write it: normalised in float32 (at least), rounded to x's dtype, then
+    scaled by the weight."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(acc)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, invariant: bool = False):

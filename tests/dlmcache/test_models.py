@@ -428,3 +428,18 @@ def test_onednn_linear_backend_decodes_like_torch():
         want = pipe(prompts, max_new_tokens=32, block_length=16).sequences
         pipe.model.set_linear_backend("onednn")
         assert torch.equal(pipe(prompts, max_new_tokens=32, block_length=16).sequences, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 128), (1, 7, 64), (2, 33, 768), (1, 4, 5, 24), (3, 2, 63, 16), (1, 500, 100)])
+def test_the_fused_rms_norm_gives_the_references_bits(dtype, shape):
+    """RMSNorm's one-op path (`F.rms_norm`, float32 and float64 on the CPU) against the releases' form
+    written out (`rms_norm_reference`): the same bits, awkward widths included."""
+    from dlmcache.models.layers import RMSNorm, rms_norm_reference
+
+    torch.manual_seed(sum(shape))
+    norm = RMSNorm(shape[-1], 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(shape, dtype=dtype) * 3
+    assert torch.equal(norm(x), rms_norm_reference(x, norm.weight, 1e-6))
