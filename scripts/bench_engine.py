@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=16, help="one-request pipeline calls for the per-call time")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--block-length", type=int, default=None, help="default: the model's (32, or its own block)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -135,8 +136,8 @@ def main() -> None:
     pipe = DLMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     config = RunConfig.parse(args.cache)
-    kw = dict(max_new_tokens=args.max_new_tokens, cache=make_cache(config.cache, **config.cache_options),
-              stop_at_eos=True)  # fmt: skip
+    kw = dict(max_new_tokens=args.max_new_tokens, block_length=args.block_length, stop_at_eos=True,
+              cache=make_cache(config.cache, **config.cache_options))  # fmt: skip
     if args.threshold is not None:
         kw["scheduler"] = ThresholdScheduler(threshold=args.threshold)
     problems = [tinytask.messages(p) for p in tinytask.test_problems(max(max(sizes), args.calls) + 1)]

@@ -25,16 +25,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from kvpress import KnormPress, ObservedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress
 from transformers import AutoModelForCausalLM, DynamicCache
 
+#: name -> kvpress's press class (h2o's needs eager attention: the model is loaded a second time for it)
 PRESSES = {
-    "snapkv": SnapKVPress,
-    "tova": TOVAPress,
-    "streaming_llm": StreamingLLMPress,
-    "knorm": KnormPress,
-    "h2o": ObservedAttentionPress,  # needs eager attention: the model is loaded a second time for it
-}
+    "snapkv": "SnapKVPress", "tova": "TOVAPress", "streaming_llm": "StreamingLLMPress", "knorm": "KnormPress",
+    "h2o": "ObservedAttentionPress",
+}  # fmt: skip
 
 
 def load(attn: str):
@@ -71,6 +68,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if importlib.util.find_spec("kvpress") is None:
+        raise SystemExit(
+            "kvpress_reference.py: kvpress is not installed here; it needs transformers < 5.3, so it runs in a "
+            "virtualenv of its own (the commands are in this script's docstring)"
+        )
+    import kvpress
+
     torch.set_num_threads(args.threads)
     samples = torch.load(args.samples)
     models = {"sdpa": load("sdpa")}
@@ -82,7 +86,7 @@ def main() -> None:
         if attn not in models:
             models[attn] = load(attn)
         for kept in (float(k) for k in args.kept.split(",")):
-            press = PRESSES[name](compression_ratio=1 - kept)
+            press = getattr(kvpress, PRESSES[name])(compression_ratio=1 - kept)
             pairs = zip(samples, full, strict=True)
             deltas = [continuation_nll(models[attn], ctx, cont, press) - f for (ctx, cont), f in pairs]
             mean, se = statistics.mean(deltas), statistics.stdev(deltas) / len(deltas) ** 0.5
