@@ -48,7 +48,7 @@ def continuation_nll(model, ctx, cont, press=None) -> float:
         out = model(ctx, past_key_values=cache)
     else:
         with press(model):
-            out = model(ctx, past_key_values=cache, output_attentions=isinstance(press, ObservedAttentionPress))
+            out = model(ctx, past_key_values=cache, output_attentions=type(press).__name__ == PRESSES["h2o"])
     length, n, kept = ctx.shape[1], cont.shape[1], cache.get_seq_length()
     rest = model(
         cont,
