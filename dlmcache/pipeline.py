@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .cache import CACHES, BlockCache, DenoisingCache, FreeCache, KVReuseCache, make_cache
+from .cache import BlockCache, DenoisingCache, FreeCache, KVReuseCache, make_cache
 from .engine import Finished, Request
 from .locations import read_json, resolve_path
 from .models import model_class
@@ -25,7 +25,7 @@ from .schedulers import (
     ThresholdScheduler,
     TokenEditingScheduler,
 )
-from .schedulers.base import check_number
+from .settings import DecodeSettings
 
 #: The model's own sampler by model_type. SDAR's release decodes with low_confidence_dynamic at 0.85
 #: (commit what is above the threshold, at least the step's quota): `ThresholdScheduler(0.85)`, greedy.
@@ -245,20 +245,6 @@ class DLMPipeline(DiffusionPipeline):
             raise ValueError("a chat prompt needs a tokenizer with a chat template")
         return chat_template_ids(self.tokenizer, chat)
 
-    def check_inputs(self, max_new_tokens: int, block_length: int, steps: int) -> int:
-        """Validate the schedule; returns the number of blocks."""
-        for name, value in (("max_new_tokens", max_new_tokens), ("block_length", block_length), ("steps", steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if max_new_tokens % block_length:
-            raise ValueError(f"max_new_tokens={max_new_tokens} is not divisible by block_length={block_length}")
-        num_blocks = max_new_tokens // block_length
-        if steps % num_blocks:
-            raise ValueError(f"steps={steps} is not divisible by the number of blocks ({num_blocks})")
-        if self.tokenizer.pad_token_id == self.mask_token_id:
-            raise ValueError(f"the tokenizer's pad token id equals the mask token id {self.mask_token_id}")
-        return num_blocks
-
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
@@ -314,31 +300,6 @@ class DLMPipeline(DiffusionPipeline):
         """`block_length` when a call gives none: a block diffusion model's own block size, else 32."""
         return self.model.block_size if self.model.block_diffusion else 32
 
-    def _call_settings(self, max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos):
-        """A call's checked schedule and its own copies of the scheduler and the cache strategy:
-        (steps, scheduler, cache, stop_at_eos); `block_length` must be resolved (not None)."""
-        steps = max_new_tokens if steps is None else steps
-        self.check_inputs(max_new_tokens, block_length, steps)
-        check_number("cfg_scale", cfg_scale)
-        for name, value, cls in (("scheduler", scheduler, DLMScheduler), ("cache", cache, DenoisingCache)):
-            if value is not None and not isinstance(value, cls):
-                raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}: {value!r}")
-        cache = copy.copy(cache if cache is not None else self.cache)
-        if type(cache).feed.__func__ is DenoisingCache.feed.__func__:  # (no rule of its own)
-            raise ValueError(
-                f"cache={cache!r}: a {type(cache).__name__} has no rule for the engine (its `refresh` and `feed`); "
-                f"the package's caches are {sorted(CACHES)}"
-            )
-        scheduler = copy.copy(scheduler if scheduler is not None else self.scheduler)
-        if getattr(scheduler, "edits", False) and not self.model.block_diffusion:
-            raise ValueError(
-                f"scheduler {type(scheduler).__name__} edits the blocks of a block diffusion model (LLaDA2.1's rule); "
-                f"{type(self.model).__name__} is full attention"
-            )
-        if stop_at_eos is None:  # the reference samplers' default; a block diffusion release stops at EOS
-            stop_at_eos = scheduler.stops_at_eos or self.model.block_diffusion
-        return steps, scheduler, cache, stop_at_eos
-
     def make_requests(
         self,
         prompt,
@@ -357,53 +318,29 @@ class DLMPipeline(DiffusionPipeline):
         them. A generator is shared by the prompts' requests (each draws on its own, in turn). Run them
         with `dlmcache.engine.BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)`. A block
         diffusion model's requests run its cache as a `BlockCache`."""
-        block_length = self.default_block_length if block_length is None else block_length
-        steps, scheduler, cache, stop_at_eos = self._call_settings(
-            max_new_tokens, block_length, steps, cfg_scale, scheduler, cache, stop_at_eos
-        )
         prompts = self._prompt_requests(prompt, chat_template)
-        self.check_length(max(len(ids) for ids, _ in prompts), max_new_tokens)
-        if self.model.block_diffusion:
-            self._check_block_settings(cfg_scale, scheduler, cache)
-        rule = BlockCache(cache) if self.model.block_diffusion else cache
-        settings = dict(stop_at_eos=stop_at_eos, generator=generator, cfg_scale=cfg_scale)
-        if self.model.block_diffusion:  # a model attending in blocks of its own (Fast-dLLM v2's 32)
-            settings.update(attention_block=self.model.attention_block,
-                            first_token_ar=self.model.first_token_autoregressive)  # fmt: skip
-        return [
-            Request(
-                ids, max_new_tokens, block_length, steps, copy.copy(scheduler), rule, chat=chat, id=str(i), **settings
-            )  # fmt: skip
-            for i, (ids, chat) in enumerate(prompts)
-        ]
+        if self.tokenizer.pad_token_id == self.mask_token_id:
+            raise ValueError(f"the tokenizer's pad token id equals the mask token id {self.mask_token_id}")
+        for name, value, cls in (("scheduler", scheduler, DLMScheduler), ("cache", cache, DenoisingCache)):
+            if value is not None and not isinstance(value, cls):
+                raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}: {value!r}")
+        scheduler = self.scheduler if scheduler is None else scheduler
+        settings = DecodeSettings.resolve(
+            self.model, scheduler, self.cache if cache is None else cache, max_new_tokens, block_length, steps,
+            cfg_scale, stop_at_eos, prompt_len=max(len(ids) for ids, _ in prompts),
+        )  # fmt: skip
+        return [self._request(ids, chat, str(i), settings, generator) for i, (ids, chat) in enumerate(prompts)]
 
-    def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
-        """The longest prompt plus `max_new_tokens` within the model's longest sequence."""
-        limit = self.model.max_length
-        if limit is not None and prompt_len + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} exceeds "
-                f"the model's {limit}"
-            )
-
-    def _check_block_settings(self, cfg_scale, scheduler, cache) -> None:
-        """What block diffusion does not run yet, refused by name."""
-        name = type(self.model).__name__
-        if cfg_scale:
-            raise ValueError(f"cfg_scale={cfg_scale!r}: classifier-free guidance is not built for block diffusion")
-        if isinstance(scheduler, GuidedScheduler):
-            raise ValueError(f"guided unmasking is not built for block diffusion ({name})")
-        compression = getattr(cache, "compression", None)
-        if compression is not None and self.model.attention_block is not None and cache.name == "dual":
-            raise ValueError(
-                f"cache='dual' on {name} is Fast-dLLM v2's sub-block cache; with a compressed prefix it is not built"
-            )
-        if compression is not None and "mask_queries" in compression.reads:
-            raise ValueError(
-                f"cache={cache.name!r} with policy={compression.policy.name!r}: it scores the prompt by the masked "
-                f"positions' queries, and a block diffusion model ({name}) compresses its prefix with the "
-                "prefix's own queries; use a policy that reads the prompt's (snapkv, h2o, knorm, ...)"
-            )
+    def _request(self, ids: list[int], chat, request_id: str, settings: DecodeSettings, generator) -> Request:
+        """The engine's request of one prompt (its own copy of the scheduler)."""
+        model, cache = self.model, settings.cache
+        block = dict(attention_block=model.attention_block, first_token_ar=model.first_token_autoregressive)
+        return Request(
+            ids, settings.max_new_tokens, settings.block_length, settings.steps, copy.copy(settings.scheduler),
+            BlockCache(cache) if model.block_diffusion else cache, stop_at_eos=settings.stop_at_eos,
+            generator=generator, cfg_scale=settings.cfg_scale, chat=chat, id=request_id,
+            **(block if model.block_diffusion else {}),  # a model attending in blocks of its own (Fast-dLLM v2's 32)
+        )  # fmt: skip
 
     def _decode(self, requests: list[Request], callback, return_dict: bool):
         """Decode `requests` on the batched engine: every prompt a row, all added before the first

@@ -40,6 +40,7 @@ from PIL import Image
 
 from dlmcache import DLMPipeline
 from dlmcache.run_config import RunConfig
+from dlmcache.settings import DecodeSettings
 
 MAX_PROMPT_CHARS = 2000
 MAX_SCREENSHOTS = 8
@@ -90,7 +91,8 @@ class Demo:
         if edit_threshold > 0 and not self.pipe.model.block_diffusion:
             raise gr.Error("Token editing (LLaDA2.1's rule) is for block diffusion models; this one is full attention.")
         try:
-            self.pipe.check_inputs(max_new_tokens, block_length, steps)
+            DecodeSettings.resolve(self.pipe.model, self.pipe.scheduler, self.pipe.cache, max_new_tokens, block_length,
+                                   steps)  # fmt: skip
         except ValueError as e:
             raise gr.Error(str(e)) from None
 

@@ -21,6 +21,7 @@ import torch
 from dlmcache.cache import make_cache
 from dlmcache.run_config import RunConfig
 from dlmcache.schedulers import GuidedScheduler, ThresholdScheduler, TokenEditingScheduler
+from dlmcache.settings import DecodeSettings, SettingsError
 
 #: OpenAI fields accepted only at their default (None = absent or null).
 UNSUPPORTED = {
@@ -160,28 +161,25 @@ def parse(kind: str, body, pipe, model_name: str, defaults: dict) -> ParsedReque
     limit = pipe.model.max_length
     if limit is not None and prompt_tokens >= limit:
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens; the model's limit is {limit}", param)
-    if limit is not None and prompt_tokens + max_tokens > limit:
-        raise ApiError(
-            400, f"{max_name}={max_tokens}: the prompt ({prompt_tokens} tokens) + {max_tokens} exceeds the "
-            f"model's {limit}", max_name,
-        )  # fmt: skip
     block_length = _int(body, "block_length", default=None)
     if block_length is None:  # a block diffusion model's own block length, else the server's default
         default = pipe.default_block_length if pipe.model.block_diffusion else defaults["block_length"]
         block_length = default if max_tokens % default == 0 else max_tokens
-    if max_tokens % block_length:
-        raise ApiError(400, f"block_length={block_length} does not divide {max_name}={max_tokens}", "block_length")
-    blocks = max_tokens // block_length
     steps = _int(body, "steps", default=max_tokens)
-    if steps > max_tokens:  # a block's steps beyond its tokens would commit nothing: refused, not capped
-        raise ApiError(400, f"steps={steps} is more than {max_name}={max_tokens} (at most one step per token)", "steps")
-    if steps % blocks:
-        raise ApiError(400, f"steps={steps} is not divisible by the number of blocks ({blocks})", "steps")
+    scheduler, cache = _scheduler(body, pipe), _cache(body)
+    try:  # the checks every generation passes (`DecodeSettings`), fields named as this API names them
+        DecodeSettings.resolve(
+            pipe.model, pipe.scheduler if scheduler is None else scheduler, pipe.cache if cache is None else cache,
+            max_tokens, block_length, steps, stop_at_eos=True, prompt_len=prompt_tokens,
+        )  # fmt: skip
+    except SettingsError as e:
+        field = max_name if e.field == "max_new_tokens" else e.field
+        raise ApiError(400, str(e).replace("max_new_tokens", max_name), field) from None
 
     return ParsedRequest(
         kind=kind, prompt=prompt, chat_template=chat_template, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
         block_length=block_length, steps=steps, stream=stream, include_usage=bool(options.get("include_usage")),
-        stop=stop, seed=seed, scheduler=_scheduler(body, pipe), cache=_cache(body), stream_every=stream_every,
+        stop=stop, seed=seed, scheduler=scheduler, cache=cache, stream_every=stream_every,
     )  # fmt: skip
 
 

@@ -279,3 +279,29 @@ def test_dream_default_scheduler_reads_the_checkpoint_generation_config(tiny_tok
     )
     sched = DLMPipeline.from_pretrained(path).scheduler
     assert (sched.config.alg, sched.config.top_k, sched.config.temperature) == ("maskgit_plus", 50, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=24, block_length=5), "block_length"),
+        (dict(max_new_tokens=24, block_length=8, steps=4), "steps"),
+        (dict(max_new_tokens=8, block_length=8, steps=16), "steps"),
+        (dict(cfg_scale=float("nan")), "cfg_scale"),
+        (dict(max_new_tokens=512, prompt_len=10), "max_new_tokens"),
+        (dict(stop_at_eos="yes"), "stop_at_eos"),
+    ],
+)
+def test_decode_settings_name_the_field(kwargs, field, tiny_tokenizer):
+    """One place checks a generation's settings (the pipeline, the engine's requests and the server all
+    go through it): each refusal names its field, before any work."""
+    from dlmcache.cache import make_cache
+    from dlmcache.settings import DecodeSettings, SettingsError
+
+    model = tiny_llada(tiny_tokenizer)
+    with pytest.raises(SettingsError) as caught:
+        DecodeSettings.resolve(model, LowConfidenceScheduler(), make_cache("none"), **kwargs)
+    assert caught.value.field == field and isinstance(caught.value, ValueError)
+    ok = DecodeSettings.resolve(model, LowConfidenceScheduler(), make_cache("none"), max_new_tokens=64)
+    assert (ok.block_length, ok.steps, ok.num_blocks, ok.stop_at_eos) == (32, 64, 2, False)
