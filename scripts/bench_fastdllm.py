@@ -2,6 +2,7 @@
 one run (issue 25's first goal: the default path >= 3x Fast-dLLM's DualCache).
 
     python scripts/bench_fastdllm.py --fastdllm /path/to/Fast-dLLM/llada --out results/bench_fastdllm.json
+    python scripts/bench_fastdllm.py --fastdllm /path/to/Fast-dLLM/llada --tiny-task 100 --threads 1
 
 --fastdllm is NVlabs/Fast-dLLM's `llada/` directory (its `generate.py` and `model/`: the LLaDA
 modeling file with `replace_position`); it needs `einops`, which this package does not. Nothing of
@@ -22,6 +23,13 @@ a 256-token random prompt, 256 new tokens, blocks of 32, one token per step, gre
    forward per step: one token a step (any rule), and the block's still-masked positions a step
    (what LLaDA's low-confidence rule scores: `(block_length + 1) / 2` on average, time taken as
    linear in the tokens). Fast-dLLM's DualCache time over a floor is the most such a decoder can reach.
+
+--tiny-task N: the bundled tiny model (trained, 1.65M parameters) in Fast-dLLM's modeling file, the
+first N held-out tiny-task problems one at a time (64 new tokens, blocks of 32), Fast-dLLM's
+`generate_with_dual_cache` with its confidence threshold 0.9 against our modes (--modes; default
+TINY_MODES), interleaved problem by problem, --repeats times: ms per problem (median over repeats of
+the mean over problems), accuracy, and the speedup over Fast-dLLM. First checks, on torch's matmul,
+that its DualCache + threshold gives our `dual+threshold=0.9`'s tokens on the first problems.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from types import SimpleNamespace
 import torch
 
 from dlmcache.models.layers import Linear
-from dlmcache.run_config import split_configs
+from dlmcache.run_config import RunConfig, split_configs
 from dlmcache.testing import LLADA_HUB_FIELDS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -91,10 +99,79 @@ OFFICIAL = {"fast-dllm dual cache": "generate_with_dual_cache", "fast-dllm prefi
 SAME_ALGORITHM = {"fast-dllm dual cache": "dual", "fast-dllm prefix cache": "prefix"}
 
 
+#: our modes of --tiny-task: the same algorithm as Fast-dLLM's, and FreeCache with the threshold
+TINY_MODES = ["dual+threshold=0.9", "freecache+threshold=0.9", "freecache:freeze=token,suffix_window=0+threshold=0.9"]
+
+
+def tiny_task(args, official_directory: Path) -> None:
+    """The --tiny-task comparison (see the module docstring)."""
+    from dlmcache import DLMPipeline, tinytask
+
+    pipe = DLMPipeline.from_pretrained("dlmcache/tiny")
+    pipe.set_progress_bar_config(disable=True)
+    backend = next(m.backend for m in pipe.model.modules() if isinstance(m, Linear))
+    official, generate = load_official(official_directory, pipe.model)
+    problems = tinytask.test_problems(args.tiny_task)
+    prompts = [torch.tensor([pipe.encode_prompts(tinytask.messages(p))[0]]) for p in problems]
+    kw = dict(max_new_tokens=64, block_length=32)
+    modes = split_configs(args.modes) if args.modes else TINY_MODES
+
+    def theirs(ids):
+        x, _ = generate.generate_with_dual_cache(official, ids, steps=64, gen_length=64, block_length=32,
+                                                 temperature=0.0, remasking="low_confidence",
+                                                 mask_id=pipe.mask_token_id, threshold=0.9)  # fmt: skip
+        return x[:, ids.shape[1] :]
+
+    def ours(ids, mode):
+        RunConfig.parse(mode).apply(pipe)
+        return pipe(ids, **kw).sequences
+
+    pipe.model.set_linear_backend("torch")  # 1. the check: the same algorithm gives the same tokens
+    with torch.no_grad():
+        same = all(torch.equal(theirs(ids), ours(ids, "dual+threshold=0.9")) for ids in prompts[:8])
+    print(f"check: Fast-dLLM's DualCache + threshold 0.9 == our dual+threshold=0.9 on 8 problems: {same}", flush=True)
+    if not same:
+        raise SystemExit("bench_fastdllm.py: Fast-dLLM's DualCache + threshold and ours differ; not timing")
+    pipe.model.set_linear_backend(backend)
+    print(f"uptime: {os.getloadavg()}; threads {torch.get_num_threads()}", flush=True)
+    names = ["fast-dllm dual cache + threshold 0.9", *modes]
+    seconds = {n: [0.0] * args.repeats for n in names}
+    correct = dict.fromkeys(names, 0)
+    with torch.no_grad():
+        ours(prompts[0], modes[0]), theirs(prompts[0])  # warm-up
+        for r in range(args.repeats):
+            for problem, ids in zip(problems, prompts, strict=True):
+                for name in names:
+                    start = time.perf_counter()
+                    out = theirs(ids) if name == names[0] else ours(ids, name)
+                    seconds[name][r] += time.perf_counter() - start
+                    if r == 0:
+                        correct[name] += tinytask.is_correct(pipe.decode(out)[0], problem)
+    base = [t / len(problems) for t in seconds[names[0]]]
+    rows = {}
+    for name in names:
+        per = [t / len(problems) for t in seconds[name]]
+        rows[name] = {"ms_per_problem": 1e3 * statistics.median(per), "accuracy": correct[name] / len(problems),
+                      "speedup": statistics.median(b / t for b, t in zip(base, per, strict=True))}  # fmt: skip
+    print(f"\n{len(problems)} tiny-task problems one at a time, {args.repeats} repeats interleaved, medians")
+    print("| implementation, mode | ms / problem | accuracy | vs Fast-dLLM DualCache + threshold |\n|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['ms_per_problem']:.1f} | {r['accuracy']:.1%} | {r['speedup']:.2f}x |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "load": os.getloadavg(),
+            "our_linear_backend": backend,
+        }
+        args.out.write_text(json.dumps({"meta": meta, "check_same_tokens": same, "modes": rows}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fastdllm", type=Path, required=True, help="Fast-dLLM's llada/ directory")
-    ap.add_argument("--modes", default=";".join(DEFAULT_MODES), help="our configs, separated by ';'")
+    ap.add_argument("--modes", default=None, help="our configs, separated by ';' (default: DEFAULT_MODES, TINY_MODES)")
+    ap.add_argument("--tiny-task", type=int, default=0, help="N: the bundled tiny model on N tiny-task problems")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--block-length", type=int, default=32)
@@ -111,6 +188,9 @@ def main() -> None:
             f"--max-new-tokens={args.max_new_tokens} is not a multiple of --block-length={args.block_length}"
         )
     torch.set_num_threads(args.threads)
+    if args.tiny_task:
+        return tiny_task(args, args.fastdllm)
+    args.modes = args.modes or ";".join(DEFAULT_MODES)
     run_args = SimpleNamespace(device="cpu", max_new_tokens=args.max_new_tokens, block_length=args.block_length,
                                steps=None)  # fmt: skip
 

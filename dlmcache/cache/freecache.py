@@ -243,8 +243,11 @@ class FreeCache(KVReuseCache):
                 rows_t, cols_t = b.to_device(fed_row[tokens]), b.to_device(fed_col[tokens])
                 fresh, old = values[b.to_device(tokens)].float(), reference[rows_t, cols_t].float()
                 distance = (1 - torch.nn.functional.cosine_similarity(fresh, old, dim=-1)).amax(-1)
-                local = b.to_device(np.searchsorted(index, fed_row[tokens]))
-                drift = drift.scatter_reduce(0, local, distance, "amax")
+                if len(index) == 1:  # (one row: its largest)
+                    drift = distance.amax().clamp(min=0).reshape(1)
+                else:
+                    local = b.to_device(np.searchsorted(index, fed_row[tokens]))
+                    drift = drift.scatter_reduce(0, local, distance, "amax")
         b.scratch[cls, "refreshing"] = refreshing[index]
         return drift
 

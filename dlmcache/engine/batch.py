@@ -206,7 +206,7 @@ class GenerationBatch:
 
     def __len__(self) -> int:
         """Running requests (a request with CFG has two rows in `requests`, one per row)."""
-        return len(self.requests) - sum(self._uncond)
+        return self._running
 
     # ------------------------------------------------------------------ membership
 
@@ -357,6 +357,8 @@ class GenerationBatch:
         self._block_j = np.arange(widest_block)
         self._in_block = self._block_j < s["block_len"][:, None]
         self._rows = np.arange(n)
+        self._running = n - sum(self._uncond)
+        self._ar_first = s["ar_first"].copy()
         self._uncond_rows = np.array(self._uncond, dtype=bool)
         self._reports = np.array([r.on_step is not None for r in self.requests], dtype=bool)
 
@@ -647,8 +649,8 @@ class GenerationBatch:
                 x0p[self.to_device(rows)], transferp[self.to_device(rows)] = select(scheduler, rows)
             if self._alone:
                 self._select_alone(packed, x0p, transferp, edit, steps_in)
-        first = s["ar_first"] & (self.start % s["attn_block"] == 0)
-        first &= s["canvas"][self._rows, np.minimum(self.start, self.width - 1)] == self.mask_id
+        first = self._ar_first & (self.start % s["attn_block"] == 0) if self._ar_first.any() else self._ar_first
+        first = first & (s["canvas"][self._rows, self.start] == self.mask_id) if first.any() else first
         if first.any():  # an attention block's first token: the argmax of its logits, committed alone
             at = self.to_device(first)
             alone = torch.zeros_like(transferp)

@@ -140,8 +140,7 @@ def select_topk(score: torch.Tensor, k: torch.LongTensor) -> torch.BoolTensor:
     """Mark the k[b] highest scores of each row b [B, n] (rows may ask for different k; ties go to
     the lower index). Positions scored -inf are never chosen."""
     order = score.argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+    ranks = order.argsort(dim=-1)  # (the inverse permutation: each position's place in the order)
     return (ranks < k[:, None]) & (score > float("-inf"))
 
 
