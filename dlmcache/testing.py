@@ -708,7 +708,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, block_length: i
     import copy
 
     from .cache import BlockCache, make_cache
-    from .engine import BatchedDecoder, Request
+    from .engine import Request
 
     if max_new_tokens < block_length:
         raise ValueError(f"max_new_tokens={max_new_tokens} is shorter than block_length={block_length}")
@@ -720,6 +720,23 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, block_length: i
     steps = steps_per_block * (max_new_tokens // block_length)
     requests = [Request(list(p), max_new_tokens, block_length, steps, copy.copy(scheduler), rule, id=str(i), **settings)
                 for i, p in enumerate(prompts)]  # fmt: skip
+    done, forwards = run_requests(model, eos_token_id, requests)
+    ordered = [done[str(i)] for i in range(len(prompts))]
+    return {
+        "sequences": torch.stack([f.sequence for f in ordered]),
+        "commit_step": torch.stack([f.commit_step for f in ordered]),
+        "nfe": forwards,
+        "stats": [f.stats for f in ordered],
+    }
+
+
+@torch.no_grad()
+def run_requests(model, eos_token_id: int | None, requests: list) -> tuple[dict, int]:
+    """Decode the engine's `requests` in one `BatchedDecoder` whose pool holds exactly them, all added
+    at once: ({request id: `Finished`}, the forwards taken). A failed request raises its error; the
+    pool must be empty at the end."""
+    from .engine import BatchedDecoder
+
     decoder = BatchedDecoder.for_requests(model, eos_token_id, requests)
     for request in requests:
         decoder.add(request)
@@ -729,10 +746,6 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, block_length: i
             if finished.error is not None:
                 raise finished.error
             done[finished.request.id] = finished
-    ordered = [done[str(i)] for i in range(len(prompts))]
-    return {
-        "sequences": torch.stack([f.sequence for f in ordered]),
-        "commit_step": torch.stack([f.commit_step for f in ordered]),
-        "nfe": decoder.forwards,
-        "stats": [f.stats for f in ordered],
-    }
+    if decoder.pool.free_blocks != decoder.pool.num_blocks:
+        raise AssertionError(f"{decoder.pool.num_blocks - decoder.pool.free_blocks} pool blocks still held")
+    return done, decoder.forwards

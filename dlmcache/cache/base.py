@@ -4,22 +4,8 @@ A cache rule says, for every row of the batch at once, when a row refreshes (rec
 canvas) and what it feeds at the other steps, reading the KV pool for the rest. The engine
 (`dlmcache.engine.GenerationBatch`) keeps every row's state as numpy arrays on the host and calls the
 rule of each group of rows once per step; a batch with rows of several rules calls each on its own
-rows. A new rule is one subclass (and an entry in `dlmcache.cache.CACHES` for its name):
-
-```python
-class EveryOther(DenoisingCache):
-    "Refresh every other step; in between, feed the active block alone (as dual does)."
-    name = "every_other"
-
-    @classmethod
-    def refresh(cls, b, rows):
-        return b.state["forwards"][rows] % 2 == 0
-
-    @classmethod
-    def feed(cls, b, rows, refresh):
-        start, end = b.start[rows, None], b.end[rows, None]
-        return (b.pos >= start - b.shift) & (b.pos < end), b.state["length"][rows]
-```
+rows. A new rule is one subclass (and an entry in `dlmcache.cache.CACHES` for its name): a worked
+example in 13 lines is in docs/engine.md ("Cache rules are plug-ins").
 
 The rows' arrays (`b`, a `Rows`): `b.state[name]` ([R] per row, [R, W] per canvas position:
 "canvas", "length", "prompt_len", "forwards", and every rule's own `row_state` / `column_state`),

@@ -1,5 +1,8 @@
-"""A new cache rule is one class: the worked example of `dlmcache.cache.base` (and docs/engine.md),
-decoding through the pipeline and in a batch beside the package's own rules."""
+"""A new cache rule is one class: the worked example of docs/engine.md, decoding through the pipeline
+and in a batch beside the package's own rules."""
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,19 +12,16 @@ from dlmcache.cache import DenoisingCache, FreeCache, make_cache
 from tests.helpers import tiny_llada, trace
 
 
-class EveryOther(DenoisingCache):
-    """Refresh every other step; in between, feed the active block alone (as dual does)."""
+def rule_of_the_docs() -> type:
+    """The `EveryOther` rule as docs/engine.md writes it (one copy: what the docs show is what runs here)."""
+    engine = (Path(__file__).resolve().parents[2] / "docs" / "engine.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", engine, re.S) if "class EveryOther" in b)
+    namespace: dict = {}
+    exec(compile(block[: block.index("\n\n\npipe =")], "docs/engine.md", "exec"), namespace)
+    return namespace["EveryOther"]
 
-    name = "every_other"
 
-    @classmethod
-    def refresh(cls, b, rows):
-        return b.state["forwards"][rows] % 2 == 0
-
-    @classmethod
-    def feed(cls, b, rows, refresh):
-        start, end = b.start[rows, None], b.end[rows, None]
-        return (b.pos >= start - b.shift) & (b.pos < end), b.state["length"][rows]
+EveryOther = rule_of_the_docs()
 
 
 @pytest.fixture(scope="module")

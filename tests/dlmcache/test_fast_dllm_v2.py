@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dlmcache import DLMPipeline, LowConfidenceScheduler, ThresholdScheduler
 from dlmcache.cache import BlockCache, make_cache
 from dlmcache.models import FastDLLMV2Config
-from dlmcache.testing import decode, random_checkpoint, tiny_fast_dllm_v2
+from dlmcache.testing import decode, random_checkpoint, run_requests, tiny_fast_dllm_v2
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,7 @@ def test_shifted_logits_without_the_autoregressive_step(model):
     """Without the autoregressive step an attention block's first position may stay masked past the
     block's first step; its logits come from the position before, which each step feeds again (its
     KV is final): the cached rule gives the tokens of recomputing everything before the block's end."""
-    from dlmcache.engine import BatchedDecoder, Request
+    from dlmcache.engine import Request
 
     prompts = [list(range(10, 18)), list(range(20, 31)), [40, 41, 42]]
     out = {}
@@ -270,13 +270,7 @@ def test_shifted_logits_without_the_autoregressive_step(model):
         rule = BlockCache(make_cache(mode))
         requests = [Request(p, 16, 4, 16, LowConfidenceScheduler(), rule, attention_block=8, id=str(i))
                     for i, p in enumerate(prompts)]  # fmt: skip
-        decoder = BatchedDecoder.for_requests(model, None, requests)
-        for r in requests:
-            decoder.add(r)
-        done = {}
-        while len(decoder):
-            done.update({f.request.id: f for f in decoder.step()})
-        out[mode] = done
+        out[mode], _ = run_requests(model, None, requests)
     assert any(int(out["freecache"][str(i)].commit_step[0]) > 0 for i in range(3))  # a block's first position waited
     for i in range(len(prompts)):
         assert torch.equal(out["freecache"][str(i)].sequence, out["none"][str(i)].sequence), i

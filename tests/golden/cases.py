@@ -21,11 +21,11 @@ import torch
 
 from dlmcache import DLMPipeline, DreamScheduler, LowConfidenceScheduler, ThresholdScheduler
 from dlmcache.cache import make_cache
-from dlmcache.engine import BatchedDecoder
 from dlmcache.pipeline import DEFAULT_SCHEDULERS
 from dlmcache.schedulers import TokenEditingScheduler
 from dlmcache.testing import (
     bundled_tokenizer,
+    run_requests,
     tiny_dream,
     tiny_fast_dllm_v2,
     tiny_llada,
@@ -173,17 +173,8 @@ def make_requests(pipe: DLMPipeline, arch: str, cache: str, items: list[dict]) -
 
 def decode(pipe: DLMPipeline, requests: list) -> dict[str, dict]:
     """Run `requests` in one `BatchedDecoder`; each one's recorded outputs by id."""
-    decoder = BatchedDecoder.for_requests(pipe.model, pipe.tokenizer.eos_token_id, requests)
-    for request in requests:
-        decoder.add(request)
-    done = {}
-    while len(decoder):
-        for finished in decoder.step():
-            if finished.error is not None:
-                raise finished.error
-            done[finished.request.id] = record(finished.sequence, finished.commit_step, finished.stats)
-    assert decoder.pool.free_blocks == decoder.pool.num_blocks
-    return done
+    done, _ = run_requests(pipe.model, pipe.tokenizer.eos_token_id, requests)
+    return {key: record(f.sequence, f.commit_step, f.stats) for key, f in done.items()}
 
 
 COUNTERS = ("steps", "full_forwards", "fed_tokens", "reused_tokens", "canvas_refreshes", "drift_refreshes",
