@@ -59,10 +59,14 @@ from bench_dlm import prompt_ids, random_pipeline, run_mode  # noqa: E402  (our 
 DEFAULT_MODES = ["dual", "freecache", "freecache:suffix_window=0,freeze=token"]
 
 
-def load_official(directory: Path, ours) -> tuple[torch.nn.Module, object]:
-    """Fast-dLLM's LLaDA model with our weights, and its `generate` module."""
+def check_official_directory(directory: Path) -> None:
     if not (directory / "generate.py").is_file() or not (directory / "model" / "modeling_llada.py").is_file():
         raise SystemExit(f"--fastdllm {directory}: expected Fast-dLLM's llada/ (generate.py, model/modeling_llada.py)")
+
+
+def load_official(directory: Path, ours) -> tuple[torch.nn.Module, object]:
+    """Fast-dLLM's LLaDA model with our weights, and its `generate` module."""
+    check_official_directory(directory)
     sys.path.insert(0, str(directory))
     generate = importlib.import_module("generate")
     modeling = importlib.import_module("model.modeling_llada")
@@ -187,6 +191,7 @@ def main() -> None:
         raise SystemExit(
             f"--max-new-tokens={args.max_new_tokens} is not a multiple of --block-length={args.block_length}"
         )
+    check_official_directory(args.fastdllm)  # (before building anything)
     torch.set_num_threads(args.threads)
     if args.tiny_task:
         return tiny_task(args, args.fastdllm)

@@ -140,3 +140,23 @@ def trace(pipe, prompt, cache, **kw) -> list[dict]:
     while len(decoder):
         decoder.step()
     return steps
+
+
+def run_script(name: str, *argv: str) -> None:
+    """scripts/NAME with `argv`, as `python scripts/NAME ...` would, in this process (imports paid once;
+    its torch thread count restored after). A failing exit (or --help's) raises its SystemExit."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / name
+    threads, old_argv = torch.get_num_threads(), sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0) or "--help" in argv:
+            raise
+    finally:
+        sys.argv = old_argv
+        torch.set_num_threads(threads)

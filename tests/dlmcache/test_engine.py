@@ -94,23 +94,9 @@ def run(decoder, requests, on_step=None):
     return done
 
 
-@pytest.mark.parametrize("cache", list(CACHES))
-def test_a_batch_equals_each_request_alone_for_every_cache(pipe, cache):
-    """Rows of one batch with different schedules and schedulers (the sampling ones with their own
-    generators), one cache strategy: every row gets the pipeline's tokens and forwards for it alone."""
-    schedulers = [SCHEDULERS[name]() for name in ("low_confidence", "threshold", "sampled", "dream_origin")]
-    decoder = BatchedDecoder(pipe.model, pipe.tokenizer.eos_token_id)
-    requests = [request(pipe, i, s, CACHES[cache]()) for i, s in enumerate(schedulers)]
-    done = run(decoder, requests)
-    for i, s in enumerate(schedulers):
-        sequence, nfe = alone(pipe, i, s, CACHES[cache]())
-        assert torch.equal(done[str(i)].sequence, sequence), (cache, i)
-        assert done[str(i)].stats["steps"] == nfe
-    assert decoder.pool.free_blocks == decoder.pool.num_blocks
-
-
 def test_mixed_caches_and_eos_stops_in_one_batch(pipe):
-    """Every cache strategy and scheduler in the same batch, half the rows stopping at EOS."""
+    """Every cache strategy and scheduler in the same batch, half the rows stopping at EOS (a batch of
+    one cache against each request alone is the golden tests' `test_a_batch_of_cases_decodes_as_recorded`)."""
     items = [(c, s) for c in CACHES for s in ("low_confidence", "threshold", "dream_maskgit")]
     requests = [
         request(pipe, i, SCHEDULERS[s](), CACHES[c](), stop_at_eos=bool(i % 2)) for i, (c, s) in enumerate(items)

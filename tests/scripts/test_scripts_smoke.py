@@ -4,30 +4,14 @@ another package's virtualenv, the official code) say so in one sentence. Their n
 checked here (timings are not tests); their correctness checks are (same tokens, exact kernels)."""
 
 import json
-import runpy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_script(name: str, *argv: str) -> None:
-    """scripts/NAME with `argv`, as `python scripts/NAME ...` would, in this process (its torch
-    thread count restored after)."""
-    threads, old_argv = torch.get_num_threads(), sys.argv
-    sys.argv = [str(ROOT / "scripts" / name), *argv]
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise
-    finally:
-        sys.argv = old_argv
-        torch.set_num_threads(threads)
 
 
 def test_bench_dlm(tmp_path):
@@ -85,13 +69,14 @@ def test_train_tiny(tmp_path):
         (["bench_batch_invariant.py", "--help"], "Batch-invariant mode"),
     ],
 )
-def test_what_needs_another_machine_says_so(argv, says):
+def test_what_needs_another_machine_says_so(argv, says, capsys):
     """check_official needs the releases' code, kvpress_reference kvpress's own virtualenv; the
     kernel and batch-invariance benchmarks time a GPU (their checks are tests/kernels' and
     test_batch_invariant's): their help at least loads."""
-    run = subprocess.run([sys.executable, f"scripts/{argv[0]}", *argv[1:]], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
-    assert says in run.stdout + run.stderr and "Traceback" not in run.stderr
+    with pytest.raises(SystemExit) as stop:
+        run_script(*argv)
+    printed = capsys.readouterr()
+    assert says in f"{stop.value.code}{printed.out}{printed.err}"
 
 
 def test_gpu_checks_is_valid_bash():
