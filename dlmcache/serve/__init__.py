@@ -17,9 +17,9 @@ log = logging.getLogger("dlmcache.serve")
 
 __all__ = ["DEFAULT_CACHE", "Engine", "create_app", "load_pipeline", "serve"]
 
-#: The server's default cache: FreeCache's token mode without a suffix window, the configuration
-#: that feeds the fewest tokens per step (what a batch of requests is bound by; docs/results.md).
-DEFAULT_CACHE = "freecache:suffix_window=0,freeze=token"
+#: The server's default cache: FreeCache with its defaults (token freezing, no suffix window: the
+#: fewest tokens per step, what a batch of requests is bound by; docs/results.md).
+DEFAULT_CACHE = "freecache"
 
 
 def __getattr__(name):

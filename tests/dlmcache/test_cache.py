@@ -159,7 +159,7 @@ def test_freecache_window_schedule(tiny_tokenizer):
     the finished block once more on the first step of the next block (the delayed freeze)."""
     pipe = make_pipe(tiny_tokenizer, "llada", LowConfidenceScheduler())
     p = len(pipe.encode_prompts(PROMPTS[0])[0])
-    cache = FreeCache(suffix_window=4, refresh_drift=None)  # drift probes: test_drift_refreshes_follow_the_threshold
+    cache = FreeCache(freeze="block", suffix_window=4, refresh_drift=None)  # drift probes: the drift test
     fed = [s["fed"] for s in trace(pipe, PROMPTS[0], cache, max_new_tokens=16, block_length=8, steps=4)]
     assert fed == [list(range(p + 16)), list(range(p, p + 12)), list(range(p, p + 16)), list(range(p + 8, p + 16))]
 
@@ -189,7 +189,7 @@ def test_token_freezing_feeds_what_is_not_final(arch, tiny_tokenizer):
     kw = dict(max_new_tokens=24, block_length=8, steps=12)
     steps = trace(pipe, PROMPTS[1], FreeCache(suffix_window=0, freeze="token", refresh_drift=None), **kw)
     token = run(pipe, FreeCache(suffix_window=0, freeze="token", refresh_drift=None), prompts=[PROMPTS[1]])
-    block = run(pipe, FreeCache(suffix_window=0, refresh_drift=None), prompts=[PROMPTS[1]])
+    block = run(pipe, FreeCache(freeze="block", suffix_window=0, refresh_drift=None), prompts=[PROMPTS[1]])
     assert token.stats["fed_tokens"] < block.stats["fed_tokens"]
     final = None
     for i, step in enumerate(steps):

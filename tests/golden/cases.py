@@ -64,22 +64,25 @@ FULL_CACHES = {
     "none": ("none", {}),
     "prefix": ("prefix", {}),
     "dual": ("dual", {}),
-    "block_drift": ("freecache", dict(freeze="block", refresh_drift=0.02)),
+    "block_drift": ("freecache", dict(suffix_window=None, freeze="block", refresh_drift=0.02)),
     "token_window0": ("freecache", dict(freeze="token", suffix_window=0, refresh_drift=0.02)),
     "flashdlm": ("freecache", dict(flashdlm=True)),
     "every2_drop": (
         "freecache",
         dict(freeze="block", refresh_every=2, refresh_drift=None, suffix_window=2, beyond_window="drop"),
     ),  # fmt: skip
-    "token_every3": ("freecache", dict(freeze="token", refresh_every=3, refresh_drift=0.02, probe_tokens=2)),
-    "canvas_drift": ("freecache", dict(freeze="block", refresh_drift=1e-3, refresh_prompt=False)),
+    "token_every3": (
+        "freecache",
+        dict(suffix_window=None, freeze="token", refresh_every=3, refresh_drift=0.02, probe_tokens=2),
+    ),
+    "canvas_drift": ("freecache", dict(suffix_window=None, freeze="block", refresh_drift=1e-3, refresh_prompt=False)),
     "canvas_token_every2": (
         "freecache",
-        dict(freeze="token", refresh_every=2, refresh_drift=0.02, refresh_prompt=False),
+        dict(freeze="token", suffix_window=None, refresh_every=2, refresh_drift=0.02, refresh_prompt=False),
     ),  # fmt: skip
     "canvas_dual": ("dual", dict(refresh_prompt=False)),
-    "token_canvas": ("freecache", dict(freeze="token", refresh_drift=0.02, refresh_prompt=False)),
-    "snapkv": ("freecache", dict(freeze="block", refresh_drift=0.02, policy="snapkv", budget=0.5)),
+    "token_canvas": ("freecache", dict(suffix_window=None, freeze="token", refresh_drift=0.02, refresh_prompt=False)),
+    "snapkv": ("freecache", dict(suffix_window=None, freeze="block", refresh_drift=0.02, policy="snapkv", budget=0.5)),
     "token_maskkv": (
         "freecache",
         dict(freeze="token", suffix_window=0, refresh_drift=0.02, policy="maskkv", budget=0.5),
@@ -93,9 +96,9 @@ FULL_CACHES = {
 #: blocks exactly ("dual" is Fast-dLLM v2's sub-block cache on that model); a compressed prefix.
 BLOCK_CACHES = {
     "none": ("none", {}),
-    "prefix": ("freecache", dict(freeze="block", refresh_drift=0.02)),
+    "prefix": ("freecache", dict(suffix_window=None, freeze="block", refresh_drift=0.02)),
     "dual": ("dual", {}),
-    "snapkv": ("freecache", dict(freeze="block", refresh_drift=0.02, policy="snapkv", budget=0.5)),
+    "snapkv": ("freecache", dict(suffix_window=None, freeze="block", refresh_drift=0.02, policy="snapkv", budget=0.5)),
 }
 
 #: name -> (scheduler factory, whether it samples: its request gets a seeded generator)
@@ -193,7 +196,11 @@ def record(sequence, commit_step, stats: dict) -> dict:
 #: the full-attention models: what only a pipeline call does.
 PIPELINE_CASES = {
     "cfg/low_confidence/freecache": dict(
-        cfg_scale=1.5, cache=("freecache", dict(freeze="block")), steps=16, max_new_tokens=16, block_length=8
+        cfg_scale=1.5,
+        cache=("freecache", dict(suffix_window=None, freeze="block")),
+        steps=16,
+        max_new_tokens=16,
+        block_length=8,
     ),  # fmt: skip
     "cfg/threshold/token": dict(
         cfg_scale=0.5,
@@ -206,7 +213,7 @@ PIPELINE_CASES = {
         cache=("dual", {}), scheduler="sampled", seed=7, max_new_tokens=16, block_length=8
     ),  # fmt: skip
     "guided/freecache": dict(
-        cache=("freecache", dict(freeze="block")), guide=True, max_new_tokens=24, block_length=8
+        cache=("freecache", dict(suffix_window=None, freeze="block")), guide=True, max_new_tokens=24, block_length=8
     ),  # fmt: skip
     "guided/none": dict(cache=("none", {}), guide=True, max_new_tokens=16, block_length=16),
     "eos/threshold/prefix": dict(
