@@ -32,9 +32,10 @@ CONFIGS = {
     "defaults": {},
     "freecache": {"cache": "freecache"},
     "freecache + threshold 0.9": {"cache": "freecache", "threshold": 0.9},
-    "token freecache": {"cache": "freecache", "freeze": "token"},
+    # (the window spelled out: token freezing's default suffix window changed with issue 36)
+    "token freecache": {"cache": "freecache", "freeze": "token", "suffix_window": None},
     # the step loop of a tree that still has one (`engine=False`, deleted by issue 36), else the default path
-    "token freecache, step loop": {"cache": "freecache", "freeze": "token", "loop": True},
+    "token freecache, step loop": {"cache": "freecache", "freeze": "token", "suffix_window": None, "loop": True},
 }
 
 
@@ -64,8 +65,8 @@ def child(n: int, names: list[str]) -> None:
         options = dict(CONFIGS[name])
         kw = {"max_new_tokens": 64}
         if "cache" in options:
-            freeze = {"freeze": options["freeze"]} if "freeze" in options else {}
-            kw["cache"] = make_cache(options["cache"], **freeze)  # (an object: the old call took no names)
+            rule = {k: options[k] for k in ("freeze", "suffix_window") if k in options}
+            kw["cache"] = make_cache(options["cache"], **rule)  # (an object: the old call took no names)
         if options.get("loop") and "engine" in inspect.signature(pipe.__call__).parameters:
             kw["engine"] = False
         if "threshold" in options:
