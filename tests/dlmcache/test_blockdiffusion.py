@@ -426,7 +426,7 @@ def test_block_ops_and_host_reads_per_step_do_not_grow_with_the_batch(model):
                 Request(ids, 32, 4, 32, LowConfidenceScheduler(), BlockCache(make_cache("freecache")), id=str(i))
             )
         counts[rows], reads = step_costs(decoder, warm_steps=6)  # past the prefill and into a second block
-        assert reads <= 3
+        assert reads <= 2  # (one: the step's results)
     assert counts[16] <= 1.5 * counts[1], counts
 
 
