@@ -14,7 +14,8 @@ from c1aa6ca on, which hands the bare name `kernels` to Hugging Face's package).
 the call's defaults (its scheduler, blocks of 32, one token per step) and 64 new tokens, per config
 (--configs: the cache and scheduler options; "" is the pipeline as it loads). It warms up on one
 problem first. Reported per tree and config: the median over rounds of the generated tokens/s
-(64 x n / seconds), the ratio to the first tree, and whether both trees gave the same texts.
+(64 x n / seconds; --threads torch threads, 1 by default), the ratio to the first tree, and whether
+both trees gave the same texts.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ CONFIGS = {
 }
 
 
-def child(n: int, names: list[str]) -> None:
+def child(n: int, names: list[str], threads: int) -> None:
     """Runs in the tree under test: prints one JSON line {config: {seconds, texts}}."""
     import inspect
 
     import dlmcache.kernels
     import torch
+
+    torch.set_num_threads(threads)
 
     from dlmcache import DLMPipeline, ThresholdScheduler, tinytask
 
@@ -85,6 +88,7 @@ def main() -> None:
     ap.add_argument("--configs", default=";".join(CONFIGS), help=f"';'-separated, of {list(CONFIGS)}")
     ap.add_argument("--n", type=int, default=16, help="problems per config")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in each child")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -92,10 +96,10 @@ def main() -> None:
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; expected some of {list(CONFIGS)}")
-    if args.n < 1 or args.rounds < 1:
-        raise SystemExit(f"--n={args.n} and --rounds={args.rounds} must be at least 1")
+    if args.n < 1 or args.rounds < 1 or args.threads < 1:
+        raise SystemExit(f"--n={args.n}, --rounds={args.rounds} and --threads={args.threads} must be at least 1")
     if args.child:
-        return child(args.n, names)
+        return child(args.n, names, args.threads)
     trees = [str(Path(t).resolve()) for t in args.trees.split(",")]
     for tree in trees:
         if not (Path(tree) / "dlmcache" / "__init__.py").is_file():
@@ -105,6 +109,7 @@ def main() -> None:
     for r in range(args.rounds):
         for tree in trees:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"--n={args.n}"]
+            cmd += [f"--threads={args.threads}"]
             cmd += [f"--configs={';'.join(names)}", "--trees=-"]
             env = {**os.environ, "PYTHONPATH": tree}
             done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
@@ -135,7 +140,8 @@ def main() -> None:
             )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"trees": trees, "n": args.n, "rounds": args.rounds, "configs": rows}, indent=1))
+        summary = {"trees": trees, "n": args.n, "rounds": args.rounds, "threads": args.threads, "configs": rows}
+        args.out.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
