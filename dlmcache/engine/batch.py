@@ -116,6 +116,16 @@ class Finished:
 
 
 @dataclass
+class Detached:
+    """Rows taken out of a `GenerationBatch` with their state (`detach`, `attach`)."""
+
+    requests: list[Request]  # each request once
+    rows: list[tuple[Request, bool]]  # per row: its request, and whether it is the unconditional row
+    state: dict[str, np.ndarray]
+    device_state: dict[str, torch.Tensor]
+
+
+@dataclass
 class StepInput:
     """One flattened forward for every running request (tensors on the model's device).
 
@@ -304,16 +314,45 @@ class GenerationBatch:
         returns their requests."""
         if not rows:
             return []
+        return self.detach(rows).requests
+
+    def detach(self, rows: list[int]) -> Detached:
+        """Take `rows` out of the batch with their state (a request's unconditional row goes with it);
+        `attach` puts them back, as they were."""
         gone = set(rows) | {i + 1 for i in rows if i + 1 < len(self._uncond) and self._uncond[i + 1]}
         keep = [i for i in range(len(self.requests)) if i not in gone]
+        taken = sorted(gone)
+        part = Detached(
+            requests=[self.requests[i] for i in taken if not self._uncond[i]],
+            rows=[(self.requests[i], self._uncond[i]) for i in taken],
+            state={name: a[taken] for name, a in self.state.items()},
+            device_state={name: t[taken] for name, t in self.device_state.items()},
+        )  # fmt: skip
         self.state = {name: a[keep] for name, a in self.state.items()}
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.device_state = {name: t.index_select(0, index) for name, t in self.device_state.items()}
-        removed = [self.requests[i] for i in sorted(gone) if not self._uncond[i]]
         self.requests = [self.requests[i] for i in keep]
         self._uncond = [self._uncond[i] for i in keep]
         self._regroup()
-        return removed
+        return part
+
+    def attach(self, part: Detached) -> None:
+        """Put `detach`ed rows back (after the others; the batch's width has not changed since)."""
+        self.state = {name: np.concatenate([a, part.state[name]]) for name, a in self.state.items()}
+        self.device_state = {name: torch.cat([t, part.device_state[name]]) for name, t in self.device_state.items()}
+        self.requests += [r for r, _ in part.rows]
+        self._uncond += [u for _, u in part.rows]
+        self._regroup()
+
+    def save(self) -> dict[str, np.ndarray]:
+        """A copy of the host state, for `restore` after a step that failed (a rule's device state
+        changes only in `commit`, at rows whose next step, replanned the same, writes it again)."""
+        return {name: a.copy() for name, a in self.state.items()}
+
+    def restore(self, saved: dict[str, np.ndarray]) -> None:
+        self.state = saved
+        self.scratch.clear()
+        self._regroup()
 
     def _regroup(self) -> None:
         """What membership decides, known on the host: the rows of each cache rule and of each

@@ -205,11 +205,16 @@ class BatchedDecoder:
     `add(request)` admits a request (raises `PoolFull` when its KV does not fit now), `step()` runs one
     denoising step of every running request and returns those that finished (their blocks are free
     again), `cancel(ids)` drops requests at once.
+
+    isolate: a step that raises fails only the requests that raise alone (a server's setting; off, the
+    error propagates). The batch's host state is restored to before the step, then every request takes
+    that step alone: those that raise again finish with the error (`Finished.error`), the others go on
+    from their own step. Each step costs a copy of the host state (the rows' arrays) for it.
     """
 
     def __init__(self, model, eos_token_id: int | None, pool: KVPool | None = None, kv_bytes: int | None = None,
                  max_tokens: int = 8192, block_size: int = 16, graphs: str = "off",
-                 buckets: Buckets | None = None):  # fmt: skip
+                 buckets: Buckets | None = None, isolate: bool = False):  # fmt: skip
         if graphs not in GRAPH_MODES:
             raise ValueError(f"graphs={graphs!r}: expected one of {GRAPH_MODES}")
         if graphs == "cuda" and any(getattr(m, "reads_host", False) for m in model.modules()):
@@ -217,6 +222,7 @@ class BatchedDecoder:
                 "graphs='cuda': the model reads the host in its forward (mixture of experts: the expert counts)"
             )
         self.model = model
+        self.isolate = isolate
         self.graphs, self.buckets = graphs, buckets or Buckets()
         dtype = next(model.parameters()).dtype
         if pool is None:
@@ -311,6 +317,35 @@ class BatchedDecoder:
         """One denoising step of every running request (nothing when none runs)."""
         if not len(self.batch):
             return []
+        if not self.isolate:
+            return self._step()
+        saved = self.batch.save()
+        try:
+            return self._step()
+        except Exception:
+            self.batch.restore(saved)
+            return self._step_alone()
+
+    def _step_alone(self) -> list[Finished]:
+        """`step` for every request on its own (after a step of them all failed): a request whose step
+        raises alone finishes with the error, and leaves the batch."""
+        finished = []
+        requests = {id(r): r for r in self.batch.requests}  # (a request with CFG has two rows)
+        for request in requests.values():
+            rows = [i for i, r in enumerate(self.batch.requests) if r is not request]
+            others = self.batch.detach(rows)
+            saved = self.batch.save()
+            try:
+                finished += self._step()
+            except Exception as error:
+                self.batch.restore(saved)
+                self._remove([0])
+                empty = torch.zeros(0, dtype=torch.long)
+                finished.append(Finished(request, empty, empty, error=error))
+            self.batch.attach(others)
+        return finished
+
+    def _step(self) -> list[Finished]:
         step = self.batch.plan()
         if self.graphs != "off" and step.prompts is None:  # (compressed prompts: at their own shapes)
             sizes = self.buckets.sizes(step)

@@ -8,6 +8,7 @@ not), scheduler (guided unmasking included) or model (full attention or block di
 - a new request joins at the next step (when its KV fits in the pool: admission is by free blocks as
   well as by count, and a request bigger than the whole pool is refused at `submit`);
 - a finished or cancelled request leaves at once and its pool blocks are free for the next;
+- a request whose step raises fails alone: the others take that step without it (`isolate`);
 - requests with different prompts, lengths, steps, block lengths, schedulers and caches mix freely,
   and each gets exactly the tokens it gets alone (tested against `DLMPipeline`'s reference loops).
 
@@ -104,7 +105,7 @@ class Engine:
         longest = self.model.max_length or 4096
         self.decoder = BatchedDecoder(
             self.model, pipe.tokenizer.eos_token_id, kv_bytes=kv_bytes, max_tokens=max_batch * longest,
-            block_size=block_size, graphs=graphs,
+            block_size=block_size, graphs=graphs, isolate=True,
         )  # fmt: skip
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -225,7 +226,7 @@ class Engine:
         tokens = self.decoder.fed_tokens
         try:
             finished = self.decoder.step()
-        except Exception as e:  # every request of the step fails with it; the engine goes on
+        except Exception as e:  # (the decoder isolates a request's failure: this is every request's)
             for request in self.decoder.cancel(set(self._rows)):
                 self._finish(self._rows.pop(request.id), e)
             return

@@ -253,3 +253,43 @@ def test_block_diffusion_requests_are_served_and_equal_each_alone(tmp_path):
     assert isinstance(kept, TokenEditingScheduler) and (kept.config.threshold, kept.config.edit_threshold) == (0.3, 0.9)
     hot = _scheduler({"edit_threshold": 0.5, "temperature": 0.7}, sdar)  # sampled token editing
     assert isinstance(hot, TokenEditingScheduler) and hot.config.temperature == 0.7 and not hot.batched
+
+
+class Exploding(LowConfidenceScheduler):
+    """A plug-in scheduler with a bug: its select raises from its request's third step on."""
+
+    def select(self, logits, mask_index, step_index, num_steps, generator, context):
+        if step_index >= 2:
+            raise RuntimeError("a bug in a plug-in scheduler")
+        return super().select(logits, mask_index, step_index, num_steps, generator, context)
+
+
+def test_a_request_whose_step_raises_fails_alone_and_the_others_go_on(pipe):
+    """Issue 37, case 1: one bad request used to fail every request of its step (500 for its
+    neighbours too). Its error is its own; the others get exactly what they get alone."""
+    items = requests_mix()[:4]
+    chat = tinytask.messages(tinytask.test_problems(1)[0])
+    engine = Engine(pipe, max_batch=8).start()
+    results = Results()
+    try:
+        engine.submit(Job(chat, dict(max_new_tokens=32, scheduler=Exploding()), results.callback("bad")))
+        submit_all(engine, items, results)
+        got = results.wait(len(items) + 1)
+    finally:
+        engine.stop()
+    assert isinstance(got["bad"], RuntimeError) and "plug-in scheduler" in str(got["bad"])
+    for i, (prompt, options) in enumerate(items):
+        assert torch.equal(got[i].sequences, alone(pipe, prompt, options).sequences), i
+    assert (engine.stats.failed, engine.stats.finished) == (1, len(items))
+    assert engine.decoder.pool.free_blocks == engine.decoder.pool.num_blocks  # every block back
+
+
+def test_a_block_prompt_that_fills_its_blocks_exactly_is_served_beside_others():
+    """Issue 37, case 1's reproducer: on the bundled block diffusion model (blocks of 4), a prompt of
+    4 ids with its prefix compressed (SnapKV, half) raised IndexError and failed its neighbour."""
+    block = DLMPipeline.from_pretrained("dlmcache/tiny-block")
+    block.set_progress_bar_config(disable=True)
+    compressed = make_cache("prefix", policy="snapkv", budget=0.5)
+    chat = tinytask.messages(tinytask.test_problems(1)[0])
+    items = [([5, 5, 5, 5], dict(max_new_tokens=16, cache=compressed)), (chat, dict(max_new_tokens=16))]
+    serve_and_compare(block, items, max_batch=4)
