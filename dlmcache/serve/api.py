@@ -6,10 +6,11 @@ in the first streamed chunk too, and the `x-request-id` header), `GET /health` (
 draining), `GET /ready`, `GET /metrics` (Prometheus text).
 
 Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for an invalid field
-(named in `param`), 401 without a valid API key (when the server has keys), 404 for an unknown route
-or request id (or one made with another key), 413 for a body over the limit, 429 when the queue is
-full, 503 while draining, 504 past the per-request timeout. A client that disconnects cancels its
-request.
+(named in `param`; also a request larger than the whole KV pool, and two Authorization headers),
+401 without a valid API key (when the server has keys), 404 for an unknown route or request id (or
+one made with another key), 413 for a body over the limit, 429 when the queue is full or the prompts
+held pass their budget (`PromptBudget`), 503 while draining, 504 past the per-request timeout. A
+client that disconnects cancels its request.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import threading
 import time
 import uuid
 
@@ -25,31 +27,61 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .engine import Cancelled, Draining, Engine, Job, QueueFull
+from .engine import Cancelled, Draining, Engine, Job, NeverFits, QueueFull
 from .guard import ApiKeys, BodyLimit
 from .metrics import Metrics
-from .requests import ApiError, ParsedRequest, parse
+from .requests import ApiError, ParsedRequest, parse, prompt_size
 
 DEFAULTS = {"max_tokens": 64, "block_length": 32, "max_prompt_chars": 1_000_000}
+#: Prompts of at most this many characters are tokenized on a thread of their own, so that long ones
+#: never delay them.
+SHORT_PROMPT = 16_384
+
+
+class PromptBudget:
+    """The characters of the prompts the server holds (being tokenized, queued or decoding), at most
+    `limit` in all: a request past it gets 429 before its prompt is tokenized (one request alone is
+    always let in)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, chars: int) -> None:
+        with self._lock:
+            if self.held and self.held + chars > self.limit:
+                raise ApiError(429, f"the server holds prompts of {self.held} characters; {chars} more would pass "
+                               f"its budget of {self.limit} (--max-prompt-chars-in-flight)", None,
+                               "rate_limit_error")  # fmt: skip
+            self.held += chars
+
+    def give(self, chars: int) -> None:
+        with self._lock:
+            self.held -= chars
 
 
 def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults: dict | None = None,
                api_keys: list[str] | tuple = (), metrics_public: bool = False,
-               max_body_bytes: int = 8 * 2**20) -> FastAPI:  # fmt: skip
+               max_body_bytes: int = 8 * 2**20, prompt_chars_in_flight: int | None = None) -> FastAPI:  # fmt: skip
     """The FastAPI app serving `engine` under `model_name`; requests past `timeout` seconds get 504.
     api_keys: the accepted bearer keys (none: no authentication); metrics_public: /metrics without a
-    key; max_body_bytes: larger bodies get 413 before they are read (`guard`)."""
+    key; max_body_bytes: larger bodies get 413 before they are read (`guard`); prompt_chars_in_flight:
+    the `PromptBudget` (default: 4 x the longest prompt, `defaults["max_prompt_chars"]`)."""
     app = FastAPI(title="dlmcache", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(ApiKeys, keys=list(api_keys), metrics_public=metrics_public)
     app.state.engine = engine
     pipe = engine.pipe
     tokenizer = pipe.tokenizer
-    defaults = {**DEFAULTS, **(defaults or {})}
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=0)
+    defaults = {**DEFAULTS, "longest_token": longest, **(defaults or {})}
+    budget = PromptBudget(prompt_chars_in_flight or 4 * defaults["max_prompt_chars"])
     metrics = Metrics(engine)
     live: dict[str, Job] = {}
-    # Validation and tokenizing run here, never on the event loop: a long prompt delays only itself.
+    # Validation and tokenizing run here, never on the event loop; short prompts on a thread of their
+    # own, so that long ones delay only each other.
     parser = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlmcache-parse")
+    short_parser = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlmcache-parse-short")
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -67,7 +99,7 @@ def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults
             raise ApiError(499, "the client closed the request") from None
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # (also an integer past Python's 4,300 digits)
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise ApiError(400, "the request body is nested too deeply") from None
@@ -102,13 +134,27 @@ def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults
 
     async def generate(request: Request, kind: str):
         body = await body_of(request)
-        parsed = await asyncio.get_running_loop().run_in_executor(parser, parse, kind, body, pipe, model_name, defaults)
+        chars = prompt_size(kind, body)
+        budget.take(chars)
+        held = {"by_job": False}
+        try:
+            return await submitted(request, kind, body, chars, held)
+        except BaseException:
+            if not held["by_job"]:
+                budget.give(chars)
+            raise
+
+    async def submitted(request: Request, kind: str, body, chars: int, held: dict):
+        """`generate` from the parse on; once the job is submitted, its end gives the budget back."""
+        lane = short_parser if chars <= SHORT_PROMPT else parser
+        loop = asyncio.get_running_loop()
+        parsed = await loop.run_in_executor(lane, parse, kind, body, pipe, model_name, defaults)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def on_done(result):
+            budget.give(chars)
             loop.call_soon_threadsafe(events.put_nowait, ("done", result))
 
         on_step = None
@@ -125,11 +171,14 @@ def create_app(engine: Engine, model_name: str, timeout: float = 600.0, defaults
                   api_key=request.scope.get("state", {}).get("api_key"))  # fmt: skip
         try:
             engine.submit(job)
+        except NeverFits as e:  # (not 429: a retry cannot help)
+            raise ApiError(400, str(e), "max_tokens") from None
         except QueueFull as e:
             metrics.rejected += 1
             raise ApiError(429, f"the server is busy: {e}", None, "rate_limit_error") from None
         except Draining as e:
             raise ApiError(503, str(e), None, "server_error") from None
+        held["by_job"] = True
         live[request_id] = job
         metrics.requests += 1
         started = time.perf_counter()

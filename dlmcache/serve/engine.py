@@ -6,7 +6,7 @@ at once, whatever the request's cache (none / prefix / dual / FreeCache, its pro
 not), scheduler (guided unmasking included) or model (full attention or block diffusion). So:
 
 - a new request joins at the next step (when its KV fits in the pool: admission is by free blocks as
-  well as by count, and a request bigger than the whole pool is refused at `submit`);
+  well as by count, and a request bigger than the whole pool is refused at `submit`: `NeverFits`);
 - a finished or cancelled request leaves at once and its pool blocks are free for the next;
 - a request whose step raises fails alone: the others take that step without it (`isolate`);
 - requests with different prompts, lengths, steps, block lengths, schedulers and caches mix freely,
@@ -34,6 +34,10 @@ from dlmcache.threads import ThreadPolicy
 
 class QueueFull(RuntimeError):
     """More requests than `max_batch` running plus `max_queue` waiting."""
+
+
+class NeverFits(ValueError):
+    """A request whose KV is larger than the whole pool: no wait would let it in."""
 
 
 class Draining(RuntimeError):
@@ -87,7 +91,7 @@ class Engine:
     kv_bytes: the KV pool's size in bytes (default: room for `max_batch` requests of the model's
     longest sequence); block_size: the pool's page size in tokens; graphs: the decoder's static
     shapes ("off", "buckets" or "cuda": `dlmcache.engine.graphs`).
-    `submit(job)` returns at once (raises `QueueFull` or `Draining`); the job's callbacks report.
+    `submit(job)` returns at once (raises `QueueFull`, `NeverFits` or `Draining`); the job's callbacks report.
     """
 
     def __init__(self, pipe, max_batch: int = 16, max_queue: int = 64,
@@ -125,7 +129,10 @@ class Engine:
     def submit(self, job: Job) -> None:
         capacity = self.decoder.pool.capacity
         if job.tokens > capacity:
-            raise QueueFull(f"the request needs {job.tokens} tokens of KV; the pool holds {capacity} in all")
+            raise NeverFits(
+                f"the request needs {job.tokens} tokens of KV (prompt + max_tokens); the server's KV pool holds "
+                f"{capacity} in all (--kv-cache-gb)"
+            )
         with self._lock:
             if self._draining:
                 raise Draining("the server is shutting down")

@@ -1,14 +1,14 @@
 """What stands in front of the routes: connection limits, a body limit and API keys.
 
 - `GuardedProtocol` (uvicorn's h11 protocol): at most `max_connections` open connections (the next
-  is closed on accept, one log line per refusal burst), and a connection that has not sent a whole
-  request head within `header_timeout` seconds is closed (uvicorn's own keep-alive timeout only
-  starts after a first response, so a client that never finishes its headers would hold its socket
-  forever).
+  is closed on accept, one log line per refusal burst; `connection_cap` keeps the cap below the
+  process's file limit), and a deadline for every phase of a connection: its request head, its body,
+  and its idle keep-alive; `OncePerBurst` mutes repeated accept errors.
 - `BodyLimit` (ASGI): a body larger than `max_bytes` is answered 413 before anything reads it: at
   once from Content-Length, or as soon as a chunked body passes the limit.
 - `ApiKeys` (ASGI): with keys configured, every route but /health and /ready (and /metrics, when
-  public) needs `Authorization: Bearer <key>`, else 401 with OpenAI's error body. The key a request
+  public) needs `Authorization: Bearer <key>`, else 401 with OpenAI's error body; a request with
+  two Authorization headers gets 400, keys or not. The key a request
   was made with is in the scope (`scope["state"]["api_key"]`), so only it may cancel that request.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -88,7 +89,13 @@ class ApiKeys:
         return token.decode() if any(matches) else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.keys:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if sum(name == b"authorization" for name, _ in scope["headers"]) > 1:  # (which would count?)
+            body = error_body("the request has more than one Authorization header", "invalid_request_error",
+                              "duplicate_authorization")  # fmt: skip
+            return await send_json(send, 400, body)
+        if not self.keys:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if path in OPEN_PATHS or (path == "/metrics" and self.metrics_public):
@@ -103,16 +110,27 @@ class ApiKeys:
 
 
 class GuardedProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a cap on open connections and a deadline for the request head
-    (class attributes, set by `protocol`)."""
+    """uvicorn's h11 protocol with a cap on open connections and a deadline for each phase of a
+    connection (class attributes, set by `protocol`):
+
+    - head: `header_timeout` seconds for a whole request head, from the connection's start and again
+      from the end of each response (uvicorn's keep-alive timer stops at the first byte, so half a
+      second head would hold the socket forever);
+    - body: `body_timeout` seconds for the whole body once the head is in (a body trickling a byte at a
+      time is cut; the route sees a disconnect);
+    - idle keep-alive: uvicorn's `timeout_keep_alive`.
+    A connection past a deadline is closed."""
 
     max_connections = 1024
     header_timeout = 10.0
+    body_timeout = 30.0
     _last_refusal = 0.0
     _refused = 0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._deadline = None
+        self._phase_cycle = None  # the request whose head began the current body phase
         if len(self.connections) > self.max_connections:
             cls = type(self)
             cls._refused += 1
@@ -123,29 +141,88 @@ class GuardedProtocol(H11Protocol):
                 cls._last_refusal, cls._refused = now, 0
             transport.abort()
             return
-        self._head_deadline = self.loop.call_later(self.header_timeout, self._head_timed_out)
-
-    def _head_timed_out(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
-            self.transport.abort()
+        self._arm(self.header_timeout)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.cycle is not None:
-            self._cancel_head_deadline()
+        self._next_phase()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._next_phase()
+
+    def _next_phase(self) -> None:
+        """Re-arm the deadline for the phase the connection is in now."""
+        cycle = self.cycle
+        if self.transport.is_closing():
+            return self._disarm()
+        if cycle is None or cycle.response_complete:  # waiting for a (next) request head
+            if self._phase_cycle is not cycle or self._deadline is None:
+                self._phase_cycle = cycle
+                self._arm(self.header_timeout)
+        elif cycle is not self._phase_cycle:  # a new request's head is in
+            self._phase_cycle = cycle
+            if cycle.more_body:
+                self._arm(self.body_timeout)
+            else:
+                self._disarm()
+        elif not cycle.more_body:  # its body is in: the request runs under its own timeout
+            self._disarm()
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if getattr(self, "_deadline", None) is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.abort()
 
     def connection_lost(self, exc) -> None:
-        self._cancel_head_deadline()
+        self._disarm()
         super().connection_lost(exc)
 
-    def _cancel_head_deadline(self) -> None:
-        deadline = getattr(self, "_head_deadline", None)
-        if deadline is not None:
-            deadline.cancel()
-            self._head_deadline = None
+
+def connection_cap(requested: int, reserve: int = 64) -> int:
+    """`requested` open connections at most, and fewer than this process may open files
+    (`RLIMIT_NOFILE`, less `reserve` for the model's files, logs and the event loop), so that accepting
+    a connection never fails for want of a descriptor."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    open_now = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    return max(1, min(requested, soft - open_now - reserve))
 
 
-def protocol(max_connections: int, header_timeout: float) -> type[GuardedProtocol]:
+class OncePerBurst(logging.Filter):
+    """A log filter passing one record of each message per `seconds` (without its traceback), so a
+    flood of failing accepts ("Too many open files") writes a line, not a traceback per socket."""
+
+    def __init__(self, seconds: float = 10.0):
+        super().__init__()
+        self.seconds, self._last = seconds, {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None:
+            return True
+        key, now = (record.name, str(record.msg)), time.monotonic()
+        if now - self._last.get(key, -self.seconds) < self.seconds:
+            return False
+        self._last[key] = now
+        error = record.exc_info[1]
+        record.msg = f"{record.getMessage()}: {type(error).__name__}: {error} (repeats muted for {self.seconds:g} s)"
+        record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def protocol(max_connections: int, header_timeout: float, body_timeout: float = 30.0) -> type[GuardedProtocol]:
     """A `GuardedProtocol` class with these limits (uvicorn builds one protocol per connection)."""
-    return type("GuardedProtocol", (GuardedProtocol,), {"max_connections": max_connections,
-                                                         "header_timeout": header_timeout})  # fmt: skip
+    limits = {"max_connections": max_connections, "header_timeout": header_timeout, "body_timeout": body_timeout}
+    return type("GuardedProtocol", (GuardedProtocol,), limits)

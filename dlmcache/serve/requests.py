@@ -110,8 +110,9 @@ def _number(body: dict, name: str, low: float, high: float, default=None):
 
 def parse(kind: str, body, pipe, model_name: str, defaults: dict) -> ParsedRequest:
     """Validate an OpenAI request body for `kind` ("completions" / "chat") against the served pipeline.
-    `defaults`: max_tokens, block_length, and max_prompt_chars (a prompt longer than this many
-    characters is refused before it is tokenized)."""
+    `defaults`: max_tokens, block_length, max_prompt_chars (a prompt longer than this many characters
+    is refused before it is tokenized) and longest_token (the most characters of one token: a prompt
+    that must have more tokens than the model takes is refused before it is tokenized too)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - FIELDS[kind])
@@ -150,6 +151,10 @@ def parse(kind: str, body, pipe, model_name: str, defaults: dict) -> ParsedReque
     if limit_chars is not None and chars > limit_chars:
         raise ApiError(400, f"the prompt has {chars} characters; this server takes at most {limit_chars} "
                        "(--max-prompt-chars)", param)  # fmt: skip
+    limit, longest = pipe.model.max_length, defaults.get("longest_token")
+    if limit is not None and longest and chars > limit * longest:  # (no token is longer: it cannot fit)
+        raise ApiError(400, f"the prompt has {chars} characters, so at least {-(-chars // longest)} tokens (none "
+                       f"is longer than {longest} characters); the model's limit is {limit}", param)  # fmt: skip
     try:
         requests = pipe._prompt_requests(prompt, chat_template)
     except (ValueError, TypeError) as e:
@@ -210,6 +215,29 @@ def _prompt(kind: str, body: dict):
     ):
         raise ApiError(400, "prompt must be a non-empty string or a list of token ids", "prompt")
     return prompt, False, "prompt"
+
+
+def prompt_size(kind: str, body) -> int:
+    """The characters of a body's prompt, before it is validated (0 where it is malformed: `parse`
+    refuses it)."""
+    if not isinstance(body, dict):
+        return 0
+    prompt = body.get("messages" if kind == "chat" else "prompt")
+    if isinstance(prompt, str):
+        return len(prompt)
+    if not isinstance(prompt, list):
+        return 0
+    size = 0
+    for item in prompt:
+        content = item.get("content") if isinstance(item, dict) else item
+        if isinstance(content, str):
+            size += len(content)
+        elif isinstance(content, list):  # content parts, or token ids
+            size += sum(len(p.get("text", "")) if isinstance(p, dict) and isinstance(p.get("text"), str) else 1
+                        for p in content)  # fmt: skip
+        else:
+            size += 1
+    return size
 
 
 def _characters(prompt) -> int:

@@ -27,13 +27,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(*args: str):
-    """A `dlmcache serve` subprocess on a free port; yields its base URL and the process."""
+def server(*args: str, preexec_fn=None):
+    """A `dlmcache serve` subprocess on a free port (`preexec_fn`: run in it before it starts); yields
+    its base URL and the process."""
     port = free_port()
     cmd = [sys.executable, "-m", "dlmcache.cli", "serve", "--port", str(port), "--threads", "1",
            "--log-level", "warning", *args]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=preexec_fn)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
