@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .cache import BlockCache, DenoisingCache, FreeCache, KVReuseCache, make_cache
 from .engine import Finished, Request
-from .locations import read_json, resolve_path
+from .locations import json_object, read_json, resolve_path
 from .models import model_class
 from .schedulers import (
     DLMScheduler,
@@ -130,7 +130,7 @@ class DLMPipeline(DiffusionPipeline):
             model_cls = model_class(config, f"{pretrained_model_name_or_path!r}")
             model_type = model_cls.config_class.model_type
             model = model_cls.from_pretrained(path, dtype=dtype, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)
+            tokenizer = load_tokenizer(path, model.config)
             pipe = cls(model=model, tokenizer=tokenizer, scheduler=default_scheduler(path, model_type))
         pipe.model.eval()
         if scheduler is not None:
@@ -444,6 +444,19 @@ def non_finite_message(step: int) -> str:
         f"the model's logits at denoising step {step} are not finite (NaN or infinity): broken weights, "
         "or an overflow in this dtype"
     )
+
+
+def load_tokenizer(path: str, config) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer; its JSON files checked first, and any failure a `ValueError` naming
+    the directory (a garbled tokenizer.json otherwise gives a bare JSONDecodeError)."""
+    local = Path(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (local / name).is_file():
+            json_object(local / name)
+    try:
+        return AutoTokenizer.from_pretrained(path, config=config)
+    except Exception as e:  # (a third-party loader: whatever it raises, the file is named)
+        raise ValueError(f"{path}: the tokenizer does not load ({type(e).__name__}: {e})") from None
 
 
 def default_scheduler(path: str, model_type: str) -> DLMScheduler:

@@ -58,13 +58,58 @@ def read_tensor_headers(directory: Path) -> dict[str, tuple[tuple[int, ...], str
     for name in files:
         if not (directory / name).is_file():
             raise ValueError(f"{index}: names the shard {name}, which is missing")
-        with safe_open(str(directory / name), framework="pt") as f:
-            for key in f.keys():
-                part = f.get_slice(key)
-                if key in headers:
-                    raise ValueError(f"{directory}: tensor {key!r} appears in two files")
-                headers[key] = (tuple(part.get_shape()), part.get_dtype())
+        try:
+            with safe_open(str(directory / name), framework="pt") as f:
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    if key in headers:
+                        raise ValueError(f"{directory}: tensor {key!r} appears in two files")
+                    headers[key] = (tuple(part.get_shape()), part.get_dtype())
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' own errors (a truncated or garbled file) name no file
+            raise ValueError(f"{directory / name}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     return headers
+
+
+#: Integer fields of the native configs that size the model (at least 1; None where a config defaults
+#: it), and counts that may be 0. Checked in config.json itself, before a config class divides by one.
+SIZE_FIELDS = {
+    "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size",
+    "max_sequence_length", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "max_position_embeddings", "dense_intermediate_size", "expert_intermediate_size",
+    "moe_intermediate_size", "num_experts", "num_experts_per_tok", "head_dim", "block_size", "bd_size",
+    "small_block_size", "n_group", "topk_group", "decoder_sparse_step",
+}  # fmt: skip
+COUNT_FIELDS = {"num_shared_experts", "first_k_dense_replace"}
+#: The largest size a field may hold (2^40: more than any model's; a larger one is a corrupt file).
+MAX_SIZE = 2**40
+
+
+def check_raw_sizes(raw: dict, where: str) -> None:
+    """config.json's sizing fields (`SIZE_FIELDS`, `COUNT_FIELDS`) are integers in range."""
+    for field, value in raw.items():
+        low = 1 if field in SIZE_FIELDS else 0 if field in COUNT_FIELDS else None
+        if low is None or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_SIZE:
+            raise ValueError(f"{where}: {field}={value!r} must be an integer in [{low}, 2^40]")
+
+
+def check_counts(config, headers: dict, where: str) -> None:
+    """The config's layer and expert counts are the checkpoint's (counted in its tensor names), checked
+    before a model of that many modules is built."""
+    import re
+
+    layers = {m.group(1) for name in headers if (m := re.search(r"\.(?:layers|blocks)\.(\d+)\.", name))}
+    if layers and config.num_hidden_layers != len(layers):
+        raise ValueError(f"{where}: num_hidden_layers={config.num_hidden_layers}, but the checkpoint holds "
+                         f"{len(layers)} layers")  # fmt: skip
+    experts = getattr(config, "num_experts", None)
+    if experts is not None:
+        held = {m.group(1) for name in headers if (m := re.search(r"\.experts\.(\d+)\.", name))}
+        if experts != len(held):
+            raise ValueError(f"{where}: num_experts={experts}, but the checkpoint holds {len(held)} experts")
 
 
 def check_config_fields(config_class, raw: dict, where: str) -> None:
@@ -86,12 +131,12 @@ def check_config_fields(config_class, raw: dict, where: str) -> None:
         raise ValueError(f"{where}: config.json with model_type={raw.get('model_type')!r} {detail}")
 
 
-def check_tensors(model_class, config, directory: Path) -> None:
-    """The checkpoint's tensors must be exactly the parameters of `model_class(config)`, in shape,
-    and floating point."""
+def check_tensors(model_class, config, directory: Path, headers: dict | None = None) -> None:
+    """The checkpoint's tensors (`headers`, read when not given) must be exactly the parameters of
+    `model_class(config)`, in shape, and floating point."""
+    headers = read_tensor_headers(directory) if headers is None else headers
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in model_class(config).state_dict().items()}
-    headers = read_tensor_headers(directory)
     tied = set()
     if getattr(config, "tie_word_embeddings", False):
         tied = set(getattr(model_class, "_tied_weights_keys", None) or {})
@@ -129,16 +174,16 @@ def check_config_values(config, where: str) -> None:
     for field in fields:
         value = getattr(config, field, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: config.json {field}={value!r} must be a positive integer")
+            raise ValueError(f"{where}: {field}={value!r} must be a positive integer")
     for field in _POSITIVE_NUMBERS:
         value = getattr(config, field, None)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{where}: config.json {field}={value!r} must be a finite number > 0")
+            raise ValueError(f"{where}: {field}={value!r} must be a finite number > 0")
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if config.hidden_size % heads:
-        raise ValueError(f"{where}: config.json hidden size {config.hidden_size} is not divisible by {heads} heads")
+        raise ValueError(f"{where}: hidden size {config.hidden_size} is not divisible by {heads} heads")
     if heads % kv:
-        raise ValueError(f"{where}: config.json {heads} attention heads are not a multiple of {kv} KV heads")
+        raise ValueError(f"{where}: {heads} attention heads are not a multiple of {kv} KV heads")
 
 
 def check_finite(model, where: str) -> None:

@@ -435,17 +435,29 @@ class DLMModelMixin:
         from .checkpoint import (
             check_config_fields,
             check_config_values,
+            check_counts,
             check_finite,
+            check_raw_sizes,
             check_tensors,
             local_checkpoint,
+            read_tensor_headers,
         )
 
         directory = local_checkpoint(pretrained_model_name_or_path, kwargs.pop("subfolder", None))
+        where = str(directory / "config.json")
         raw = json_object(directory / "config.json")
         check_config_fields(cls.config_class, raw, str(directory))
-        config = kwargs.get("config") or cls.config_class.from_pretrained(directory)
-        check_config_values(config, str(directory))
-        check_tensors(cls, config, directory)
+        check_raw_sizes(raw, where)
+        headers = read_tensor_headers(directory)
+        try:  # (a config class's own checks name the field; the file is named here)
+            config = kwargs.get("config") or cls.config_class.from_pretrained(directory)
+            check_config_values(config, where)
+            check_counts(config, headers, where)
+            check_tensors(cls, config, directory, headers)
+        except (ValueError, TypeError) as e:
+            if str(directory) in str(e):
+                raise
+            raise ValueError(f"{where}: {e}") from None
         model = super().from_pretrained(directory, *args, **kwargs)
         if verify:
             check_finite(model, str(directory))

@@ -3,6 +3,7 @@ non-finite weights, corrupted safetensors data, out-of-range config values, malf
 where a directory belongs; and logits that turn non-finite stop decoding with a clear error."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -51,12 +52,64 @@ def test_safetensors_data_overwritten_with_ff_is_refused(checkpoint):
         ({"rope_theta": -1}, "rope_theta=-1 must be a finite number > 0"),
         ({"rms_norm_eps": "abc"}, "rms_norm_eps='abc' must be a finite number > 0"),
         ({"n_heads": 3}, "d_model=64 is not divisible by n_heads=3"),
-        ({"n_layers": 0}, "num_hidden_layers=0 must be a positive integer"),
+        ({"n_layers": 0}, "n_layers=0 must be an integer in [1, 2^40]"),
     ],
 )
 def test_config_values_are_range_checked_at_load(checkpoint, fields, message):
     edit_config(checkpoint, **fields)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(f"{checkpoint / 'config.json'}: ") + ".*" + re.escape(message)):
+        DLMPipeline.from_pretrained(checkpoint)
+
+
+ABSURD = [  # issue 37, case 6: these hung the loader (10^9 experts) or crashed it (a division by 0, a
+    # negative size), for the architectures that have each field
+    ("num_attention_heads", 0, "num_attention_heads=0 must be an integer in [1, 2^40]"),
+    ("n_heads", 0, "n_heads=0 must be an integer in [1, 2^40]"),
+    ("num_experts", 10**9, "num_experts=1000000000, but the checkpoint holds"),
+    ("num_shared_experts", -1, "num_shared_experts=-1 must be an integer in [0, 2^40]"),
+    ("num_hidden_layers", 10**9, "1000000000"),  # (the checkpoint holds 2 or 3 layers)
+    ("hidden_size", 2**50, "hidden_size=1125899906842624 must be an integer in [1, 2^40]"),
+    ("intermediate_size", "12", "intermediate_size='12' must be an integer"),
+    ("n_layers", 10**9, "1000000000"),
+    ("mlp_hidden_size", -4, "mlp_hidden_size=-4 must be an integer in [1, 2^40]"),
+]
+
+
+@pytest.mark.parametrize("architecture", sorted(__import__("dlmcache.models", fromlist=["x"]).ARCHITECTURES))
+def test_absurd_sizes_are_refused_before_anything_is_built(architecture, tmp_path):
+    import time
+
+    from dlmcache.testing import random_checkpoint
+
+    directory = random_checkpoint(architecture, tmp_path / "base")
+    fields = json.loads((directory / "config.json").read_text())
+    tried = 0
+    for field, value, message in ABSURD:
+        if field not in fields:
+            continue
+        edit_config(directory, **{**fields, field: value})
+        t = time.perf_counter()
+        with pytest.raises(ValueError, match=re.escape(f"{directory / 'config.json'}: ") + ".*" + re.escape(message)):
+            DLMPipeline.from_pretrained(directory)
+        assert time.perf_counter() - t < 10, field
+        tried += 1
+    edit_config(directory, **fields)
+    assert tried >= 2 and DLMPipeline.from_pretrained(directory) is not None
+
+
+def test_a_truncated_shard_and_a_garbled_tokenizer_name_their_file(checkpoint):
+    """Issue 37, case 5: safetensors' 'incomplete metadata' and a bare JSONDecodeError named no file."""
+    shard = sorted(checkpoint.glob("*.safetensors"))[0]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=re.escape(str(shard)) + ": not a readable safetensors file"):
+        DLMPipeline.from_pretrained(checkpoint)
+    shard.write_bytes(whole[:20])  # inside its header
+    with pytest.raises(ValueError, match=re.escape(str(shard))):
+        DLMPipeline.from_pretrained(checkpoint)
+    shard.write_bytes(whole)
+    (checkpoint / "tokenizer.json").write_text("{garbage")
+    with pytest.raises(ValueError, match=re.escape(str(checkpoint / "tokenizer.json")) + ": not valid JSON"):
         DLMPipeline.from_pretrained(checkpoint)
 
 
