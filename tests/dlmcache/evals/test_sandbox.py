@@ -161,6 +161,50 @@ def test_mbpp_metric_scores_an_early_exit_as_wrong():
     assert out["correct"] == [True, False]
 
 
+# Issue 37, case 9: write the runner's "end" itself, then exit 0 before the failing asserts: from the
+# program's process, or from a child it forks (the parent exits 0 once the child wrote it).
+FORGED_END = [
+    "import os\nos.write(3, b'end')\nos._exit(0)\n",
+    "import os\nif os.fork() == 0:\n    os.write(3, b'end')\n    os._exit(0)\nos.wait()\nos._exit(0)\n",
+]
+WRONG = "def add(a, b):\n    return a - b\n"
+ADD_TESTS = "import math\nassert add(2, 3) == 5\nassert math.isclose(add(0.1, 0.2), 0.3)\n"
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("forge", FORGED_END, ids=["own process", "child"])
+def test_a_forged_end_before_the_asserts_is_judged_outside_and_fails(mode, evaluator, forge):
+    """Before: reported passed, as root and not, in both modes. The asserts' verdict is computed in
+    the evaluator from the values the program's process returns; the forgery returns none."""
+    from dlmcache.evals import verdicts
+
+    plan = verdicts.plan(ADD_TESTS, WRONG)
+    in_process = run(f"{WRONG}{forge}\n{ADD_TESTS}", mode=mode, evaluator=evaluator)
+    assert in_process.passed  # what a verdict from inside the program's process would say
+    r = run(f"{WRONG}{forge}\n{verdicts.runner(plan)}", mode=mode, evaluator=evaluator)
+    assert verdicts.judge(plan, r.stdout) == (False, "the program ended before its values were computed")
+    right = run(f"def add(a, b):\n    return a + b\n\n{verdicts.runner(plan)}", mode=mode, evaluator=evaluator)
+    assert verdicts.judge(plan, right.stdout) == (True, "")
+
+
+def test_the_metric_judges_outside_and_marks_other_tests_unverified():
+    import evaluate
+
+    metric = evaluate.load(str(Path(sandbox.__file__).parent / "metrics" / "code_pass"))
+    yes = "class Yes:\n    def __eq__(self, other):\n        return True\n"
+    programs = [
+        f"{WRONG}{FORGED_END[0]}",  # the forged end
+        f"{yes}def add(a, b):\n    return Yes()\n",  # a value that equals anything, in its own process
+        "def add(a, b):\n    return a + b\n",
+        "def add(a, b):\n    return a + b\n",  # a test that is not asserts alone: unverified
+    ]
+    tests = [ADD_TESTS, ADD_TESTS, ADD_TESTS, "for x in range(3):\n    assert add(x, 1) == x + 1\n"]
+    out = metric.compute(predictions=programs, references=tests)
+    assert out["status"] == ["failed", "failed", "passed", "unverified"]
+    assert out["correct"] == [False, False, True, False] and out["unverified"] == 1
+
+
 # ------------------------------------------------------------------------------ time
 
 
