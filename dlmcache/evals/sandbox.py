@@ -22,17 +22,20 @@ library only) that confines the program in one of two ways, chosen once per mach
 `unshare`): the launcher is a child subreaper, so every descendant that outlives its parent is
 re-parented to it, and it kills them all when the program ends or the evaluator stops it; the
 program runs in a fresh directory on the host filesystem. What the fallback cannot give: a private
-/proc, hiding pathname Unix sockets, and a bound on disk use beyond `file_size_mb` per file.
+/proc, and a bound on disk use beyond `file_size_mb` per file.
 
 Both add, where the kernel has them: a cgroup per run (v2, or v1's memory and pids controllers,
 where writable: as root) whose memory limit (`Limits.memory_mb`, swap 0) counts every page the run
-touches, memfd and tmpfs included, and whose pids limit counts its processes; resource limits
-(address space per process, CPU seconds, file size, open files, processes); a fresh session keyring
-and a seccomp filter that refuses `memfd_create`, SysV `shmget` and the keyring calls (`keyctl`,
-`add_key`, `request_key`), so memory outside the accounting and the evaluator's keys are out of
-reach even without cgroups; Landlock (writes only under the working directory; no TCP from ABI 4; no
-signals to, nor abstract Unix sockets of, processes outside the run from ABI 6), `no_new_privs`, and
-a network namespace.
+touches, memfd and tmpfs included, and whose pids limit counts its processes; without a memory
+cgroup, tasks x address space within `memory_mb` (`_memory_bounds`); resource limits (address
+space per process, CPU seconds, file size, open files, processes, no POSIX message queues); a fresh
+session keyring and a seccomp filter that refuses `memfd_create`, SysV shared memory, message
+queues and semaphores, the keyring calls (`keyctl`, `add_key`, `request_key`) and, in the
+fallback, AF_UNIX sockets, so memory outside the accounting, the evaluator's keys and its sockets
+are out of reach even without cgroups; when the evaluator dies, the launcher (its parent-death
+signal) kills the run and removes its directory and cgroups; Landlock (writes only under the
+working directory; no TCP from ABI 4; no signals to, nor abstract Unix sockets of, processes outside
+the run from ABI 6), `no_new_privs`, and a network namespace.
 
 Output is read as it arrives and capped (`Limits.output_mb`, the last 4000 characters are kept), so
 the evaluator's memory stays flat. `run_program` returns within `timeout` plus about a second in
@@ -43,7 +46,8 @@ program's, reports to the evaluator whether it came. No secret lives in the prog
 `sys.exit(0)`, `exit()`, `os._exit(0)` or `unittest.main()` before the reference asserts is a
 failure, and so is a program that searches the runner's frames for a token to print. (Code written
 against this sandbox can still write "end" to that pipe itself: nothing in the program's own process
-can tell the runner's instructions after the program from the program's own.)
+can tell the runner's instructions after the program from the program's own. `verdicts` closes that
+for assert-style tests by judging them outside.)
 """
 
 from __future__ import annotations
@@ -98,12 +102,23 @@ _CGROUP_ROOT = "/sys/fs/cgroup"
 _RUN_UIDS = (0x60000000, 0x70000000)  # as root, each run gets a user id of its own from this range
 _KEYCTL_JOIN_SESSION_KEYRING = 1
 # seccomp: syscalls refused with EPERM (x86_64, aarch64): memory outside the run's accounting
-# (memfd_create, SysV shmget) and the kernel keyrings (keyctl, add_key, request_key)
+# (memfd_create, SysV shared memory, message queues and semaphores) and the kernel keyrings (keyctl,
+# add_key, request_key)
 _SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}
 _SECCOMP_DENY = {
-    "x86_64": {"memfd_create": 319, "shmget": 29, "keyctl": 250, "add_key": 248, "request_key": 249},
-    "aarch64": {"memfd_create": 279, "shmget": 194, "keyctl": 219, "add_key": 217, "request_key": 218},
-}
+    "x86_64": {"memfd_create": 319, "shmget": 29, "msgget": 68, "semget": 64, "keyctl": 250, "add_key": 248,
+               "request_key": 249},
+    "aarch64": {"memfd_create": 279, "shmget": 194, "msgget": 186, "semget": 190, "keyctl": 219, "add_key": 217,
+                "request_key": 218},
+}  # fmt: skip
+# the fallback also refuses socket(AF_UNIX, ...): without a mount namespace, the host's pathname
+# sockets (the evaluator's among them) are in its view
+_SYS_SOCKET = {"x86_64": 41, "aarch64": 198}
+_AF_UNIX = 1
+#: Without a memory cgroup, the run's memory is bounded by tasks x address space (RLIMIT_NPROC counts
+#: threads too): each task gets at least this much address space (a Python with 8 threads of 8 MB
+#: stacks needs ~84 MB), and the run as many tasks as `memory_mb` holds of them (at most `max_processes`).
+_MIN_PROCESS_MB = 96
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 # The program runs through this: program.py as __main__, then, only if it returned, "end" on fd 3 (a
@@ -359,6 +374,7 @@ def _run(source: str, limits: Limits, python: str | None, mode: str) -> SandboxR
         "uid": _RUN_UIDS[0] + secrets.randbelow(_RUN_UIDS[1] - _RUN_UIDS[0]) if os.geteuid() == 0 else None,
         "mode": mode,
     }
+    _sweep_stale_cgroups()
     status_r, status_w = os.pipe()
     t0 = time.monotonic()
     try:
@@ -540,17 +556,14 @@ def _exec_program(
         os.closerange(_END_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the status pipe above all
         lim = cfg["limits"]
         mb = 1024 * 1024
-        # With a memory cgroup the run's real memory is bounded there; each process keeps an address
-        # space of 4x the run's memory, so one allocation far past the budget is a MemoryError at once
-        # while threads still fit (glibc reserves 64 MB of address space per thread arena).
-        scale = 4 if "memory" in cfg.get("cgroups", ()) else 1
-        address_space = int(scale * lim["memory_mb"] * mb)
+        address_space, nproc = _memory_bounds(lim, "memory" in cfg.get("cgroups", ()), nproc)
         for res, value in (
             (resource.RLIMIT_AS, address_space),
             (resource.RLIMIT_FSIZE, int(lim["file_size_mb"] * mb)),
             (resource.RLIMIT_NOFILE, int(lim["max_open_files"])),
             (resource.RLIMIT_CORE, 0),
             (resource.RLIMIT_NPROC, nproc),
+            (resource.RLIMIT_MSGQUEUE, 0),  # (POSIX message queues: kernel memory outside the run's)
         ):
             resource.setrlimit(res, (value, value))
         # SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later
@@ -565,7 +578,7 @@ def _exec_program(
         abi = landlock_abi()
         if abi >= 1:
             _landlock_confine(writable, readable, abi)
-        _seccomp_deny()
+        _seccomp_deny(unix_sockets=cfg["mode"] == "namespaces")
         os.chdir(workdir)
         env = {
             "PATH": "/usr/bin:/bin",
@@ -579,6 +592,21 @@ def _exec_program(
     except BaseException as e:  # noqa: BLE001 - report anything, then die without running the evaluator's code
         os.write(2, f"sandbox: could not start the program: {e}\n".encode())
     os._exit(127)
+
+
+def _memory_bounds(limits: dict, memory_cgroup: bool, nproc: int) -> tuple[int, int]:
+    """(address space per process in bytes, RLIMIT_NPROC) for a run allowed `nproc` processes (its
+    `max_processes` plus those of its user outside the run). With a memory cgroup the run's memory is
+    bounded there; each process keeps an address space of 4x the run's memory, so one allocation
+    far past the budget is a MemoryError at once while threads still fit (glibc reserves 64 MB of
+    address space per thread arena). Without one, tasks x address space is at most `memory_mb`: as
+    many tasks (processes and threads) of at least `_MIN_PROCESS_MB` each as the budget holds."""
+    mb, memory = 1024 * 1024, int(limits["memory_mb"])
+    if memory_cgroup:
+        return 4 * memory * mb, nproc
+    others = nproc - int(limits["max_processes"])
+    processes = max(1, min(int(limits["max_processes"]), memory // _MIN_PROCESS_MB))
+    return memory * mb // processes, processes + others
 
 
 def _ran_to_the_end(end_r: int) -> bool:
@@ -615,10 +643,21 @@ def _launch_namespaces(cfg: dict) -> None:
         os.close(alive_w)
         _init(cfg, alive_r, python, prefix, root, nproc)
     os.close(alive_r)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(1))  # the init dies with us (parent-death signal)
+
+    def stop(*_) -> None:  # the evaluator stops the run, or died (our parent-death signal)
+        try:
+            os.kill(init, signal.SIGKILL)  # (the kernel then kills the whole PID namespace)
+            os.waitpid(init, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        _leave_cgroups(cfg)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
     os.close(1)
     os.close(2)
-    os.waitpid(init, 0)  # the evaluator removes the cgroup once this launcher is gone
+    os.waitpid(init, 0)
+    _leave_cgroups(cfg)
 
 
 def _cgroup_controllers() -> dict[str, str]:
@@ -675,7 +714,7 @@ def _join_cgroups(cfg: dict) -> None:
                    ("memory.memsw.limit_in_bytes", memory), ("memory.swappiness", "0")],
         "pids": [("pids.max", pids)],
     }  # fmt: skip
-    joined = []
+    joined, paths = [], []
     for controller, base in _cgroup_controllers().items():
         path = os.path.join(base, f"dlmcache-sandbox-{os.getpid()}")
         try:
@@ -687,9 +726,35 @@ def _join_cgroups(cfg: dict) -> None:
             with open(os.path.join(path, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
             joined.append(controller)
+            paths.append(path)
         except OSError:
             pass
-    cfg["cgroups"] = joined
+    cfg["cgroups"], cfg["cgroup_paths"] = joined, sorted(set(paths))
+
+
+def _leave_cgroups(cfg: dict) -> None:
+    """Move the launcher back to the cgroups it came from and remove the run's (killing whatever is
+    left in them), so that no directory outlives the run, even when the evaluator was killed."""
+    for path in cfg.get("cgroup_paths", ()):
+        try:
+            with open(os.path.join(os.path.dirname(path), "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        except OSError:
+            continue
+        _empty_cgroup(path)
+
+
+def _sweep_stale_cgroups() -> None:
+    """Remove the cgroups of runs whose launcher is gone (it was killed before it could)."""
+    for base in set(_cgroup_controllers().values()):
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            pid = name.removeprefix("dlmcache-sandbox-")
+            if pid != name and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _empty_cgroup(os.path.join(base, name))
 
 
 def _join_fresh_session_keyring() -> None:
@@ -700,33 +765,36 @@ def _join_fresh_session_keyring() -> None:
         _libc().syscall(ctypes.c_long(number), ctypes.c_long(_KEYCTL_JOIN_SESSION_KEYRING), ctypes.c_void_p(None))
 
 
-def _seccomp_deny() -> None:
-    """A seccomp filter (after no_new_privs) that answers EPERM to the calls in `_SECCOMP_DENY`, and
-    kills a process that calls through another architecture's table (x32, 32-bit compat) to get
-    around it."""
+def _seccomp_deny(unix_sockets: bool = True) -> None:
+    """A seccomp filter (after no_new_privs) that answers EPERM to the calls in `_SECCOMP_DENY` (and,
+    unless `unix_sockets`, to `socket(AF_UNIX, ...)`), and kills a process that calls through another
+    architecture's table (x32, 32-bit compat) to get around it."""
     arch = platform.machine()
     if arch not in _SECCOMP_DENY:
         return
     ld_w_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     allow, kill, eperm = 0x7FFF0000, 0x80000000, 0x00050000 | errno.EPERM
-    numbers = list(_SECCOMP_DENY[arch].values())
-    x32 = arch == "x86_64"  # x86_64 also has the x32 table: syscall numbers from 0x40000000
-    # layout: [ld arch, jeq arch, ret kill, ld nr, (jge x32), jeq nr_0 .. jeq nr_n-1, ret allow,
-    # ret kill, ret eperm]; a jump's offset counts the instructions after it
-    first_jeq = 4 + x32
-    kill_at = first_jeq + len(numbers) + 1
-    eperm_at = kill_at + 1
-    program = [
-        (ld_w_abs, 0, 0, 4),  # seccomp_data.arch
-        (jeq, 1, 0, _AUDIT_ARCH[arch]),
-        (ret, 0, 0, kill),
-        (ld_w_abs, 0, 0, 0),  # seccomp_data.nr
+    # (code, jump if true, jump if false, k), jumps to labels; resolved below to the offsets BPF counts
+    # from the next instruction
+    code: list[tuple] = [
+        (ld_w_abs, None, None, 4),  # seccomp_data.arch
+        (jeq, "next", "kill", _AUDIT_ARCH[arch]),
+        (ld_w_abs, None, None, 0),  # seccomp_data.nr
     ]
-    if x32:
-        program.append((jge, kill_at - 5, 0, 0x40000000))
-    for i, number in enumerate(numbers):
-        pc = first_jeq + i
-        program.append((jeq, eperm_at - pc - 1, 0, number))
+    if arch == "x86_64":  # the x32 table: syscall numbers from 0x40000000
+        code.append((jge, "kill", "next", 0x40000000))
+    code += [(jeq, "eperm", "next", number) for number in _SECCOMP_DENY[arch].values()]
+    if not unix_sockets:
+        code += [(jeq, "next", "allow", _SYS_SOCKET[arch]), (ld_w_abs, None, None, 16),  # args[0]: the domain
+                 (jeq, "eperm", "allow", _AF_UNIX)]  # fmt: skip
+    labels = {"allow": len(code), "kill": len(code) + 1, "eperm": len(code) + 2}
+    program = []
+    for pc, (op, true, false, k) in enumerate(code):
+
+        def offset(label, pc=pc):
+            return 0 if label in (None, "next") else labels[label] - pc - 1
+
+        program.append((op, offset(true), offset(false), k))
     program += [(ret, 0, 0, allow), (ret, 0, 0, kill), (ret, 0, 0, eperm)]
 
     class SockFilter(ctypes.Structure):
@@ -848,10 +916,12 @@ def _launch_fallback(cfg: dict) -> None:
         _kill_descendants(program)
         if status is not None:
             _report(returncode=_returncode(status), finished=finished)
+        shutil.rmtree(workdir, ignore_errors=True)
+        _leave_cgroups(cfg)
         os._exit(0)
 
     program = 0
-    signal.signal(signal.SIGTERM, lambda *_: end(None))  # the evaluator stops the run
+    signal.signal(signal.SIGTERM, lambda *_: end(None))  # the evaluator stops the run, or died
     end_r, end_w = os.pipe()
     program = os.fork()
     if program == 0:
@@ -909,7 +979,9 @@ def _kill_descendants(program: int) -> None:
 
 
 def _launcher_main() -> None:
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the evaluator died: so do we (and our run)
+    # The evaluator died: we end the run (each mode's SIGTERM handler kills it and removes its
+    # workdir and cgroups), then ourselves. (Before the handler is set, SIGTERM's default kills us.)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     cfg = json.loads(sys.stdin.buffer.read())
     fd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(fd, 0)

@@ -351,8 +351,8 @@ def test_cannot_read_other_processes_command_lines(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_cannot_connect_to_a_host_unix_socket(mode, tmp_path):
-    if mode == "fallback":
-        pytest.skip("the fallback cannot hide pathname Unix sockets (Landlock does not mediate connect)")
+    """Issue 37, case 8: the fallback (no mount namespace) could connect to the evaluator's sockets;
+    its filter now refuses AF_UNIX sockets."""
     os.chmod(tmp_path, 0o777)
     path = tmp_path / "host.sock"
     server = socket.socket(socket.AF_UNIX)
@@ -360,7 +360,8 @@ def test_cannot_connect_to_a_host_unix_socket(mode, tmp_path):
     os.chmod(path, 0o777)
     server.listen(1)
     try:
-        r = run(f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(path)!r})\nprint('connected')\n")
+        connect = f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(path)!r})\nprint('connected')\n"
+        r = run(connect, mode=mode)
         assert r.status == "failed" and "connected" not in r.stdout, r
     finally:
         server.close()
@@ -596,3 +597,83 @@ def test_each_run_has_a_user_id_of_its_own(mode):
         pytest.skip("no Python another user can run")
     uids = {run("print(__import__('os').getuid())", mode=mode).stdout.strip() for _ in range(3)}
     assert len(uids) == 3 and "0" not in uids and "65534" not in uids, uids
+
+
+# ------------------------------------------------------------------------------ issue 37: bounds without
+# a writable cgroup, and an evaluator that dies
+
+HOGS = (
+    "import os, time\nkids = []\n"
+    "for _ in range(20):\n"
+    "    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+    "    if pid == 0:\n"
+    "        try:\n            block = bytearray(120 * 2**20)\n        except MemoryError:\n            os._exit(1)\n"
+    "        for i in range(0, len(block), 4096): block[i] = 1\n"
+    "        time.sleep(1)\n        os._exit(0)\n"
+    "    kids.append(pid)\n"
+    "held = sum(os.waitpid(p, 0)[1] == 0 for p in kids)\n"
+    "print('held', held)\n"
+)
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("mode", MODES)
+def test_the_runs_memory_is_bounded_without_a_memory_cgroup(mode, evaluator):
+    """Issue 37, case 7: as a non-root evaluator (no writable cgroup), memory_mb=200 let 20 processes
+    hold 120 MB each (2.6 GB of the host's memory). Processes x address space is now within
+    memory_mb: at most one of them holds its 120 MB."""
+    r = run(HOGS, Limits(timeout=20.0, cpu_seconds=10, memory_mb=200), mode=mode, evaluator=evaluator)
+    held = int(r.stdout.split()[-1]) if "held" in r.stdout else 0
+    assert held * 120 <= 200, r
+
+
+SYSV = (
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "print([libc.msgget(0, 0o1600), libc.semget(0, 1, 0o1600), libc.shmget(0, 2**20, 0o1600)])\n"
+)
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("mode", MODES)
+def test_sysv_message_queues_semaphores_and_shared_memory_are_refused(mode, evaluator):
+    """Issue 37, case 7: SysV message queues held 488 MB under memory_mb=128 (kernel memory no limit
+    counted). msgget, semget and shmget are refused by the filter."""
+    r = run(SYSV, mode=mode, evaluator=evaluator)
+    assert r.passed and r.stdout.strip() == "[-1, -1, -1]", r
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_killed_evaluator_leaves_no_process_directory_or_cgroup(mode, tmp_path):
+    """Issue 37, case 8: after a SIGKILL of the evaluator, a setsid descendant of the fallback's
+    program kept running and its directory stayed; empty cgroups stayed in both modes."""
+    marker = f"5{os.getpid() % 10}.{time.time_ns() % 10**6}"
+    program = DETACHED.format(marker=marker, then="time.sleep(60)")
+    code = (
+        "import sys, time\nfrom dlmcache.evals.sandbox import Limits, run_program\n"
+        f"run_program(sys.stdin.read(), Limits(timeout=60), containment={mode!r})\n"
+    )
+    before = set(Path(tempfile_dir()).glob("dlmcache-sandbox-*"))
+    evaluator = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, text=True)
+    evaluator.stdin.write(program)
+    evaluator.stdin.close()
+    deadline = time.time() + 20
+    while not _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(marker), "the program did not start"
+    evaluator.kill()
+    evaluator.wait()
+    deadline = time.time() + 5
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(marker) == []
+    assert set(Path(tempfile_dir()).glob("dlmcache-sandbox-*")) <= before  # its directory is gone
+    for base in set(sandbox._cgroup_controllers().values()):
+        stale = [n for n in os.listdir(base) if n.startswith("dlmcache-sandbox-")
+                 and not os.path.exists(f"/proc/{n.rsplit('-', 1)[1]}")]  # fmt: skip
+        assert stale == [], (base, stale)
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
