@@ -436,10 +436,12 @@ class GenerationBatch:
         flat[row, col] = np.arange(total)
         longest = self._longest
         row_start = np.cumsum(counts) - counts  # where each row's tokens begin in the flattened order
+        skip = None
         if self._compressed:
             compressed = s["compressed_len"] > 0
-            # a compressed prompt is read from its segment, except at a forward that recomputes it
-            in_pool = (~compressed | self.prompt_fresh)[:, None] | (pos >= s["compressed_len"][:, None])
+            # a compressed prompt is read from its segment, except at a forward that recomputes it: the
+            # pool's keys of such a row begin after it (its attention spans the canvas alone)
+            skip = np.where(compressed & ~self.prompt_fresh, s["compressed_len"], 0)
         key_slots = s["key_slots"]
         if self.block_causal:
             # Fed blocks in order, each its queries contiguous: the query in block j of a row's fed range
@@ -454,19 +456,17 @@ class GenerationBatch:
             query_row = (np.cumsum(segments) - segments)[row] + col_block - first_block[row]
             rank = col - np.maximum(feed_from[row], col_block * attn[row])  # (the first may start mid-block)
             seg_end = np.minimum((first_block[seg_row] + seg_j + 1) * attn[seg_row], length[seg_row])
-            key_valid = pos[:longest] < seg_end[:, None]
-            if self._compressed:
-                key_valid &= in_pool[seg_row, :longest]
-            # a key after the block's end (or in a compressed prefix) may hold anything: it reads the null block
-            step_slots = np.where(key_valid, key_slots[seg_row, :longest], 0)
+            # a key after the block's end may hold anything: it reads the null block
+            step_slots, key_valid = _key_window(key_slots, seg_row, seg_end, None if skip is None else skip[seg_row])
             widest = int(np.minimum(counts, attn).max())
         else:
             query_row = row
             rank = np.arange(total) - row_start[row]
-            key_valid = pos[:longest] < attend_end[:, None]
-            if self._compressed:
-                key_valid &= in_pool[:, :longest]
-            step_slots = key_slots[:, :longest]
+            if skip is None:
+                key_valid = pos[:longest] < attend_end[:, None]
+                step_slots = key_slots[:, :longest]
+            else:
+                step_slots, key_valid = _key_window(key_slots, rows, attend_end, skip)
             widest = int(counts.max())
         t_row, t_col = np.nonzero(targets)
         t_rank = np.arange(len(t_row)) - (np.cumsum(per_row) - per_row)[t_row]
@@ -796,6 +796,17 @@ class GenerationBatch:
                 finished.append((i, Finished(req, seq.clone(), commit.clone(), stats)))
         self.finished_rows = [i for i, _ in finished]
         return [f for _, f in finished]
+
+
+def _key_window(key_slots: np.ndarray, rows: np.ndarray, end: np.ndarray, skip: np.ndarray | None):
+    """(slots, valid) [A, K] of the keys each attention row attends: its request's (`rows`) positions
+    from `skip` (default 0) to `end`, left-aligned; the rest point at the null block, invalid."""
+    start = np.zeros_like(end) if skip is None else skip
+    width = max(int((end - start).max()), 1)
+    cols = start[:, None] + np.arange(width)
+    valid = cols < end[:, None]
+    cols = np.minimum(cols, key_slots.shape[1] - 1)
+    return np.where(valid, key_slots[rows[:, None], cols], 0), valid
 
 
 def _pad_cols(a: np.ndarray, width: int, value) -> np.ndarray:

@@ -306,7 +306,7 @@ class BatchedDecoder:
             return None
         if self.batch_invariant:  # (it attends as it would in a batch)
             return None
-        if id(self.batch.requests[0]) in self._trimmed:  # its first positions no longer have blocks
+        if self.batch.requests[0].compressed_len:  # its keys may begin after its prompt (the segment's)
             return None
         blocks = self.blocks[id(self.batch.requests[0])]
         consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
